@@ -1,0 +1,178 @@
+"""Feature discovery: from an encoder and unlabelled images to a :class:`FeatureSet`.
+
+Two passes over a seeded random reference sample (SPEC sections 2, 3, 3b):
+1. dominance counts for every eps of the grid (additive: shards count apart and are summed);
+2. with ``D`` fixed per eps, the reference Q-Scores (percentiles, alpha, coverage).
+
+The steps are separate functions so that Celery workers can run each pass as shard tasks; the
+one-process :func:`discover` keeps the sample's representations in memory between the passes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Literal
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from models.data import ProgressFn, extract_representations, random_sample, subset
+from models.encoders import Encoder
+from models.features import (
+    AUTO_COVERAGE_TARGET,
+    AUTO_EPS_GRID,
+    DataProvenance,
+    DominanceCounts,
+    EncoderRef,
+    FeatureSet,
+    Selection,
+    choose_auto_eps,
+    default_alpha,
+    percentiles,
+    select_discriminative,
+)
+from models.qscore import DEFAULT_EPS, q_score
+
+log = logging.getLogger(__name__)
+
+EpsChoice = float | Literal["auto"]
+DEFAULT_SAMPLE_SIZE = 5000  # the paper's reference population (section 4)
+
+
+def eps_grid(eps: EpsChoice) -> tuple[float, ...]:
+    if eps == "auto":
+        return AUTO_EPS_GRID
+    value = float(eps)
+    if not value > 0:
+        raise ValueError(f"eps must be positive or 'auto', got {eps}")
+    return (value,)
+
+
+def parse_eps(text: str | float) -> EpsChoice:
+    """``"auto"`` or a positive number, from a command line or a job request."""
+    if isinstance(text, str) and text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"eps must be a positive number or 'auto', got {text!r}") from None
+    eps_grid(value)
+    return value
+
+
+def count_pass(batches: Iterable[torch.Tensor], grid: tuple[float, ...]) -> DominanceCounts:
+    """Dominance counts over representation batches (each (B, r))."""
+    total: DominanceCounts | None = None
+    for h in batches:
+        counts = DominanceCounts.of(h, grid)
+        total = counts if total is None else total + counts
+    if total is None:
+        raise ValueError("no representations to count")
+    return total
+
+
+def select_per_eps(counts: DominanceCounts, selection: Selection) -> dict[float, torch.Tensor]:
+    """``D`` for every counted eps; an empty band for an eps where too few features dominate."""
+    out = {}
+    for eps in counts.eps:
+        c = counts.for_eps(eps)
+        if selection.method == "size":
+            available = int((c > 0).sum())
+            size = min(int(selection.size or 0), available)
+            out[eps] = select_discriminative(c, size=size) if size > 0 else torch.empty(0, dtype=torch.int64)
+        else:
+            out[eps] = select_discriminative(c, lo=selection.lo or 0.0, hi=selection.hi or 1.0)
+    return out
+
+
+def q_pass(batches: Iterable[torch.Tensor], selections: dict[float, torch.Tensor]) -> dict[float, np.ndarray]:
+    """Reference Q-Scores per eps, each (N,)."""
+    parts: dict[float, list[np.ndarray]] = {eps: [] for eps in selections}
+    for h in batches:
+        for eps, d in selections.items():
+            parts[eps].append(q_score(h, d, eps).numpy())
+    return {eps: np.concatenate(chunks) if chunks else np.empty(0) for eps, chunks in parts.items()}
+
+
+def build_feature_set(
+    *,
+    counts: DominanceCounts,
+    selections: dict[float, torch.Tensor],
+    q_by_eps: dict[float, np.ndarray],
+    eps: EpsChoice,
+    selection: Selection,
+    encoder: EncoderRef,
+    data: DataProvenance,
+    coverage_target: float = AUTO_COVERAGE_TARGET,
+) -> FeatureSet:
+    """Assemble the artifact; for ``eps="auto"`` pick the largest eps reaching the coverage target."""
+    coverages = {e: float((q > 0).mean()) if q.size else 0.0 for e, q in q_by_eps.items()}
+    chosen = choose_auto_eps(coverages, coverage_target) if eps == "auto" else float(eps)
+    q = q_by_eps[chosen]
+    feature_set = FeatureSet(
+        encoder=encoder,
+        eps=chosen,
+        eps_mode="auto" if eps == "auto" else "fixed",
+        coverage_by_eps={f"{e:g}": c for e, c in coverages.items()},
+        selection=selection,
+        counts=counts.for_eps(chosen).tolist(),
+        discriminative=selections[chosen].tolist(),
+        coverage=coverages[chosen],
+        reference_q_percentiles=percentiles(q),
+        reference_q_nonzero_percentiles=percentiles(q[q > 0]),
+        alpha=default_alpha(q),
+        data=data,
+    )
+    if feature_set.coverage_warning:
+        log.warning(feature_set.coverage_warning)
+    return feature_set
+
+
+def make_selection(lo: float = 0.25, hi: float = 0.75, size: int | None = None) -> Selection:
+    if size is not None:
+        if size < 1:
+            raise ValueError(f"size must be at least 1, got {size}")
+        return Selection(method="size", size=size)
+    if not 0.0 <= lo < hi <= 1.0:
+        raise ValueError(f"the band needs 0 <= lo < hi <= 1, got lo={lo}, hi={hi}")
+    return Selection(method="quantile_band", lo=lo, hi=hi)
+
+
+def discover(
+    encoder: Encoder,
+    dataset: Dataset,
+    *,
+    dataset_name: str,
+    encoder_ref: EncoderRef,
+    eps: EpsChoice = DEFAULT_EPS,
+    selection: Selection | None = None,
+    sample_size: int | None = DEFAULT_SAMPLE_SIZE,
+    seed: int = 0,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    workers: int = 0,
+    progress: bool = False,
+    on_progress: ProgressFn | None = None,
+) -> FeatureSet:
+    """Discover the discriminative features of ``encoder`` on a random sample of ``dataset``."""
+    selection = selection or make_selection()
+    grid = eps_grid(eps)
+    sample = random_sample(len(dataset), sample_size, seed)  # type: ignore[arg-type]
+    h, _ = extract_representations(
+        encoder, subset(dataset, sample.indices), batch_size=batch_size, device=device,
+        workers=workers, progress=progress, on_progress=on_progress, desc="discover",
+    )
+    batches = list(torch.split(h, batch_size))
+    counts = count_pass(batches, grid)
+    selections = select_per_eps(counts, selection)
+    q_by_eps = q_pass(batches, selections)
+    provenance = DataProvenance(
+        dataset=dataset_name, n_available=sample.n_available, n_reference=len(sample.indices),
+        sampling=sample.description, seed=seed,
+    )
+    return build_feature_set(
+        counts=counts, selections=selections, q_by_eps=q_by_eps, eps=eps, selection=selection,
+        encoder=encoder_ref, data=provenance,
+    )

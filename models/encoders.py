@@ -1,0 +1,134 @@
+"""ResNet encoders that return the pooled representation ``h`` (SPEC, notation).
+
+The networks are torchvision's own (``torchvision.models.ResNet``); an encoder is a ResNet whose
+``fc`` is the identity, so ``encoder(x)`` is ``h``, of shape (N, r), and its state dict keeps
+torchvision's key layout (``conv1.weight``, ``layer1.0.conv1.weight``, ...), the layout every
+imported checkpoint is converted to.
+
+Beyond the paper's ResNet-18/50: ``width`` scales the channel counts of ResNet-18 (64 is
+torchvision's), so the project can ship a demo encoder of a few MB that trains on a CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Literal
+
+import torch
+import torchvision
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+Arch = Literal["resnet18", "resnet50"]
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_LAYERS = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet50": (Bottleneck, [3, 4, 6, 3])}
+
+
+class EncoderSpec(BaseModel):
+    """What it takes to rebuild an encoder and feed it: saved beside its weights."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    arch: Arch = "resnet18"
+    cifar_stem: bool = True
+    width: int = Field(default=64, ge=4)
+    image_size: int = Field(default=32, ge=8)
+    mean: tuple[float, float, float] = CIFAR_MEAN
+    std: tuple[float, float, float] = CIFAR_STD
+
+    @model_validator(mode="after")
+    def _width_only_for_resnet18(self) -> EncoderSpec:
+        if self.arch != "resnet18" and self.width != 64:
+            raise ValueError(f"width is only adjustable for resnet18, got width={self.width} for {self.arch}")
+        return self
+
+    @property
+    def feature_dim(self) -> int:
+        expansion = _LAYERS[self.arch][0].expansion
+        return self.width * 8 * expansion
+
+
+class Encoder(nn.Module):
+    """A torchvision ResNet without its classifier: ``forward(x)`` is ``h``, (N, r)."""
+
+    def __init__(self, spec: EncoderSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.resnet = _build_resnet(spec)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.spec.feature_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.resnet(x)
+
+    def backbone_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights in torchvision's key layout (no ``resnet.`` prefix, no ``fc``)."""
+        return {k: v for k, v in self.resnet.state_dict().items()}
+
+    def load_backbone_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        self.resnet.load_state_dict(state_dict, strict=True)
+
+
+def build_encoder(spec: EncoderSpec | None = None, **overrides: object) -> Encoder:
+    """A freshly initialised encoder, e.g. ``build_encoder(arch="resnet50", cifar_stem=False)``."""
+    spec = (spec or EncoderSpec()).model_copy(update=overrides) if overrides else (spec or EncoderSpec())
+    return Encoder(EncoderSpec.model_validate(spec.model_dump()))
+
+
+def _build_resnet(spec: EncoderSpec) -> torchvision.models.ResNet:
+    if spec.arch == "resnet50":
+        net = torchvision.models.resnet50(weights=None)
+    elif spec.width == 64:
+        net = torchvision.models.resnet18(weights=None)
+    else:
+        net = _narrow_resnet18(spec.width)
+    if spec.cifar_stem:
+        # CIFAR variant (SimCLR paper, solo-learn): 32x32 inputs keep their resolution.
+        net.conv1 = nn.Conv2d(3, spec.width, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    net.fc = nn.Identity()
+    return net
+
+
+def _narrow_resnet18(width: int) -> torchvision.models.ResNet:
+    """torchvision's ResNet-18 with channels ``width, 2w, 4w, 8w`` instead of 64..512.
+
+    torchvision hard-codes 64 channels for BasicBlock ResNets, so this re-runs its own layer
+    factory with other widths; blocks, initialisation and forward stay torchvision's.
+    """
+    net = torchvision.models.resnet18(weights=None)
+    net.inplanes = width
+    net.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+    net.bn1 = nn.BatchNorm2d(width)
+    net.layer1 = net._make_layer(BasicBlock, width, 2)
+    net.layer2 = net._make_layer(BasicBlock, width * 2, 2, stride=2)
+    net.layer3 = net._make_layer(BasicBlock, width * 4, 2, stride=2)
+    net.layer4 = net._make_layer(BasicBlock, width * 8, 2, stride=2)
+    for module in net.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+    return net
+
+
+def fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of the weights, in key order.
+
+    Feature sets record it, and the service refuses a feature set found on other weights.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().to("cpu").contiguous()
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,269 @@
+"""Discriminative features (paper section 4, fig. 3; SPEC sections 2, 3 and 3b).
+
+Three steps, each usable on its own:
+1. :class:`DominanceCounts` counts, per feature, how many samples it is dominant for. Counts
+   add up across shards, so discovery streams over data in ``O(r)`` memory.
+2. :func:`select_discriminative` keeps the middle band of features sorted by count.
+3. :class:`FeatureSet` is the artifact: counts, the selected indices, the reference Q-Score
+   statistics, alpha, coverage and where it all came from.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from models.atomic import write_json_atomic
+from models.qscore import dominant_mask
+
+log = logging.getLogger(__name__)
+
+#: Grid for ``eps="auto"``, largest first (SPEC section 3b).
+AUTO_EPS_GRID: tuple[float, ...] = (4.0, 3.5, 3.0, 2.5, 2.0, 1.5)
+AUTO_COVERAGE_TARGET = 0.9
+#: Below this coverage most Q-Scores are ties at 0 and the score ranks little (SPEC 3b).
+LOW_COVERAGE = 0.5
+#: alpha defaults to this percentile of the reference set's non-zero Q-Scores (SPEC section 3).
+ALPHA_PERCENTILE = 10.0
+REFERENCE_PERCENTILES: tuple[float, ...] = (1, 5, 10, 25, 50, 75, 90, 95, 99)
+FEATURE_SET_FORMAT = "qscore.feature_set/v1"
+
+
+@dataclass
+class DominanceCounts:
+    """Per-feature dominance counts ``c_j`` for one or more values of eps.
+
+    ``counts`` is a (G, r) int64 tensor, one row per value in ``eps``; ``n_samples`` is how many
+    representations were counted. Two counts over disjoint shards add up to the counts over
+    their union.
+    """
+
+    eps: tuple[float, ...]
+    counts: torch.Tensor
+    n_samples: int = 0
+
+    @classmethod
+    def zeros(cls, eps: Sequence[float], r: int) -> DominanceCounts:
+        eps = tuple(float(e) for e in eps)
+        if not eps:
+            raise ValueError("at least one eps is needed")
+        return cls(eps, torch.zeros(len(eps), r, dtype=torch.int64), 0)
+
+    @classmethod
+    def of(cls, h: torch.Tensor, eps: Sequence[float]) -> DominanceCounts:
+        """Counts over one batch ``h`` of shape (N, r)."""
+        counts = cls.zeros(eps, h.shape[1])
+        counts.update(h)
+        return counts
+
+    @property
+    def r(self) -> int:
+        return int(self.counts.shape[1])
+
+    def update(self, h: torch.Tensor) -> None:
+        """Add the dominance of every row of ``h`` (N, r) to the counts."""
+        if h.dim() != 2 or h.shape[1] != self.r:
+            raise ValueError(f"expected representations of shape (N, {self.r}), got {tuple(h.shape)}")
+        for row, eps in enumerate(self.eps):
+            self.counts[row] += dominant_mask(h, eps).sum(dim=0).to("cpu", torch.int64)
+        self.n_samples += int(h.shape[0])
+
+    def __add__(self, other: DominanceCounts) -> DominanceCounts:
+        if self.eps != other.eps or self.r != other.r:
+            raise ValueError(
+                f"cannot add counts over eps {self.eps} and r={self.r} "
+                f"to counts over eps {other.eps} and r={other.r}"
+            )
+        return DominanceCounts(self.eps, self.counts + other.counts, self.n_samples + other.n_samples)
+
+    def for_eps(self, eps: float) -> torch.Tensor:
+        """The (r,) counts for one eps of the grid."""
+        try:
+            return self.counts[self.eps.index(float(eps))]
+        except ValueError:
+            raise ValueError(f"eps {eps} was not counted; counted: {self.eps}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"eps": list(self.eps), "counts": self.counts.tolist(), "n_samples": self.n_samples}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DominanceCounts:
+        return cls(tuple(float(e) for e in data["eps"]), torch.tensor(data["counts"], dtype=torch.int64),
+                   int(data["n_samples"]))
+
+
+def select_discriminative(
+    counts: torch.Tensor,
+    lo: float = 0.25,
+    hi: float = 0.75,
+    size: int | None = None,
+) -> torch.Tensor:
+    """The discriminative band ``D`` from per-feature counts (SPEC section 2).
+
+    ``counts``: (r,) dominance counts. Features never dominant are never selected. The others
+    are sorted by count, ascending (ties by index), and either the rank-quantile band
+    ``[lo, hi)`` is kept or, when ``size`` is given, ``size`` features centred on the middle.
+    Returns the sorted (|D|,) int64 indices.
+    """
+    counts = torch.as_tensor(counts)
+    if counts.dim() != 1:
+        raise ValueError(f"counts must be a 1-D tensor, got shape {tuple(counts.shape)}")
+    ever = torch.nonzero(counts > 0).flatten()
+    m = int(ever.numel())
+    # Stable sort on count keeps ties in index order, so the band is deterministic.
+    order = ever[torch.sort(counts[ever], stable=True).indices]
+    if size is not None:
+        if not 0 < size <= m:
+            raise ValueError(
+                f"size must be between 1 and the {m} features dominant at least once, got {size}"
+            )
+        start = (m - size) // 2
+        chosen = order[start : start + size]
+    else:
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(f"the band needs 0 <= lo < hi <= 1, got lo={lo}, hi={hi}")
+        chosen = order[math.floor(lo * m) : math.floor(hi * m)]
+    return torch.sort(chosen).values
+
+
+def percentiles(values: np.ndarray, qs: Sequence[float] = REFERENCE_PERCENTILES) -> dict[str, float]:
+    if values.size == 0:
+        return {}
+    return {f"p{q:g}": float(np.percentile(values, q)) for q in qs}
+
+
+def default_alpha(q_scores: np.ndarray) -> float:
+    """The 10th percentile of the non-zero reference Q-Scores (SPEC section 3).
+
+    With no non-zero score at all, nothing separates samples: alpha is 1, so every sample
+    (each has Q < 1) is flagged rather than none.
+    """
+    nonzero = q_scores[q_scores > 0]
+    if nonzero.size == 0:
+        return 1.0
+    return float(np.percentile(nonzero, ALPHA_PERCENTILE))
+
+
+class EncoderRef(BaseModel):
+    fingerprint: str
+    arch: str
+    feature_dim: int = Field(gt=0)
+    model_version: str | None = None
+
+
+class DataProvenance(BaseModel):
+    dataset: str
+    n_available: int
+    n_reference: int
+    sampling: str
+    seed: int | None = None
+
+
+class Selection(BaseModel):
+    method: Literal["quantile_band", "size"]
+    lo: float | None = None
+    hi: float | None = None
+    size: int | None = None
+
+
+class RiskCurve(BaseModel):
+    """Calibrated P(mis-classified | Q), a non-increasing step curve from an evaluation."""
+
+    q: list[float]
+    risk: list[float]
+    source: str
+
+    @model_validator(mode="after")
+    def _same_length(self) -> RiskCurve:
+        if len(self.q) != len(self.risk) or not self.q:
+            raise ValueError("a risk curve needs as many (non-zero) q points as risk points")
+        return self
+
+
+class FeatureSet(BaseModel):
+    """A discriminative feature set and everything needed to score with it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["qscore.feature_set/v1"] = FEATURE_SET_FORMAT
+    created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    encoder: EncoderRef
+    eps: float
+    eps_mode: Literal["fixed", "auto"] = "fixed"
+    coverage_by_eps: dict[str, float] = Field(default_factory=dict)
+    selection: Selection
+    counts: list[int]
+    discriminative: list[int]
+    coverage: float = Field(ge=0.0, le=1.0)
+    reference_q_percentiles: dict[str, float]
+    reference_q_nonzero_percentiles: dict[str, float]
+    alpha: float = Field(gt=0.0)
+    alpha_source: str = f"p{ALPHA_PERCENTILE:g} of the reference set's non-zero Q-Scores"
+    risk_curve: RiskCurve | None = None
+    data: DataProvenance
+
+    @field_validator("discriminative")
+    @classmethod
+    def _sorted_unique(cls, value: list[int]) -> list[int]:
+        if value != sorted(set(value)):
+            raise ValueError("discriminative indices must be sorted and unique")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FeatureSet:
+        r = self.encoder.feature_dim
+        if len(self.counts) != r:
+            raise ValueError(f"{len(self.counts)} counts for an encoder of {r} features")
+        if self.discriminative and not 0 <= self.discriminative[0] <= self.discriminative[-1] < r:
+            raise ValueError(f"discriminative indices must lie in [0, {r})")
+        return self
+
+    @property
+    def discriminative_indices(self) -> torch.Tensor:
+        return torch.tensor(self.discriminative, dtype=torch.int64)
+
+    @property
+    def reference_median(self) -> float | None:
+        return self.reference_q_percentiles.get("p50")
+
+    @property
+    def coverage_warning(self) -> str | None:
+        if self.coverage >= LOW_COVERAGE:
+            return None
+        return (
+            f"LOW COVERAGE: only {self.coverage:.0%} of reference samples have a dominant "
+            f"discriminative feature at eps={self.eps:g}; the other samples all score Q=0, so "
+            "Q-Scores are mostly ties and rank little. Rediscover with a lower eps or eps='auto'."
+        )
+
+    def risk(self, q: np.ndarray) -> np.ndarray | None:
+        """Calibrated mis-classification probability for each Q, or None when uncalibrated."""
+        if self.risk_curve is None:
+            return None
+        return np.interp(q, self.risk_curve.q, self.risk_curve.risk)
+
+    def save(self, path: str | Path) -> None:
+        write_json_atomic(path, self.model_dump(mode="json"))
+
+    @classmethod
+    def load(cls, path: str | Path) -> FeatureSet:
+        return cls.model_validate_json(Path(path).read_text())
+
+
+def choose_auto_eps(coverages: dict[float, float], target: float = AUTO_COVERAGE_TARGET) -> float:
+    """The largest eps whose coverage reaches ``target``; the best-covered eps otherwise."""
+    reaching = [eps for eps, cov in coverages.items() if cov >= target]
+    if reaching:
+        return max(reaching)
+    best = max(coverages, key=lambda eps: (coverages[eps], eps))
+    log.warning("no eps of %s reaches coverage %.0f%%; using eps=%g", sorted(coverages), target * 100, best)
+    return best

@@ -1,0 +1,205 @@
+"""Versions of encoders and feature sets on disk, and which pair is active.
+
+Layout under the registry root::
+
+    models/<version>/encoder.safetensors   weights and spec
+    models/<version>/model.json            ModelRecord
+    feature_sets/<version>/feature_set.json
+    active.json                            {"model": ..., "feature_set": ...}
+
+A version folder is written under a temporary name and renamed into place, and ``active.json``
+is replaced atomically, so readers never see half a version. Versions are never overwritten.
+Names are checked against a strict pattern: no client-supplied path is ever opened.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from models.atomic import atomic_directory, remove_stale_temporaries, write_json_atomic
+from models.checkpoints import ImportedEncoder, load_encoder, save_encoder
+from models.encoders import Encoder, EncoderSpec, fingerprint
+from models.features import FeatureSet
+
+VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
+WEIGHTS_FILE = "encoder.safetensors"
+MODEL_FILE = "model.json"
+FEATURE_SET_FILE = "feature_set.json"
+ACTIVE_FILE = "active.json"
+DEMO_DIR = Path(__file__).resolve().parent / "weights"
+DEMO_VERSION = "demo"
+
+
+class RegistryError(ValueError):
+    """An unknown or invalid version, or a pairing that does not fit."""
+
+
+class ModelRecord(BaseModel):
+    version: str
+    fingerprint: str
+    spec: EncoderSpec
+    created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    parent: str | None = None
+    training: dict[str, Any] = Field(default_factory=dict)
+
+
+class ActivePair(BaseModel):
+    model: str
+    feature_set: str
+
+
+def check_version(version: str) -> str:
+    if not VERSION_PATTERN.match(version or ""):
+        raise RegistryError(
+            f"invalid version name {version!r}: use 1-80 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return version
+
+
+def new_version(prefix: str, fingerprint: str | None = None) -> str:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+    return check_version(f"{prefix}-{stamp}" + (f"-{fingerprint[:8]}" if fingerprint else ""))
+
+
+class Registry:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.models_dir = self.root / "models"
+        self.feature_sets_dir = self.root / "feature_sets"
+
+    # -- models ---------------------------------------------------------------------------
+    def model_dir(self, version: str) -> Path:
+        return self.models_dir / check_version(version)
+
+    def list_models(self) -> list[ModelRecord]:
+        return [self.model_record(p.name) for p in _versions(self.models_dir)]
+
+    def model_record(self, version: str) -> ModelRecord:
+        path = self.model_dir(version) / MODEL_FILE
+        if not path.is_file():
+            raise RegistryError(f"no model version {version!r} in {self.models_dir}")
+        return ModelRecord.model_validate_json(path.read_text())
+
+    def load_model(self, version: str) -> ImportedEncoder:
+        record = self.model_record(version)
+        imported = load_encoder(self.model_dir(version) / WEIGHTS_FILE)
+        if imported.fingerprint != record.fingerprint:
+            raise RegistryError(f"model {version!r}: weights do not match the recorded fingerprint")
+        return imported
+
+    def add_model(self, encoder: Encoder, *, version: str | None = None, parent: str | None = None,
+                  training: dict[str, Any] | None = None) -> ModelRecord:
+        digest = fingerprint(encoder.backbone_state_dict())
+        version = version or new_version("model", digest)
+        with atomic_directory(self._new_dir(self.models_dir, version, "model")) as tmp:
+            save_encoder(encoder, tmp / WEIGHTS_FILE)
+            record = ModelRecord(version=version, fingerprint=digest, spec=encoder.spec,
+                                 parent=parent, training=training or {})
+            write_json_atomic(tmp / MODEL_FILE, record.model_dump(mode="json"))
+        return record
+
+    # -- feature sets ---------------------------------------------------------------------
+    def feature_set_dir(self, version: str) -> Path:
+        return self.feature_sets_dir / check_version(version)
+
+    def list_feature_sets(self) -> list[tuple[str, FeatureSet]]:
+        return [(p.name, self.load_feature_set(p.name)) for p in _versions(self.feature_sets_dir)]
+
+    def load_feature_set(self, version: str) -> FeatureSet:
+        path = self.feature_set_dir(version) / FEATURE_SET_FILE
+        if not path.is_file():
+            raise RegistryError(f"no feature set version {version!r} in {self.feature_sets_dir}")
+        return FeatureSet.load(path)
+
+    def add_feature_set(self, feature_set: FeatureSet, *, version: str | None = None) -> str:
+        model_version = feature_set.encoder.model_version
+        if model_version is not None:
+            record = self.model_record(model_version)
+            if record.fingerprint != feature_set.encoder.fingerprint:
+                raise RegistryError(
+                    f"the feature set was found on weights {feature_set.encoder.fingerprint[:12]}, "
+                    f"not on model {model_version!r} ({record.fingerprint[:12]})"
+                )
+        version = version or new_version("features", feature_set.encoder.fingerprint)
+        with atomic_directory(self._new_dir(self.feature_sets_dir, version, "feature set")) as tmp:
+            feature_set.save(tmp / FEATURE_SET_FILE)
+        return version
+
+    # -- the active pair ------------------------------------------------------------------
+    def active(self) -> ActivePair | None:
+        path = self.root / ACTIVE_FILE
+        if not path.is_file():
+            return None
+        return ActivePair.model_validate_json(path.read_text())
+
+    def active_mtime(self) -> float | None:
+        path = self.root / ACTIVE_FILE
+        return path.stat().st_mtime if path.is_file() else None
+
+    def check_pair(self, model: str, feature_set: str) -> tuple[ModelRecord, FeatureSet]:
+        record = self.model_record(model)
+        features = self.load_feature_set(feature_set)
+        if features.encoder.fingerprint != record.fingerprint:
+            raise RegistryError(
+                f"feature set {feature_set!r} belongs to encoder {features.encoder.fingerprint[:12]}, "
+                f"but model {model!r} is {record.fingerprint[:12]}; discover features for this model first"
+            )
+        return record, features
+
+    def set_active(self, model: str, feature_set: str) -> ActivePair:
+        self.check_pair(model, feature_set)
+        pair = ActivePair(model=model, feature_set=feature_set)
+        write_json_atomic(self.root / ACTIVE_FILE, pair.model_dump())
+        return pair
+
+    def latest_feature_set_for(self, fingerprint: str) -> str | None:
+        matches = [(fs.created_at, v) for v, fs in self.list_feature_sets() if fs.encoder.fingerprint == fingerprint]
+        return max(matches)[1] if matches else None
+
+    # -- housekeeping ---------------------------------------------------------------------
+    def clean(self) -> list[Path]:
+        """Remove leftovers of interrupted writes."""
+        return remove_stale_temporaries(self.models_dir) + remove_stale_temporaries(self.feature_sets_dir)
+
+    def seed_demo(self, demo_dir: Path = DEMO_DIR) -> bool:
+        """Install the packaged demo encoder and feature set when the registry is empty."""
+        if self.active() is not None or _versions(self.models_dir):
+            return False
+        weights, features = demo_dir / "demo-encoder.safetensors", demo_dir / "demo-feature-set.json"
+        if not weights.is_file() or not features.is_file():
+            raise RegistryError(f"the demo encoder is missing from {demo_dir}; run `qscore pretrain` first")
+        imported = load_encoder(weights)
+        self.add_model_from_file(weights, imported, DEMO_VERSION)
+        fs = FeatureSet.load(features)
+        fs.encoder.model_version = DEMO_VERSION
+        self.add_feature_set(fs, version=DEMO_VERSION)
+        self.set_active(DEMO_VERSION, DEMO_VERSION)
+        return True
+
+    def add_model_from_file(self, weights: Path, imported: ImportedEncoder, version: str,
+                            training: dict[str, Any] | None = None) -> ModelRecord:
+        record = ModelRecord(version=check_version(version), fingerprint=imported.fingerprint,
+                             spec=imported.encoder.spec, training=training or {})
+        with atomic_directory(self._new_dir(self.models_dir, version, "model")) as tmp:
+            shutil.copyfile(weights, tmp / WEIGHTS_FILE)
+            write_json_atomic(tmp / MODEL_FILE, record.model_dump(mode="json"))
+        return record
+
+    def _new_dir(self, parent: Path, version: str, what: str) -> Path:
+        target = parent / check_version(version)
+        if target.exists():
+            raise RegistryError(f"{what} version {version!r} already exists")
+        return target
+
+
+def _versions(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and VERSION_PATTERN.match(p.name))

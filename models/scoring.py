@@ -1,0 +1,103 @@
+"""Scoring images with an encoder and its feature set: what ``/score`` and ``qscore score`` return."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from models.data import eval_transform, resolve_device
+from models.encoders import Encoder
+from models.features import FeatureSet
+from models.qscore import q_score_parts
+
+PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class FeatureSetMismatch(ValueError):
+    """A feature set found on other weights than the encoder's."""
+
+
+@dataclass(frozen=True)
+class FeatureValue:
+    index: int
+    value: float
+
+
+@dataclass(frozen=True)
+class ImageScore:
+    q_score: float
+    low_quality: bool
+    risk: float | None
+    l1_norm: float
+    dominant: list[FeatureValue]
+    discriminative_active: list[FeatureValue]
+
+
+class Scorer:
+    """An encoder on a device with its discriminative feature set, ready to score batches.
+
+    ``precision`` other than float32 runs the encoder under autocast on a GPU only; the
+    Q-Score itself is always computed in float32.
+    """
+
+    def __init__(self, encoder: Encoder, encoder_fingerprint: str, feature_set: FeatureSet,
+                 device: str = "auto", precision: str = "float32") -> None:
+        if feature_set.encoder.fingerprint != encoder_fingerprint:
+            raise FeatureSetMismatch(
+                f"the feature set was found on encoder {feature_set.encoder.fingerprint[:12]}, "
+                f"not on this one ({encoder_fingerprint[:12]})"
+            )
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        self.device = resolve_device(device)
+        if precision != "float32" and self.device.type != "cuda":
+            raise ValueError(f"precision {precision} is only supported on a CUDA device")
+        self.precision = precision
+        self.encoder = encoder.to(self.device).eval()
+        self.fingerprint = encoder_fingerprint
+        self.feature_set = feature_set
+        self.transform = eval_transform(encoder.spec)
+        self.discriminative = feature_set.discriminative_indices.to(self.device)
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """An RGB PIL image to the encoder's (3, H, W) input."""
+        return self.transform(image)
+
+    def representations(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) inputs to (B, r) float32 representations."""
+        with torch.inference_mode():
+            x = batch.to(self.device, non_blocking=True)
+            if self.precision == "float32":
+                return self.encoder(x).float()
+            with torch.autocast("cuda", dtype=PRECISIONS[self.precision]):
+                return self.encoder(x).float()
+
+    def score_representations(self, h: torch.Tensor) -> list[ImageScore]:
+        fs = self.feature_set
+        parts = q_score_parts(h, self.discriminative, fs.eps)
+        q = parts.q_score.cpu().numpy()
+        risk = fs.risk(q)
+        h_cpu, dominant, active = h.cpu(), parts.dominant.cpu(), parts.active.cpu()
+        l1 = parts.l1_norm.cpu().numpy()
+        return [
+            ImageScore(
+                q_score=float(q[i]),
+                low_quality=bool(q[i] < fs.alpha),
+                risk=None if risk is None else float(np.clip(risk[i], 0.0, 1.0)),
+                l1_norm=float(l1[i]),
+                dominant=_values(h_cpu[i], dominant[i]),
+                discriminative_active=_values(h_cpu[i], active[i]),
+            )
+            for i in range(h.shape[0])
+        ]
+
+    def score_batch(self, batch: torch.Tensor) -> list[ImageScore]:
+        return self.score_representations(self.representations(batch))
+
+
+def _values(h: torch.Tensor, mask: torch.Tensor) -> list[FeatureValue]:
+    idx = torch.nonzero(mask).flatten().tolist()
+    return [FeatureValue(j, float(h[j])) for j in idx]

@@ -1,0 +1,319 @@
+"""The ``qscore`` command: pretrain, discover, score, evaluate, regularize, serve, worker."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(
+    help="Label-free quality scoring of self-supervised image representations (Q-Score).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+ModelOpt = Annotated[Path, typer.Option("--model", "-m", help="Encoder weights: safetensors or a supported checkpoint.")]
+FeaturesOpt = Annotated[Path, typer.Option("--features", "-f", help="Feature-set JSON from `qscore discover`.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn the core's ValueError/FileNotFoundError into one clear line and exit code 2."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+
+
+def _progress_bar(total: int, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step")
+
+
+def _step_logger(log_path: Path | None, bar: Any) -> Callable[[Any, float], None]:
+    from dataclasses import asdict
+
+    handle = open(log_path, "a") if log_path else None  # noqa: SIM115 - closed at exit
+
+    def on_step(record: Any, progress: float) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{record.loss:.3f}")
+        if handle:
+            handle.write(json.dumps(asdict(record)) + "\n")
+            handle.flush()
+
+    return on_step
+
+
+@app.command()
+def pretrain(
+    data: Annotated[Path, typer.Option(help="Image folder (root/<class>/<image>); labels are ignored.")],
+    out: Annotated[Path, typer.Option(help="Where to write the encoder (.safetensors).")],
+    method: Annotated[str, typer.Option(help="simclr, moco_v2, byol or swav.")] = "simclr",
+    arch: Annotated[str, typer.Option(help="resnet18 or resnet50.")] = "resnet18",
+    width: Annotated[int, typer.Option(help="ResNet-18 base width (64 is torchvision's).")] = 64,
+    cifar_stem: Annotated[bool, typer.Option(help="3x3 first convolution, no max-pool.")] = True,
+    image_size: Annotated[int, typer.Option(help="Input size in pixels.")] = 32,
+    epochs: int = 10,
+    batch_size: int = 256,
+    lr: float = 0.06,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps.")] = None,
+    seed: int = 0,
+    workers: Annotated[int, typer.Option(help="Data-loading processes.")] = 0,
+    device: DeviceOpt = "auto",
+    checkpoint: Annotated[Path | None, typer.Option(help="Resumable training state (resumed if present).")] = None,
+    log: Annotated[Path | None, typer.Option(help="Append one JSON line per step here.")] = None,
+) -> None:
+    """Pre-train an encoder with a self-supervised objective."""
+    from models.checkpoints import save_encoder
+    from models.data import image_folder, resolve_device
+    from models.encoders import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, build_encoder
+    from models.objectives import METHODS, build_method
+    from models.training import TrainConfig, train
+
+    with user_errors():
+        spec_kwargs: dict[str, Any] = {"arch": arch, "width": width, "cifar_stem": cifar_stem, "image_size": image_size}
+        if not cifar_stem:
+            spec_kwargs.update(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        spec = EncoderSpec(**spec_kwargs)
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
+        config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, max_steps=max_steps, seed=seed,
+                             workers=workers)
+        from models.training import seed_everything
+
+        seed_everything(seed)
+        encoder = build_encoder(spec)
+        ssl = build_method(method, encoder)
+        dataset = image_folder(data, transform=ssl.view_transform(spec))
+        total = min(len(dataset) // batch_size * epochs, max_steps or sys.maxsize)
+        started = time.time()
+        with _progress_bar(total, f"pretrain {method}") as bar:
+            result = train(ssl, dataset, config, device=resolve_device(device), checkpoint=checkpoint,
+                           on_step=_step_logger(log, bar))
+        digest = save_encoder(encoder, out, {"method": method, "steps": str(result.steps)})
+        typer.echo(json.dumps({"out": str(out), "fingerprint": digest, "steps": result.steps,
+                               "seconds": round(time.time() - started, 1),
+                               "final_loss": result.history[-1].loss if result.history else None}))
+
+
+@app.command()
+def discover(
+    model: ModelOpt,
+    data: Annotated[Path, typer.Option(help="Image folder of unlabelled reference images.")],
+    out: Annotated[Path, typer.Option(help="Where to write the feature set (JSON).")],
+    eps: Annotated[str, typer.Option(help="Dominance threshold in standard deviations, or 'auto'.")] = "4",
+    lo: Annotated[float, typer.Option(help="Lower rank quantile of the band.")] = 0.25,
+    hi: Annotated[float, typer.Option(help="Upper rank quantile of the band.")] = 0.75,
+    size: Annotated[int | None, typer.Option(help="Select this many features instead of a band.")] = None,
+    sample_size: Annotated[int, typer.Option(help="Reference samples drawn at random.")] = 5000,
+    seed: int = 0,
+    batch_size: int = 256,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Find the discriminative features of an encoder on unlabelled images."""
+    from models.checkpoints import load_encoder
+    from models.data import image_folder, resolve_device
+    from models.discovery import discover as run_discovery
+    from models.discovery import make_selection, parse_eps
+    from models.features import EncoderRef
+
+    with user_errors():
+        imported = load_encoder(model)
+        spec = imported.encoder.spec
+        from models.data import eval_transform
+
+        dataset = image_folder(data, transform=eval_transform(spec))
+        feature_set = run_discovery(
+            imported.encoder, dataset, dataset_name=str(data),
+            encoder_ref=EncoderRef(fingerprint=imported.fingerprint, arch=spec.arch, feature_dim=spec.feature_dim),
+            eps=parse_eps(eps), selection=make_selection(lo, hi, size), sample_size=sample_size, seed=seed,
+            batch_size=batch_size, device=resolve_device(device), progress=True,
+        )
+        feature_set.save(out)
+        if feature_set.coverage_warning:
+            typer.secho(f"WARNING: {feature_set.coverage_warning}", fg=typer.colors.RED, bold=True, err=True)
+        typer.echo(json.dumps({
+            "out": str(out), "eps": feature_set.eps, "discriminative": len(feature_set.discriminative),
+            "coverage": round(feature_set.coverage, 4), "alpha": feature_set.alpha,
+            "coverage_by_eps": feature_set.coverage_by_eps,
+        }))
+
+
+@app.command()
+def score(
+    images: Annotated[list[Path], typer.Argument(help="Image files to score.")],
+    model: ModelOpt,
+    features: FeaturesOpt,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per image.")] = False,
+    device: DeviceOpt = "auto",
+    batch_size: int = 64,
+) -> None:
+    """Q-Score images; flag those below the feature set's alpha."""
+    import torch
+
+    from models.checkpoints import load_encoder
+    from models.features import FeatureSet
+    from models.images import ImageDecodeError, decode_image
+    from models.scoring import Scorer
+
+    with user_errors():
+        imported = load_encoder(model)
+        scorer = Scorer(imported.encoder, imported.fingerprint, FeatureSet.load(features), device=device)
+    failures = 0
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        tensors, ok_paths = [], []
+        for path in chunk:
+            try:
+                tensors.append(scorer.preprocess(decode_image(path.read_bytes())))
+                ok_paths.append(path)
+            except (ImageDecodeError, OSError) as exc:
+                failures += 1
+                code = getattr(exc, "code", "unreadable_file")
+                _emit({"path": str(path), "error": {"code": code, "message": str(exc)}}, as_json)
+        if not tensors:
+            continue
+        for path, result in zip(ok_paths, scorer.score_batch(torch.stack(tensors)), strict=True):
+            _emit({"path": str(path), "q_score": result.q_score, "low_quality": result.low_quality,
+                   "risk": result.risk, "l1_norm": result.l1_norm,
+                   "discriminative_active": [f.index for f in result.discriminative_active]}, as_json)
+    if failures:
+        raise typer.Exit(1)
+
+
+def _emit(row: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(row))
+    elif "error" in row:
+        typer.echo(f"{row['path']}\terror {row['error']['code']}: {row['error']['message']}")
+    else:
+        flag = "LOW" if row["low_quality"] else "ok"
+        typer.echo(f"{row['path']}\tq={row['q_score']:.6f}\t{flag}")
+
+
+@app.command()
+def evaluate(
+    model: ModelOpt,
+    features: FeaturesOpt,
+    train_data: Annotated[Path, typer.Option("--train", help="Labelled training image folder.")],
+    test_data: Annotated[Path, typer.Option("--test", help="Labelled test image folder.")],
+    out: Annotated[Path | None, typer.Option(help="Write the full report (JSON) here.")] = None,
+    calibrated_out: Annotated[Path | None, typer.Option(help="Write the feature set with calibrated alpha and risk here.")] = None,
+    train_samples: Annotated[int | None, typer.Option(help="Random training images used (all if unset).")] = None,
+    test_samples: Annotated[int | None, typer.Option(help="Random test images used (all if unset).")] = None,
+    target_precision: Annotated[float | None, typer.Option(help="Calibrate alpha at this mis-classification precision.")] = None,
+    compression: Annotated[bool, typer.Option(help="Also run the compression probes.")] = True,
+    seed: int = 0,
+    batch_size: int = 256,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Linear evaluation: top-1, Q-Score AUROC/AUPRC, compression curve, calibration."""
+    from models.checkpoints import load_encoder
+    from models.data import resolve_device
+    from models.features import FeatureSet
+    from models.linear_eval import run_evaluation
+
+    with user_errors():
+        imported = load_encoder(model)
+        feature_set = FeatureSet.load(features)
+        report, calibrated = run_evaluation(
+            imported.encoder, imported.fingerprint, feature_set, train_data, test_data,
+            train_samples=train_samples, test_samples=test_samples, seed=seed, batch_size=batch_size,
+            device=resolve_device(device), target_precision=target_precision, compression=compression,
+            progress=True,
+        )
+        if out:
+            from models.atomic import write_json_atomic
+
+            write_json_atomic(out, report)
+        if calibrated_out:
+            calibrated.save(calibrated_out)
+        summary = {k: report[k] for k in ("top1", "q_score", "alpha") if k in report}
+        typer.echo(json.dumps(summary))
+
+
+@app.command()
+def regularize(
+    model: ModelOpt,
+    features: FeaturesOpt,
+    data: Annotated[Path, typer.Option(help="Image folder to continue training on.")],
+    out: Annotated[Path, typer.Option(help="Where to write the fine-tuned encoder (.safetensors).")],
+    method: Annotated[str, typer.Option(help="simclr, moco_v2, byol or swav.")] = "simclr",
+    lambda_: Annotated[float, typer.Option("--lambda", help="Weight of the Q-Score term (0 = control run).")] = 0.1,
+    alpha: Annotated[float | None, typer.Option(help="Q threshold of the term (default: the feature set's).")] = None,
+    epochs: int = 1,
+    batch_size: int = 256,
+    lr: float = 0.03,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps.")] = None,
+    seed: int = 0,
+    workers: int = 0,
+    device: DeviceOpt = "auto",
+    checkpoint: Annotated[Path | None, typer.Option(help="Resumable training state.")] = None,
+    log: Annotated[Path | None, typer.Option(help="Append one JSON line per step here.")] = None,
+) -> None:
+    """Continue training an encoder with the Q-Score regulariser (paper eq. 4)."""
+    from models.checkpoints import load_encoder, save_encoder
+    from models.data import image_folder, resolve_device
+    from models.features import FeatureSet
+    from models.objectives import build_method
+    from models.training import Regularizer, TrainConfig, train
+
+    with user_errors():
+        imported = load_encoder(model)
+        feature_set = FeatureSet.load(features)
+        if feature_set.encoder.fingerprint != imported.fingerprint:
+            raise ValueError("the feature set was not found on this encoder; run `qscore discover` on it first")
+        ssl = build_method(method, imported.encoder)
+        ssl.train()
+        dataset = image_folder(data, transform=ssl.view_transform(imported.encoder.spec))
+        regularizer = Regularizer(feature_set.discriminative_indices, alpha or feature_set.alpha, lambda_, feature_set.eps)
+        config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, max_steps=max_steps, seed=seed, workers=workers)
+        total = min(len(dataset) // batch_size * epochs, max_steps or sys.maxsize)
+        with _progress_bar(total, f"regularize {method}") as bar:
+            result = train(ssl, dataset, config, device=resolve_device(device), regularizer=regularizer,
+                           checkpoint=checkpoint, on_step=_step_logger(log, bar))
+        digest = save_encoder(imported.encoder, out, {"method": method, "lambda": str(lambda_), "parent": imported.fingerprint})
+        typer.echo(json.dumps({"out": str(out), "fingerprint": digest, "steps": result.steps}))
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+) -> None:
+    """Start the scoring service (uvicorn), on the embedded demo model unless configured."""
+    from service.server import run
+
+    run(host=host, port=port)
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[int, typer.Option(help="Worker processes (1 per GPU).")] = 1,
+    pool: Annotated[str, typer.Option(help="Celery pool: prefork (time limits work) or solo.")] = "prefork",
+    loglevel: str = "INFO",
+) -> None:
+    """Start a Celery worker with the project's settings."""
+    from worker.runner import run_worker
+
+    run_worker(concurrency=concurrency, pool=pool, loglevel=loglevel)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""All configuration, for the service and the workers alike: one pydantic-settings class.
+
+Every value comes from an environment variable prefixed ``QSCORE_`` (or a ``.env`` file), e.g.
+``QSCORE_REDIS_URL=redis://127.0.0.1:6379/0``. Bad values fail at start-up, not mid-request.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="QSCORE_", env_file=".env", extra="ignore")
+
+    # -- model and feature set ------------------------------------------------------------
+    registry_root: Path = Field(Path(".qscore/registry"), description="Versions of models and feature sets.")
+    model_version: str | None = Field(None, description="Model version to serve; default: the registry's active pair.")
+    feature_set_version: str | None = Field(None, description="Feature set to serve with it.")
+    auto_switch: bool = Field(False, description="Follow changes of the registry's active pair (and new job outputs).")
+    registry_poll_seconds: float = Field(2.0, gt=0, description="How often the registry's active pair is checked.")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    precision: Literal["float32", "float16", "bfloat16"] = "float32"
+
+    # -- dynamic batching -----------------------------------------------------------------
+    max_batch_size: int = Field(64, ge=1, le=4096)
+    max_batch_wait_ms: float = Field(5.0, ge=0, description="Wait counted from the first queued image's arrival.")
+    max_queue_images: int = Field(1024, ge=1, description="Images waiting for the encoder; beyond it, 503.")
+    decode_threads: int = Field(2, ge=1, description="Threads decoding and preprocessing uploads.")
+
+    # -- request limits -------------------------------------------------------------------
+    max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    max_files: int = Field(64, ge=1)
+    max_file_bytes: int = Field(16 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+
+    # -- security -------------------------------------------------------------------------
+    api_key: SecretStr | None = Field(None, description="When set, admin and job endpoints need header X-API-Key.")
+
+    # -- jobs -----------------------------------------------------------------------------
+    redis_url: str | None = Field(None, description="Broker and job store; unset = jobs run in-process.")
+    datasets: dict[str, Path] = Field(default_factory=dict, description='JSON: {"name": "/folder"}.')
+    job_time_limit_s: int = Field(6 * 3600, ge=10)
+    job_checkpoint_dir: Path = Field(Path(".qscore/checkpoints"))
+
+    @field_validator("datasets")
+    @classmethod
+    def _dataset_names(cls, value: dict[str, Path]) -> dict[str, Path]:
+        for name in value:
+            if not name or len(name) > 80 or not all(c.isalnum() or c in "._-" for c in name):
+                raise ValueError(f"data set name {name!r}: use letters, digits, '.', '_' and '-'")
+        return value
+
+    @model_validator(mode="after")
+    def _pairing(self) -> Settings:
+        if self.feature_set_version and not self.model_version:
+            raise ValueError("QSCORE_FEATURE_SET_VERSION needs QSCORE_MODEL_VERSION too")
+        return self
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
