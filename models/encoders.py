@@ -72,7 +72,7 @@ class Encoder(nn.Module):
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights in torchvision's key layout (no ``resnet.`` prefix, no ``fc``)."""
-        return {k: v for k, v in self.resnet.state_dict().items()}
+        return dict(self.resnet.state_dict())
 
     def load_backbone_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         self.resnet.load_state_dict(state_dict, strict=True)
@@ -80,8 +80,10 @@ class Encoder(nn.Module):
 
 def build_encoder(spec: EncoderSpec | None = None, **overrides: object) -> Encoder:
     """A freshly initialised encoder, e.g. ``build_encoder(arch="resnet50", cifar_stem=False)``."""
-    spec = (spec or EncoderSpec()).model_copy(update=overrides) if overrides else (spec or EncoderSpec())
-    return Encoder(EncoderSpec.model_validate(spec.model_dump()))
+    spec = spec or EncoderSpec()
+    if overrides:
+        spec = EncoderSpec.model_validate({**spec.model_dump(), **overrides})
+    return Encoder(spec)
 
 
 def _build_resnet(spec: EncoderSpec) -> torchvision.models.ResNet:

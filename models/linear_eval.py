@@ -62,7 +62,8 @@ def run_evaluation(
         "q_score": score_power(q, probe.correct),
         "components": {
             "mean_discriminative": score_power(parts.mean_active.numpy(), probe.correct),
-            "l1_norm": score_power(parts.l1_norm.numpy(), probe.correct),
+            # Scored as -L1: a smaller norm (a sparser h) raises Q, so it should predict "correct".
+            "negative_l1_norm": score_power(-parts.l1_norm.numpy(), probe.correct),
         },
         "alpha": alpha,
         "alpha_source": alpha_source,

@@ -46,6 +46,14 @@ class Settings(BaseSettings):
     datasets: dict[str, Path] = Field(default_factory=dict, description='JSON: {"name": "/folder"}.')
     job_time_limit_s: int = Field(6 * 3600, ge=10)
     job_checkpoint_dir: Path = Field(Path(".qscore/checkpoints"))
+    job_visibility_timeout_s: int | None = Field(
+        None, ge=10, description="Redis re-delivers an unacknowledged job after this; default: time limit + 10 min.")
+    discover_shard_size: int = Field(2000, ge=1, description="Reference images per discovery shard task.")
+    worker_metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="Prometheus port of a worker (job durations, outcomes); unset = none.")
+    worker_metrics_dir: Path = Field(
+        Path(".qscore/worker-metrics"), description="prometheus_client multiprocess folder of a worker.")
+    worker_torch_threads: int | None = Field(None, ge=1, description="torch threads per worker process.")
 
     @field_validator("datasets")
     @classmethod
@@ -60,6 +68,20 @@ class Settings(BaseSettings):
         if self.feature_set_version and not self.model_version:
             raise ValueError("QSCORE_FEATURE_SET_VERSION needs QSCORE_MODEL_VERSION too")
         return self
+
+    @model_validator(mode="after")
+    def _visibility(self) -> Settings:
+        if self.job_visibility_timeout_s is not None and self.job_visibility_timeout_s <= self.job_time_limit_s:
+            raise ValueError(
+                "QSCORE_JOB_VISIBILITY_TIMEOUT_S must exceed QSCORE_JOB_TIME_LIMIT_S, or Redis re-delivers "
+                "jobs that are still running"
+            )
+        return self
+
+    @property
+    def visibility_timeout_s(self) -> int:
+        """Above the longest job (hard limit included), so that no running job is delivered twice."""
+        return self.job_visibility_timeout_s or self.job_time_limit_s + 600
 
 
 @lru_cache

@@ -1,5 +1,174 @@
-"""Job endpoints (issue 4): placeholder router until the job API lands."""
+"""Job endpoints: queue discovery, regularised fine-tuning and evaluation; follow and cancel them.
 
-from fastapi import APIRouter
+Jobs run on Celery workers when ``QSCORE_REDIS_URL`` is set (records in Redis survive a restart
+of the API) and in-process otherwise (embedded mode). Every parameter and every name (data
+sets, model and feature-set versions) is checked before anything is queued: 422. Redis down: 503.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, status
+from pydantic import BaseModel
+
+from service.security import AdminKey
+from service.settings import Settings, get_settings
+from worker.backend import JobBackend, make_backend
+from worker.params import DiscoverParams, EvaluateParams, ParamError, RegularizeParams, resolve
+from worker.store import JobRecord
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+JobId = Annotated[
+    str, Path(pattern=r"^[0-9a-f]{32}$", description="The id answered when the job was queued.")
+]
+_lock = threading.Lock()
+
+
+def get_job_backend(
+    request: Request, settings: Annotated[Settings, Depends(get_settings)]
+) -> JobBackend:
+    """The app's job backend, made on first use: start-up never waits on Redis, nor does scoring."""
+    backend = getattr(request.app.state, "job_backend", None)
+    if backend is None:
+        with _lock:
+            backend = getattr(request.app.state, "job_backend", None)
+            if backend is None:
+                backend = make_backend(settings)
+                registry = getattr(getattr(request.app.state, "metrics", None), "registry", None)
+                if registry is not None:
+                    from worker.metrics import export_on
+
+                    export_on(registry, backend.store, embedded=settings.redis_url is None)
+                request.app.state.job_backend = backend
+    return backend
+
+
+Backend = Annotated[JobBackend, Depends(get_job_backend)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+class JobAccepted(BaseModel):
+    job_id: str
+    state: str
+    type: str
+    url: str
+
+
+class JobList(BaseModel):
+    jobs: list[JobRecord]
+
+
+@contextlib.contextmanager
+def _store_errors() -> Iterator[None]:
+    """Redis unreachable: 503 with a body that says so (scoring is not affected)."""
+    from kombu.exceptions import OperationalError
+    from redis.exceptions import RedisError
+
+    try:
+        yield
+    except (RedisError, OperationalError, ConnectionError, TimeoutError) as exc:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            detail={
+                "code": "job_store_unavailable",
+                "message": "the job store (Redis) is unreachable; retry later "
+                f"({type(exc).__name__})",
+            },
+            headers={"Retry-After": "5"},
+        ) from None
+
+
+def _submit(
+    job_type: Literal["discover", "regularize", "evaluate"],
+    params: Any,
+    backend: JobBackend,
+    settings: Settings,
+    request: Request,
+) -> JobAccepted:
+    try:
+        resolved = resolve(params, settings)
+    except ParamError as exc:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_ENTITY,
+            detail={
+                "code": "invalid_request",
+                "message": f"invalid request: body.{exc.field}: {exc}",
+                "errors": [
+                    {"loc": ["body", *exc.field.split(".")], "msg": str(exc), "type": "value_error"}
+                ],
+            },
+        ) from None
+    with _store_errors():
+        record = backend.store.create(job_type, resolved.model_dump(mode="json", by_alias=True))
+        try:
+            backend.enqueue(record)
+        except Exception as exc:
+            backend.store.finish(record.id, "failed", error=f"could not be queued: {exc}")
+            raise
+    return JobAccepted(
+        job_id=record.id,
+        state=record.state,
+        type=job_type,
+        url=str(request.url_for("get_job", job_id=record.id)),
+    )
+
+
+@router.post("/discover", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted)
+def submit_discover(
+    body: DiscoverParams, backend: Backend, settings: SettingsDep, request: Request, _: AdminKey
+) -> JobAccepted:
+    """Discover a model's features on a configured data set (sharded); writes a feature set."""
+    return _submit("discover", body, backend, settings, request)
+
+
+@router.post("/regularize", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted)
+def submit_regularize(
+    body: RegularizeParams, backend: Backend, settings: SettingsDep, request: Request, _: AdminKey
+) -> JobAccepted:
+    """Q-Score-regularised fine-tuning; writes a model version and its feature set."""
+    return _submit("regularize", body, backend, settings, request)
+
+
+@router.post("/evaluate", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted)
+def submit_evaluate(
+    body: EvaluateParams, backend: Backend, settings: SettingsDep, request: Request, _: AdminKey
+) -> JobAccepted:
+    """Linear evaluation; writes the calibrated feature set as a new version."""
+    return _submit("evaluate", body, backend, settings, request)
+
+
+@router.get("", response_model=JobList)
+def list_jobs(
+    backend: Backend,
+    _: AdminKey,
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> JobList:
+    """Jobs, newest first."""
+    with _store_errors():
+        return JobList(jobs=backend.store.list(limit=limit, state=state))
+
+
+@router.get("/{job_id}", response_model=JobRecord)
+def get_job(job_id: JobId, backend: Backend, _: AdminKey) -> JobRecord:
+    """State, progress (0 to 1), metrics so far, result and artifacts of one job."""
+    with _store_errors():
+        record = backend.store.get(job_id)
+    if record is None:
+        raise HTTPException(404, detail={"code": "job_not_found", "message": f"no job {job_id}"})
+    return record
+
+
+@router.delete("/{job_id}", response_model=JobRecord)
+def cancel_job(job_id: JobId, backend: Backend, _: AdminKey) -> JobRecord:
+    """Cancel: a queued job never starts; a running one stops at its next step ('cancelled')."""
+    with _store_errors():
+        record = backend.store.request_cancel(job_id)
+    if record is None:
+        raise HTTPException(404, detail={"code": "job_not_found", "message": f"no job {job_id}"})
+    return record

@@ -1,0 +1,190 @@
+"""Discovery job throughput (images/s) with 1 and 2 Celery worker processes.
+
+Each run: a fresh registry holding a seeded ResNet-18 (``--width``), a CIFAR-10 train slice, a
+dedicated Redis database, N real workers (``celery -A worker.celery_app worker``, one process
+each, one torch thread each), one discover job of ``--shards`` shards submitted as the API does;
+timed from queueing to ``succeeded``. Writes ``benchmarks/results/jobs.json``.
+
+    .venv/bin/python benchmarks/bench_jobs.py [--images 2000] [--shards 8] [--width 16]
+
+Worker processes only help when there are cores (or GPUs) for them: the figure for 2 workers
+is bounded by the machine's free cores (recorded in the results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--images", type=int, default=2000, help="Reference images (train slice of CIFAR-10)."
+    )
+    parser.add_argument("--shards", type=int, default=8)
+    parser.add_argument("--width", type=int, default=16, help="ResNet-18 base width.")
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--redis", default="redis://127.0.0.1:6379/6", help="A Redis database it may flush."
+    )
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/jobs.json")
+    args = parser.parse_args()
+
+    import redis
+    import torch
+
+    from models.data import class_slice, ensure_cifar10
+    from models.encoders import EncoderSpec, build_encoder
+    from models.registry import Registry
+
+    work = Path(tempfile.mkdtemp(prefix="qscore-bench-jobs-"))
+    data = class_slice(
+        ensure_cifar10() / "train", work / "train", per_class=args.images // 10, seed=0
+    )
+    torch.manual_seed(0)
+    encoder = build_encoder(
+        EncoderSpec(arch="resnet18", cifar_stem=True, width=args.width, image_size=32)
+    )
+    runs = []
+    for n_workers in args.workers:
+        for repeat in range(args.repeats):
+            registry = Registry(work / f"registry-{n_workers}-{repeat}")
+            registry.add_model(encoder, version="bench")
+            redis.Redis.from_url(args.redis).flushdb()
+            env = {
+                **os.environ,
+                "PYTHONWARNINGS": "ignore",
+                "PYTHONPATH": str(REPO),
+                "QSCORE_REDIS_URL": args.redis,
+                "QSCORE_REGISTRY_ROOT": str(registry.root),
+                "QSCORE_DATASETS": json.dumps({"bench": str(data)}),
+                "QSCORE_DEVICE": "cpu",
+                "QSCORE_JOB_CHECKPOINT_DIR": str(work / "checkpoints"),
+                "QSCORE_WORKER_TORCH_THREADS": "1",
+                "OMP_NUM_THREADS": "1",
+            }
+            seconds = _run(env, n_workers, args, work)
+            runs.append(
+                {
+                    "workers": n_workers,
+                    "repeat": repeat,
+                    "seconds": round(seconds, 2),
+                    "images_per_s": round(args.images / seconds, 1),
+                }
+            )
+            print(json.dumps(runs[-1]), flush=True)
+    summary = {}
+    for n in args.workers:
+        best = min(r["seconds"] for r in runs if r["workers"] == n)
+        summary[str(n)] = {"best_seconds": best, "images_per_s": round(args.images / best, 1)}
+    result = {
+        "benchmark": "discover job throughput, sharded over Celery worker processes",
+        "images": args.images,
+        "shards": args.shards,
+        "model": f"resnet18 width {args.width}",
+        "batch_size": args.batch_size,
+        "device": "cpu",
+        "torch_threads_per_worker": 1,
+        "cpu_count": os.cpu_count(),
+        "load_average_at_end": list(os.getloadavg()),
+        "machine": platform.platform(),
+        "runs": runs,
+        "summary": summary,
+    }
+    if "1" in summary and "2" in summary:
+        result["speedup_2_vs_1"] = round(
+            summary["1"]["best_seconds"] / summary["2"]["best_seconds"], 2
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["summary"]), result.get("speedup_2_vs_1"))
+
+
+def _run(env: dict[str, str], n_workers: int, args: argparse.Namespace, work: Path) -> float:
+    from service.settings import Settings
+    from worker.backend import CeleryBackend
+    from worker.params import DiscoverParams, resolve
+
+    procs = []
+    try:
+        for i in range(n_workers):
+            log = work / f"worker-{n_workers}-{i}-{time.time_ns()}.log"
+            procs.append(
+                (
+                    subprocess.Popen(
+                        [
+                            str(Path(sys.executable).parent / "celery"),
+                            "-A",
+                            "worker.celery_app",
+                            "worker",
+                            "--pool=prefork",
+                            "--concurrency=1",
+                            "--queues=qscore",
+                            "-n",
+                            f"bench{i}@%h",
+                            "--without-gossip",
+                            "--without-mingle",
+                            "--loglevel=WARNING",
+                        ],
+                        cwd=REPO,
+                        env=env,
+                        stdout=open(log, "wb"),
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    ),
+                    log,
+                )
+            )
+        time.sleep(8)  # let the workers connect before the clock starts
+        settings = Settings(
+            redis_url=env["QSCORE_REDIS_URL"],
+            registry_root=env["QSCORE_REGISTRY_ROOT"],
+            datasets=json.loads(env["QSCORE_DATASETS"]),
+            job_checkpoint_dir=env["QSCORE_JOB_CHECKPOINT_DIR"],
+        )
+        backend = CeleryBackend(settings)
+        params = resolve(
+            DiscoverParams(
+                dataset="bench",
+                model="bench",
+                sample_size=None,
+                shards=args.shards,
+                eps="auto",
+                batch_size=args.batch_size,
+            ),
+            settings,
+        )
+        started = time.perf_counter()
+        record = backend.store.create("discover", params.model_dump(mode="json"))
+        backend.enqueue(record)
+        while True:
+            current = backend.store.get(record.id)
+            if current is not None and current.state in ("succeeded", "failed", "cancelled"):
+                break
+            time.sleep(0.05)
+        seconds = time.perf_counter() - started
+        if current.state != "succeeded":
+            raise RuntimeError(f"the job ended {current.state}: {current.error}")
+        return seconds
+    finally:
+        for proc, _ in procs:
+            proc.terminate()
+        for proc, _ in procs:
+            proc.wait(30)
+
+
+if __name__ == "__main__":
+    main()

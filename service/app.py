@@ -1,0 +1,108 @@
+"""The app factory: wiring only. The routes live in service/routes/, their dependencies in deps.py."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from PIL import Image
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from models.registry import Registry
+from service.batcher import Batcher
+from service.limits import BodyLimitMiddleware
+from service.metrics import Metrics
+from service.routes import admin, health, jobs, score
+from service.settings import Settings, get_settings
+from service.state import StateHolder
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Pillow's decompression-bomb guard stays on, at the service's own pixel cap.
+        Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
+        holder = StateHolder(Registry(settings.registry_root), settings)
+        await holder.load_initial()
+        batcher = Batcher(
+            settings.max_batch_size,
+            settings.max_batch_wait_ms / 1000.0,
+            settings.max_queue_images,
+            app.state.metrics,
+        )
+        batcher.start()
+        app.state.holder, app.state.batcher = holder, batcher
+        app.state.metrics.attach(holder, batcher)
+        app.state.decode_pool = ThreadPoolExecutor(
+            settings.decode_threads, thread_name_prefix="qscore-decode"
+        )
+        watcher = None
+        if settings.auto_switch:
+            watcher = asyncio.get_running_loop().create_task(
+                holder.watch(settings.registry_poll_seconds)
+            )
+        try:
+            yield
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+            await batcher.stop()
+            app.state.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(
+        title="qscore",
+        summary="Label-free quality scoring of self-supervised image representations (Q-Score).",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = Metrics(settings.max_batch_size)
+    app.dependency_overrides[get_settings] = lambda: settings
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.include_router(score.router)
+    app.include_router(health.router)
+    app.include_router(admin.router)
+    app.include_router(jobs.router)
+    return app
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    """Every HTTP error as ``{"detail": {"code": ..., "message": ...}}``."""
+    assert isinstance(exc, StarletteHTTPException)
+    detail = exc.detail
+    if not (isinstance(detail, dict) and "code" in detail and "message" in detail):
+        detail = {"code": f"http_{exc.status_code}", "message": str(detail)}
+    return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+        for e in exc.errors()
+    ]
+    first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+    message = f"invalid request: {'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+    return JSONResponse(
+        {
+            "detail": jsonable_encoder(
+                {"code": "invalid_request", "message": message, "errors": errors}
+            )
+        },
+        status_code=422,
+    )

@@ -1,0 +1,54 @@
+"""Dependencies of the routes, as ``Annotated`` aliases; tests override them with dependency_overrides."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from models.registry import Registry
+from service.batcher import Batcher
+from service.limits import ApiError
+from service.metrics import Metrics
+from service.settings import Settings, get_settings
+from service.state import ServingState, StateHolder
+
+
+def get_holder(request: Request) -> StateHolder:
+    return request.app.state.holder
+
+
+def get_state(holder: Annotated[StateHolder, Depends(get_holder)]) -> ServingState:
+    """The pair served right now; requests keep the one they got even if a switch follows."""
+    state = holder.current
+    if state is None:
+        raise ApiError(
+            503, "not_ready", "no model is loaded yet; retry shortly", headers={"Retry-After": "1"}
+        )
+    return state
+
+
+def get_batcher(request: Request) -> Batcher:
+    return request.app.state.batcher
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+def get_registry(holder: Annotated[StateHolder, Depends(get_holder)]) -> Registry:
+    return holder.registry
+
+
+def get_decode_pool(request: Request) -> ThreadPoolExecutor:
+    return request.app.state.decode_pool
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+HolderDep = Annotated[StateHolder, Depends(get_holder)]
+StateDep = Annotated[ServingState, Depends(get_state)]
+BatcherDep = Annotated[Batcher, Depends(get_batcher)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+RegistryDep = Annotated[Registry, Depends(get_registry)]
+DecodePoolDep = Annotated[ThreadPoolExecutor, Depends(get_decode_pool)]

@@ -1,0 +1,153 @@
+"""Prometheus metrics of one app instance (its own CollectorRegistry, so tests can run several).
+
+Counters and histograms carry ``model_version`` and ``feature_set_version`` labels. Gauges that
+describe the served pair (coverage, reference median, expected low-quality share) and the queue
+are read at scrape time, so a switch leaves no stale series behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from models.features import FeatureSet
+
+if TYPE_CHECKING:
+    from service.batcher import Batcher
+    from service.state import StateHolder
+
+#: Q-Scores are ratios to the L1 norm of hundreds of features: small numbers. The buckets are
+#: 0 (no discriminative evidence) and 8 per decade from 1e-4 to 1, so histogram_quantile can
+#: estimate the live median within about 15%.
+Q_BUCKETS: tuple[float, ...] = (0.0,) + tuple(round(10 ** (-4 + i / 8), 8) for i in range(33))
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+QUEUE_WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+PAIR = ("model_version", "feature_set_version")
+
+
+def batch_buckets(max_batch_size: int) -> tuple[float, ...]:
+    sizes, b = [], 1
+    while b < max_batch_size:
+        sizes.append(float(b))
+        b *= 2
+    return tuple(sizes) + (float(max_batch_size),)
+
+
+def expected_low_quality_share(fs: FeatureSet) -> float:
+    """Share of the reference set below alpha, read off its stored Q percentiles (a lower bound)."""
+    below = [float(k[1:]) for k, v in fs.reference_q_percentiles.items() if v < fs.alpha]
+    return max(below, default=0.0) / 100.0
+
+
+class Metrics:
+    def __init__(self, max_batch_size: int) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.images_scored = Counter("qscore_images_scored", "Images scored.", PAIR, registry=r)
+        self.low_quality = Counter(
+            "qscore_low_quality_images", "Images with Q-Score below alpha.", PAIR, registry=r
+        )
+        self.q_score = Histogram(
+            "qscore_q_score", "Q-Scores of scored images.", PAIR, buckets=Q_BUCKETS, registry=r
+        )
+        self.request_duration = Histogram(
+            "qscore_request_duration_seconds",
+            "Duration of /score requests, from first byte to answer.",
+            ("model_version", "status"),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "qscore_batch_size",
+            "Images per encoder batch.",
+            ("model_version",),
+            buckets=batch_buckets(max_batch_size),
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "qscore_queue_wait_seconds",
+            "Time an image waits before its batch runs.",
+            ("model_version",),
+            buckets=QUEUE_WAIT_BUCKETS,
+            registry=r,
+        )
+        self.inference_duration = Histogram(
+            "qscore_inference_seconds",
+            "Encoder and scoring time per batch.",
+            ("model_version",),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.errors = Counter(
+            "qscore_errors",
+            "Errors, by code (per file or per request).",
+            ("model_version", "code"),
+            registry=r,
+        )
+
+    def attach(self, holder: StateHolder, batcher: Batcher) -> None:
+        self.registry.register(_LiveCollector(lambda: holder, lambda: batcher))
+
+    def error(self, model_version: str | None, code: str, n: int = 1) -> None:
+        self.errors.labels(model_version or "none", code).inc(n)
+
+
+class _LiveCollector(Collector):
+    def __init__(self, holder: Callable[[], StateHolder], batcher: Callable[[], Batcher]) -> None:
+        self._holder, self._batcher = holder, batcher
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        state, batcher = self._holder().current, self._batcher()
+        version = state.model_version if state is not None else "none"
+        depth = GaugeMetricFamily(
+            "qscore_queue_depth", "Images waiting for the encoder.", labels=["model_version"]
+        )
+        depth.add_metric([version], batcher.depth)
+        capacity = GaugeMetricFamily(
+            "qscore_queue_capacity",
+            "Images the queue holds before answering 503.",
+            labels=["model_version"],
+        )
+        capacity.add_metric([version], batcher.capacity)
+        yield depth
+        yield capacity
+        if state is None:
+            return
+        pair = [state.model_version, state.feature_set_version]
+        fs = state.feature_set
+        info = GaugeMetricFamily(
+            "qscore_serving_info",
+            "The served pair (value 1).",
+            labels=[*PAIR, "fingerprint", "device", "precision"],
+        )
+        info.add_metric(
+            [*pair, state.model.fingerprint[:16], str(state.scorer.device), state.scorer.precision],
+            1,
+        )
+        yield info
+        for name, doc, value in (
+            ("qscore_feature_set_coverage", "Share of reference samples with Q > 0.", fs.coverage),
+            ("qscore_alpha", "Low-quality threshold of the served feature set.", fs.alpha),
+            (
+                "qscore_reference_q_median",
+                "Median Q-Score of the feature set's reference set.",
+                fs.reference_median,
+            ),
+            (
+                "qscore_expected_low_quality_ratio",
+                "Share of the reference set below alpha.",
+                expected_low_quality_share(fs),
+            ),
+        ):
+            if value is None:
+                continue
+            family = GaugeMetricFamily(name, doc, labels=list(PAIR))
+            family.add_metric(pair, float(value))
+            yield family

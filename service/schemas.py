@@ -1,0 +1,114 @@
+"""Request and response models of the HTTP API: what /openapi.json documents."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from models.registry import VERSION_PATTERN
+
+VERSION_REGEX = VERSION_PATTERN.pattern
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="Stable machine-readable code, e.g. too_many_files.")
+    message: str = Field(description="What went wrong and how to fix it.")
+    limit: int | None = Field(None, description="The limit that was exceeded, when one was.")
+    errors: list[dict[str, Any]] | None = Field(
+        None, description="Field errors of a 422 validation failure."
+    )
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer of the service: ``{"detail": {"code": ..., "message": ...}}``."""
+
+    detail: ErrorBody
+
+
+class ModelInfo(BaseModel):
+    version: str
+    fingerprint: str
+    arch: str
+    feature_dim: int
+    image_size: int
+    created_at: str
+    parent: str | None = None
+
+
+class FeatureSetInfo(BaseModel):
+    version: str
+    encoder_fingerprint: str
+    eps: float
+    alpha: float
+    coverage: float = Field(
+        description="Share of reference samples with a dominant discriminative feature."
+    )
+    coverage_warning: str | None = None
+    n_discriminative: int
+    reference_median: float | None = Field(None, description="Median Q-Score of the reference set.")
+    calibrated: bool = Field(
+        description="Whether an evaluation calibrated a mis-classification risk curve."
+    )
+    created_at: str
+
+
+class FeatureValueOut(BaseModel):
+    index: int
+    value: float
+
+
+class ScoreResult(BaseModel):
+    """One uploaded file: its scores, or ``error`` when it is not a usable image."""
+
+    filename: str
+    q_score: float | None = None
+    low_quality: bool | None = Field(None, description="Q-Score below the feature set's alpha.")
+    risk: float | None = Field(
+        None, description="Calibrated P(mis-classified); null when uncalibrated."
+    )
+    l1_norm: float | None = None
+    dominant: list[FeatureValueOut] | None = None
+    discriminative_active: list[FeatureValueOut] | None = None
+    error: ErrorBody | None = None
+
+
+class ScoreResponse(BaseModel):
+    model: ModelInfo
+    feature_set: FeatureSetInfo
+    results: list[ScoreResult]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "not_ready"]
+    model_version: str | None = None
+    feature_set_version: str | None = None
+    queue_depth: int
+    queue_capacity: int
+    reason: str | None = None
+
+
+class ServingInfo(BaseModel):
+    model: ModelInfo
+    feature_set: FeatureSetInfo
+    loaded_at: str
+    device: str
+    precision: str
+
+
+class ActiveInfo(BaseModel):
+    serving: ServingInfo
+    registry_active: dict[str, str] | None = Field(
+        None, description="The registry's active pair on disk."
+    )
+    auto_switch: bool
+
+
+class SwitchRequest(BaseModel):
+    model: str = Field(pattern=VERSION_REGEX, max_length=80)
+    feature_set: str = Field(pattern=VERSION_REGEX, max_length=80)
+    persist: bool = Field(True, description="Also make this pair the registry's active pair.")

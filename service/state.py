@@ -1,0 +1,225 @@
+"""What the service serves: one immutable (encoder, feature set) pair, swapped atomically.
+
+A switch builds the new :class:`ServingState` completely (load, fingerprint check, warm-up)
+before one reference is replaced. Every queued image keeps the state it was admitted with, and
+the batcher never batches images of different states, so a request is scored by one version
+only and nothing fails while a switch happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import numpy as np
+import torch
+
+from models.features import FeatureSet
+from models.registry import ModelRecord, Registry, RegistryError
+from models.scoring import Scorer
+from service.schemas import FeatureSetInfo, ModelInfo, ServingInfo
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: Reduced precision is used only when scores stay this close to float32 (issue 3, point 2).
+PRECISION_TOLERANCE = 1e-3
+
+
+class VersionNotFound(RegistryError):
+    """A model or feature-set version the registry does not hold."""
+
+
+class PairMismatch(RegistryError):
+    """A feature set found on other weights than the model's."""
+
+
+@dataclass(frozen=True, eq=False)
+class ServingState:
+    scorer: Scorer
+    model: ModelRecord
+    feature_set: FeatureSet
+    feature_set_version: str
+    loaded_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+
+    @property
+    def model_version(self) -> str:
+        return self.model.version
+
+    @property
+    def pair(self) -> tuple[str, str]:
+        return self.model.version, self.feature_set_version
+
+    def model_info(self) -> ModelInfo:
+        m = self.model
+        return ModelInfo(
+            version=m.version,
+            fingerprint=m.fingerprint,
+            arch=m.spec.arch,
+            feature_dim=m.spec.feature_dim,
+            image_size=m.spec.image_size,
+            created_at=m.created_at,
+            parent=m.parent,
+        )
+
+    def feature_set_info(self) -> FeatureSetInfo:
+        fs = self.feature_set
+        return FeatureSetInfo(
+            version=self.feature_set_version,
+            encoder_fingerprint=fs.encoder.fingerprint,
+            eps=fs.eps,
+            alpha=fs.alpha,
+            coverage=fs.coverage,
+            coverage_warning=fs.coverage_warning,
+            n_discriminative=len(fs.discriminative),
+            reference_median=fs.reference_median,
+            calibrated=fs.risk_curve is not None,
+            created_at=fs.created_at,
+        )
+
+    def info(self) -> ServingInfo:
+        return ServingInfo(
+            model=self.model_info(),
+            feature_set=self.feature_set_info(),
+            loaded_at=self.loaded_at,
+            device=str(self.scorer.device),
+            precision=self.scorer.precision,
+        )
+
+
+def resolve_pair(registry: Registry, settings: Settings) -> tuple[str, str]:
+    """The pair to serve at start-up: configured, else the registry's active one, else the demo."""
+    if settings.model_version:
+        model = settings.model_version
+        if settings.feature_set_version:
+            return model, settings.feature_set_version
+        record = _record(registry, model)
+        fs = registry.latest_feature_set_for(record.fingerprint)
+        if fs is None:
+            raise VersionNotFound(
+                f"no feature set for model {model!r}; run `qscore discover` for it first"
+            )
+        return model, fs
+    active = registry.active()
+    if active is None:
+        registry.seed_demo()
+        active = registry.active()
+        if active is None:  # models but no active pair: the operator must choose
+            raise RegistryError(
+                f"the registry {registry.root} holds models but no active pair; set "
+                "QSCORE_MODEL_VERSION or run `qscore` to activate one"
+            )
+    return active.model, active.feature_set
+
+
+def load_state(
+    registry: Registry, model: str, feature_set: str, settings: Settings
+) -> ServingState:
+    """Load, check and warm up a pair (blocking: call it in a thread)."""
+    record = _record(registry, model)
+    try:
+        features = registry.load_feature_set(feature_set)
+    except RegistryError as exc:
+        raise VersionNotFound(str(exc)) from exc
+    if features.encoder.fingerprint != record.fingerprint:
+        raise PairMismatch(
+            f"feature set {feature_set!r} belongs to encoder {features.encoder.fingerprint[:12]}, "
+            f"but model {model!r} is {record.fingerprint[:12]}; discover features for this model first"
+        )
+    imported = registry.load_model(model)
+    scorer = Scorer(
+        imported.encoder, imported.fingerprint, features, settings.device, settings.precision
+    )
+    if scorer.precision != "float32":
+        scorer = _checked_precision(scorer, imported.fingerprint, features)
+    _warm_up(scorer)
+    return ServingState(
+        scorer=scorer, model=record, feature_set=features, feature_set_version=feature_set
+    )
+
+
+def _record(registry: Registry, model: str) -> ModelRecord:
+    try:
+        return registry.model_record(model)
+    except RegistryError as exc:
+        raise VersionNotFound(str(exc)) from exc
+
+
+def _probe(scorer: Scorer, n: int = 16) -> torch.Tensor:
+    size = scorer.encoder.spec.image_size
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(n, 3, size, size, generator=generator)
+
+
+def _warm_up(scorer: Scorer) -> None:
+    scorer.score_batch(_probe(scorer, 2))
+
+
+def _checked_precision(scorer: Scorer, fingerprint: str, features: FeatureSet) -> Scorer:
+    """Keep reduced precision only when Q-Scores stay within PRECISION_TOLERANCE of float32."""
+    reference = Scorer(scorer.encoder, fingerprint, features, str(scorer.device), "float32")
+    probe = _probe(scorer, 64)
+    low = np.array([s.q_score for s in scorer.score_batch(probe)])
+    full = np.array([s.q_score for s in reference.score_batch(probe)])
+    gap = float(np.abs(low - full).max())
+    if gap > PRECISION_TOLERANCE:
+        log.warning(
+            "precision %s moves Q-Scores by up to %.2g (> %g): serving float32 instead",
+            scorer.precision,
+            gap,
+            PRECISION_TOLERANCE,
+        )
+        return reference
+    return scorer
+
+
+class StateHolder:
+    """The one reference to the current :class:`ServingState`, and the lock that serialises switches."""
+
+    def __init__(self, registry: Registry, settings: Settings) -> None:
+        self.registry = registry
+        self.settings = settings
+        self.current: ServingState | None = None
+        self._lock = asyncio.Lock()
+
+    async def load_initial(self) -> ServingState:
+        model, fs = await asyncio.to_thread(resolve_pair, self.registry, self.settings)
+        return await self.switch(model, fs)
+
+    async def switch(self, model: str, feature_set: str, persist: bool = False) -> ServingState:
+        async with self._lock:
+            current = self.current
+            if current is not None and current.pair == (model, feature_set):
+                new = current
+            else:
+                new = await asyncio.to_thread(
+                    load_state, self.registry, model, feature_set, self.settings
+                )
+            if persist:
+                await asyncio.to_thread(self.registry.set_active, model, feature_set)
+            self.current = new  # the atomic swap: one reference
+            if new is not current:
+                log.info("serving model %s with feature set %s", model, feature_set)
+            return new
+
+    async def watch(self, poll_seconds: float) -> None:
+        """Follow the registry's active pair (QSCORE_AUTO_SWITCH): poll its mtime, switch on change."""
+        seen = await asyncio.to_thread(self.registry.active_mtime)
+        while True:
+            await asyncio.sleep(poll_seconds)
+            try:
+                mtime = await asyncio.to_thread(self.registry.active_mtime)
+                if mtime is None or mtime == seen:
+                    continue
+                seen = mtime
+                active = await asyncio.to_thread(self.registry.active)
+                if active is not None:
+                    await self.switch(active.model, active.feature_set)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # keep serving the current pair; the next change is tried again
+                log.exception(
+                    "could not follow the registry's active pair; still serving the old one"
+                )

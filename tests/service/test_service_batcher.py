@@ -1,0 +1,129 @@
+"""The batcher on its own, with fake scorers that record the batches they get."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from service.batcher import Batcher, QueueFull
+
+
+class RecordingScorer:
+    def __init__(self, name: str, delay: float = 0.0) -> None:
+        self.name, self.delay = name, delay
+        self.batches: list[int] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def score_batch(self, batch: torch.Tensor) -> list[tuple[str, float]]:
+        self.gate.wait(5)
+        time.sleep(self.delay)
+        self.batches.append(batch.shape[0])
+        return [(self.name, float(x)) for x in batch[:, 0, 0, 0]]
+
+
+def fake_state(scorer: RecordingScorer) -> SimpleNamespace:
+    return SimpleNamespace(scorer=scorer, model_version=scorer.name)
+
+
+def images(*values: float) -> list[torch.Tensor]:
+    return [torch.full((3, 2, 2), v) for v in values]
+
+
+def run(coro):  # noqa: ANN001, ANN201
+    return asyncio.run(coro)
+
+
+def test_batcher_coalesces_concurrent_requests_up_to_max_batch() -> None:
+    async def main() -> list[int]:
+        scorer = RecordingScorer("a")
+        batcher = Batcher(max_batch_size=4, max_wait_s=0.2, capacity=100)
+        batcher.start()
+        state = fake_state(scorer)
+        results = await asyncio.gather(*(batcher.submit(state, images(i)) for i in range(10)))
+        await batcher.stop()
+        assert [r[0] for r in results] == [
+            ("a", float(i)) for i in range(10)
+        ]  # in order, per request
+        return scorer.batches
+
+    assert run(main()) == [4, 4, 2]
+
+
+def test_batcher_wait_counts_from_first_arrival() -> None:
+    async def main() -> float:
+        batcher = Batcher(max_batch_size=64, max_wait_s=0.1, capacity=100)
+        batcher.start()
+        state = fake_state(RecordingScorer("a"))
+        t0 = time.monotonic()
+        first = asyncio.ensure_future(batcher.submit(state, images(1)))
+        await asyncio.sleep(0.06)
+        second = await batcher.submit(state, images(2))  # arrives late: shares the first's deadline
+        elapsed = time.monotonic() - t0
+        assert (await first)[0] == ("a", 1.0) and second[0] == ("a", 2.0)
+        assert state.scorer.batches == [2]
+        await batcher.stop()
+        return elapsed
+
+    assert run(main()) < 0.2
+
+
+def test_batcher_full_queue_raises_queue_full_with_retry_after() -> None:
+    async def main() -> None:
+        scorer = RecordingScorer("a")
+        scorer.gate.clear()  # the worker blocks on its first batch
+        batcher = Batcher(max_batch_size=2, max_wait_s=0.0, capacity=4)
+        batcher.start()
+        state = fake_state(scorer)
+        running = asyncio.ensure_future(batcher.submit(state, images(0, 1)))
+        await asyncio.sleep(0.05)  # taken by the worker, which now blocks
+        queued = asyncio.ensure_future(batcher.submit(state, images(2, 3, 4)))
+        await asyncio.sleep(0.01)
+        assert batcher.depth == 3
+        with pytest.raises(QueueFull) as info:
+            await batcher.submit(state, images(5, 6))
+        assert info.value.capacity == 4 and info.value.retry_after >= 1
+        scorer.gate.set()
+        assert len(await running) == 2 and len(await queued) == 3
+        await batcher.stop()
+
+    run(main())
+
+
+def test_batcher_never_mixes_states_in_one_batch() -> None:
+    async def main() -> None:
+        a, b = RecordingScorer("a"), RecordingScorer("b")
+        batcher = Batcher(max_batch_size=16, max_wait_s=0.05, capacity=100)
+        batcher.start()
+        sa, sb = fake_state(a), fake_state(b)
+        results = await asyncio.gather(
+            batcher.submit(sa, images(1, 2)),
+            batcher.submit(sb, images(3)),
+            batcher.submit(sa, images(4)),
+        )
+        assert [[name for name, _ in r] for r in results] == [["a", "a"], ["b"], ["a"]]
+        assert a.batches == [2, 1] and b.batches == [1]
+        await batcher.stop()
+
+    run(main())
+
+
+def test_batcher_inference_error_fails_only_its_batch() -> None:
+    class Broken(RecordingScorer):
+        def score_batch(self, batch: torch.Tensor) -> list[tuple[str, float]]:
+            raise RuntimeError("device lost")
+
+    async def main() -> None:
+        batcher = Batcher(max_batch_size=8, max_wait_s=0.0, capacity=100)
+        batcher.start()
+        with pytest.raises(RuntimeError, match="device lost"):
+            await batcher.submit(fake_state(Broken("x")), images(1))
+        assert (await batcher.submit(fake_state(RecordingScorer("a")), images(2))) == [("a", 2.0)]
+        await batcher.stop()
+
+    run(main())

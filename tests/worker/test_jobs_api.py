@@ -1,0 +1,135 @@
+"""The job API in embedded mode (no Redis): validation before queueing, API key, one job."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from models.registry import Registry
+from service.app import create_app
+from tests.worker.conftest import make_settings, wait_for
+
+
+@pytest.fixture()
+def embedded(job_env: dict[str, str]) -> Iterator[TestClient]:
+    settings = make_settings(job_env, redis_url=None, api_key="s3cret")
+    with TestClient(create_app(settings)) as client:
+        client.headers["X-API-Key"] = "s3cret"
+        yield client
+        backend = getattr(client.app.state, "job_backend", None)  # type: ignore[attr-defined]
+        if backend is not None:
+            backend.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "loc", "needle"),
+    [
+        ("/jobs/discover", {"dataset": "nope"}, ["body", "dataset"], "unknown data set 'nope'"),
+        ("/jobs/discover", {"dataset": "../../etc"}, ["body", "dataset"], "pattern"),
+        (
+            "/jobs/discover",
+            {"dataset": "slice-train", "model": "missing"},
+            ["body", "model"],
+            "no model version",
+        ),
+        ("/jobs/discover", {"dataset": "slice-train", "eps": -1}, ["body", "eps"], "positive"),
+        ("/jobs/discover", {"dataset": "slice-train", "lo": 0.8, "hi": 0.2}, ["body"], "lo < hi"),
+        (
+            "/jobs/regularize",
+            {"dataset": "slice-train", "method": "dino"},
+            ["body", "method"],
+            "simclr",
+        ),
+        (
+            "/jobs/regularize",
+            {"dataset": "slice-train", "epochs": 0},
+            ["body", "epochs"],
+            "greater than",
+        ),
+        (
+            "/jobs/regularize",
+            {"dataset": "slice-train", "batch_size": 100000},
+            ["body", "batch_size"],
+            "less than",
+        ),
+        ("/jobs/regularize", {"dataset": "slice-train", "lr": 0}, ["body", "lr"], "greater than"),
+        (
+            "/jobs/regularize",
+            {"dataset": "slice-train", "feature_set": "nope"},
+            ["body", "feature_set"],
+            "no feature set version",
+        ),
+        (
+            "/jobs/evaluate",
+            {"train_dataset": "slice-train", "test_dataset": "other"},
+            ["body", "test_dataset"],
+            "unknown data set",
+        ),
+        (
+            "/jobs/evaluate",
+            {"train_dataset": "slice-train", "test_dataset": "slice-test", "path": "/etc"},
+            ["body", "path"],
+            "Extra inputs",
+        ),
+    ],
+)
+def test_submit_bad_parameters_get_422_and_queue_nothing(
+    embedded: TestClient, path: str, body: dict[str, Any], loc: list[str], needle: str
+) -> None:
+    response = embedded.post(path, json=body)
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert detail["code"] == "invalid_request"
+    assert any(e["loc"][: len(loc)] == loc and needle in e["msg"] for e in detail["errors"]), detail
+    assert embedded.get("/jobs").json() == {"jobs": []}
+
+
+def test_jobs_without_api_key_get_401(embedded: TestClient) -> None:
+    for method, path in (
+        ("GET", "/jobs"),
+        ("POST", "/jobs/discover"),
+        ("GET", "/jobs/" + "0" * 32),
+        ("DELETE", "/jobs/" + "0" * 32),
+    ):
+        response = embedded.request(
+            method, path, json={"dataset": "slice-train"}, headers={"X-API-Key": "wrong"}
+        )
+        assert response.status_code == 401, (method, path, response.text)
+        assert response.json()["detail"]["code"] == "unauthorized"
+
+
+def test_get_unknown_job_is_404(embedded: TestClient) -> None:
+    response = embedded.get("/jobs/" + "a" * 32)
+    assert response.status_code == 404
+    assert response.json()["detail"]["code"] == "job_not_found"
+    assert embedded.get("/jobs/not-an-id").status_code == 422
+
+
+def test_discover_embedded_writes_a_feature_set(
+    embedded: TestClient, tiny_registry: Registry
+) -> None:
+    response = embedded.post(
+        "/jobs/discover",
+        json={
+            "dataset": "slice-train",
+            "eps": "auto",
+            "sample_size": 200,
+            "shards": 3,
+            "batch_size": 64,
+        },
+    )
+    assert response.status_code == 202, response.text
+    job_id = response.json()["job_id"]
+    record = wait_for(embedded, job_id, timeout=120)
+    assert record["state"] == "succeeded", record
+    assert record["progress"] == 1.0
+    assert record["metrics"]["shards"] == 3 and record["metrics"]["shards_counted"] == 3
+    version = record["artifacts"]["feature_set"]
+    assert version == f"features-{job_id}"
+    fs = tiny_registry.load_feature_set(version)
+    assert fs.data.n_reference == 200 and fs.encoder.model_version == "tiny"
+    assert record["result"]["activated"] is False  # QSCORE_AUTO_SWITCH is off
+    assert [j["id"] for j in embedded.get("/jobs").json()["jobs"]] == [job_id]

@@ -1,0 +1,134 @@
+"""The Celery application, configured from the project's settings only (``service.settings``).
+
+Long GPU jobs need more than Celery's defaults (FIELD-NOTES, "Celery with PyTorch on GPUs"):
+one task at a time per process (prefetch 1), late acknowledgement with re-delivery when the
+process running a task dies, a Redis visibility timeout above the longest job, time limits, and
+no CUDA in the parent before the pool forks (encoders are loaded lazily in the child).
+
+Start a worker with ``qscore worker`` (or ``celery -A worker.celery_app worker``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+
+from celery import Celery, signals
+
+from service.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+QUEUE = "qscore"
+TASK_NAMES = {
+    "discover": "qscore.discover",
+    "regularize": "qscore.regularize",
+    "evaluate": "qscore.evaluate",
+}
+
+
+def create_celery(settings: Settings) -> Celery:
+    url = settings.redis_url or "memory://"  # no Redis: embedded mode never sends to this app
+    app = Celery(
+        "qscore", broker=url, backend=None if url == "memory://" else url, include=["worker.tasks"]
+    )
+    visibility = {"visibility_timeout": settings.visibility_timeout_s}
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_default_queue=QUEUE,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_track_started=True,
+        task_soft_time_limit=settings.job_time_limit_s,
+        task_time_limit=settings.job_time_limit_s + 60,
+        broker_transport_options=visibility,
+        result_backend_transport_options=visibility,
+        result_expires=7 * 24 * 3600,
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=2,
+        redis_socket_connect_timeout=2,
+        task_publish_retry_policy={
+            "max_retries": 2,
+            "interval_start": 0,
+            "interval_step": 0.5,
+            "interval_max": 1,
+        },
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+    )
+    return app
+
+
+app = create_celery(get_settings())
+
+
+@signals.worker_init.connect
+def _worker_init(**_: object) -> None:
+    """In the worker's parent, before the pool forks: metrics, registry leftovers. No CUDA here."""
+    settings = get_settings()
+    if settings.redis_url is None:
+        raise RuntimeError(
+            "a worker needs QSCORE_REDIS_URL (without Redis, jobs run inside the service)"
+        )
+    from models.registry import Registry
+
+    removed = Registry(settings.registry_root).clean()
+    if removed:
+        log.warning("removed %d leftovers of interrupted writes from the registry", len(removed))
+    if settings.worker_metrics_port:
+        # Before prometheus_client is first imported, so that the pool children write their
+        # samples to files the parent's endpoint sums.
+        shutil.rmtree(settings.worker_metrics_dir, ignore_errors=True)
+        settings.worker_metrics_dir.mkdir(parents=True, exist_ok=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(settings.worker_metrics_dir.resolve())
+        from worker.metrics import serve_worker_metrics
+
+        serve_worker_metrics(settings.worker_metrics_port)
+
+
+@signals.worker_process_init.connect
+def _child_init(**_: object) -> None:
+    """In each pool child: no encoder loaded yet (they load lazily here, never in the parent)."""
+    from worker import jobs
+
+    jobs.forget_models()
+    threads = get_settings().worker_torch_threads
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+@signals.worker_process_shutdown.connect
+def _child_exit(pid: int | None = None, **_: object) -> None:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from worker.metrics import mark_child_dead
+
+        mark_child_dead(pid or os.getpid())
+
+
+_started: dict[str, float] = {}
+
+
+@signals.task_prerun.connect
+def _task_started(task_id: str | None = None, task: object = None, **_: object) -> None:
+    from worker.metrics import TASKS_RUNNING
+
+    _started[task_id or ""] = time.monotonic()
+    TASKS_RUNNING.labels(getattr(task, "name", "?")).inc()
+
+
+@signals.task_postrun.connect
+def _task_ended(task_id: str | None = None, task: object = None, **_: object) -> None:
+    from worker.metrics import TASK_SECONDS, TASKS_RUNNING
+
+    name = getattr(task, "name", "?")
+    TASKS_RUNNING.labels(name).dec()
+    started = _started.pop(task_id or "", None)
+    if started is not None:
+        TASK_SECONDS.labels(name).observe(time.monotonic() - started)

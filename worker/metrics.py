@@ -1,0 +1,101 @@
+"""Prometheus metrics of jobs: durations and outcomes (workers), job states (API).
+
+A Celery worker runs tasks in forked children, so its metrics use prometheus_client's
+multiprocess mode: :func:`serve_worker_metrics` (called in the worker's parent before the pool
+forks) wipes ``PROMETHEUS_MULTIPROC_DIR`` and serves a ``MultiProcessCollector``. This module is
+imported lazily for that reason: the environment variable must be set before
+``prometheus_client`` is first imported.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram
+
+log = logging.getLogger(__name__)
+
+JOB_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 21600, 43200)
+
+JOBS_FINISHED = Counter(
+    "qscore_jobs_finished", "Jobs that ended, by type and outcome.", ["type", "outcome"]
+)
+JOB_SECONDS = Histogram(
+    "qscore_job_duration_seconds",
+    "Wall time of a job from start to end.",
+    ["type", "outcome"],
+    buckets=JOB_BUCKETS,
+)
+TASK_SECONDS = Histogram(
+    "qscore_worker_task_duration_seconds",
+    "Wall time of one Celery task.",
+    ["task"],
+    buckets=JOB_BUCKETS,
+)
+TASKS_RUNNING = Gauge(
+    "qscore_worker_tasks_running",
+    "Celery tasks running now.",
+    ["task"],
+    multiprocess_mode="livesum",
+)
+
+
+def job_finished(job_type: str, outcome: str, seconds: float) -> None:
+    JOBS_FINISHED.labels(job_type, outcome).inc()
+    JOB_SECONDS.labels(job_type, outcome).observe(max(seconds, 0.0))
+
+
+def serve_worker_metrics(port: int) -> None:
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        MultiProcessCollector(registry)
+    try:
+        start_http_server(port, registry=registry)
+        log.info("worker metrics on :%d/metrics", port)
+    except OSError as exc:
+        log.warning("worker metrics not served on port %d: %s", port, exc)
+
+
+def mark_child_dead(pid: int) -> None:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)
+
+
+class JobStateCollector:
+    """``qscore_jobs{state, type}``: the job records by state, read from the store per scrape."""
+
+    def __init__(self, store: Any, limit: int = 1000) -> None:
+        self.store = store
+        self.limit = limit
+
+    def collect(self) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+
+        family = GaugeMetricFamily(
+            "qscore_jobs", "Job records by state (last 1000 jobs).", labels=["state", "type"]
+        )
+        counts: dict[tuple[str, str], int] = {}
+        try:
+            for record in self.store.list(limit=self.limit):
+                counts[(record.state, record.type)] = counts.get((record.state, record.type), 0) + 1
+        except Exception:  # the store is down: no sample rather than a failed scrape
+            return
+        for state in ("queued", "running", "succeeded", "failed", "cancelled"):
+            for job_type in ("discover", "regularize", "evaluate"):
+                family.add_metric([state, job_type], counts.get((state, job_type), 0))
+        yield family
+
+
+def export_on(registry: Any, store: Any, embedded: bool) -> None:
+    """Add the job states (and, in embedded mode, the job outcomes) to the API's registry."""
+    registry.register(JobStateCollector(store))
+    if embedded:  # jobs run in the API process: their outcomes are the API's to export
+        registry.register(JOBS_FINISHED)
+        registry.register(JOB_SECONDS)

@@ -1,0 +1,188 @@
+"""Parameters of the three job types: checked by the API before anything is queued, and again
+by the task that runs them (the same models), so a bad job never reaches the core.
+
+Data sets are names that the configuration (``QSCORE_DATASETS``) maps to folders; models and
+feature sets are registry versions. No client-supplied path is ever opened.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from service.settings import Settings
+
+Method = Literal["simclr", "moco_v2", "byol", "swav"]
+NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$"
+
+
+class ParamError(ValueError):
+    """A parameter that names something that does not exist; ``field`` says which."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(
+        None, pattern=NAME, description="Model version; default: the active one."
+    )
+    activate: bool | None = Field(
+        None,
+        description="Make the output the registry's active pair (the service "
+        "follows it); default: QSCORE_AUTO_SWITCH.",
+    )
+
+
+class DiscoverParams(_Params):
+    dataset: str = Field(pattern=NAME, description="A data set name from QSCORE_DATASETS.")
+    eps: float | Literal["auto"] = Field(
+        4.0, description="Dominance threshold (std devs) or 'auto'."
+    )
+    lo: float = Field(0.25, ge=0.0, lt=1.0)
+    hi: float = Field(0.75, gt=0.0, le=1.0)
+    size: int | None = Field(
+        None, ge=1, le=100_000, description="Select this many features instead of a band."
+    )
+    sample_size: int | None = Field(
+        5000, ge=10, le=10_000_000, description="Reference images; null = all."
+    )
+    seed: int = Field(0, ge=0)
+    batch_size: int = Field(256, ge=1, le=4096)
+    shards: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="Count in this many parallel tasks; "
+        "default: one per QSCORE_DISCOVER_SHARD_SIZE images.",
+    )
+
+    @field_validator("eps")
+    @classmethod
+    def _positive(cls, value: float | str) -> float | str:
+        if value != "auto" and not float(value) > 0:
+            raise ValueError("eps must be positive or 'auto'")
+        return value
+
+    @model_validator(mode="after")
+    def _band(self) -> DiscoverParams:
+        if self.size is None and not self.lo < self.hi:
+            raise ValueError(f"the band needs lo < hi, got lo={self.lo}, hi={self.hi}")
+        return self
+
+
+class RegularizeParams(_Params):
+    dataset: str = Field(pattern=NAME, description="Images to fine-tune on (labels unused).")
+    feature_set: str | None = Field(
+        None, pattern=NAME, description="Default: the model's latest feature set."
+    )
+    method: Method = "simclr"
+    lambda_: float = Field(
+        0.1, alias="lambda", ge=0.0, le=100.0, description="Weight of the Q-Score term."
+    )
+    alpha: float | None = Field(
+        None, gt=0.0, le=1.0, description="Default: the feature set's alpha."
+    )
+    epochs: int = Field(1, ge=1, le=1000)
+    batch_size: int = Field(256, ge=2, le=4096)
+    lr: float = Field(0.03, gt=0.0, le=10.0)
+    max_steps: int | None = Field(None, ge=1, le=10_000_000)
+    seed: int = Field(0, ge=0)
+    checkpoint_every: int = Field(
+        50, ge=1, le=100_000, description="Steps between resumable checkpoints."
+    )
+    discover: DiscoverParams | None = Field(
+        None,
+        description="How to discover the new model's features; default: eps auto, same data set.",
+    )
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class EvaluateParams(_Params):
+    train_dataset: str = Field(pattern=NAME)
+    test_dataset: str = Field(pattern=NAME)
+    feature_set: str | None = Field(
+        None, pattern=NAME, description="Default: the model's latest feature set."
+    )
+    train_samples: int | None = Field(None, ge=10, le=10_000_000)
+    test_samples: int | None = Field(None, ge=10, le=10_000_000)
+    target_precision: float | None = Field(None, gt=0.0, lt=1.0)
+    compression: bool = True
+    seed: int = Field(0, ge=0)
+    batch_size: int = Field(256, ge=1, le=4096)
+
+
+PARAMS: dict[str, type[_Params]] = {
+    "discover": DiscoverParams,
+    "regularize": RegularizeParams,
+    "evaluate": EvaluateParams,
+}
+
+
+def dataset_folder(settings: Settings, name: str, field: str = "dataset") -> Path:
+    """The folder configured for ``name``; a :class:`ParamError` for a name not configured."""
+    if name not in settings.datasets:
+        known = ", ".join(sorted(settings.datasets)) or "none configured (set QSCORE_DATASETS)"
+        raise ParamError(field, f"unknown data set {name!r}; known: {known}")
+    folder = Path(settings.datasets[name])
+    if not folder.is_dir():
+        raise ParamError(field, f"data set {name!r} is configured at a folder that does not exist")
+    return folder
+
+
+def resolve(params: _Params, settings: Settings) -> _Params:
+    """Check every name against the configuration and the registry; fill in default versions.
+
+    Returns a copy with ``model`` (and ``feature_set``) set, so the job record says what ran.
+    """
+    from models.registry import Registry, RegistryError
+
+    registry = Registry(settings.registry_root)
+    update: dict[str, object] = {}
+    model = params.model
+    if model is None:
+        active = registry.active()
+        if active is None:
+            raise ParamError("model", "no model given and the registry has no active model")
+        model = active.model
+    try:
+        record = registry.model_record(model)
+    except RegistryError as exc:
+        raise ParamError("model", str(exc)) from None
+    update["model"] = model
+    # Decided when the job is queued: by the request, else the service's QSCORE_AUTO_SWITCH.
+    update["activate"] = settings.auto_switch if params.activate is None else params.activate
+
+    if isinstance(params, DiscoverParams):
+        dataset_folder(settings, params.dataset)
+    elif isinstance(params, RegularizeParams | EvaluateParams):
+        if isinstance(params, RegularizeParams):
+            dataset_folder(settings, params.dataset)
+            if params.discover is not None:
+                dataset_folder(settings, params.discover.dataset, "discover.dataset")
+        else:
+            dataset_folder(settings, params.train_dataset, "train_dataset")
+            dataset_folder(settings, params.test_dataset, "test_dataset")
+        feature_set = params.feature_set
+        if feature_set is None:
+            active = registry.active()
+            if active is not None and active.model == model:
+                feature_set = active.feature_set
+            else:
+                feature_set = registry.latest_feature_set_for(record.fingerprint)
+            if feature_set is None:
+                raise ParamError(
+                    "feature_set", f"model {model!r} has no feature set; run a discover job first"
+                )
+        try:
+            registry.check_pair(model, feature_set)
+        except RegistryError as exc:
+            raise ParamError("feature_set", str(exc)) from None
+        update["feature_set"] = feature_set
+    return params.model_copy(update=update)
