@@ -29,17 +29,13 @@ sys.path.insert(0, str(REPO))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--images", type=int, default=2000, help="Reference images (train slice of CIFAR-10)."
-    )
+    parser.add_argument("--images", type=int, default=2000, help="Reference images (train slice of CIFAR-10).")
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--width", type=int, default=16, help="ResNet-18 base width.")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument(
-        "--redis", default="redis://127.0.0.1:6379/6", help="A Redis database it may flush."
-    )
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/6", help="A Redis database it may flush.")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/jobs.json")
     args = parser.parse_args()
 
@@ -51,13 +47,9 @@ def main() -> None:
     from models.registry import Registry
 
     work = Path(tempfile.mkdtemp(prefix="qscore-bench-jobs-"))
-    data = class_slice(
-        ensure_cifar10() / "train", work / "train", per_class=args.images // 10, seed=0
-    )
+    data = class_slice(ensure_cifar10() / "train", work / "train", per_class=args.images // 10, seed=0)
     torch.manual_seed(0)
-    encoder = build_encoder(
-        EncoderSpec(arch="resnet18", cifar_stem=True, width=args.width, image_size=32)
-    )
+    encoder = build_encoder(EncoderSpec(arch="resnet18", cifar_stem=True, width=args.width, image_size=32))
     runs = []
     for n_workers in args.workers:
         for repeat in range(args.repeats):
@@ -105,9 +97,7 @@ def main() -> None:
         "summary": summary,
     }
     if "1" in summary and "2" in summary:
-        result["speedup_2_vs_1"] = round(
-            summary["1"]["best_seconds"] / summary["2"]["best_seconds"], 2
-        )
+        result["speedup_2_vs_1"] = round(summary["1"]["best_seconds"] / summary["2"]["best_seconds"], 2)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["summary"]), result.get("speedup_2_vs_1"))

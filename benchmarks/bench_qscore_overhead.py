@@ -98,16 +98,23 @@ def bench_one(name: str, overrides: dict, size: int, args: argparse.Namespace, d
         q_times = median_seconds(lambda: q_score_parts(h, d, EPS), args.q_repeats, device, warmup=3)
     fwd, q = statistics.median(forward), statistics.median(q_times)
     row = {
-        "config": name, "batch": args.batch, "image_size": size, "feature_dim": int(h.shape[1]),
-        "discriminative": int(d.numel()), "eps": EPS,
-        "forward_s_median": fwd, "forward_s_all": forward,
-        "qscore_s_median": q, "qscore_repeats": args.q_repeats,
+        "config": name,
+        "batch": args.batch,
+        "image_size": size,
+        "feature_dim": int(h.shape[1]),
+        "discriminative": int(d.numel()),
+        "eps": EPS,
+        "forward_s_median": fwd,
+        "forward_s_all": forward,
+        "qscore_s_median": q,
+        "qscore_repeats": args.q_repeats,
         "qscore_share_of_forward": q / fwd,
         "under_goal": q / fwd < GOAL_SHARE,
     }
-    print(f"{name:24s} forward {fwd * 1e3:10.1f} ms   q-score {q * 1e3:8.3f} ms   "
-          f"share {100 * q / fwd:7.4f}%", flush=True)
-    del encoder, x
+    print(
+        f"{name:24s} forward {fwd * 1e3:10.1f} ms   q-score {q * 1e3:8.3f} ms   share {100 * q / fwd:7.4f}%",
+        flush=True,
+    )
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
@@ -128,8 +135,11 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda asked for, but no CUDA GPU is available")
-    rows = [bench_one(name, overrides, size, args, device) for name, overrides, size in CONFIGS
-            if not args.only or name in args.only]
+    rows = [
+        bench_one(name, overrides, size, args, device)
+        for name, overrides, size in CONFIGS
+        if not args.only or name in args.only
+    ]
     result = {
         "benchmark": "qscore_overhead",
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),

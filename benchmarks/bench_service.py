@@ -49,9 +49,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "service.json"
 
 def build_registry(root: Path, cifar: Path) -> tuple[Registry, str]:
     registry = Registry(root)
-    if (DEMO_DIR / "demo-encoder.safetensors").is_file() and (
-        DEMO_DIR / "demo-feature-set.json"
-    ).is_file():
+    if (DEMO_DIR / "demo-encoder.safetensors").is_file() and (DEMO_DIR / "demo-feature-set.json").is_file():
         registry.seed_demo()
         return registry, "demo encoder (models/weights)"
     torch.manual_seed(0)
@@ -76,9 +74,7 @@ def build_registry(root: Path, cifar: Path) -> tuple[Registry, str]:
     return registry, "fresh width-16 CIFAR ResNet-18, features discovered on 1,000 training images"
 
 
-def raw_throughput(
-    registry: Registry, blobs: list[bytes], settings: Settings, seconds: float = 8.0
-) -> float:
+def raw_throughput(registry: Registry, blobs: list[bytes], settings: Settings, seconds: float = 8.0) -> float:
     active = registry.active()
     assert active is not None
     imported = registry.load_model(active.model)
@@ -144,9 +140,7 @@ async def load(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--requests", type=int, default=10_000, help="Requests of the 32-client run."
-    )
+    parser.add_argument("--requests", type=int, default=10_000, help="Requests of the 32-client run.")
     args = parser.parse_args()
 
     cifar = ensure_cifar10()

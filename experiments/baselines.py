@@ -21,15 +21,11 @@ def hoyer_sparsity(h: torch.Tensor) -> torch.Tensor:
     r = h.shape[1]
     l1 = h.abs().sum(dim=1)
     l2 = h.norm(dim=1)
-    ratio = torch.where(
-        l2 > 0, l1 / torch.where(l2 > 0, l2, torch.ones_like(l2)), torch.full_like(l2, r**0.5)
-    )
+    ratio = torch.where(l2 > 0, l1 / torch.where(l2 > 0, l2, torch.ones_like(l2)), torch.full_like(l2, r**0.5))
     return (r**0.5 - ratio) / (r**0.5 - 1)
 
 
-def knn_distance(
-    h: torch.Tensor, reference: torch.Tensor, k: int = 10, chunk: int = 2048
-) -> torch.Tensor:
+def knn_distance(h: torch.Tensor, reference: torch.Tensor, k: int = 10, chunk: int = 2048) -> torch.Tensor:
     """Mean cosine distance of each row of ``h`` (N, r) to its ``k`` nearest ``reference`` rows (M, r)."""
     k = min(k, reference.shape[0])
     ref = torch.nn.functional.normalize(reference.float(), dim=1)
@@ -52,9 +48,7 @@ def label_free_scores(
     return {
         "q_score": parts.q_score.numpy(),
         # The Q-Score's denominator alone: a small norm (a sparse representation) scores high.
-        "inverse_l1": torch.where(
-            l1 > 0, 1.0 / torch.where(l1 > 0, l1, torch.ones_like(l1)), 0.0
-        ).numpy(),
+        "inverse_l1": torch.where(l1 > 0, 1.0 / torch.where(l1 > 0, l1, torch.ones_like(l1)), 0.0).numpy(),
         # The Q-Score's numerator alone: the mean of the dominant discriminative features.
         "mean_discriminative": parts.mean_active.numpy(),
         "max_activation": h.max(dim=1).values.numpy(),

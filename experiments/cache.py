@@ -86,9 +86,7 @@ class Stages:
         self.ran.append(name)
         return value
 
-    def tensors(
-        self, name: str, relative: str, fn: Callable[[], dict[str, torch.Tensor]]
-    ) -> dict[str, torch.Tensor]:
+    def tensors(self, name: str, relative: str, fn: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         target = self.path(relative)
         if target.is_file():
             self.skip(name)

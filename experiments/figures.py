@@ -42,12 +42,8 @@ FIGURES: dict[str, str] = {
 }
 
 
-def _panels(
-    n: int, ncols_per: int = 1, size: tuple[float, float] = (5.0, 3.6)
-) -> tuple[Any, np.ndarray]:
-    fig, axes = plt.subplots(
-        1, n * ncols_per, figsize=(size[0] * n * ncols_per, size[1]), squeeze=False
-    )
+def _panels(n: int, ncols_per: int = 1, size: tuple[float, float] = (5.0, 3.6)) -> tuple[Any, np.ndarray]:
+    fig, axes = plt.subplots(1, n * ncols_per, figsize=(size[0] * n * ncols_per, size[1]), squeeze=False)
     return fig, axes[0]
 
 
@@ -66,9 +62,7 @@ def make_figures(analyses: dict[str, dict[str, Any]], config: Config, out: Path)
         "fig3_dominance_counts": fig_dominance_counts,
         "fig4_compression": fig_compression,
         "fig5_correct_vs_misclassified": fig_correct_vs_misclassified,
-        "fig7_pr_roc": lambda a, c: fig_curves(
-            a, ["q_score"], "Q-Score predicting correct classification"
-        ),
+        "fig7_pr_roc": lambda a, c: fig_curves(a, ["q_score"], "Q-Score predicting correct classification"),
         "figA3_q_histograms": fig_q_histograms,
         "figA4_components": lambda a, c: fig_curves(
             a, ["mean_discriminative", "inverse_l1", "q_score"], "Q-Score components alone"
@@ -94,9 +88,7 @@ def fig_representations(analyses: dict[str, dict[str, Any]], config: Config) -> 
         h = a["reps"]["test_h"].numpy()
         rows = rng.choice(len(h), size=min(config.heatmap_rows, len(h)), replace=False)
         im = ax.imshow(h[rows], aspect="auto", cmap="Greys", interpolation="nearest")
-        ax.set(
-            title=f"{LABELS[m]}: {len(rows)} random test samples", xlabel="feature", ylabel="sample"
-        )
+        ax.set(title=f"{LABELS[m]}: {len(rows)} random test samples", xlabel="feature", ylabel="sample")
         fig.colorbar(im, ax=ax, fraction=0.04)
     return fig
 
@@ -122,10 +114,7 @@ def fig_class_distribution(analyses: dict[str, dict[str, Any]], config: Config) 
             if j is None:
                 ax.axis("off")
                 continue
-            share = [
-                100 * dominant[y == c, j].mean() if (y == c).any() else 0
-                for c in range(len(CLASSES))
-            ]
+            share = [100 * dominant[y == c, j].mean() if (y == c).any() else 0 for c in range(len(CLASSES))]
             ax.bar(
                 range(len(CLASSES)),
                 share,
@@ -184,9 +173,7 @@ def fig_compression(analyses: dict[str, dict[str, Any]], config: Config) -> Any:
                     label=name.replace("_", " "),
                 )
         sizes = sorted({p["size"] for p in points if p["subset"] == "random"})
-        rand = [
-            [p["top1"] for p in points if p["subset"] == "random" and p["size"] == s] for s in sizes
-        ]
+        rand = [[p["top1"] for p in points if p["subset"] == "random" and p["size"] == s] for s in sizes]
         mean, std = np.array([np.mean(v) for v in rand]), np.array([np.std(v) for v in rand])
         ax.plot(
             sizes,
@@ -222,9 +209,7 @@ def fig_correct_vs_misclassified(analyses: dict[str, dict[str, Any]], config: Co
             mats.append(np.stack(rows)[:, order])
         vmax = max(float(mat.max()) for mat in mats)
         for ax, mat, title in zip(row, mats, ("correct", "mis-classified"), strict=True):
-            im = ax.imshow(
-                mat, aspect="auto", cmap="Greys", vmin=0, vmax=vmax, interpolation="nearest"
-            )
+            im = ax.imshow(mat, aspect="auto", cmap="Greys", vmin=0, vmax=vmax, interpolation="nearest")
             ax.set_yticks(range(len(CLASSES)), CLASSES, fontsize=7)
             ax.set(
                 title=f"{LABELS[m]}: class averages, {title}",
@@ -248,16 +233,10 @@ def fig_curves(analyses: dict[str, dict[str, Any]], names: list[str], title: str
             short = name.replace("_", " ")
             ls = "--" if name == "q_score" and len(names) > 1 else "-"
             ax_roc.plot(fpr, tpr, ls=ls, label=f"{short} (AUROC {roc_auc_score(correct, s):.3f})")
-            ax_pr.plot(
-                rec, prec, ls=ls, label=f"{short} (AUPRC {average_precision_score(correct, s):.3f})"
-            )
+            ax_pr.plot(rec, prec, ls=ls, label=f"{short} (AUPRC {average_precision_score(correct, s):.3f})")
         ax_roc.plot([0, 1], [0, 1], color="gray", lw=0.8, ls=":")
-        ax_pr.axhline(
-            correct.mean(), color="gray", lw=0.8, ls=":", label=f"base rate {correct.mean():.3f}"
-        )
-        ax_roc.set(
-            title=f"{LABELS[m]}: ROC", xlabel="false positive rate", ylabel="true positive rate"
-        )
+        ax_pr.axhline(correct.mean(), color="gray", lw=0.8, ls=":", label=f"base rate {correct.mean():.3f}")
+        ax_roc.set(title=f"{LABELS[m]}: ROC", xlabel="false positive rate", ylabel="true positive rate")
         ax_pr.set(title=f"{LABELS[m]}: precision-recall", xlabel="recall", ylabel="precision")
         ax_roc.legend(fontsize=8, loc="lower right")
         ax_pr.legend(fontsize=8, loc="lower left")
@@ -340,9 +319,7 @@ def fig_scores(analyses: dict[str, dict[str, Any]], config: Config) -> Any:
         rotation=20,
         fontsize=8,
     )
-    ax.set(
-        ylabel="AUROC (positive = correct)", title="Per-sample scores against mis-classification"
-    )
+    ax.set(ylabel="AUROC (positive = correct)", title="Per-sample scores against mis-classification")
     ax.legend()
     return fig
 

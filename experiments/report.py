@@ -92,8 +92,7 @@ def render(results: dict[str, Any]) -> str:
     w(
         "| Q-Score AUPRC, positive = correct (fig. 7) | up to 0.91 (ImageNet-100) | "
         + " | ".join(
-            f"{num(results[m]['auprc_q'])} (base rate {num(results[m]['accuracy_base_rate'])})"
-            for m in methods
+            f"{num(results[m]['auprc_q'])} (base rate {num(results[m]['accuracy_base_rate'])})" for m in methods
         )
         + " |"
     )
@@ -102,11 +101,7 @@ def render(results: dict[str, Any]) -> str:
         + " | ".join(num(results[m]["auroc_q"]) for m in methods)
         + " |"
     )
-    w(
-        "| linear top-1, all features (fig. 4) | — | "
-        + " | ".join(pct(results[m]["top1_full"]) for m in methods)
-        + " |"
-    )
+    w("| linear top-1, all features (fig. 4) | — | " + " | ".join(pct(results[m]["top1_full"]) for m in methods) + " |")
     w(
         "| top-1 with 50% discriminative features (fig. 4) | little loss | "
         + " | ".join(pct(results[m]["top1_discriminative_50"]) for m in methods)
@@ -114,10 +109,7 @@ def render(results: dict[str, Any]) -> str:
     )
     w(
         "| top-1 with 50% random features, mean over seeds (fig. 4) | below discriminative | "
-        + " | ".join(
-            f"{pct(results[m]['top1_random_50'])} ± {pct(results[m]['top1_random_50_std'])}"
-            for m in methods
-        )
+        + " | ".join(f"{pct(results[m]['top1_random_50'])} ± {pct(results[m]['top1_random_50_std'])}" for m in methods)
         + " |"
     )
     w(
@@ -156,13 +148,9 @@ def render(results: dict[str, Any]) -> str:
             f"| {LABELS[m]} | {pct(p['top1_baseline'])} -> {pct(p['top1_regularized'])} | {pct(r['top1_baseline'])} | "
             f"{pct(r['top1_regularized'])} | {pct(r['top1_control'])} | "
             f"{_pp(r['top1_regularized'], r['top1_control'])} | "
-            + " / ".join(
-                num(reg[k]["mean_q_fixed_d"], 4) for k in ("baseline", "regularized", "control")
-            )
+            + " / ".join(num(reg[k]["mean_q_fixed_d"], 4) for k in ("baseline", "regularized", "control"))
             + " | "
-            + " / ".join(
-                pct(reg[k]["share_below_alpha"]) for k in ("baseline", "regularized", "control")
-            )
+            + " / ".join(pct(reg[k]["share_below_alpha"]) for k in ("baseline", "regularized", "control"))
             + " |"
         )
     w("\n![sparsity](figures/figA6_sparsity.png)\n")
@@ -171,8 +159,7 @@ def render(results: dict[str, Any]) -> str:
         + "; ".join(
             f"{LABELS[m]} "
             + " / ".join(
-                num(results[m]["regularization"][k]["hoyer_mean"])
-                for k in ("baseline", "regularized", "control")
+                num(results[m]["regularization"][k]["hoyer_mean"]) for k in ("baseline", "regularized", "control")
             )
             for m in methods
         )
@@ -192,8 +179,7 @@ def render(results: dict[str, Any]) -> str:
         w(
             f"| {label} | "
             + " | ".join(
-                f"{num(results[m]['scores'][name]['auroc'])} | "
-                f"{num(results[m]['scores'][name]['auprc'])}"
+                f"{num(results[m]['scores'][name]['auroc'])} | {num(results[m]['scores'][name]['auprc'])}"
                 for m in methods
             )
             + " |"
@@ -251,12 +237,12 @@ def render(results: dict[str, Any]) -> str:
         comp = results[m]["compression"]
         sizes = sorted({p["size"] for p in comp if p["subset"] != "all"})
         if results[m].get("compression_band_padded"):
-            w(f"{LABELS[m]}: fewer features are dominant at least once than the largest subset "
-              "needs, so the discriminative band is centred on the middle of all features "
-              "(never-dominant features included).\n")
-        w(
-            f"**{LABELS[m]}** (all {results[m]['feature_dim']} features: {pct(results[m]['top1_full'])})\n"
-        )
+            w(
+                f"{LABELS[m]}: fewer features are dominant at least once than the largest subset "
+                "needs, so the discriminative band is centred on the middle of all features "
+                "(never-dominant features included).\n"
+            )
+        w(f"**{LABELS[m]}** (all {results[m]['feature_dim']} features: {pct(results[m]['top1_full'])})\n")
         w("| features kept | discriminative | random (mean) | lower tail | upper tail |")
         w("| --- | --- | --- | --- | --- |")
         for s in sizes:
@@ -275,11 +261,7 @@ def render(results: dict[str, Any]) -> str:
     # ---- sensitivity
     w("## Sensitivity\n")
     w("### eps (coverage: share of samples with a dominant discriminative feature, SPEC 3b)\n")
-    w(
-        "| eps | "
-        + " | ".join(f"{LABELS[m]} coverage (ref / test) | {LABELS[m]} AUROC" for m in methods)
-        + " |"
-    )
+    w("| eps | " + " | ".join(f"{LABELS[m]} coverage (ref / test) | {LABELS[m]} AUROC" for m in methods) + " |")
     w("| --- |" + " --- | --- |" * len(methods))
     keys = [r["eps"] for r in results[methods[0]]["eps_sensitivity"]]
     keys = sorted((k for k in keys if k != "auto"), key=float) + ["auto"]
@@ -288,14 +270,12 @@ def render(results: dict[str, Any]) -> str:
         for m in methods:
             row = next(r for r in results[m]["eps_sensitivity"] if r["eps"] == key)
             label = f" (= {row['eps_value']:g})" if key == "auto" else ""
-            cells.append(
-                f"{pct(row['coverage_reference'])} / {pct(row['coverage_test'])}{label} | {num(row['auroc'])}"
-            )
+            cells.append(f"{pct(row['coverage_reference'])} / {pct(row['coverage_test'])}{label} | {num(row['auroc'])}")
         w(f"| {key} | " + " | ".join(cells) + " |")
     w("\n![eps](figures/fig_eps_sensitivity.png)\n")
     w("### Training progress (encoder snapshots during pre-training)\n")
     w(
-        "| objective | epochs | top-1 | coverage at eps 4 (test) | AUROC at eps 4 | auto eps | coverage at auto | AUROC at auto |"
+        "| objective | epochs | top-1 | coverage at eps 4 (test) | AUROC at eps 4 | auto eps | coverage at auto | AUROC at auto |"  # noqa: E501
     )
     w("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for m in methods:
@@ -363,9 +343,7 @@ def findings(results: dict[str, Any]) -> list[str]:
         if r["top1_discriminative_50"] is not None and r["top1_random_50"] is not None:
             comp_gain = r["top1_discriminative_50"] - r["top1_random_50"]
         if comp_gain is not None:
-            holds = (
-                "holds" if comp_gain > r.get("top1_random_50_std", 0) else "does not hold clearly"
-            )
+            holds = "holds" if comp_gain > r.get("top1_random_50_std", 0) else "does not hold clearly"
             out.append(
                 f"{LABELS[m]}: compression to 50% costs {_pp(r['top1_full'], r['top1_discriminative_50'])} "
                 f"with the discriminative band; the claim that it beats random subsets {holds} "

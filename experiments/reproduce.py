@@ -138,8 +138,7 @@ class Pipeline:
 
     def pretrain(self, m: str) -> None:
         snapshots = {
-            step: self.stages.path(f"{m}/encoders/{tag}.safetensors")
-            for tag, step in self.snapshot_steps().items()
+            step: self.stages.path(f"{m}/encoders/{tag}.safetensors") for tag, step in self.snapshot_steps().items()
         }
         history_path = self.stages.path(f"{m}/pretrain-history.jsonl")
 
@@ -154,11 +153,7 @@ class Pipeline:
                 if record.step in snapshots and not snapshots[record.step].is_file():
                     save_encoder(method.encoder, snapshots[record.step])
                 if record.step % max(1, total // 20) == 0:
-                    rate = (
-                        record.step
-                        * self.config.batch_size
-                        / max(time.perf_counter() - started, 1e-9)
-                    )
+                    rate = record.step * self.config.batch_size / max(time.perf_counter() - started, 1e-9)
                     log.info(
                         "%s pretrain step %d/%d loss %.4f (%.0f images/s this session)",
                         m,
@@ -187,9 +182,7 @@ class Pipeline:
             torch.manual_seed(self.config.seed)
             method = build_method(m, build_encoder(self.spec))
             # Continue from the end of pre-training: encoder, heads and momentum networks.
-            state = torch.load(
-                self.stages.path(f"{m}/pretrain.ckpt"), map_location="cpu", weights_only=True
-            )
+            state = torch.load(self.stages.path(f"{m}/pretrain.ckpt"), map_location="cpu", weights_only=True)
             method.load_state_dict(state["method"])
             regularizer = None
             if kind == "regularized":
@@ -232,23 +225,17 @@ class Pipeline:
                     workers=self.config.eval_workers,
                 )
                 out[f"{split}_h"], out[f"{split}_y"] = h, y
-            out["fingerprint"] = torch.tensor(
-                list(bytes.fromhex(imported.fingerprint)), dtype=torch.uint8
-            )
+            out["fingerprint"] = torch.tensor(list(bytes.fromhex(imported.fingerprint)), dtype=torch.uint8)
             return out
 
         return self.stages.tensors(f"{m}/{tag}/representations", f"{m}/reps/{tag}.pt", run)
 
-    def feature_sets(
-        self, m: str, tag: str, reps: dict[str, torch.Tensor]
-    ) -> dict[str, FeatureSet]:
+    def feature_sets(self, m: str, tag: str, reps: dict[str, torch.Tensor]) -> dict[str, FeatureSet]:
         """Feature sets at every eps of the grid and at ``auto``, from one counting pass."""
 
         def run() -> dict[str, Any]:
             train_h = reps["train_h"]
-            sample = random_sample(
-                len(train_h), self.config.reference_samples, self.config.seed + 3
-            )
+            sample = random_sample(len(train_h), self.config.reference_samples, self.config.seed + 3)
             h_ref = train_h[sample.indices]
             batches = list(torch.split(h_ref, 1024))
             counts = count_pass(batches, self.config.all_eps)
@@ -362,16 +349,18 @@ class Pipeline:
             # so the band centres on the middle of all features (same sorted order, no gap).
             padded = int((counts > 0).sum()) < largest
             points = compression_curve(
-                base_reps["train_h"], base_reps["train_y"], base_reps["test_h"],
-                base_reps["test_y"], counts + 1 if padded else counts,
-                fractions=c.compression_fractions, random_seeds=c.random_seeds,
+                base_reps["train_h"],
+                base_reps["train_y"],
+                base_reps["test_h"],
+                base_reps["test_y"],
+                counts + 1 if padded else counts,
+                fractions=c.compression_fractions,
+                random_seeds=c.random_seeds,
                 max_iter=c.probe_max_iter,
             )
             return {"padded": padded, "points": [asdict(p) for p in points]}
 
-        compression = self.stages.json(
-            f"{m}/compression", f"{m}/metrics/compression.json", compression_stage
-        )
+        compression = self.stages.json(f"{m}/compression", f"{m}/metrics/compression.json", compression_stage)
         eps_rows = self.stages.json(
             f"{m}/eps-sensitivity",
             f"{m}/metrics/eps.json",
@@ -395,9 +384,7 @@ class Pipeline:
                     "top1": probe["top1"],
                 }
                 for key in ("4", "auto"):
-                    q = q_score(
-                        reps["test_h"], sets[key].discriminative_indices, sets[key].eps
-                    ).numpy()
+                    q = q_score(reps["test_h"], sets[key].discriminative_indices, sets[key].eps).numpy()
                     power = safe_power(q, ok)
                     row[f"eps_{key}"] = sets[key].eps
                     row[f"coverage_reference_{key}"] = sets[key].coverage
@@ -406,9 +393,7 @@ class Pipeline:
                 return row
 
             progress_rows.append(
-                self.stages.json(
-                    f"{m}/{tag}/progress", f"{m}/metrics/progress-{tag}.json", progress_stage
-                )
+                self.stages.json(f"{m}/{tag}/progress", f"{m}/metrics/progress-{tag}.json", progress_stage)
             )
 
         # Regularisation (table 1) and the sparsity it brings (fig. A.6).
@@ -433,9 +418,7 @@ class Pipeline:
                     "hoyer": sparsity.tolist(),
                 }
 
-            finetuned[kind] = self.stages.json(
-                f"{m}/{kind}/summary", f"{m}/metrics/{kind}.json", finetune_stage
-            )
+            finetuned[kind] = self.stages.json(f"{m}/{kind}/summary", f"{m}/metrics/{kind}.json", finetune_stage)
 
         base_q = np.asarray(scores["scores"]["q_score"])
         finetuned["baseline"] = {
@@ -497,8 +480,7 @@ def summarise(m: str, a: dict[str, Any], config: Config) -> dict[str, Any]:
         "eps_sensitivity": a["eps"],
         "training_progress": a["progress"],
         "regularization": {
-            k: {kk: vv for kk, vv in v.items() if kk != "hoyer"}
-            | {"hoyer_mean": float(np.mean(v["hoyer"]))}
+            k: {kk: vv for kk, vv in v.items() if kk != "hoyer"} | {"hoyer_mean": float(np.mean(v["hoyer"]))}
             for k, v in a["finetuned"].items()
         },
     }
@@ -544,10 +526,7 @@ def setup_logging(log_path: Path) -> logging.Handler:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
-    if not any(
-        isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
-        for h in root.handlers
-    ):
+    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in root.handlers):
         stream = logging.StreamHandler()
         stream.setFormatter(handler.formatter)
         root.addHandler(stream)
@@ -555,9 +534,7 @@ def setup_logging(log_path: Path) -> logging.Handler:
     return handler
 
 
-def run(
-    config: Config, out_dir: Path, work_dir: Path, data_root: Path | None = None
-) -> dict[str, Any]:
+def run(config: Config, out_dir: Path, work_dir: Path, data_root: Path | None = None) -> dict[str, Any]:
     """Run (or resume) the whole reproduction; return the content of ``results.json``."""
     from experiments.figures import make_figures
     from experiments.report import write_report
@@ -622,9 +599,7 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="cpu", choices=sorted(PRESETS))
     parser.add_argument(
         "--out-dir",
@@ -634,9 +609,7 @@ def main(argv: list[str] | None = None) -> None:
         "(default docs/ for cpu, docs/gpu/ for gpu, docs/gpu-short/ for gpu_short, "
         "experiments/runs/<preset>/out otherwise)",
     )
-    parser.add_argument(
-        "--work-dir", type=Path, default=None, help="cache (default experiments/runs/<preset>)"
-    )
+    parser.add_argument("--work-dir", type=Path, default=None, help="cache (default experiments/runs/<preset>)")
     parser.add_argument(
         "--data-root",
         type=Path,
@@ -652,9 +625,7 @@ def main(argv: list[str] | None = None) -> None:
         "gpu": REPO_ROOT / "docs" / "gpu",
         "gpu_short": REPO_ROOT / "docs" / "gpu-short",
     }
-    out_dir = args.out_dir or default_out.get(
-        config.name, REPO_ROOT / "experiments" / "runs" / config.name / "out"
-    )
+    out_dir = args.out_dir or default_out.get(config.name, REPO_ROOT / "experiments" / "runs" / config.name / "out")
     work_dir = args.work_dir or REPO_ROOT / "experiments" / "runs" / config.name
     run(config, out_dir, work_dir, args.data_root)
 

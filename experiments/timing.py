@@ -45,10 +45,8 @@ def main(argv: list[str] | None = None) -> None:
         method = build_method(m, build_encoder(spec))
         ds = subset(image_folder(root / "train", method.view_transform(spec)), data.pretrain_indices)
         marks: list[float] = []
-        cfg = TrainConfig(epochs=1, batch_size=c.batch_size, lr=c.lr, max_steps=args.steps,
-                          workers=c.workers)
-        train(method, ds, cfg, device=device,
-              on_step=lambda r, p, marks=marks: marks.append(time.perf_counter()))
+        cfg = TrainConfig(epochs=1, batch_size=c.batch_size, lr=c.lr, max_steps=args.steps, workers=c.workers)
+        train(method, ds, cfg, device=device, on_step=lambda r, p, marks=marks: marks.append(time.perf_counter()))
         # Leave out the first step (start-up, worker spawn).
         rates[m] = c.batch_size * (len(marks) - 1) / (marks[-1] - marks[0])
         print(f"{m}: {rates[m]:.0f} images/s (two views each) over {len(marks) - 1} steps")
@@ -63,8 +61,9 @@ def main(argv: list[str] | None = None) -> None:
     fake = torch.randn(n_train, spec.feature_dim).relu()
     labels = torch.randint(0, 10, (n_train,))
     start = time.perf_counter()
-    linear_probe(fake, labels, fake[: len(data.test_indices)], labels[: len(data.test_indices)],
-                 max_iter=c.probe_max_iter)
+    linear_probe(
+        fake, labels, fake[: len(data.test_indices)], labels[: len(data.test_indices)], max_iter=c.probe_max_iter
+    )
     probe_s = time.perf_counter() - start
     print(f"one probe on {n_train} x {spec.feature_dim}: {probe_s:.1f} s (random features: an upper bound)")
 
@@ -75,8 +74,10 @@ def main(argv: list[str] | None = None) -> None:
     n_probes = n_enc + 1 + len(c.compression_fractions) * (2 + 1 + c.random_seeds)
     probes_s = len(c.methods) * n_probes * probe_s
     total = train_s + extract_s + probes_s
-    print(f"estimate: training {train_s / 60:.1f} min, extraction {extract_s / 60:.1f} min, "
-          f"probes {probes_s / 60:.1f} min, total {total / 60:.1f} min")
+    print(
+        f"estimate: training {train_s / 60:.1f} min, extraction {extract_s / 60:.1f} min, "
+        f"probes {probes_s / 60:.1f} min, total {total / 60:.1f} min"
+    )
 
 
 if __name__ == "__main__":

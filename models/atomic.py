@@ -29,6 +29,8 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=target.suffix, dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    # mkstemp makes 0600 files; versions must be readable by the api and the workers alike.
+    os.chmod(tmp, 0o644)
     try:
         yield tmp
         with open(tmp, "rb+") as handle:

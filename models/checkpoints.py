@@ -91,8 +91,9 @@ def read_tensors(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
             f"checkpoints with weights_only=True and will not unpickle them. Convert it to a "
             f"plain state dict or safetensors first. ({exc})"
         ) from exc
-    except (RuntimeError, OSError, EOFError) as exc:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - garbage input makes the unpickler raise anything
+        # (RuntimeError, EOFError, and KeyError/IndexError/struct.error from random bytes).
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {type(exc).__name__}: {exc}") from exc
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
     return dict(obj), {}
@@ -227,15 +228,21 @@ def _fill_batchnorm_counters(state_dict: dict[str, torch.Tensor], expected: Mapp
 
 
 def _mismatch_message(
-    path: str | Path, spec: EncoderSpec, layout: str, missing: list[str], unexpected: list[str],
+    path: str | Path,
+    spec: EncoderSpec,
+    layout: str,
+    missing: list[str],
+    unexpected: list[str],
     mismatched: list[str],
 ) -> str:
     def show(names: list[str]) -> str:
         more = f" ... and {len(names) - 10} more" if len(names) > 10 else ""
         return ", ".join(names[:10]) + more
 
-    lines = [f"the weights in {path} (read as layout '{layout}') do not fit a {spec.arch} encoder"
-             f" (cifar_stem={spec.cifar_stem}, width={spec.width})."]
+    lines = [
+        f"the weights in {path} (read as layout '{layout}') do not fit a {spec.arch} encoder"
+        f" (cifar_stem={spec.cifar_stem}, width={spec.width})."
+    ]
     if missing:
         lines.append(f"Missing keys ({len(missing)}): {show(missing)}")
     if unexpected:

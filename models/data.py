@@ -36,12 +36,14 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 def eval_transform(spec: EncoderSpec) -> transforms.Compose:
     """Resize (short side), centre-crop to the encoder's input size, normalise."""
-    return transforms.Compose([
-        transforms.Resize(spec.image_size),
-        transforms.CenterCrop(spec.image_size),
-        transforms.ToTensor(),
-        transforms.Normalize(spec.mean, spec.std),
-    ])
+    return transforms.Compose(
+        [
+            transforms.Resize(spec.image_size),
+            transforms.CenterCrop(spec.image_size),
+            transforms.ToTensor(),
+            transforms.Normalize(spec.mean, spec.std),
+        ]
+    )
 
 
 def image_folder(root: str | Path, transform: Callable | None = None) -> datasets.ImageFolder:
@@ -85,10 +87,17 @@ def shard(indices: Sequence[int], n_shards: int) -> list[list[int]]:
     return [part.tolist() for part in parts if len(part)]
 
 
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, workers: int = 0,
-                drop_last: bool = False) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                      drop_last=drop_last, persistent_workers=workers > 0)
+def make_loader(
+    dataset: Dataset, batch_size: int, shuffle: bool = False, workers: int = 0, drop_last: bool = False
+) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        drop_last=drop_last,
+        persistent_workers=workers > 0,
+    )
 
 
 def iter_representations(
@@ -115,9 +124,7 @@ def iter_representations(
                 on_progress(step / total)
 
 
-def extract_representations(
-    encoder: Encoder, dataset: Dataset, **kwargs: object
-) -> tuple[torch.Tensor, torch.Tensor]:
+def extract_representations(encoder: Encoder, dataset: Dataset, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
     """All representations of ``dataset``: h (N, r) float32 and targets (N,)."""
     hs, ts = [], []
     for h, t in iter_representations(encoder, dataset, **kwargs):  # type: ignore[arg-type]

@@ -161,18 +161,32 @@ def discover(
     grid = eps_grid(eps)
     sample = random_sample(len(dataset), sample_size, seed)  # type: ignore[arg-type]
     h, _ = extract_representations(
-        encoder, subset(dataset, sample.indices), batch_size=batch_size, device=device,
-        workers=workers, progress=progress, on_progress=on_progress, desc="discover",
+        encoder,
+        subset(dataset, sample.indices),
+        batch_size=batch_size,
+        device=device,
+        workers=workers,
+        progress=progress,
+        on_progress=on_progress,
+        desc="discover",
     )
     batches = list(torch.split(h, batch_size))
     counts = count_pass(batches, grid)
     selections = select_per_eps(counts, selection)
     q_by_eps = q_pass(batches, selections)
     provenance = DataProvenance(
-        dataset=dataset_name, n_available=sample.n_available, n_reference=len(sample.indices),
-        sampling=sample.description, seed=seed,
+        dataset=dataset_name,
+        n_available=sample.n_available,
+        n_reference=len(sample.indices),
+        sampling=sample.description,
+        seed=seed,
     )
     return build_feature_set(
-        counts=counts, selections=selections, q_by_eps=q_by_eps, eps=eps, selection=selection,
-        encoder=encoder_ref, data=provenance,
+        counts=counts,
+        selections=selections,
+        q_by_eps=q_by_eps,
+        eps=eps,
+        selection=selection,
+        encoder=encoder_ref,
+        data=provenance,
     )

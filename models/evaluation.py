@@ -121,7 +121,8 @@ def compression_curve(
     for fraction in fractions:
         size = max(1, int(round(fraction * r)))
         subsets: list[tuple[str, np.ndarray, int | None]] = [
-            ("lower_tail", order[:size], None), ("upper_tail", order[-size:], None)
+            ("lower_tail", order[:size], None),
+            ("upper_tail", order[-size:], None),
         ]
         if size <= ever:
             subsets.append(("discriminative", select_discriminative(counts_t, size=size).numpy(), None))

@@ -80,8 +80,7 @@ class DominanceCounts:
     def __add__(self, other: DominanceCounts) -> DominanceCounts:
         if self.eps != other.eps or self.r != other.r:
             raise ValueError(
-                f"cannot add counts over eps {self.eps} and r={self.r} "
-                f"to counts over eps {other.eps} and r={other.r}"
+                f"cannot add counts over eps {self.eps} and r={self.r} to counts over eps {other.eps} and r={other.r}"
             )
         return DominanceCounts(self.eps, self.counts + other.counts, self.n_samples + other.n_samples)
 
@@ -97,8 +96,11 @@ class DominanceCounts:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DominanceCounts:
-        return cls(tuple(float(e) for e in data["eps"]), torch.tensor(data["counts"], dtype=torch.int64),
-                   int(data["n_samples"]))
+        return cls(
+            tuple(float(e) for e in data["eps"]),
+            torch.tensor(data["counts"], dtype=torch.int64),
+            int(data["n_samples"]),
+        )
 
 
 def select_discriminative(
@@ -123,9 +125,7 @@ def select_discriminative(
     order = ever[torch.sort(counts[ever], stable=True).indices]
     if size is not None:
         if not 0 < size <= m:
-            raise ValueError(
-                f"size must be between 1 and the {m} features dominant at least once, got {size}"
-            )
+            raise ValueError(f"size must be between 1 and the {m} features dominant at least once, got {size}")
         start = (m - size) // 2
         chosen = order[start : start + size]
     else:

@@ -43,8 +43,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
             if width * height > max_pixels:
                 raise ImageDecodeError(
                     "too_many_pixels",
-                    f"the image is {width}x{height} = {width * height} pixels; "
-                    f"the limit is {max_pixels} pixels",
+                    f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels} pixels",
                 )
             image.seek(0)
             image.load()

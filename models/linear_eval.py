@@ -45,8 +45,13 @@ def run_evaluation(
         dataset = image_folder(folder, transform)
         sample = random_sample(len(dataset), n, seed)
         splits[name] = extract_representations(
-            encoder, subset(dataset, sample.indices), batch_size=batch_size, device=device, progress=progress,
-            on_progress=lambda f, i=i: report_progress(0.4 * (i + f)), desc=f"{name} representations",
+            encoder,
+            subset(dataset, sample.indices),
+            batch_size=batch_size,
+            device=device,
+            progress=progress,
+            on_progress=lambda f, i=i: report_progress(0.4 * (i + f)),
+            desc=f"{name} representations",
         )
     (train_h, train_y), (test_h, test_y) = splits["train"], splits["test"]
     probe = linear_probe(train_h, train_y, test_h, test_y, seed=seed)

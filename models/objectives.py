@@ -88,8 +88,14 @@ class SimCLR(SSLMethod):
 class MoCoV2(SSLMethod):
     name = "moco_v2"
 
-    def __init__(self, encoder: Encoder, temperature: float = 0.2, queue_size: int = 4096,
-                 projection_dim: int = 128, momentum: tuple[float, float] = (0.99, 1.0)) -> None:
+    def __init__(
+        self,
+        encoder: Encoder,
+        temperature: float = 0.2,
+        queue_size: int = 4096,
+        projection_dim: int = 128,
+        momentum: tuple[float, float] = (0.99, 1.0),
+    ) -> None:
         super().__init__(encoder)
         r = encoder.feature_dim
         self.projection_head = MoCoProjectionHead(r, r, projection_dim)
@@ -121,8 +127,13 @@ class MoCoV2(SSLMethod):
 class BYOL(SSLMethod):
     name = "byol"
 
-    def __init__(self, encoder: Encoder, projection_dim: int = 256, hidden_dim: int = 1024,
-                 momentum: tuple[float, float] = (0.99, 1.0)) -> None:
+    def __init__(
+        self,
+        encoder: Encoder,
+        projection_dim: int = 256,
+        hidden_dim: int = 1024,
+        momentum: tuple[float, float] = (0.99, 1.0),
+    ) -> None:
         super().__init__(encoder)
         r = encoder.feature_dim
         self.projection_head = BYOLProjectionHead(r, hidden_dim, projection_dim)
@@ -138,10 +149,12 @@ class BYOL(SSLMethod):
     def view_transform(spec: EncoderSpec) -> Callable:
         blur = _blur(spec)
         return BYOLTransform(
-            view_1_transform=BYOLView1Transform(input_size=spec.image_size, gaussian_blur=blur,
-                                                normalize=_normalize(spec)),
-            view_2_transform=BYOLView2Transform(input_size=spec.image_size, gaussian_blur=blur * 0.1,
-                                                normalize=_normalize(spec)),
+            view_1_transform=BYOLView1Transform(
+                input_size=spec.image_size, gaussian_blur=blur, normalize=_normalize(spec)
+            ),
+            view_2_transform=BYOLView2Transform(
+                input_size=spec.image_size, gaussian_blur=blur * 0.1, normalize=_normalize(spec)
+            ),
         )
 
     def forward_views(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,8 +174,9 @@ class BYOL(SSLMethod):
 class SwAV(SSLMethod):
     name = "swav"
 
-    def __init__(self, encoder: Encoder, n_prototypes: int = 512, projection_dim: int = 128,
-                 temperature: float = 0.1) -> None:
+    def __init__(
+        self, encoder: Encoder, n_prototypes: int = 512, projection_dim: int = 128, temperature: float = 0.1
+    ) -> None:
         super().__init__(encoder)
         r = encoder.feature_dim
         self.projection_head = SwaVProjectionHead(r, r, projection_dim)
@@ -173,8 +187,12 @@ class SwAV(SSLMethod):
     def view_transform(spec: EncoderSpec) -> Callable:
         # Two global crops only: multi-crop's small crops make little sense at 32x32.
         return SwaVTransform(
-            crop_sizes=(spec.image_size,), crop_counts=(2,), crop_min_scales=(0.14,),
-            crop_max_scales=(1.0,), gaussian_blur=_blur(spec), normalize=_normalize(spec),
+            crop_sizes=(spec.image_size,),
+            crop_counts=(2,),
+            crop_min_scales=(0.14,),
+            crop_max_scales=(1.0,),
+            gaussian_blur=_blur(spec),
+            normalize=_normalize(spec),
         )
 
     def forward_views(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,7 +200,8 @@ class SwAV(SSLMethod):
         h = self.encoder(torch.cat(views[:2]))
         z = nn.functional.normalize(self.projection_head(h), dim=1)
         p0, p1 = self.prototypes(z).chunk(2)
-        return self.criterion([p0, p1], []), h
+        # lightly's SwaVLoss returns shape (1,); the other objectives return a scalar.
+        return self.criterion([p0, p1], []).reshape(()), h
 
 
 METHODS: dict[str, type[SSLMethod]] = {cls.name: cls for cls in (SimCLR, MoCoV2, BYOL, SwAV)}

@@ -40,7 +40,11 @@ def dominant_mask(h: torch.Tensor, eps: float = DEFAULT_EPS) -> torch.Tensor:
     _check_representations(h)
     eps = _check_eps(eps)
     with torch.no_grad():
-        values = h.detach().float()
+        # Half precisions are upcast for the statistics; float32 and float64 are used as they
+        # are (``.float()`` would round float64 to float32 and move features across the threshold).
+        values = h.detach()
+        if values.dtype in (torch.float16, torch.bfloat16):
+            values = values.float()
         mu = values.mean(dim=1, keepdim=True)
         sigma = values.std(dim=1, unbiased=False, keepdim=True)
         return values > mu + eps * sigma
@@ -52,10 +56,7 @@ def discriminative_mask(discriminative: torch.Tensor, r: int) -> torch.Tensor:
         discriminative = torch.as_tensor(discriminative)
     if discriminative.dtype == torch.bool:
         if discriminative.shape != (r,):
-            raise ValueError(
-                f"a boolean discriminative mask must have shape ({r},), "
-                f"got {tuple(discriminative.shape)}"
-            )
+            raise ValueError(f"a boolean discriminative mask must have shape ({r},), got {tuple(discriminative.shape)}")
         return discriminative
     if discriminative.is_floating_point() or discriminative.dim() != 1:
         raise ValueError(
@@ -84,9 +85,7 @@ class QScoreParts:
     l1_norm: torch.Tensor
 
 
-def q_score_parts(
-    h: torch.Tensor, discriminative: torch.Tensor, eps: float = DEFAULT_EPS
-) -> QScoreParts:
+def q_score_parts(h: torch.Tensor, discriminative: torch.Tensor, eps: float = DEFAULT_EPS) -> QScoreParts:
     """Q-Score with its components (paper eq. 3, SPEC section 3).
 
     ``Q_i = sum_{j in L_i ∩ D} h_ij / (|L_i ∩ D| * ||h_i||_1)``; ``Q_i = 0`` when ``L_i ∩ D``
@@ -109,9 +108,7 @@ def q_score_parts(
     return QScoreParts(q, dominant, active, mean_active, l1_norm)
 
 
-def q_score(
-    h: torch.Tensor, discriminative: torch.Tensor, eps: float = DEFAULT_EPS
-) -> torch.Tensor:
+def q_score(h: torch.Tensor, discriminative: torch.Tensor, eps: float = DEFAULT_EPS) -> torch.Tensor:
     """Per-sample Q-Score: ``h`` (N, r) float, ``discriminative`` indices or (r,) bool mask.
 
     Returns an (N,) tensor of the dtype of ``h``, in [0, 1] for non-negative ``h``,

@@ -55,7 +55,8 @@ class ActivePair(BaseModel):
 
 
 def check_version(version: str) -> str:
-    if not VERSION_PATTERN.match(version or ""):
+    # fullmatch: with match, "$" would accept a trailing newline ("v1\n")
+    if not VERSION_PATTERN.fullmatch(version or ""):
         raise RegistryError(
             f"invalid version name {version!r}: use 1-80 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
@@ -94,14 +95,21 @@ class Registry:
             raise RegistryError(f"model {version!r}: weights do not match the recorded fingerprint")
         return imported
 
-    def add_model(self, encoder: Encoder, *, version: str | None = None, parent: str | None = None,
-                  training: dict[str, Any] | None = None) -> ModelRecord:
+    def add_model(
+        self,
+        encoder: Encoder,
+        *,
+        version: str | None = None,
+        parent: str | None = None,
+        training: dict[str, Any] | None = None,
+    ) -> ModelRecord:
         digest = fingerprint(encoder.backbone_state_dict())
         version = version or new_version("model", digest)
         with atomic_directory(self._new_dir(self.models_dir, version, "model")) as tmp:
             save_encoder(encoder, tmp / WEIGHTS_FILE)
-            record = ModelRecord(version=version, fingerprint=digest, spec=encoder.spec,
-                                 parent=parent, training=training or {})
+            record = ModelRecord(
+                version=version, fingerprint=digest, spec=encoder.spec, parent=parent, training=training or {}
+            )
             write_json_atomic(tmp / MODEL_FILE, record.model_dump(mode="json"))
         return record
 
@@ -183,10 +191,15 @@ class Registry:
         self.set_active(DEMO_VERSION, DEMO_VERSION)
         return True
 
-    def add_model_from_file(self, weights: Path, imported: ImportedEncoder, version: str,
-                            training: dict[str, Any] | None = None) -> ModelRecord:
-        record = ModelRecord(version=check_version(version), fingerprint=imported.fingerprint,
-                             spec=imported.encoder.spec, training=training or {})
+    def add_model_from_file(
+        self, weights: Path, imported: ImportedEncoder, version: str, training: dict[str, Any] | None = None
+    ) -> ModelRecord:
+        record = ModelRecord(
+            version=check_version(version),
+            fingerprint=imported.fingerprint,
+            spec=imported.encoder.spec,
+            training=training or {},
+        )
         with atomic_directory(self._new_dir(self.models_dir, version, "model")) as tmp:
             shutil.copyfile(weights, tmp / WEIGHTS_FILE)
             write_json_atomic(tmp / MODEL_FILE, record.model_dump(mode="json"))
@@ -202,4 +215,4 @@ class Registry:
 def _versions(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_dir() and VERSION_PATTERN.match(p.name))
+    return sorted(p for p in folder.iterdir() if p.is_dir() and VERSION_PATTERN.fullmatch(p.name))

@@ -11,7 +11,7 @@ from PIL import Image
 from models.data import eval_transform, resolve_device
 from models.encoders import Encoder
 from models.features import FeatureSet
-from models.qscore import q_score_parts
+from models.qscore import discriminative_mask, q_score_parts
 
 PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -43,8 +43,14 @@ class Scorer:
     Q-Score itself is always computed in float32.
     """
 
-    def __init__(self, encoder: Encoder, encoder_fingerprint: str, feature_set: FeatureSet,
-                 device: str = "auto", precision: str = "float32") -> None:
+    def __init__(
+        self,
+        encoder: Encoder,
+        encoder_fingerprint: str,
+        feature_set: FeatureSet,
+        device: str = "auto",
+        precision: str = "float32",
+    ) -> None:
         if feature_set.encoder.fingerprint != encoder_fingerprint:
             raise FeatureSetMismatch(
                 f"the feature set was found on encoder {feature_set.encoder.fingerprint[:12]}, "
@@ -60,7 +66,11 @@ class Scorer:
         self.fingerprint = encoder_fingerprint
         self.feature_set = feature_set
         self.transform = eval_transform(encoder.spec)
-        self.discriminative = feature_set.discriminative_indices.to(self.device)
+        # A boolean mask built once on the device: indices would be range-checked on the host
+        # (a GPU sync) on every batch.
+        self.discriminative = discriminative_mask(feature_set.discriminative_indices, encoder.feature_dim).to(
+            self.device
+        )
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """An RGB PIL image to the encoder's (3, H, W) input."""

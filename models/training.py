@@ -88,8 +88,7 @@ class TrainResult:
     history: list[StepRecord] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "resumed_from": self.resumed_from,
-                "history": [asdict(r) for r in self.history]}
+        return {"steps": self.steps, "resumed_from": self.resumed_from, "history": [asdict(r) for r in self.history]}
 
 
 def seed_everything(seed: int) -> None:
@@ -162,7 +161,10 @@ def train(
             step += 1
             method.after_step(step / total)
             record = StepRecord(
-                step=step, epoch=epoch, loss=float(loss), loss_ssl=float(loss_ssl),
+                step=step,
+                epoch=epoch,
+                loss=float(loss),
+                loss_ssl=float(loss_ssl),
                 regularizer=float(reg_value),
                 low_quality_share=float((q < regularizer.alpha).float().mean()) if q is not None else math.nan,
                 mean_q=float(q.mean()) if q is not None else math.nan,
@@ -185,20 +187,32 @@ def _epoch_batches(dataset: Dataset, config: TrainConfig, epoch: int, skip: int)
     resumed run sees the batches the interrupted one would have, without decoding the skipped."""
     generator = torch.Generator().manual_seed(config.seed * 10_007 + epoch)
     order = torch.randperm(len(dataset), generator=generator)[skip * config.batch_size :]  # type: ignore[arg-type]
-    return make_loader(Subset(dataset, order.tolist()), config.batch_size, workers=config.workers,
-                       drop_last=True)
+    return make_loader(Subset(dataset, order.tolist()), config.batch_size, workers=config.workers, drop_last=True)
 
 
-def _save(path: str | Path, method: SSLMethod, optimizer: torch.optim.Optimizer,
-          scheduler: torch.optim.lr_scheduler.LRScheduler, step: int) -> None:
-    state = {"method": method.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "step": step}
+def _save(
+    path: str | Path,
+    method: SSLMethod,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    step: int,
+) -> None:
+    state = {
+        "method": method.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "step": step,
+    }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
-def _resume(path: str | Path, method: SSLMethod, optimizer: torch.optim.Optimizer,
-            scheduler: torch.optim.lr_scheduler.LRScheduler) -> int:
+def _resume(
+    path: str | Path,
+    method: SSLMethod,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> int:
     path = Path(path)
     if not path.is_file():
         return 0

@@ -19,7 +19,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-ModelOpt = Annotated[Path, typer.Option("--model", "-m", help="Encoder weights: safetensors or a supported checkpoint.")]
+ModelOpt = Annotated[
+    Path, typer.Option("--model", "-m", help="Encoder weights: safetensors or a supported checkpoint.")
+]
 FeaturesOpt = Annotated[Path, typer.Option("--features", "-f", help="Feature-set JSON from `qscore discover`.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 
@@ -79,7 +81,7 @@ def pretrain(
     from models.data import image_folder, resolve_device
     from models.encoders import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, build_encoder
     from models.objectives import METHODS, build_method
-    from models.training import TrainConfig, train
+    from models.training import TrainConfig, seed_everything, train
 
     with user_errors():
         spec_kwargs: dict[str, Any] = {"arch": arch, "width": width, "cifar_stem": cifar_stem, "image_size": image_size}
@@ -88,10 +90,9 @@ def pretrain(
         spec = EncoderSpec(**spec_kwargs)
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
-        config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, max_steps=max_steps, seed=seed,
-                             workers=workers)
-        from models.training import seed_everything
-
+        config = TrainConfig(
+            epochs=epochs, batch_size=batch_size, lr=lr, max_steps=max_steps, seed=seed, workers=workers
+        )
         seed_everything(seed)
         encoder = build_encoder(spec)
         ssl = build_method(method, encoder)
@@ -99,12 +100,26 @@ def pretrain(
         total = min(len(dataset) // batch_size * epochs, max_steps or sys.maxsize)
         started = time.time()
         with _progress_bar(total, f"pretrain {method}") as bar:
-            result = train(ssl, dataset, config, device=resolve_device(device), checkpoint=checkpoint,
-                           on_step=_step_logger(log, bar))
+            result = train(
+                ssl,
+                dataset,
+                config,
+                device=resolve_device(device),
+                checkpoint=checkpoint,
+                on_step=_step_logger(log, bar),
+            )
         digest = save_encoder(encoder, out, {"method": method, "steps": str(result.steps)})
-        typer.echo(json.dumps({"out": str(out), "fingerprint": digest, "steps": result.steps,
-                               "seconds": round(time.time() - started, 1),
-                               "final_loss": result.history[-1].loss if result.history else None}))
+        typer.echo(
+            json.dumps(
+                {
+                    "out": str(out),
+                    "fingerprint": digest,
+                    "steps": result.steps,
+                    "seconds": round(time.time() - started, 1),
+                    "final_loss": result.history[-1].loss if result.history else None,
+                }
+            )
+        )
 
 
 @app.command()
@@ -123,7 +138,7 @@ def discover(
 ) -> None:
     """Find the discriminative features of an encoder on unlabelled images."""
     from models.checkpoints import load_encoder
-    from models.data import image_folder, resolve_device
+    from models.data import eval_transform, image_folder, resolve_device
     from models.discovery import discover as run_discovery
     from models.discovery import make_selection, parse_eps
     from models.features import EncoderRef
@@ -131,23 +146,35 @@ def discover(
     with user_errors():
         imported = load_encoder(model)
         spec = imported.encoder.spec
-        from models.data import eval_transform
-
         dataset = image_folder(data, transform=eval_transform(spec))
         feature_set = run_discovery(
-            imported.encoder, dataset, dataset_name=str(data),
+            imported.encoder,
+            dataset,
+            dataset_name=str(data),
             encoder_ref=EncoderRef(fingerprint=imported.fingerprint, arch=spec.arch, feature_dim=spec.feature_dim),
-            eps=parse_eps(eps), selection=make_selection(lo, hi, size), sample_size=sample_size, seed=seed,
-            batch_size=batch_size, device=resolve_device(device), progress=True,
+            eps=parse_eps(eps),
+            selection=make_selection(lo, hi, size),
+            sample_size=sample_size,
+            seed=seed,
+            batch_size=batch_size,
+            device=resolve_device(device),
+            progress=True,
         )
         feature_set.save(out)
         if feature_set.coverage_warning:
             typer.secho(f"WARNING: {feature_set.coverage_warning}", fg=typer.colors.RED, bold=True, err=True)
-        typer.echo(json.dumps({
-            "out": str(out), "eps": feature_set.eps, "discriminative": len(feature_set.discriminative),
-            "coverage": round(feature_set.coverage, 4), "alpha": feature_set.alpha,
-            "coverage_by_eps": feature_set.coverage_by_eps,
-        }))
+        typer.echo(
+            json.dumps(
+                {
+                    "out": str(out),
+                    "eps": feature_set.eps,
+                    "discriminative": len(feature_set.discriminative),
+                    "coverage": round(feature_set.coverage, 4),
+                    "alpha": feature_set.alpha,
+                    "coverage_by_eps": feature_set.coverage_by_eps,
+                }
+            )
+        )
 
 
 @app.command()
@@ -185,9 +212,17 @@ def score(
         if not tensors:
             continue
         for path, result in zip(ok_paths, scorer.score_batch(torch.stack(tensors)), strict=True):
-            _emit({"path": str(path), "q_score": result.q_score, "low_quality": result.low_quality,
-                   "risk": result.risk, "l1_norm": result.l1_norm,
-                   "discriminative_active": [f.index for f in result.discriminative_active]}, as_json)
+            _emit(
+                {
+                    "path": str(path),
+                    "q_score": result.q_score,
+                    "low_quality": result.low_quality,
+                    "risk": result.risk,
+                    "l1_norm": result.l1_norm,
+                    "discriminative_active": [f.index for f in result.discriminative_active],
+                },
+                as_json,
+            )
     if failures:
         raise typer.Exit(1)
 
@@ -209,10 +244,14 @@ def evaluate(
     train_data: Annotated[Path, typer.Option("--train", help="Labelled training image folder.")],
     test_data: Annotated[Path, typer.Option("--test", help="Labelled test image folder.")],
     out: Annotated[Path | None, typer.Option(help="Write the full report (JSON) here.")] = None,
-    calibrated_out: Annotated[Path | None, typer.Option(help="Write the feature set with calibrated alpha and risk here.")] = None,
+    calibrated_out: Annotated[
+        Path | None, typer.Option(help="Write the feature set with calibrated alpha and risk here.")
+    ] = None,
     train_samples: Annotated[int | None, typer.Option(help="Random training images used (all if unset).")] = None,
     test_samples: Annotated[int | None, typer.Option(help="Random test images used (all if unset).")] = None,
-    target_precision: Annotated[float | None, typer.Option(help="Calibrate alpha at this mis-classification precision.")] = None,
+    target_precision: Annotated[
+        float | None, typer.Option(help="Calibrate alpha at this mis-classification precision.")
+    ] = None,
     compression: Annotated[bool, typer.Option(help="Also run the compression probes.")] = True,
     seed: int = 0,
     batch_size: int = 256,
@@ -228,9 +267,18 @@ def evaluate(
         imported = load_encoder(model)
         feature_set = FeatureSet.load(features)
         report, calibrated = run_evaluation(
-            imported.encoder, imported.fingerprint, feature_set, train_data, test_data,
-            train_samples=train_samples, test_samples=test_samples, seed=seed, batch_size=batch_size,
-            device=resolve_device(device), target_precision=target_precision, compression=compression,
+            imported.encoder,
+            imported.fingerprint,
+            feature_set,
+            train_data,
+            test_data,
+            train_samples=train_samples,
+            test_samples=test_samples,
+            seed=seed,
+            batch_size=batch_size,
+            device=resolve_device(device),
+            target_precision=target_precision,
+            compression=compression,
             progress=True,
         )
         if out:
@@ -277,13 +325,26 @@ def regularize(
         ssl = build_method(method, imported.encoder)
         ssl.train()
         dataset = image_folder(data, transform=ssl.view_transform(imported.encoder.spec))
-        regularizer = Regularizer(feature_set.discriminative_indices, alpha or feature_set.alpha, lambda_, feature_set.eps)
-        config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, max_steps=max_steps, seed=seed, workers=workers)
+        regularizer = Regularizer(
+            feature_set.discriminative_indices, alpha or feature_set.alpha, lambda_, feature_set.eps
+        )
+        config = TrainConfig(
+            epochs=epochs, batch_size=batch_size, lr=lr, max_steps=max_steps, seed=seed, workers=workers
+        )
         total = min(len(dataset) // batch_size * epochs, max_steps or sys.maxsize)
         with _progress_bar(total, f"regularize {method}") as bar:
-            result = train(ssl, dataset, config, device=resolve_device(device), regularizer=regularizer,
-                           checkpoint=checkpoint, on_step=_step_logger(log, bar))
-        digest = save_encoder(imported.encoder, out, {"method": method, "lambda": str(lambda_), "parent": imported.fingerprint})
+            result = train(
+                ssl,
+                dataset,
+                config,
+                device=resolve_device(device),
+                regularizer=regularizer,
+                checkpoint=checkpoint,
+                on_step=_step_logger(log, bar),
+            )
+        digest = save_encoder(
+            imported.encoder, out, {"method": method, "lambda": str(lambda_), "parent": imported.fingerprint}
+        )
         typer.echo(json.dumps({"out": str(out), "fingerprint": digest, "steps": result.steps}))
 
 

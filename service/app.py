@@ -44,14 +44,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         batcher.start()
         app.state.holder, app.state.batcher = holder, batcher
         app.state.metrics.attach(holder, batcher)
-        app.state.decode_pool = ThreadPoolExecutor(
-            settings.decode_threads, thread_name_prefix="qscore-decode"
-        )
+        app.state.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="qscore-decode")
         watcher = None
         if settings.auto_switch:
-            watcher = asyncio.get_running_loop().create_task(
-                holder.watch(settings.registry_poll_seconds)
-            )
+            watcher = asyncio.get_running_loop().create_task(holder.watch(settings.registry_poll_seconds))
         try:
             yield
         finally:
@@ -92,17 +88,10 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    errors = [
-        {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-        for e in exc.errors()
-    ]
+    errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()]
     first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
     message = f"invalid request: {'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
     return JSONResponse(
-        {
-            "detail": jsonable_encoder(
-                {"code": "invalid_request", "message": message, "errors": errors}
-            )
-        },
+        {"detail": jsonable_encoder({"code": "invalid_request", "message": message, "errors": errors})},
         status_code=422,
     )

@@ -49,9 +49,7 @@ class _Item:
 
 
 class Batcher:
-    def __init__(
-        self, max_batch_size: int, max_wait_s: float, capacity: int, metrics: Metrics | None = None
-    ) -> None:
+    def __init__(self, max_batch_size: int, max_wait_s: float, capacity: int, metrics: Metrics | None = None) -> None:
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.capacity = capacity
@@ -88,9 +86,7 @@ class Batcher:
                 item.future.set_exception(BatcherStopped("the service is shutting down"))
         self._executor.shutdown(wait=True)
 
-    async def submit(
-        self, state: ServingState, tensors: Sequence[torch.Tensor]
-    ) -> list[ImageScore]:
+    async def submit(self, state: ServingState, tensors: Sequence[torch.Tensor]) -> list[ImageScore]:
         """Queue the (3, H, W) tensors of one request together and wait for their scores."""
         if not tensors:
             return []
@@ -147,9 +143,7 @@ class Batcher:
             state = batch[0].state
             started = time.monotonic()
             try:
-                scores = await loop.run_in_executor(
-                    self._executor, _score, state, [i.tensor for i in batch]
-                )
+                scores = await loop.run_in_executor(self._executor, _score, state, [i.tensor for i in batch])
             except Exception as exc:
                 log.exception("inference failed on a batch of %d images", len(batch))
                 for item in batch:

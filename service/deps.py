@@ -23,9 +23,7 @@ def get_state(holder: Annotated[StateHolder, Depends(get_holder)]) -> ServingSta
     """The pair served right now; requests keep the one they got even if a switch follows."""
     state = holder.current
     if state is None:
-        raise ApiError(
-            503, "not_ready", "no model is loaded yet; retry shortly", headers={"Retry-After": "1"}
-        )
+        raise ApiError(503, "not_ready", "no model is loaded yet; retry shortly", headers={"Retry-After": "1"})
     return state
 
 

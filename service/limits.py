@@ -115,9 +115,7 @@ async def _send_error(send: Send, error: ApiError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-async def read_uploads(
-    request: Request, *, max_files: int, max_file_bytes: int
-) -> list[UploadFile]:
+async def read_uploads(request: Request, *, max_files: int, max_file_bytes: int) -> list[UploadFile]:
     """The ``files`` parts of a multipart request, checked against the limits.
 
     415 when the body is not multipart/form-data, 413 for more than ``max_files`` files or a
@@ -144,18 +142,12 @@ async def read_uploads(
                 max_files,
             ) from exc
         if "Too many fields" in text:
-            raise ApiError(
-                422, "too_many_fields", "too many form fields; send only 'files'", 16
-            ) from exc
-        raise ApiError(
-            400, "malformed_body", f"the multipart body could not be parsed: {text}"
-        ) from exc
+            raise ApiError(422, "too_many_fields", "too many form fields; send only 'files'", 16) from exc
+        raise ApiError(400, "malformed_body", f"the multipart body could not be parsed: {text}") from exc
     values = form.getlist("files")
     files = [v for v in values if isinstance(v, UploadFile)]
     if len(files) != len(values):
-        raise ApiError(
-            422, "invalid_files", "field 'files' must hold file parts (with a filename), not text"
-        )
+        raise ApiError(422, "invalid_files", "field 'files' must hold file parts (with a filename), not text")
     if not files:
         raise ApiError(422, "no_files", "no file in field 'files'; send one or more images")
     if len(files) > max_files:

@@ -48,12 +48,8 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.images_scored = Counter("qscore_images_scored", "Images scored.", PAIR, registry=r)
-        self.low_quality = Counter(
-            "qscore_low_quality_images", "Images with Q-Score below alpha.", PAIR, registry=r
-        )
-        self.q_score = Histogram(
-            "qscore_q_score", "Q-Scores of scored images.", PAIR, buckets=Q_BUCKETS, registry=r
-        )
+        self.low_quality = Counter("qscore_low_quality_images", "Images with Q-Score below alpha.", PAIR, registry=r)
+        self.q_score = Histogram("qscore_q_score", "Q-Scores of scored images.", PAIR, buckets=Q_BUCKETS, registry=r)
         self.request_duration = Histogram(
             "qscore_request_duration_seconds",
             "Duration of /score requests, from first byte to answer.",
@@ -106,9 +102,7 @@ class _LiveCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         state, batcher = self._holder().current, self._batcher()
         version = state.model_version if state is not None else "none"
-        depth = GaugeMetricFamily(
-            "qscore_queue_depth", "Images waiting for the encoder.", labels=["model_version"]
-        )
+        depth = GaugeMetricFamily("qscore_queue_depth", "Images waiting for the encoder.", labels=["model_version"])
         depth.add_metric([version], batcher.depth)
         capacity = GaugeMetricFamily(
             "qscore_queue_capacity",

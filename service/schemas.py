@@ -6,7 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from models.registry import VERSION_PATTERN
+from models.features import FeatureSet
+from models.registry import VERSION_PATTERN, ModelRecord
 
 VERSION_REGEX = VERSION_PATTERN.pattern
 
@@ -15,9 +16,7 @@ class ErrorBody(BaseModel):
     code: str = Field(description="Stable machine-readable code, e.g. too_many_files.")
     message: str = Field(description="What went wrong and how to fix it.")
     limit: int | None = Field(None, description="The limit that was exceeded, when one was.")
-    errors: list[dict[str, Any]] | None = Field(
-        None, description="Field errors of a 422 validation failure."
-    )
+    errors: list[dict[str, Any]] | None = Field(None, description="Field errors of a 422 validation failure.")
 
 
 class ErrorResponse(BaseModel):
@@ -35,22 +34,45 @@ class ModelInfo(BaseModel):
     created_at: str
     parent: str | None = None
 
+    @classmethod
+    def of(cls, record: ModelRecord) -> ModelInfo:
+        return cls(
+            version=record.version,
+            fingerprint=record.fingerprint,
+            arch=record.spec.arch,
+            feature_dim=record.spec.feature_dim,
+            image_size=record.spec.image_size,
+            created_at=record.created_at,
+            parent=record.parent,
+        )
+
 
 class FeatureSetInfo(BaseModel):
     version: str
     encoder_fingerprint: str
     eps: float
     alpha: float
-    coverage: float = Field(
-        description="Share of reference samples with a dominant discriminative feature."
-    )
+    coverage: float = Field(description="Share of reference samples with a dominant discriminative feature.")
     coverage_warning: str | None = None
     n_discriminative: int
     reference_median: float | None = Field(None, description="Median Q-Score of the reference set.")
-    calibrated: bool = Field(
-        description="Whether an evaluation calibrated a mis-classification risk curve."
-    )
+    calibrated: bool = Field(description="Whether an evaluation calibrated a mis-classification risk curve.")
     created_at: str
+
+    @classmethod
+    def of(cls, version: str, fs: FeatureSet) -> FeatureSetInfo:
+        return cls(
+            version=version,
+            encoder_fingerprint=fs.encoder.fingerprint,
+            eps=fs.eps,
+            alpha=fs.alpha,
+            coverage=fs.coverage,
+            coverage_warning=fs.coverage_warning,
+            n_discriminative=len(fs.discriminative),
+            reference_median=fs.reference_median,
+            calibrated=fs.risk_curve is not None,
+            created_at=fs.created_at,
+        )
 
 
 class FeatureValueOut(BaseModel):
@@ -64,9 +86,7 @@ class ScoreResult(BaseModel):
     filename: str
     q_score: float | None = None
     low_quality: bool | None = Field(None, description="Q-Score below the feature set's alpha.")
-    risk: float | None = Field(
-        None, description="Calibrated P(mis-classified); null when uncalibrated."
-    )
+    risk: float | None = Field(None, description="Calibrated P(mis-classified); null when uncalibrated.")
     l1_norm: float | None = None
     dominant: list[FeatureValueOut] | None = None
     discriminative_active: list[FeatureValueOut] | None = None
@@ -102,9 +122,7 @@ class ServingInfo(BaseModel):
 
 class ActiveInfo(BaseModel):
     serving: ServingInfo
-    registry_active: dict[str, str] | None = Field(
-        None, description="The registry's active pair on disk."
-    )
+    registry_active: dict[str, str] | None = Field(None, description="The registry's active pair on disk.")
     auto_switch: bool
 
 

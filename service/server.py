@@ -11,12 +11,8 @@ from service.settings import get_settings
 
 
 def run(host: str = "127.0.0.1", port: int = 8000) -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(get_settings())
     # One worker process: the encoder, the batcher and the metrics are per process. Scale out
     # with more instances behind a balancer, one per GPU.
-    uvicorn.run(
-        app, host=host, port=port, workers=1, log_level="info", timeout_graceful_shutdown=10
-    )
+    uvicorn.run(app, host=host, port=port, workers=1, log_level="info", timeout_graceful_shutdown=10)

@@ -47,12 +47,15 @@ class Settings(BaseSettings):
     job_time_limit_s: int = Field(6 * 3600, ge=10)
     job_checkpoint_dir: Path = Field(Path(".qscore/checkpoints"))
     job_visibility_timeout_s: int | None = Field(
-        None, ge=10, description="Redis re-delivers an unacknowledged job after this; default: time limit + 10 min.")
+        None, ge=10, description="Redis re-delivers an unacknowledged job after this; default: time limit + 10 min."
+    )
     discover_shard_size: int = Field(2000, ge=1, description="Reference images per discovery shard task.")
     worker_metrics_port: int | None = Field(
-        None, ge=1, le=65535, description="Prometheus port of a worker (job durations, outcomes); unset = none.")
+        None, ge=1, le=65535, description="Prometheus port of a worker (job durations, outcomes); unset = none."
+    )
     worker_metrics_dir: Path = Field(
-        Path(".qscore/worker-metrics"), description="prometheus_client multiprocess folder of a worker.")
+        Path(".qscore/worker-metrics"), description="prometheus_client multiprocess folder of a worker."
+    )
     worker_torch_threads: int | None = Field(None, ge=1, description="torch threads per worker process.")
 
     @field_validator("datasets")

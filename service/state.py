@@ -53,31 +53,10 @@ class ServingState:
         return self.model.version, self.feature_set_version
 
     def model_info(self) -> ModelInfo:
-        m = self.model
-        return ModelInfo(
-            version=m.version,
-            fingerprint=m.fingerprint,
-            arch=m.spec.arch,
-            feature_dim=m.spec.feature_dim,
-            image_size=m.spec.image_size,
-            created_at=m.created_at,
-            parent=m.parent,
-        )
+        return ModelInfo.of(self.model)
 
     def feature_set_info(self) -> FeatureSetInfo:
-        fs = self.feature_set
-        return FeatureSetInfo(
-            version=self.feature_set_version,
-            encoder_fingerprint=fs.encoder.fingerprint,
-            eps=fs.eps,
-            alpha=fs.alpha,
-            coverage=fs.coverage,
-            coverage_warning=fs.coverage_warning,
-            n_discriminative=len(fs.discriminative),
-            reference_median=fs.reference_median,
-            calibrated=fs.risk_curve is not None,
-            created_at=fs.created_at,
-        )
+        return FeatureSetInfo.of(self.feature_set_version, self.feature_set)
 
     def info(self) -> ServingInfo:
         return ServingInfo(
@@ -98,9 +77,7 @@ def resolve_pair(registry: Registry, settings: Settings) -> tuple[str, str]:
         record = _record(registry, model)
         fs = registry.latest_feature_set_for(record.fingerprint)
         if fs is None:
-            raise VersionNotFound(
-                f"no feature set for model {model!r}; run `qscore discover` for it first"
-            )
+            raise VersionNotFound(f"no feature set for model {model!r}; run `qscore discover` for it first")
         return model, fs
     active = registry.active()
     if active is None:
@@ -114,9 +91,7 @@ def resolve_pair(registry: Registry, settings: Settings) -> tuple[str, str]:
     return active.model, active.feature_set
 
 
-def load_state(
-    registry: Registry, model: str, feature_set: str, settings: Settings
-) -> ServingState:
+def load_state(registry: Registry, model: str, feature_set: str, settings: Settings) -> ServingState:
     """Load, check and warm up a pair (blocking: call it in a thread)."""
     record = _record(registry, model)
     try:
@@ -129,15 +104,11 @@ def load_state(
             f"but model {model!r} is {record.fingerprint[:12]}; discover features for this model first"
         )
     imported = registry.load_model(model)
-    scorer = Scorer(
-        imported.encoder, imported.fingerprint, features, settings.device, settings.precision
-    )
+    scorer = Scorer(imported.encoder, imported.fingerprint, features, settings.device, settings.precision)
     if scorer.precision != "float32":
         scorer = _checked_precision(scorer, imported.fingerprint, features)
     _warm_up(scorer)
-    return ServingState(
-        scorer=scorer, model=record, feature_set=features, feature_set_version=feature_set
-    )
+    return ServingState(scorer=scorer, model=record, feature_set=features, feature_set_version=feature_set)
 
 
 def _record(registry: Registry, model: str) -> ModelRecord:
@@ -194,9 +165,7 @@ class StateHolder:
             if current is not None and current.pair == (model, feature_set):
                 new = current
             else:
-                new = await asyncio.to_thread(
-                    load_state, self.registry, model, feature_set, self.settings
-                )
+                new = await asyncio.to_thread(load_state, self.registry, model, feature_set, self.settings)
             if persist:
                 await asyncio.to_thread(self.registry.set_active, model, feature_set)
             self.current = new  # the atomic swap: one reference
@@ -220,6 +189,4 @@ class StateHolder:
             except asyncio.CancelledError:
                 raise
             except Exception:  # keep serving the current pair; the next change is tried again
-                log.exception(
-                    "could not follow the registry's active pair; still serving the old one"
-                )
+                log.exception("could not follow the registry's active pair; still serving the old one")

@@ -48,9 +48,14 @@ def tiny_model(tiny_spec: EncoderSpec, cifar_slice: Path) -> tuple:
     digest = fingerprint(encoder.backbone_state_dict())
     dataset = image_folder(cifar_slice / "train", eval_transform(tiny_spec))
     feature_set = discover(
-        encoder, dataset, dataset_name="cifar-slice-train",
+        encoder,
+        dataset,
+        dataset_name="cifar-slice-train",
         encoder_ref=EncoderRef(fingerprint=digest, arch="resnet18", feature_dim=tiny_spec.feature_dim),
-        eps="auto", selection=make_selection(), sample_size=None, batch_size=100,
+        eps="auto",
+        selection=make_selection(),
+        sample_size=None,
+        batch_size=100,
     )
     return encoder, digest, feature_set
 

@@ -31,9 +31,7 @@ TASK_NAMES = {
 
 def create_celery(settings: Settings) -> Celery:
     url = settings.redis_url or "memory://"  # no Redis: embedded mode never sends to this app
-    app = Celery(
-        "qscore", broker=url, backend=None if url == "memory://" else url, include=["worker.tasks"]
-    )
+    app = Celery("qscore", broker=url, backend=None if url == "memory://" else url, include=["worker.tasks"])
     visibility = {"visibility_timeout": settings.visibility_timeout_s}
     app.conf.update(
         task_serializer="json",
@@ -72,9 +70,7 @@ def _worker_init(**_: object) -> None:
     """In the worker's parent, before the pool forks: metrics, registry leftovers. No CUDA here."""
     settings = get_settings()
     if settings.redis_url is None:
-        raise RuntimeError(
-            "a worker needs QSCORE_REDIS_URL (without Redis, jobs run inside the service)"
-        )
+        raise RuntimeError("a worker needs QSCORE_REDIS_URL (without Redis, jobs run inside the service)")
     from models.registry import Registry
 
     removed = Registry(settings.registry_root).clean()

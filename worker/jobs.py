@@ -66,9 +66,7 @@ class JobContext:
         if self.cancelled():
             raise JobCancelled("cancelled by request")
 
-    def progress(
-        self, fraction: float, metrics: dict[str, Any] | None = None, *, force: bool = False
-    ) -> None:
+    def progress(self, fraction: float, metrics: dict[str, Any] | None = None, *, force: bool = False) -> None:
         """Record progress (0..1) and metrics so far; at most a few writes a second."""
         now = time.monotonic()
         if not force and now - self._last_write < 0.5:
@@ -110,9 +108,7 @@ def start(ctx: JobContext) -> bool:
     return True
 
 
-def run(
-    ctx: JobContext, body: Callable[[JobContext], tuple[dict[str, Any], dict[str, str]]]
-) -> None:
+def run(ctx: JobContext, body: Callable[[JobContext], tuple[dict[str, Any], dict[str, str]]]) -> None:
     """Start the job (unless over or cancelled), run ``body`` and record the outcome."""
     if start(ctx):
         guarded(ctx, lambda: succeed(ctx, *body(ctx)))
@@ -150,9 +146,7 @@ def finish(ctx: JobContext, state: JobState, **fields: Any) -> None:
     if ctx.store.finish(ctx.job_id, state, **fields):
         record = ctx.store.get(ctx.job_id)
         if record is not None:
-            duration = (record.finished_at or time.time()) - (
-                record.started_at or record.created_at
-            )
+            duration = (record.finished_at or time.time()) - (record.started_at or record.created_at)
             metrics.job_finished(record.type, state, duration)
         # The job is over for good: its scratch shards and training checkpoint go.
         shutil.rmtree(ctx.scratch, ignore_errors=True)
@@ -242,9 +236,7 @@ def _shard_representations(ctx: JobContext, p: DiscoverParams, plan: DiscoverPla
     if cached.is_file():
         return torch.load(cached, weights_only=True)
     imported = _cached_model(str(ctx.settings.registry_root), p.model)
-    dataset = image_folder(
-        dataset_folder(ctx.settings, p.dataset), eval_transform(imported.encoder.spec)
-    )
+    dataset = image_folder(dataset_folder(ctx.settings, p.dataset), eval_transform(imported.encoder.spec))
     if len(dataset) != plan.n_available:
         raise ValueError(
             f"data set {p.dataset!r} changed while the job ran "
@@ -286,9 +278,7 @@ def count_shard(ctx: JobContext, plan: DiscoverPlan, k: int) -> dict[str, Any]:
     return counts.to_dict()
 
 
-def discover_select(
-    ctx: JobContext, shard_counts: list[dict[str, Any]]
-) -> tuple[dict[str, Any], dict[str, list[int]]]:
+def discover_select(ctx: JobContext, shard_counts: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, list[int]]]:
     """Sum the shards' counts and choose ``D`` for every eps: (counts, {eps: indices})."""
     from models.discovery import make_selection, select_per_eps
     from models.features import DominanceCounts
@@ -304,9 +294,7 @@ def discover_select(
     return total.to_dict(), {repr(eps): d.tolist() for eps, d in selections.items()}
 
 
-def q_shard(
-    ctx: JobContext, plan: DiscoverPlan, k: int, selections: dict[str, list[int]]
-) -> dict[str, list[float]]:
+def q_shard(ctx: JobContext, plan: DiscoverPlan, k: int, selections: dict[str, list[int]]) -> dict[str, list[float]]:
     """Reference Q-Scores of shard ``k`` under the summed ``D``, per eps."""
     import torch
 
@@ -350,13 +338,9 @@ def discover_finalize(
         sample = random_sample(plan.n_available, p.sample_size, p.seed)
         feature_set = build_feature_set(
             counts=DominanceCounts.from_dict(counts),
-            selections={
-                float(e): torch.tensor(ix, dtype=torch.int64) for e, ix in selections.items()
-            },
+            selections={float(e): torch.tensor(ix, dtype=torch.int64) for e, ix in selections.items()},
             q_by_eps={
-                float(e): np.concatenate(
-                    [np.asarray(part[e], dtype=np.float32) for part in q_parts]
-                )
+                float(e): np.concatenate([np.asarray(part[e], dtype=np.float32) for part in q_parts])
                 for e in selections
             },
             eps=p.eps,
@@ -461,9 +445,7 @@ def regularize(ctx: JobContext) -> tuple[dict[str, Any], dict[str, str]]:
         feature_set = registry.load_feature_set(p.feature_set)
         ssl = build_method(p.method, imported.encoder)
         ssl.train()
-        dataset = image_folder(
-            dataset_folder(ctx.settings, p.dataset), ssl.view_transform(imported.encoder.spec)
-        )
+        dataset = image_folder(dataset_folder(ctx.settings, p.dataset), ssl.view_transform(imported.encoder.spec))
         regularizer = Regularizer(
             feature_set.discriminative_indices,
             p.alpha or feature_set.alpha,
@@ -480,9 +462,7 @@ def regularize(ctx: JobContext) -> tuple[dict[str, Any], dict[str, str]]:
         )
 
         def on_step(record: Any, progress: float) -> None:
-            ctx.progress(
-                0.85 * progress, {"phase": "training", **asdict(record)}, force=progress >= 1.0
-            )
+            ctx.progress(0.85 * progress, {"phase": "training", **asdict(record)}, force=progress >= 1.0)
 
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         result = train(
@@ -508,13 +488,9 @@ def regularize(ctx: JobContext) -> tuple[dict[str, Any], dict[str, str]]:
             "feature_set": p.feature_set,
             "dataset": p.dataset,
         }
-        ctx.store.merge_metrics(
-            ctx.job_id, {"steps": result.steps, "resumed_from": result.resumed_from}
-        )
+        ctx.store.merge_metrics(ctx.job_id, {"steps": result.steps, "resumed_from": result.resumed_from})
         ctx.check_cancelled()
-        registry.add_model(
-            imported.encoder, version=model_version, parent=p.model, training=clean(training)
-        )
+        registry.add_model(imported.encoder, version=model_version, parent=p.model, training=clean(training))
     record = registry.model_record(model_version)
     ctx.check_cancelled()
     ctx.progress(0.85, {"phase": "discovering"}, force=True)

@@ -19,9 +19,7 @@ log = logging.getLogger(__name__)
 
 JOB_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 21600, 43200)
 
-JOBS_FINISHED = Counter(
-    "qscore_jobs_finished", "Jobs that ended, by type and outcome.", ["type", "outcome"]
-)
+JOBS_FINISHED = Counter("qscore_jobs_finished", "Jobs that ended, by type and outcome.", ["type", "outcome"])
 JOB_SECONDS = Histogram(
     "qscore_job_duration_seconds",
     "Wall time of a job from start to end.",
@@ -78,9 +76,7 @@ class JobStateCollector:
     def collect(self) -> Any:
         from prometheus_client.core import GaugeMetricFamily
 
-        family = GaugeMetricFamily(
-            "qscore_jobs", "Job records by state (last 1000 jobs).", labels=["state", "type"]
-        )
+        family = GaugeMetricFamily("qscore_jobs", "Job records by state (last 1000 jobs).", labels=["state", "type"])
         counts: dict[tuple[str, str], int] = {}
         try:
             for record in self.store.list(limit=self.limit):

@@ -29,37 +29,27 @@ class ParamError(ValueError):
 class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = Field(
-        None, pattern=NAME, description="Model version; default: the active one."
-    )
+    model: str | None = Field(None, pattern=NAME, description="Model version; default: the active one.")
     activate: bool | None = Field(
         None,
-        description="Make the output the registry's active pair (the service "
-        "follows it); default: QSCORE_AUTO_SWITCH.",
+        description="Make the output the registry's active pair (the service follows it); default: QSCORE_AUTO_SWITCH.",
     )
 
 
 class DiscoverParams(_Params):
     dataset: str = Field(pattern=NAME, description="A data set name from QSCORE_DATASETS.")
-    eps: float | Literal["auto"] = Field(
-        4.0, description="Dominance threshold (std devs) or 'auto'."
-    )
+    eps: float | Literal["auto"] = Field(4.0, description="Dominance threshold (std devs) or 'auto'.")
     lo: float = Field(0.25, ge=0.0, lt=1.0)
     hi: float = Field(0.75, gt=0.0, le=1.0)
-    size: int | None = Field(
-        None, ge=1, le=100_000, description="Select this many features instead of a band."
-    )
-    sample_size: int | None = Field(
-        5000, ge=10, le=10_000_000, description="Reference images; null = all."
-    )
+    size: int | None = Field(None, ge=1, le=100_000, description="Select this many features instead of a band.")
+    sample_size: int | None = Field(5000, ge=10, le=10_000_000, description="Reference images; null = all.")
     seed: int = Field(0, ge=0)
     batch_size: int = Field(256, ge=1, le=4096)
     shards: int | None = Field(
         None,
         ge=1,
         le=1024,
-        description="Count in this many parallel tasks; "
-        "default: one per QSCORE_DISCOVER_SHARD_SIZE images.",
+        description="Count in this many parallel tasks; default: one per QSCORE_DISCOVER_SHARD_SIZE images.",
     )
 
     @field_validator("eps")
@@ -78,24 +68,16 @@ class DiscoverParams(_Params):
 
 class RegularizeParams(_Params):
     dataset: str = Field(pattern=NAME, description="Images to fine-tune on (labels unused).")
-    feature_set: str | None = Field(
-        None, pattern=NAME, description="Default: the model's latest feature set."
-    )
+    feature_set: str | None = Field(None, pattern=NAME, description="Default: the model's latest feature set.")
     method: Method = "simclr"
-    lambda_: float = Field(
-        0.1, alias="lambda", ge=0.0, le=100.0, description="Weight of the Q-Score term."
-    )
-    alpha: float | None = Field(
-        None, gt=0.0, le=1.0, description="Default: the feature set's alpha."
-    )
+    lambda_: float = Field(0.1, alias="lambda", ge=0.0, le=100.0, description="Weight of the Q-Score term.")
+    alpha: float | None = Field(None, gt=0.0, le=1.0, description="Default: the feature set's alpha.")
     epochs: int = Field(1, ge=1, le=1000)
     batch_size: int = Field(256, ge=2, le=4096)
     lr: float = Field(0.03, gt=0.0, le=10.0)
     max_steps: int | None = Field(None, ge=1, le=10_000_000)
     seed: int = Field(0, ge=0)
-    checkpoint_every: int = Field(
-        50, ge=1, le=100_000, description="Steps between resumable checkpoints."
-    )
+    checkpoint_every: int = Field(50, ge=1, le=100_000, description="Steps between resumable checkpoints.")
     discover: DiscoverParams | None = Field(
         None,
         description="How to discover the new model's features; default: eps auto, same data set.",
@@ -107,9 +89,7 @@ class RegularizeParams(_Params):
 class EvaluateParams(_Params):
     train_dataset: str = Field(pattern=NAME)
     test_dataset: str = Field(pattern=NAME)
-    feature_set: str | None = Field(
-        None, pattern=NAME, description="Default: the model's latest feature set."
-    )
+    feature_set: str | None = Field(None, pattern=NAME, description="Default: the model's latest feature set.")
     train_samples: int | None = Field(None, ge=10, le=10_000_000)
     test_samples: int | None = Field(None, ge=10, le=10_000_000)
     target_precision: float | None = Field(None, gt=0.0, lt=1.0)
@@ -177,9 +157,7 @@ def resolve(params: _Params, settings: Settings) -> _Params:
             else:
                 feature_set = registry.latest_feature_set_for(record.fingerprint)
             if feature_set is None:
-                raise ParamError(
-                    "feature_set", f"model {model!r} has no feature set; run a discover job first"
-                )
+                raise ParamError("feature_set", f"model {model!r} has no feature set; run a discover job first")
         try:
             registry.check_pair(model, feature_set)
         except RegistryError as exc:

@@ -13,9 +13,7 @@ from service.settings import get_settings
 def run_worker(concurrency: int = 1, pool: str = "prefork", loglevel: str = "INFO") -> None:
     settings = get_settings()
     if settings.redis_url is None:
-        raise SystemExit(
-            "error: `qscore worker` needs QSCORE_REDIS_URL; without Redis, the service runs jobs"
-        )
+        raise SystemExit("error: `qscore worker` needs QSCORE_REDIS_URL; without Redis, the service runs jobs")
     if pool not in ("prefork", "solo", "threads"):
         raise SystemExit(f"error: pool must be prefork, solo or threads, got {pool!r}")
     if concurrency < 1:

@@ -228,9 +228,7 @@ class MemoryJobStore:
     def list(self, limit: int = 100, state: str | None = None) -> list[JobRecord]:
         with self._lock:
             rows = sorted(self._records.values(), key=lambda r: r["created_at"], reverse=True)
-        return [JobRecord.model_validate(r) for r in rows if state is None or r["state"] == state][
-            :limit
-        ]
+        return [JobRecord.model_validate(r) for r in rows if state is None or r["state"] == state][:limit]
 
     def update(self, job_id: str, **fields: Any) -> None:
         with self._lock:
@@ -248,9 +246,7 @@ class MemoryJobStore:
             if record["state"] in TERMINAL:
                 return BEGIN_DONE
             if record["cancel_requested"]:
-                record.update(
-                    state="cancelled", finished_at=time.time(), error="cancelled before it started"
-                )
+                record.update(state="cancelled", finished_at=time.time(), error="cancelled before it started")
                 return BEGIN_CANCELLED
             record.update(state="running", attempts=record["attempts"] + 1)
             record["started_at"] = record["started_at"] or time.time()

@@ -64,9 +64,7 @@ def discover(job_id: str) -> None:
     plan = _step(ctx, jobs.discover_plan)
     if ctx.store.get(job_id).metrics.get("counting_launched"):  # type: ignore[union-attr]
         return  # delivered again after the shards were sent: they are on their way
-    header = [
-        count_shard.s(job_id, plan.n_shards, plan.n_available, k) for k in range(plan.n_shards)
-    ]
+    header = [count_shard.s(job_id, plan.n_shards, plan.n_available, k) for k in range(plan.n_shards)]
     chord(header)(discover_select.s(job_id, plan.n_shards, plan.n_available))
     ctx.store.merge_metrics(job_id, {"counting_launched": True})
 
@@ -78,9 +76,7 @@ def count_shard(job_id: str, n_shards: int, n_available: int, k: int) -> dict[st
 
 
 @app.task(name="qscore.discover.select")
-def discover_select(
-    shard_counts: list[dict[str, Any]], job_id: str, n_shards: int, n_available: int
-) -> None:
+def discover_select(shard_counts: list[dict[str, Any]], job_id: str, n_shards: int, n_available: int) -> None:
     ctx = _ctx(job_id)
     counts, selections = _step(ctx, jobs.discover_select, shard_counts)
     if ctx.store.get(job_id).metrics.get("scoring_launched"):  # type: ignore[union-attr]

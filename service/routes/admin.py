@@ -6,8 +6,7 @@ import asyncio
 
 from fastapi import APIRouter, Depends
 
-from models.features import FeatureSet
-from models.registry import ModelRecord, RegistryError
+from models.registry import RegistryError
 from service.deps import HolderDep, RegistryDep, SettingsDep
 from service.limits import ApiError
 from service.schemas import (
@@ -34,43 +33,16 @@ router = APIRouter(
 )
 
 
-def _model_info(m: ModelRecord) -> ModelInfo:
-    return ModelInfo(
-        version=m.version,
-        fingerprint=m.fingerprint,
-        arch=m.spec.arch,
-        feature_dim=m.spec.feature_dim,
-        image_size=m.spec.image_size,
-        created_at=m.created_at,
-        parent=m.parent,
-    )
-
-
-def _fs_info(version: str, fs: FeatureSet) -> FeatureSetInfo:
-    return FeatureSetInfo(
-        version=version,
-        encoder_fingerprint=fs.encoder.fingerprint,
-        eps=fs.eps,
-        alpha=fs.alpha,
-        coverage=fs.coverage,
-        coverage_warning=fs.coverage_warning,
-        n_discriminative=len(fs.discriminative),
-        reference_median=fs.reference_median,
-        calibrated=fs.risk_curve is not None,
-        created_at=fs.created_at,
-    )
-
-
 @router.get("/models", response_model=list[ModelInfo])
 async def list_models(registry: RegistryDep) -> list[ModelInfo]:
     """Model versions in the registry."""
-    return [_model_info(m) for m in await asyncio.to_thread(registry.list_models)]
+    return [ModelInfo.of(m) for m in await asyncio.to_thread(registry.list_models)]
 
 
 @router.get("/feature-sets", response_model=list[FeatureSetInfo])
 async def list_feature_sets(registry: RegistryDep) -> list[FeatureSetInfo]:
     """Feature-set versions in the registry."""
-    return [_fs_info(v, fs) for v, fs in await asyncio.to_thread(registry.list_feature_sets)]
+    return [FeatureSetInfo.of(v, fs) for v, fs in await asyncio.to_thread(registry.list_feature_sets)]
 
 
 @router.get("/active", response_model=ActiveInfo, responses={503: {"model": ErrorResponse}})
@@ -101,8 +73,7 @@ async def active(holder: HolderDep, settings: SettingsDep) -> ActiveInfo:
         },
         422: {
             "model": ErrorResponse,
-            "description": "Invalid body (invalid_request) or unloadable version "
-            "(invalid_version).",
+            "description": "Invalid body (invalid_request) or unloadable version (invalid_version).",
         },
     },
 )

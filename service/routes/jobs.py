@@ -23,15 +23,11 @@ from worker.store import JobRecord
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
-JobId = Annotated[
-    str, Path(pattern=r"^[0-9a-f]{32}$", description="The id answered when the job was queued.")
-]
+JobId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="The id answered when the job was queued.")]
 _lock = threading.Lock()
 
 
-def get_job_backend(
-    request: Request, settings: Annotated[Settings, Depends(get_settings)]
-) -> JobBackend:
+def get_job_backend(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> JobBackend:
     """The app's job backend, made on first use: start-up never waits on Redis, nor does scoring."""
     backend = getattr(request.app.state, "job_backend", None)
     if backend is None:
@@ -76,8 +72,7 @@ def _store_errors() -> Iterator[None]:
             status.HTTP_503_SERVICE_UNAVAILABLE,
             detail={
                 "code": "job_store_unavailable",
-                "message": "the job store (Redis) is unreachable; retry later "
-                f"({type(exc).__name__})",
+                "message": f"the job store (Redis) is unreachable; retry later ({type(exc).__name__})",
             },
             headers={"Retry-After": "5"},
         ) from None
@@ -98,9 +93,7 @@ def _submit(
             detail={
                 "code": "invalid_request",
                 "message": f"invalid request: body.{exc.field}: {exc}",
-                "errors": [
-                    {"loc": ["body", *exc.field.split(".")], "msg": str(exc), "type": "value_error"}
-                ],
+                "errors": [{"loc": ["body", *exc.field.split(".")], "msg": str(exc), "type": "value_error"}],
             },
         ) from None
     with _store_errors():

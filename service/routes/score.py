@@ -73,9 +73,7 @@ async def score(
     status = 500
     version = state.model_version
     try:
-        files = await read_uploads(
-            request, max_files=settings.max_files, max_file_bytes=settings.max_file_bytes
-        )
+        files = await read_uploads(request, max_files=settings.max_files, max_file_bytes=settings.max_file_bytes)
         names = [f.filename or "" for f in files]
         blobs = []
         for f in files:
@@ -101,16 +99,12 @@ async def score(
         for name, p in zip(names, prepared, strict=True):
             if isinstance(p, ImageDecodeError):
                 metrics.error(version, p.code)
-                results.append(
-                    ScoreResult(filename=name, error=ErrorBody(code=p.code, message=p.message))
-                )
+                results.append(ScoreResult(filename=name, error=ErrorBody(code=p.code, message=p.message)))
             else:
                 results.append(_result(name, next(scores)))
         _observe(metrics, state, results)
         status = 200
-        return ScoreResponse(
-            model=state.model_info(), feature_set=state.feature_set_info(), results=results
-        )
+        return ScoreResponse(model=state.model_info(), feature_set=state.feature_set_info(), results=results)
     except ApiError as exc:
         status = exc.status_code
         metrics.error(version, exc.code)
@@ -119,9 +113,7 @@ async def score(
         metrics.request_duration.labels(version, str(status)).observe(time.perf_counter() - started)
 
 
-def _prepare(
-    state: ServingState, blobs: list[bytes], max_pixels: int
-) -> list[torch.Tensor | ImageDecodeError]:
+def _prepare(state: ServingState, blobs: list[bytes], max_pixels: int) -> list[torch.Tensor | ImageDecodeError]:
     """Decode and preprocess off the event loop (runs in the decode pool)."""
     out: list[torch.Tensor | ImageDecodeError] = []
     for blob in blobs:
@@ -140,9 +132,7 @@ def _result(name: str, s: ImageScore) -> ScoreResult:
         risk=s.risk,
         l1_norm=s.l1_norm,
         dominant=[FeatureValueOut(index=v.index, value=v.value) for v in s.dominant],
-        discriminative_active=[
-            FeatureValueOut(index=v.index, value=v.value) for v in s.discriminative_active
-        ],
+        discriminative_active=[FeatureValueOut(index=v.index, value=v.value) for v in s.discriminative_active],
     )
 
 

@@ -33,9 +33,7 @@ def _unit(value: object) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_tiny_pipeline_writes_every_figure_and_number_and_resumes(
-    tmp_path: Path, cifar_root: Path
-) -> None:
+def test_tiny_pipeline_writes_every_figure_and_number_and_resumes(tmp_path: Path, cifar_root: Path) -> None:
     config = get_config("tiny")
     out, work = tmp_path / "out", tmp_path / "work"
 
@@ -85,12 +83,7 @@ def test_presets_are_complete_and_cpu_is_budgeted() -> None:
     assert {"tiny", "cpu", "gpu"} <= set(PRESETS)
     cpu, gpu = PRESETS["cpu"], PRESETS["gpu"]
     assert cpu.device == "cpu" and cpu.width <= 32
-    assert (
-        gpu.width == 64
-        and gpu.pretrain_epochs >= 200
-        and gpu.reg_epochs == 100
-        and gpu.reg_lambda == 0.1
-    )
+    assert gpu.width == 64 and gpu.pretrain_epochs >= 200 and gpu.reg_epochs == 100 and gpu.reg_lambda == 0.1
     assert get_config("cpu", seed=3).seed == 3
     with pytest.raises(ValueError, match="unknown preset"):
         get_config("huge")

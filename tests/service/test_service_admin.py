@@ -124,7 +124,4 @@ def test_auto_switch_follows_registry_active_pair(make_server: Callable[..., Liv
             time.sleep(0.1)
         assert client.get("/admin/active").json()["serving"]["feature_set"]["version"] == "tiny-b"
         text = client.get("/metrics").text
-    assert (
-        'qscore_serving_info{device="cpu",feature_set_version="tiny-b"' in text
-        or 'model_version="tiny-b"' in text
-    )
+    assert 'qscore_serving_info{device="cpu",feature_set_version="tiny-b"' in text or 'model_version="tiny-b"' in text

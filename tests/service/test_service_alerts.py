@@ -11,15 +11,11 @@ import pytest
 RULES_DIR = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
 PROMTOOL = shutil.which("promtool")
 
-pytestmark = pytest.mark.skipif(
-    PROMTOOL is None, reason="promtool is not installed (scripts/test.sh installs it)"
-)
+pytestmark = pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed (scripts/test.sh installs it)")
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [PROMTOOL or "promtool", *args], cwd=RULES_DIR, capture_output=True, text=True, timeout=120
-    )
+    return subprocess.run([PROMTOOL or "promtool", *args], cwd=RULES_DIR, capture_output=True, text=True, timeout=120)
 
 
 def test_alert_rules_pass_promtool_check() -> None:

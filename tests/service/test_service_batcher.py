@@ -47,9 +47,7 @@ def test_batcher_coalesces_concurrent_requests_up_to_max_batch() -> None:
         state = fake_state(scorer)
         results = await asyncio.gather(*(batcher.submit(state, images(i)) for i in range(10)))
         await batcher.stop()
-        assert [r[0] for r in results] == [
-            ("a", float(i)) for i in range(10)
-        ]  # in order, per request
+        assert [r[0] for r in results] == [("a", float(i)) for i in range(10)]  # in order, per request
         return scorer.batches
 
     assert run(main()) == [4, 4, 2]

@@ -24,9 +24,7 @@ def small_app(limit: int) -> FastAPI:
 
 
 async def post(app: FastAPI, content: bytes | object) -> httpx.Response:
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://t"
-    ) as client:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
         return await client.post("/echo", content=content)
 
 

@@ -27,17 +27,13 @@ def test_openapi_schema_declares_error_models(server: LiveServer) -> None:
         }
     assert "multipart/form-data" in score["requestBody"]["content"]
     assert (
-        spec["paths"]["/admin/switch"]["post"]["responses"]["409"]["content"]["application/json"][
-            "schema"
-        ]["$ref"]
+        spec["paths"]["/admin/switch"]["post"]["responses"]["409"]["content"]["application/json"]["schema"]["$ref"]
         == "#/components/schemas/ErrorResponse"
     )
 
 
 def test_openapi_fuzzing_finds_no_server_error(server: LiveServer) -> None:
-    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json").include(
-        path_regex=OWN_PATHS
-    )
+    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json").include(path_regex=OWN_PATHS)
     seen: set[tuple[str, int]] = set()
     checks = [
         not_a_server_error,
@@ -47,9 +43,7 @@ def test_openapi_fuzzing_finds_no_server_error(server: LiveServer) -> None:
     ]
 
     @given(case=schema.as_strategy())
-    @settings(
-        max_examples=80, deadline=None, database=None, suppress_health_check=list(HealthCheck)
-    )
+    @settings(max_examples=80, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     def fuzz(case: schemathesis.Case) -> None:
         response = case.call(base_url=server.url, timeout=30)
         seen.add((case.operation.label, response.status_code))

@@ -43,17 +43,10 @@ def png_header_only(width: int, height: int) -> bytes:
     """A PNG that declares width x height pixels and carries (almost) no data."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def test_score_cifar_images_matches_direct_q_score(
@@ -97,12 +90,10 @@ def test_score_concurrent_requests_are_batched(server: LiveServer, cifar_slice: 
     images = server.metric("qscore_batch_size_sum", model_version="tiny") - images_before
     assert images == len(paths)
     assert batches < len(paths), "no request was batched with another"
-    assert server.metric(
-        "qscore_batch_size_bucket", model_version="tiny", le="1.0"
-    ) < server.metric("qscore_batch_size_count", model_version="tiny")
-    assert server.metric("qscore_images_scored_total", model_version="tiny") - scored_before == len(
-        paths
+    assert server.metric("qscore_batch_size_bucket", model_version="tiny", le="1.0") < server.metric(
+        "qscore_batch_size_count", model_version="tiny"
     )
+    assert server.metric("qscore_images_scored_total", model_version="tiny") - scored_before == len(paths)
 
 
 def test_score_formats_and_modes_are_converted(server: LiveServer, cifar_slice: Path) -> None:
@@ -153,17 +144,13 @@ def test_score_unusable_file_gets_error_entry_and_others_are_scored(
     assert [r["filename"] for r in results] == [good[0].name, name, good[1].name]
     assert results[1]["error"]["code"] == code and results[1]["q_score"] is None
     assert results[0]["q_score"] is not None and results[2]["q_score"] is not None
-    assert (
-        server.metric("qscore_errors_total", model_version="tiny", code=code) == errors_before + 1
-    )
+    assert server.metric("qscore_errors_total", model_version="tiny", code=code) == errors_before + 1
 
 
 def test_score_truncated_jpeg_gets_corrupt_image(server: LiveServer, cifar_slice: Path) -> None:
     data = cifar_files(cifar_slice, 1)[0].read_bytes()
     with server.client() as client:
-        body = client.post(
-            "/score", files=[("files", ("cut.jpg", data[: len(data) // 2], "image/jpeg"))]
-        ).json()
+        body = client.post("/score", files=[("files", ("cut.jpg", data[: len(data) // 2], "image/jpeg"))]).json()
     assert body["results"][0]["error"]["code"] == "corrupt_image"
     assert "decoded" in body["results"][0]["error"]["message"]
 
@@ -172,9 +159,7 @@ def test_score_real_10000_square_png_is_refused(server: LiveServer) -> None:
     buf = io.BytesIO()
     Image.new("1", (10_000, 10_000)).save(buf, format="PNG")
     with server.client() as client:
-        body = client.post(
-            "/score", files=[("files", ("big.png", buf.getvalue(), "image/png"))]
-        ).json()
+        body = client.post("/score", files=[("files", ("big.png", buf.getvalue(), "image/png"))]).json()
     assert body["results"][0]["error"]["code"] == "too_many_pixels"
 
 
@@ -186,9 +171,7 @@ def test_score_without_files_is_422(server: LiveServer) -> None:
 
 
 def test_score_too_many_files_is_413(server: LiveServer) -> None:
-    files = [
-        ("files", (f"{i}.jpg", b"x", "image/jpeg")) for i in range(server.settings.max_files + 1)
-    ]
+    files = [("files", (f"{i}.jpg", b"x", "image/jpeg")) for i in range(server.settings.max_files + 1)]
     with server.client() as client:
         response = client.post("/score", files=files)
     assert response.status_code == 413
@@ -246,9 +229,7 @@ def test_score_wrong_content_type_is_415(server: LiveServer) -> None:
     assert response.json()["detail"]["code"] == "unsupported_media_type"
 
 
-def test_score_server_keeps_serving_after_hostile_inputs(
-    server: LiveServer, cifar_slice: Path
-) -> None:
+def test_score_server_keeps_serving_after_hostile_inputs(server: LiveServer, cifar_slice: Path) -> None:
     with server.client() as client:
         client.post(
             "/score",

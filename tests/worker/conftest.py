@@ -27,9 +27,7 @@ from models.registry import Registry
 REPO = Path(__file__).resolve().parents[2]
 CELERY = str(Path(sys.executable).parent / "celery")
 REDIS_HOST, REDIS_PORT, REDIS_DB = "127.0.0.1", 6379, 5
-JOB_TIME_LIMIT_S = (
-    40  # short, so that the visibility timeout (re-delivery after a kill) is short too
-)
+JOB_TIME_LIMIT_S = 40  # short, so that the visibility timeout (re-delivery after a kill) is short too
 VISIBILITY_S = 45
 
 
@@ -81,9 +79,7 @@ def job_env(tmp_path: Path, tiny_registry: Registry, cifar_slice: Path) -> dict[
 def make_settings(env: dict[str, str], **overrides: Any) -> Any:
     from service.settings import Settings
 
-    values = {
-        k.removeprefix("QSCORE_").lower(): v for k, v in env.items() if k.startswith("QSCORE_")
-    }
+    values = {k.removeprefix("QSCORE_").lower(): v for k, v in env.items() if k.startswith("QSCORE_")}
     values["datasets"] = json.loads(values["datasets"])
     values.update(overrides)
     return Settings(**values)
@@ -92,9 +88,7 @@ def make_settings(env: dict[str, str], **overrides: Any) -> Any:
 class CeleryWorker:
     """A real worker process (its own process group, so a test can SIGKILL all of it)."""
 
-    def __init__(
-        self, env: dict[str, str], log_dir: Path, concurrency: int = 1, pool: str = "prefork"
-    ) -> None:
+    def __init__(self, env: dict[str, str], log_dir: Path, concurrency: int = 1, pool: str = "prefork") -> None:
         self.env = {**os.environ, **env, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
         self.log_dir = log_dir
         self.concurrency, self.pool = concurrency, pool
@@ -251,12 +245,7 @@ def no_partial_versions(registry: Registry) -> list[Path]:
     bad += [
         p
         for p in registry.models_dir.iterdir()
-        if p.is_dir()
-        and not ((p / "model.json").is_file() and (p / "encoder.safetensors").is_file())
+        if p.is_dir() and not ((p / "model.json").is_file() and (p / "encoder.safetensors").is_file())
     ]
-    bad += [
-        p
-        for p in registry.feature_sets_dir.iterdir()
-        if p.is_dir() and not (p / "feature_set.json").is_file()
-    ]
+    bad += [p for p in registry.feature_sets_dir.iterdir() if p.is_dir() and not (p / "feature_set.json").is_file()]
     return bad

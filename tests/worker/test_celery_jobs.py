@@ -55,9 +55,7 @@ def api(env: dict[str, str]) -> Iterator[Callable[..., TestClient]]:
 
 
 def _score(client: TestClient, image: Path) -> dict[str, Any]:
-    response = client.post(
-        "/score", files={"files": (image.name, image.read_bytes(), "image/jpeg")}
-    )
+    response = client.post("/score", files={"files": (image.name, image.read_bytes(), "image/jpeg")})
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -101,9 +99,7 @@ def test_discover_sharded_matches_single_pass_and_service_switches(
         encoder,
         image_folder(cifar_slice / "train", eval_transform(encoder.spec)),
         dataset_name="slice-train",
-        encoder_ref=EncoderRef(
-            fingerprint=digest, arch="resnet18", feature_dim=encoder.spec.feature_dim
-        ),
+        encoder_ref=EncoderRef(fingerprint=digest, arch="resnet18", feature_dim=encoder.spec.feature_dim),
         eps="auto",
         sample_size=250,
         seed=3,
@@ -195,9 +191,7 @@ def test_cancel_running_job_stops_and_says_so(
 ) -> None:
     start_worker(env)
     client = api()
-    response = client.post(
-        "/jobs/regularize", json={"dataset": "slice-train", "batch_size": 32, "epochs": 100}
-    )
+    response = client.post("/jobs/regularize", json={"dataset": "slice-train", "batch_size": 32, "epochs": 100})
     job_id = response.json()["job_id"]
     wait_for(client, job_id, until=lambda r: r["metrics"].get("step", 0) >= 2)
     response = client.delete(f"/jobs/{job_id}")
@@ -215,12 +209,8 @@ def test_queued_job_survives_api_restart_and_cancelled_never_runs(
     tiny_registry: Registry,
 ) -> None:
     first = api()
-    job_id = first.post(
-        "/jobs/discover", json={"dataset": "slice-train", "sample_size": 50}
-    ).json()["job_id"]
-    queued = first.post(
-        "/jobs/discover", json={"dataset": "slice-train", "sample_size": 50}
-    ).json()["job_id"]
+    job_id = first.post("/jobs/discover", json={"dataset": "slice-train", "sample_size": 50}).json()["job_id"]
+    queued = first.post("/jobs/discover", json={"dataset": "slice-train", "sample_size": 50}).json()["job_id"]
     first.__exit__(None, None, None)  # the API goes away; Redis keeps the records
 
     second = api()
@@ -321,9 +311,7 @@ def test_redis_down_jobs_503_scoring_unaffected_then_recovers(
     start_worker(env)
     image = next((cifar_slice / "test").rglob("*.jpg"))
     with TestClient(create_app(make_settings(env))) as client:
-        job_id = client.post(
-            "/jobs/discover", json={"dataset": "slice-train", "sample_size": 50}
-        ).json()["job_id"]
+        job_id = client.post("/jobs/discover", json={"dataset": "slice-train", "sample_size": 50}).json()["job_id"]
         assert wait_for(client, job_id)["state"] == "succeeded"
 
         private_redis.stop()
@@ -339,9 +327,7 @@ def test_redis_down_jobs_503_scoring_unaffected_then_recovers(
         assert _score(client, image)["results"][0]["q_score"] >= 0.0
 
         private_redis.start()
-        assert (
-            client.get(f"/jobs/{job_id}").json()["state"] == "succeeded"
-        )  # persisted (append-only file)
+        assert client.get(f"/jobs/{job_id}").json()["state"] == "succeeded"  # persisted (append-only file)
         again = client.post("/jobs/discover", json={"dataset": "slice-train", "sample_size": 50})
         assert again.status_code == 202, again.text
         assert wait_for(client, again.json()["job_id"], timeout=120)["state"] == "succeeded"

@@ -26,9 +26,7 @@ def test_compose_file_matches_the_compose_specification(compose: dict[str, Any])
     if not SCHEMA.is_file():
         pytest.skip(f"no Compose schema at {SCHEMA}")
     schema = json.loads(SCHEMA.read_text())
-    errors = sorted(
-        jsonschema.Draft7Validator(schema).iter_errors(compose), key=lambda e: list(e.path)
-    )
+    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(compose), key=lambda e: list(e.path))
     assert not errors, [f"{list(e.path)}: {e.message}" for e in errors]
 
 

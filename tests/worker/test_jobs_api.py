@@ -94,9 +94,7 @@ def test_jobs_without_api_key_get_401(embedded: TestClient) -> None:
         ("GET", "/jobs/" + "0" * 32),
         ("DELETE", "/jobs/" + "0" * 32),
     ):
-        response = embedded.request(
-            method, path, json={"dataset": "slice-train"}, headers={"X-API-Key": "wrong"}
-        )
+        response = embedded.request(method, path, json={"dataset": "slice-train"}, headers={"X-API-Key": "wrong"})
         assert response.status_code == 401, (method, path, response.text)
         assert response.json()["detail"]["code"] == "unauthorized"
 
@@ -108,9 +106,7 @@ def test_get_unknown_job_is_404(embedded: TestClient) -> None:
     assert embedded.get("/jobs/not-an-id").status_code == 422
 
 
-def test_discover_embedded_writes_a_feature_set(
-    embedded: TestClient, tiny_registry: Registry
-) -> None:
+def test_discover_embedded_writes_a_feature_set(embedded: TestClient, tiny_registry: Registry) -> None:
     response = embedded.post(
         "/jobs/discover",
         json={

@@ -1,0 +1,224 @@
+"""The ``qscore`` command end to end on the CIFAR-10 slice (subprocesses, CPU, width 8)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from models.checkpoints import load_encoder
+from models.features import FeatureSet
+
+QSCORE = Path(sys.executable).parent / "qscore"
+
+
+def run_cli(*args: object, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([str(QSCORE), *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def pipeline(cifar_slice: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """pretrain (2 steps) -> discover --eps auto, shared by the tests below."""
+    out = tmp_path_factory.mktemp("cli")
+    model = out / "model.safetensors"
+    pretrain = last_json(
+        run_cli(
+            "pretrain",
+            "--data",
+            cifar_slice / "train",
+            "--out",
+            model,
+            "--width",
+            "8",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "32",
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+            "--seed",
+            "0",
+            "--log",
+            out / "log.jsonl",
+        ).stdout
+    )
+    features = out / "features.json"
+    discovered = last_json(
+        run_cli(
+            "discover",
+            "--model",
+            model,
+            "--data",
+            cifar_slice / "train",
+            "--out",
+            features,
+            "--eps",
+            "auto",
+            "--sample-size",
+            "300",
+            "--batch-size",
+            "100",
+            "--device",
+            "cpu",
+        ).stdout
+    )
+    return {
+        "dir": out,
+        "model": model,
+        "features": features,
+        "pretrain": pretrain,
+        "discover": discovered,
+    }
+
+
+def test_pretrain_writes_a_loadable_encoder(pipeline):
+    info = pipeline["pretrain"]
+    assert info["steps"] == 2 and info["out"] == str(pipeline["model"])
+    imported = load_encoder(pipeline["model"])
+    assert imported.fingerprint == info["fingerprint"]
+    assert imported.encoder.spec.width == 8 and imported.encoder.feature_dim == 64
+    log_lines = (pipeline["dir"] / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log_lines] == [1, 2]
+
+
+def test_discover_auto_writes_feature_set(pipeline):
+    info = pipeline["discover"]
+    fs = FeatureSet.load(pipeline["features"])
+    assert fs.encoder.fingerprint == pipeline["pretrain"]["fingerprint"]
+    assert fs.eps_mode == "auto" and info["eps"] == fs.eps
+    assert set(info["coverage_by_eps"]) == {"4", "3.5", "3", "2.5", "2", "1.5"}
+    # the largest eps reaching 90% coverage, or the best-covered one
+    reaching = [float(e) for e, c in fs.coverage_by_eps.items() if c >= 0.9]
+    if reaching:
+        assert fs.eps == max(reaching)
+    assert info["discriminative"] == len(fs.discriminative) and fs.alpha > 0
+    assert fs.data.n_reference == 300
+
+
+def test_score_json_lines(pipeline, cifar_slice, tmp_path):
+    images = sorted((cifar_slice / "test").glob("*/*"))[:3]
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not an image")
+    result = run_cli(
+        "score",
+        *images,
+        bad,
+        "--model",
+        pipeline["model"],
+        "--features",
+        pipeline["features"],
+        "--json",
+        "--device",
+        "cpu",
+        check=False,
+    )
+    # a file that is not an image gets its own error line, and the exit status says so
+    assert result.returncode == 1, result.stderr[-2000:]
+    rows = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert {row["path"] for row in rows} == {str(p) for p in [*images, bad]}
+    err = next(row for row in rows if row["path"] == str(bad))
+    assert err["error"]["code"] == "not_an_image"
+    scored = [row for row in rows if row["path"] != str(bad)]
+    assert [row["path"] for row in scored] == [str(p) for p in images]
+    alpha = FeatureSet.load(pipeline["features"]).alpha
+    for row in scored:
+        assert 0.0 <= row["q_score"] <= 1.0
+        assert row["low_quality"] == (row["q_score"] < alpha)
+        assert row["l1_norm"] > 0
+
+
+def test_score_bad_model_is_one_line_error(pipeline, cifar_slice, tmp_path):
+    model = tmp_path / "model.pth"
+    model.write_text("hello")
+    image = sorted((cifar_slice / "test").glob("*/*"))[0]
+    result = run_cli(
+        "score",
+        image,
+        "--model",
+        model,
+        "--features",
+        pipeline["features"],
+        "--device",
+        "cpu",
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert str(model) in lines[0]
+
+
+def test_evaluate_writes_report(pipeline, cifar_slice):
+    report_path = pipeline["dir"] / "report.json"
+    calibrated_path = pipeline["dir"] / "calibrated.json"
+    summary = last_json(
+        run_cli(
+            "evaluate",
+            "--model",
+            pipeline["model"],
+            "--features",
+            pipeline["features"],
+            "--train",
+            cifar_slice / "train",
+            "--test",
+            cifar_slice / "test",
+            "--out",
+            report_path,
+            "--calibrated-out",
+            calibrated_path,
+            "--no-compression",
+            "--batch-size",
+            "100",
+            "--device",
+            "cpu",
+        ).stdout
+    )
+    report = json.loads(report_path.read_text())
+    assert 0.0 <= report["top1"] <= 1.0 and summary["top1"] == report["top1"]
+    assert 0.0 <= report["q_score"]["auroc"] <= 1.0
+    assert report["n_train"] == 300 and report["n_test"] == 100
+    calibrated = FeatureSet.load(calibrated_path)
+    assert calibrated.risk_curve is not None and calibrated.alpha == report["alpha"]
+
+
+def test_regularize_produces_a_new_model(pipeline, cifar_slice):
+    out = pipeline["dir"] / "regularized.safetensors"
+    info = last_json(
+        run_cli(
+            "regularize",
+            "--model",
+            pipeline["model"],
+            "--features",
+            pipeline["features"],
+            "--data",
+            cifar_slice / "train",
+            "--out",
+            out,
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "32",
+            "--lambda",
+            "0.1",
+            "--device",
+            "cpu",
+        ).stdout
+    )
+    assert info["steps"] == 2
+    assert info["fingerprint"] != pipeline["pretrain"]["fingerprint"]
+    assert load_encoder(out).fingerprint == info["fingerprint"]

@@ -1,0 +1,218 @@
+"""Linear evaluation, Q-Score power, compression and calibration (SPEC section 5)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models.evaluation import (
+    calibrate_alpha,
+    calibrate_risk,
+    compression_curve,
+    linear_probe,
+    score_power,
+)
+from models.linear_eval import run_evaluation
+
+# --- score_power ---------------------------------------------------------------------------
+
+
+def test_score_power_perfect_separation():
+    scores = np.array([0.9, 0.8, 0.2, 0.1])
+    correct = np.array([True, True, False, False])
+    power = score_power(scores, correct)
+    assert power["auroc"] == 1.0 and power["auprc"] == 1.0
+    assert power["base_rate"] == 0.5
+    assert power["auroc_misclassified"] == 1.0 and power["auprc_misclassified"] == 1.0
+    assert power["base_rate_misclassified"] == 0.5
+    reversed_power = score_power(-scores, correct)
+    assert reversed_power["auroc"] == 0.0
+
+
+def test_score_power_hand_case():
+    # correct samples score 0.35 and 0.8, mis-classified 0.1 and 0.4.
+    # pairs (correct, wrong): (0.35, 0.1) win, (0.35, 0.4) loss, (0.8, 0.1) win, (0.8, 0.4) win
+    # -> AUROC = 3 / 4; the other orientation ranks the same pairs: 3 / 4.
+    scores = np.array([0.1, 0.4, 0.35, 0.8])
+    correct = np.array([False, False, True, True])
+    power = score_power(scores, correct)
+    assert power["auroc"] == pytest.approx(0.75)
+    assert power["auroc_misclassified"] == pytest.approx(0.75)
+    # AUPRC (average precision), positives = correct, ranked 0.8 (c), 0.4 (w), 0.35 (c), 0.1 (w):
+    # recall 0.5 at precision 1, recall 1 at precision 2/3 -> 0.5 * 1 + 0.5 * 2/3 = 0.8333
+    assert power["auprc"] == pytest.approx(0.5 + 0.5 * 2 / 3)
+    # 3 correct out of 4 -> base rate for a 3:1 case
+    assert score_power(np.array([1.0, 2.0, 3.0, 0.5]), np.array([True, True, True, False]))["base_rate"] == 0.75
+
+
+def test_score_power_errors():
+    with pytest.raises(ValueError, match="both correct and mis-classified"):
+        score_power(np.array([0.1, 0.2]), np.array([True, True]))
+    with pytest.raises(ValueError, match="both correct and mis-classified"):
+        score_power(np.array([0.1, 0.2]), np.array([False, False]))
+    with pytest.raises(ValueError, match="3 scores for 2 correctness labels"):
+        score_power(np.array([0.1, 0.2, 0.3]), np.array([True, False]))
+
+
+# --- linear_probe --------------------------------------------------------------------------
+
+
+def _blobs(n_per_class=40, r=10, classes=3, seed=0, spread=0.3):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(classes, r)) * 3
+    x = np.concatenate([c + spread * rng.normal(size=(n_per_class, r)) for c in centres])
+    y = np.repeat(np.arange(classes), n_per_class)
+    return x.astype(np.float32), y
+
+
+def test_linear_probe_separates_easy_problem():
+    xtr, ytr = _blobs(seed=0)
+    rng = np.random.default_rng(5)
+    xte = xtr + 0.1 * rng.normal(size=xtr.shape).astype(np.float32)
+    result = linear_probe(torch.from_numpy(xtr), torch.from_numpy(ytr), xte, ytr)
+    assert result.top1 == 1.0
+    assert result.correct.all()
+    assert result.predictions.tolist() == ytr.tolist()
+    assert ((result.max_probability > 1 / 3) & (result.max_probability <= 1)).all()
+
+
+def test_linear_probe_on_feature_subset_and_errors():
+    xtr, ytr = _blobs(r=6)
+    # a probe on one pure-noise feature does worse than on all features
+    noise = np.random.default_rng(1).normal(size=(len(xtr), 1)).astype(np.float32)
+    x = np.concatenate([xtr, noise], axis=1)
+    assert linear_probe(x, ytr, x, ytr, features=[6]).top1 < 0.7
+    assert linear_probe(x, ytr, x, ytr, features=[0, 1, 2, 3, 4, 5]).top1 == 1.0
+    with pytest.raises(ValueError, match="at least two classes"):
+        linear_probe(xtr, np.zeros(len(xtr)), xtr, ytr)
+    with pytest.raises(ValueError, match="feature subset is empty"):
+        linear_probe(xtr, ytr, xtr, ytr, features=[])
+    with pytest.raises(ValueError, match=r"\(N, r\) alike"):
+        linear_probe(xtr, ytr, xtr[:, :3], ytr)
+    with pytest.raises(ValueError, match="exactly one label"):
+        linear_probe(xtr, ytr[:-1], xtr, ytr)
+
+
+# --- compression ---------------------------------------------------------------------------
+
+
+def test_compression_curve_returns_every_subset_kind():
+    xtr, ytr = _blobs(n_per_class=20, r=16, seed=2, spread=1.0)
+    xte, yte = _blobs(n_per_class=10, r=16, seed=2, spread=1.0)
+    counts = [0, 0, 5, 1, 7, 3, 9, 2, 8, 4, 6, 0, 11, 10, 12, 13]
+    points = compression_curve(xtr, ytr, xte, yte, counts, fractions=(0.25, 0.5), random_seeds=2, max_iter=200)
+    kinds = {p.subset for p in points}
+    assert kinds == {"all", "discriminative", "random", "lower_tail", "upper_tail"}
+    assert [(p.subset, p.size) for p in points if p.subset == "all"] == [("all", 16)]
+    for size in (4, 8):
+        at = [p for p in points if p.size == size]
+        assert sorted(p.subset for p in at) == [
+            "discriminative",
+            "lower_tail",
+            "random",
+            "random",
+            "upper_tail",
+        ]
+        assert sorted(p.seed for p in at if p.subset == "random") == [0, 1]
+    assert all(0.0 <= p.top1 <= 1.0 for p in points)
+
+
+def test_compression_curve_skips_discriminative_larger_than_ever_dominant():
+    xtr, ytr = _blobs(n_per_class=10, r=8, seed=3)
+    counts = [0, 0, 0, 0, 0, 0, 1, 2]  # only 2 features ever dominant
+    points = compression_curve(xtr, ytr, xtr, ytr, counts, fractions=(0.25, 0.5), random_seeds=1, max_iter=100)
+    assert [p.size for p in points if p.subset == "discriminative"] == [2]
+
+
+# --- calibration ---------------------------------------------------------------------------
+
+
+def test_calibrate_alpha_youden_hand_case():
+    q = np.array([0.0, 0.0, 0.1, 0.2, 0.5, 0.6])
+    correct = np.array([False, False, False, True, True, True])
+    alpha, source = calibrate_alpha(q, correct)
+    # flagging q < alpha separates perfectly when 0.1 < alpha <= 0.2
+    assert 0.1 < alpha <= 0.2
+    assert ((q < alpha) == ~correct).all()
+    assert "Youden" in source
+
+
+def test_calibrate_alpha_is_positive_and_flags_every_zero():
+    rng = np.random.default_rng(0)
+    q = np.concatenate([np.zeros(30), rng.uniform(0, 0.1, 70)])
+    correct = rng.uniform(size=100) < 0.3 + 5 * q  # higher Q, more often correct
+    alpha, _ = calibrate_alpha(q, correct)
+    assert alpha > 0
+    assert (q[q == 0] < alpha).all()
+    # all-zero Q: alpha still > 0, so everything is flagged
+    alpha0, _ = calibrate_alpha(np.zeros(10), np.array([True, False] * 5))
+    assert alpha0 > 0
+
+
+def test_calibrate_alpha_target_precision():
+    q = np.array([0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5])
+    correct = np.array([False, False, True, False, True, True, True])
+    # q < 0.1: 2 wrong of 2 (precision 1); q < 0.2: 2 of 3; q < 0.3: 3 of 4 (0.75)
+    alpha, source = calibrate_alpha(q, correct, target_precision=0.75)
+    assert alpha == pytest.approx(0.3)
+    assert "precision >= 0.75" in source
+    alpha, _ = calibrate_alpha(q, correct, target_precision=1.0)
+    assert alpha == pytest.approx(0.1)
+
+
+def test_calibrate_alpha_errors():
+    with pytest.raises(ValueError, match="both correct and mis-classified"):
+        calibrate_alpha(np.array([0.1, 0.2]), np.array([True, True]))
+
+
+def test_calibrate_risk_is_non_increasing():
+    rng = np.random.default_rng(1)
+    q = rng.uniform(0, 0.2, 500)
+    correct = rng.uniform(size=500) < 0.2 + 3 * q
+    curve = calibrate_risk(q, correct)
+    assert curve.q == sorted(curve.q)
+    assert all(0.0 <= r <= 1.0 for r in curve.risk)
+    assert all(a >= b for a, b in zip(curve.risk, curve.risk[1:], strict=False))
+    assert curve.risk[0] > curve.risk[-1]
+    assert len(curve.q) <= 200
+
+
+# --- run_evaluation: the encoder stays frozen ----------------------------------------------
+
+
+def test_run_evaluation_keeps_encoder_frozen(tiny_model, cifar_slice):
+    encoder, digest, fs = tiny_model
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    progress: list[float] = []
+    report, calibrated = run_evaluation(
+        encoder,
+        digest,
+        fs,
+        cifar_slice / "train",
+        cifar_slice / "test",
+        train_samples=150,
+        test_samples=60,
+        batch_size=64,
+        compression=False,
+        on_progress=progress.append,
+    )
+    after = encoder.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # running stats too
+    assert report["n_train"] == 150 and report["n_test"] == 60
+    assert 0.0 <= report["top1"] <= 1.0
+    assert set(report["q_score"]) >= {"auroc", "auprc", "base_rate", "auroc_misclassified"}
+    assert report["alpha"] > 0 and calibrated.alpha == report["alpha"]
+    assert calibrated.risk_curve is not None
+    assert calibrated.discriminative == fs.discriminative and calibrated.eps == fs.eps
+    assert "compression" not in report
+    assert progress[-1] == 1.0 and progress == sorted(progress)
+    # the feature set given is left as it was
+    assert fs.risk_curve is None
+
+
+def test_run_evaluation_refuses_foreign_feature_set(tiny_model, cifar_slice):
+    encoder, _, fs = tiny_model
+    with pytest.raises(ValueError, match="not found on this encoder"):
+        run_evaluation(encoder, "0" * 64, fs, cifar_slice / "train", cifar_slice / "test")
