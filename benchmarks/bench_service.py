@@ -47,13 +47,16 @@ from service.settings import Settings  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results" / "service.json"
 
 
-def build_registry(root: Path, cifar: Path) -> tuple[Registry, str]:
+def build_registry(root: Path, cifar: Path, width: int | None = None) -> tuple[Registry, str]:
+    """The demo encoder, or (``width`` given, or no demo) a fresh CIFAR ResNet-18 of that width."""
     registry = Registry(root)
-    if (DEMO_DIR / "demo-encoder.safetensors").is_file() and (DEMO_DIR / "demo-feature-set.json").is_file():
+    demo = (DEMO_DIR / "demo-encoder.safetensors").is_file() and (DEMO_DIR / "demo-feature-set.json").is_file()
+    if width is None and demo:
         registry.seed_demo()
         return registry, "demo encoder (models/weights)"
+    width = width or 16
     torch.manual_seed(0)
-    spec = EncoderSpec(arch="resnet18", cifar_stem=True, width=16, image_size=32)
+    spec = EncoderSpec(arch="resnet18", cifar_stem=True, width=width, image_size=32)
     encoder = build_encoder(spec).eval()
     digest = fingerprint(encoder.backbone_state_dict())
     dataset = image_folder(cifar / "train", eval_transform(spec))
@@ -71,7 +74,7 @@ def build_registry(root: Path, cifar: Path) -> tuple[Registry, str]:
     fs.encoder.model_version = "bench"
     registry.add_feature_set(fs, version="bench")
     registry.set_active("bench", "bench")
-    return registry, "fresh width-16 CIFAR ResNet-18, features discovered on 1,000 training images"
+    return registry, f"fresh width-{width} CIFAR ResNet-18, features discovered on 1,000 training images"
 
 
 def raw_throughput(registry: Registry, blobs: list[bytes], settings: Settings, seconds: float = 8.0) -> float:
@@ -103,7 +106,12 @@ def rss_mib(pid: int) -> float:
 
 
 async def load(
-    url: str, blobs: list[bytes], clients: int, requests: int, on_progress: callable | None = None
+    url: str,
+    blobs: list[bytes],
+    clients: int,
+    requests: int,
+    on_progress: callable | None = None,
+    per_request: int = 1,
 ) -> dict[str, float]:
     latencies: list[float] = []
     failures = 0
@@ -114,9 +122,12 @@ async def load(
         async def worker() -> None:
             nonlocal failures
             for i in counter:
-                blob = blobs[i % len(blobs)]
+                files = [
+                    ("files", (f"{i}-{k}.jpg", blobs[(i * per_request + k) % len(blobs)], "image/jpeg"))
+                    for k in range(per_request)
+                ]
                 t0 = time.perf_counter()
-                r = await client.post("/score", files=[("files", (f"{i}.jpg", blob, "image/jpeg"))])
+                r = await client.post("/score", files=files)
                 latencies.append(time.perf_counter() - t0)
                 if r.status_code != 200:
                     failures += 1
@@ -130,9 +141,10 @@ async def load(
     return {
         "clients": clients,
         "requests": requests,
+        "images_per_request": per_request,
         "failures": failures,
         "seconds": round(elapsed, 2),
-        "images_per_s": round(requests / elapsed, 1),
+        "images_per_s": round(requests * per_request / elapsed, 1),
         "p50_ms": round(float(np.percentile(lat, 50)), 2),
         "p99_ms": round(float(np.percentile(lat, 99)), 2),
     }
@@ -141,14 +153,18 @@ async def load(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=10_000, help="Requests of the 32-client run.")
+    parser.add_argument("--images-per-request", type=int, default=1, help="Images in each /score request.")
+    parser.add_argument("--width", type=int, default=None, help="Use a fresh CIFAR ResNet-18 of this width.")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="Results file.")
     args = parser.parse_args()
+    k = args.images_per_request
 
     cifar = ensure_cifar10()
     files = sorted((cifar / "test").rglob("*.jpg"))
     random.Random(0).shuffle(files)
     blobs = [p.read_bytes() for p in files[:512]]
     with tempfile.TemporaryDirectory() as tmp:
-        registry, model = build_registry(Path(tmp) / "registry", cifar)
+        registry, model = build_registry(Path(tmp) / "registry", cifar, args.width)
         env = {**os.environ, "QSCORE_REGISTRY_ROOT": str(registry.root), "PYTHONWARNINGS": "ignore"}
         settings = Settings(registry_root=registry.root)
         raw = raw_throughput(registry, blobs, settings)
@@ -187,10 +203,10 @@ def main() -> None:
                 if time.monotonic() > deadline or server.poll() is not None:
                     raise SystemExit("the server did not start")
                 time.sleep(0.2)
-            asyncio.run(load(url, blobs, 8, 200))  # warm-up
+            asyncio.run(load(url, blobs, 8, 200 // k, per_request=k))  # warm-up
             runs = []
-            for clients, n in ((1, 300), (8, 2000)):
-                runs.append(asyncio.run(load(url, blobs, clients, n)))
+            for clients, n in ((1, 300 // k), (8, 2000 // k)):
+                runs.append(asyncio.run(load(url, blobs, clients, n, per_request=k)))
                 print(runs[-1])
             rss_before = rss_mib(server.pid)
             samples: list[tuple[int, float]] = []
@@ -202,6 +218,7 @@ def main() -> None:
                         32,
                         args.requests,
                         lambda i: samples.append((i, round(rss_mib(server.pid), 1))),
+                        per_request=k,
                     )
                 )
             )
@@ -244,8 +261,8 @@ def main() -> None:
             "during_32_client_run": samples,
         },
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

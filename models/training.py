@@ -163,11 +163,11 @@ def train(
             record = StepRecord(
                 step=step,
                 epoch=epoch,
-                loss=float(loss),
-                loss_ssl=float(loss_ssl),
-                regularizer=float(reg_value),
-                low_quality_share=float((q < regularizer.alpha).float().mean()) if q is not None else math.nan,
-                mean_q=float(q.mean()) if q is not None else math.nan,
+                loss=loss.item(),
+                loss_ssl=loss_ssl.item(),
+                regularizer=reg_value.item(),
+                low_quality_share=(q < regularizer.alpha).float().mean().item() if q is not None else math.nan,
+                mean_q=q.mean().item() if q is not None else math.nan,
                 lr=scheduler.get_last_lr()[0],
             )
             result.history.append(record)

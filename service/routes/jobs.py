@@ -89,7 +89,7 @@ def _submit(
         resolved = resolve(params, settings)
     except ParamError as exc:
         raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_ENTITY,
+            422,  # Starlette renamed the constant; the number is stable
             detail={
                 "code": "invalid_request",
                 "message": f"invalid request: body.{exc.field}: {exc}",
