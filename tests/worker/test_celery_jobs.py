@@ -224,6 +224,23 @@ def test_queued_job_survives_api_restart_and_cancelled_never_runs(
     assert not tiny_registry.feature_set_dir(f"features-{queued}").exists()
 
 
+def _regularize_until_step_5(client: TestClient) -> str:
+    """Queue an 18-step regularize job checkpointing every 2 steps; return once it passed step 5."""
+    response = client.post(
+        "/jobs/regularize",
+        json={
+            "dataset": "slice-train",
+            "batch_size": 32,
+            "max_steps": 18,
+            "checkpoint_every": 2,
+            "discover": {"dataset": "slice-train", "eps": "auto", "sample_size": 100, "batch_size": 50},
+        },
+    )
+    job_id = response.json()["job_id"]
+    wait_for(client, job_id, until=lambda r: r["metrics"].get("step", 0) >= 5)
+    return job_id
+
+
 @pytest.mark.slow
 def test_worker_pool_child_killed_mid_training_is_redelivered_and_resumes(
     env: dict[str, str],
@@ -234,23 +251,7 @@ def test_worker_pool_child_killed_mid_training_is_redelivered_and_resumes(
     """SIGKILL the process running the job: it is re-delivered and resumes from its checkpoint."""
     worker = start_worker(env)
     client = api()
-    response = client.post(
-        "/jobs/regularize",
-        json={
-            "dataset": "slice-train",
-            "batch_size": 32,
-            "max_steps": 18,
-            "checkpoint_every": 2,
-            "discover": {
-                "dataset": "slice-train",
-                "eps": "auto",
-                "sample_size": 100,
-                "batch_size": 50,
-            },
-        },
-    )
-    job_id = response.json()["job_id"]
-    wait_for(client, job_id, until=lambda r: r["metrics"].get("step", 0) >= 5)
+    job_id = _regularize_until_step_5(client)
     pid = worker.proc.pid  # type: ignore[union-attr]
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     assert len(children) == 1
@@ -273,23 +274,7 @@ def test_whole_worker_killed_mid_job_new_worker_finishes_it(
     """SIGKILL the whole worker; a new worker gets the job after the visibility timeout."""
     worker = start_worker(env)
     client = api()
-    response = client.post(
-        "/jobs/regularize",
-        json={
-            "dataset": "slice-train",
-            "batch_size": 32,
-            "max_steps": 18,
-            "checkpoint_every": 2,
-            "discover": {
-                "dataset": "slice-train",
-                "eps": "auto",
-                "sample_size": 100,
-                "batch_size": 50,
-            },
-        },
-    )
-    job_id = response.json()["job_id"]
-    wait_for(client, job_id, until=lambda r: r["metrics"].get("step", 0) >= 5)
+    job_id = _regularize_until_step_5(client)
     worker.kill()
     assert client.get(f"/jobs/{job_id}").json()["state"] == "running"
     assert not tiny_registry.model_dir(f"model-{job_id}").exists()
