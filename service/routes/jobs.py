@@ -152,9 +152,7 @@ def get_job(job_id: JobId, backend: Backend, _: AdminKey) -> JobRecord:
     """State, progress (0 to 1), metrics so far, result and artifacts of one job."""
     with _store_errors():
         record = backend.store.get(job_id)
-    if record is None:
-        raise HTTPException(404, detail={"code": "job_not_found", "message": f"no job {job_id}"})
-    return record
+    return _found(record, job_id)
 
 
 @router.delete("/{job_id}", response_model=JobRecord)
@@ -162,6 +160,10 @@ def cancel_job(job_id: JobId, backend: Backend, _: AdminKey) -> JobRecord:
     """Cancel: a queued job never starts; a running one stops at its next step ('cancelled')."""
     with _store_errors():
         record = backend.store.request_cancel(job_id)
+    return _found(record, job_id)
+
+
+def _found(record: JobRecord | None, job_id: str) -> JobRecord:
     if record is None:
         raise HTTPException(404, detail={"code": "job_not_found", "message": f"no job {job_id}"})
     return record
