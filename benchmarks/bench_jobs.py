@@ -104,7 +104,7 @@ def main() -> None:
 
 
 def _run(env: dict[str, str], n_workers: int, args: argparse.Namespace, work: Path) -> float:
-    from service.settings import Settings
+    from qscore_config.settings import Settings
     from worker.backend import CeleryBackend
     from worker.params import DiscoverParams, resolve
 

@@ -42,7 +42,7 @@ from models.features import EncoderRef  # noqa: E402
 from models.images import decode_image  # noqa: E402
 from models.registry import DEMO_DIR, Registry  # noqa: E402
 from models.scoring import Scorer  # noqa: E402
-from service.settings import Settings  # noqa: E402
+from qscore_config.settings import Settings  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "service.json"
 

@@ -10,6 +10,7 @@ COPY models ./models
 COPY service ./service
 COPY worker ./worker
 COPY qscore_cli ./qscore_cli
+COPY qscore_config ./qscore_config
 RUN pip install . && useradd --create-home --uid 1000 qscore && mkdir -p /var/lib/qscore \
     && chown qscore /var/lib/qscore
 

@@ -20,7 +20,7 @@ from service.batcher import Batcher
 from service.limits import BodyLimitMiddleware
 from service.metrics import Metrics
 from service.routes import admin, health, jobs, score
-from service.settings import Settings, get_settings
+from qscore_config.settings import Settings, get_settings
 from service.state import StateHolder
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from models.registry import Registry
 from service.batcher import Batcher
 from service.limits import ApiError
 from service.metrics import Metrics
-from service.settings import Settings, get_settings
+from qscore_config.settings import Settings, get_settings
 from service.state import ServingState, StateHolder
 
 

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Security, status
 from fastapi.security import APIKeyHeader
 
-from service.settings import Settings, get_settings
+from qscore_config.settings import Settings, get_settings
 
 API_KEY_HEADER = "X-API-Key"
 _header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="Needed when QSCORE_API_KEY is set.")

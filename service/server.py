@@ -7,7 +7,7 @@ import logging
 import uvicorn
 
 from service.app import create_app
-from service.settings import get_settings
+from qscore_config.settings import get_settings
 
 
 def run(host: str = "127.0.0.1", port: int = 8000) -> None:

@@ -20,7 +20,7 @@ from models.features import FeatureSet
 from models.registry import ModelRecord, Registry, RegistryError
 from models.scoring import Scorer
 from service.schemas import FeatureSetInfo, ModelInfo, ServingInfo
-from service.settings import Settings
+from qscore_config.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from service.settings import Settings
+from qscore_config.settings import Settings
 from worker.store import JobRecord, JobStore, RedisJobStore
 
 

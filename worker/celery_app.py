@@ -1,4 +1,4 @@
-"""The Celery application, configured from the project's settings only (``service.settings``).
+"""The Celery application, configured from the project's settings only (``qscore_config.settings``).
 
 Long GPU jobs need more than Celery's defaults (FIELD-NOTES, "Celery with PyTorch on GPUs"):
 one task at a time per process (prefetch 1), late acknowledgement with re-delivery when the
@@ -17,7 +17,7 @@ import time
 
 from celery import Celery, signals
 
-from service.settings import Settings, get_settings
+from qscore_config.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import logging
 import queue
 import threading
 
-from service.settings import Settings
+from qscore_config.settings import Settings
 from worker import jobs
 from worker.store import JobRecord, MemoryJobStore
 

@@ -25,7 +25,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from service.settings import Settings
+from qscore_config.settings import Settings
 from worker.params import DiscoverParams, EvaluateParams, RegularizeParams
 from worker.store import BEGIN_RUN, JobState, JobStore
 

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from service.settings import Settings
+from qscore_config.settings import Settings
 
 Method = Literal["simclr", "moco_v2", "byol", "swav"]
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$"

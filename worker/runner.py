@@ -7,7 +7,7 @@ so CUDA is never initialised before the fork.
 
 from __future__ import annotations
 
-from service.settings import get_settings
+from qscore_config.settings import get_settings
 
 
 def run_worker(concurrency: int = 1, pool: str = "prefork", loglevel: str = "INFO") -> None:

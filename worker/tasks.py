@@ -16,7 +16,7 @@ from typing import Any
 from celery import chord
 from celery.exceptions import Ignore
 
-from service.settings import get_settings
+from qscore_config.settings import get_settings
 from worker import jobs
 from worker.celery_app import app
 from worker.store import RedisJobStore

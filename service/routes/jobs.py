@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, sta
 from pydantic import BaseModel
 
 from service.security import AdminKey
-from service.settings import Settings, get_settings
+from qscore_config.settings import Settings, get_settings
 from worker.backend import JobBackend, make_backend
 from worker.params import DiscoverParams, EvaluateParams, ParamError, RegularizeParams, resolve
 from worker.store import JobRecord

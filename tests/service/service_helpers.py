@@ -16,7 +16,7 @@ import uvicorn
 from models.features import FeatureSet
 from models.registry import Registry
 from service.app import create_app
-from service.settings import Settings
+from qscore_config.settings import Settings
 
 
 def build_registry(root: Path, tiny_model: tuple) -> Registry:

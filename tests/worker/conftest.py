@@ -26,7 +26,9 @@ from models.registry import Registry
 
 REPO = Path(__file__).resolve().parents[2]
 CELERY = str(Path(sys.executable).parent / "celery")
-REDIS_HOST, REDIS_PORT, REDIS_DB = "127.0.0.1", 6379, 5
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+# A database of its own, so that two checkouts can run the job tests side by side.
+REDIS_DB = int(os.environ.get("QSCORE_TEST_REDIS_DB", "5"))
 JOB_TIME_LIMIT_S = 40  # short, so that the visibility timeout (re-delivery after a kill) is short too
 VISIBILITY_S = 45
 
@@ -48,7 +50,7 @@ def free_port() -> int:
 
 @pytest.fixture()
 def redis_url() -> Iterator[str]:
-    """The shared Redis at 127.0.0.1:6379, database 5, flushed before and after the test."""
+    """The shared Redis at 127.0.0.1:6379, database 5 (``QSCORE_TEST_REDIS_DB``), flushed before and after the test."""
     import redis
 
     if not redis_up():
@@ -77,7 +79,7 @@ def job_env(tmp_path: Path, tiny_registry: Registry, cifar_slice: Path) -> dict[
 
 
 def make_settings(env: dict[str, str], **overrides: Any) -> Any:
-    from service.settings import Settings
+    from qscore_config.settings import Settings
 
     values = {k.removeprefix("QSCORE_").lower(): v for k, v in env.items() if k.startswith("QSCORE_")}
     values["datasets"] = json.loads(values["datasets"])
