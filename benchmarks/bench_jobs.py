@@ -1,4 +1,4 @@
-"""Discovery job throughput (images/s) with 1 and 2 Celery worker processes.
+"""Job throughput (images/s) with 1 and 2 Celery worker processes, on the CPU or a GPU.
 
 Each run: a fresh registry holding a seeded ResNet-18 (``--width``), a CIFAR-10 train slice, a
 dedicated Redis database, N real workers (``celery -A worker.celery_app worker``, one process
@@ -6,6 +6,11 @@ each, one torch thread each), one discover job of ``--shards`` shards submitted 
 timed from queueing to ``succeeded``. Writes ``benchmarks/results/jobs.json``.
 
     .venv/bin/python benchmarks/bench_jobs.py [--images 2000] [--shards 8] [--width 16]
+    python benchmarks/bench_jobs.py --device cuda --workers 1 --width 64 --job regularize --out ...
+
+``--job regularize`` times a Q-Score-regularised fine-tuning job (``--steps`` steps, then the
+discovery of the new model's features) after a discover job has made the feature set it needs:
+the worker's whole training path, on ``--device``.
 
 Worker processes only help when there are cores (or GPUs) for them: the figure for 2 workers
 is bounded by the machine's free cores (recorded in the results).
@@ -24,6 +29,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+JOB_TIMEOUT_S = 600  # a worker that cannot start leaves the job queued: fail instead of waiting forever
 sys.path.insert(0, str(REPO))
 
 
@@ -35,6 +41,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="QSCORE_DEVICE of the workers: cpu, cuda, cuda:N.")
+    parser.add_argument("--job", choices=["discover", "regularize"], default="discover")
+    parser.add_argument("--steps", type=int, default=20, help="Training steps of a regularize job.")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/6", help="A Redis database it may flush.")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/jobs.json")
     args = parser.parse_args()
@@ -59,36 +68,39 @@ def main() -> None:
             env = {
                 **os.environ,
                 "PYTHONWARNINGS": "ignore",
-                "PYTHONPATH": str(REPO),
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                 "QSCORE_REDIS_URL": args.redis,
                 "QSCORE_REGISTRY_ROOT": str(registry.root),
                 "QSCORE_DATASETS": json.dumps({"bench": str(data)}),
-                "QSCORE_DEVICE": "cpu",
+                "QSCORE_DEVICE": args.device,
                 "QSCORE_JOB_CHECKPOINT_DIR": str(work / "checkpoints"),
                 "QSCORE_WORKER_TORCH_THREADS": "1",
                 "OMP_NUM_THREADS": "1",
             }
-            seconds = _run(env, n_workers, args, work)
+            seconds, images = _run(env, n_workers, args, work)
             runs.append(
                 {
                     "workers": n_workers,
                     "repeat": repeat,
                     "seconds": round(seconds, 2),
-                    "images_per_s": round(args.images / seconds, 1),
+                    "images_per_s": round(images / seconds, 1),
                 }
             )
             print(json.dumps(runs[-1]), flush=True)
     summary = {}
     for n in args.workers:
-        best = min(r["seconds"] for r in runs if r["workers"] == n)
-        summary[str(n)] = {"best_seconds": best, "images_per_s": round(args.images / best, 1)}
+        best = min((r for r in runs if r["workers"] == n), key=lambda r: r["seconds"])
+        summary[str(n)] = {"best_seconds": best["seconds"], "images_per_s": best["images_per_s"]}
     result = {
-        "benchmark": "discover job throughput, sharded over Celery worker processes",
+        "benchmark": f"{args.job} job throughput over Celery worker processes",
+        "job": args.job,
+        "steps": args.steps if args.job == "regularize" else None,
         "images": args.images,
         "shards": args.shards,
         "model": f"resnet18 width {args.width}",
         "batch_size": args.batch_size,
-        "device": "cpu",
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor(),
         "torch_threads_per_worker": 1,
         "cpu_count": os.cpu_count(),
         "load_average_at_end": list(os.getloadavg()),
@@ -103,10 +115,11 @@ def main() -> None:
     print(json.dumps(result["summary"]), result.get("speedup_2_vs_1"))
 
 
-def _run(env: dict[str, str], n_workers: int, args: argparse.Namespace, work: Path) -> float:
+def _run(env: dict[str, str], n_workers: int, args: argparse.Namespace, work: Path) -> tuple[float, int]:
+    """Seconds from queueing to success of the timed job, and the images it went through."""
     from qscore_config.settings import Settings
     from worker.backend import CeleryBackend
-    from worker.params import DiscoverParams, resolve
+    from worker.params import DiscoverParams, RegularizeParams, resolve
 
     procs = []
     try:
@@ -116,7 +129,9 @@ def _run(env: dict[str, str], n_workers: int, args: argparse.Namespace, work: Pa
                 (
                     subprocess.Popen(
                         [
-                            str(Path(sys.executable).parent / "celery"),
+                            sys.executable,
+                            "-m",
+                            "celery",
                             "-A",
                             "worker.celery_app",
                             "worker",
@@ -146,34 +161,41 @@ def _run(env: dict[str, str], n_workers: int, args: argparse.Namespace, work: Pa
             job_checkpoint_dir=env["QSCORE_JOB_CHECKPOINT_DIR"],
         )
         backend = CeleryBackend(settings)
-        params = resolve(
-            DiscoverParams(
-                dataset="bench",
-                model="bench",
-                sample_size=None,
-                shards=args.shards,
-                eps="auto",
-                batch_size=args.batch_size,
-            ),
-            settings,
+        discover = DiscoverParams(
+            dataset="bench", model="bench", sample_size=None, shards=args.shards, eps="auto", batch_size=args.batch_size
         )
-        started = time.perf_counter()
-        record = backend.store.create("discover", params.model_dump(mode="json"))
-        backend.enqueue(record)
-        while True:
-            current = backend.store.get(record.id)
-            if current is not None and current.state in ("succeeded", "failed", "cancelled"):
-                break
-            time.sleep(0.05)
-        seconds = time.perf_counter() - started
-        if current.state != "succeeded":
-            raise RuntimeError(f"the job ended {current.state}: {current.error}")
-        return seconds
+        seconds, _ = _time_job(backend, "discover", resolve(discover, settings))
+        if args.job == "discover":
+            return seconds, args.images
+        regularize = RegularizeParams(
+            dataset="bench", model="bench", batch_size=args.batch_size, max_steps=args.steps, checkpoint_every=10
+        )
+        seconds, metrics = _time_job(backend, "regularize", resolve(regularize, settings))
+        # The steps it trained (one epoch caps --steps), then the discovery pass over the new model.
+        return seconds, int(metrics["steps"]) * args.batch_size + args.images
     finally:
         for proc, _ in procs:
             proc.terminate()
         for proc, _ in procs:
             proc.wait(30)
+
+
+def _time_job(backend, kind: str, params) -> tuple[float, dict]:  # noqa: ANN001 (worker types imported lazily)
+    started = time.perf_counter()
+    record = backend.store.create(kind, params.model_dump(mode="json", by_alias=True))
+    backend.enqueue(record)
+    while True:
+        current = backend.store.get(record.id)
+        if current is not None and current.state in ("succeeded", "failed", "cancelled"):
+            break
+        if time.perf_counter() - started > JOB_TIMEOUT_S:
+            raise RuntimeError(f"the {kind} job did not end within {JOB_TIMEOUT_S} s (see the worker logs)")
+        time.sleep(0.05)
+    seconds = time.perf_counter() - started
+    if current.state != "succeeded":
+        raise RuntimeError(f"the {kind} job ended {current.state}: {current.error}")
+    print(json.dumps({"job": kind, "seconds": round(seconds, 2), "metrics": current.metrics}), flush=True)
+    return seconds, current.metrics
 
 
 if __name__ == "__main__":
