@@ -367,17 +367,31 @@ def private_rabbitmq() -> Iterator[Any]:
                 start_new_session=True,
             )
             deadline = time.monotonic() + 90
-            while not port_open(port):
+            while not (port_open(port) and (folder / "pid").is_file()):
                 if time.monotonic() > deadline or self.proc.poll() is not None:
                     self.stop()
                     pytest.skip("the private RabbitMQ node did not start")
                 time.sleep(0.2)
 
         def stop(self) -> None:
+            """SIGTERM the Erlang VM itself (the node's pid file; the wrapper script is not it) and
+            wait until it is gone, as a restart of the broker's host would."""
+            pid_file = folder / "pid"
+            if pid_file.is_file() and pid_file.read_text().strip():
+                pid = int(pid_file.read_text())
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+                deadline = time.monotonic() + 60
+                while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                pid_file.unlink(missing_ok=True)
             if self.proc is not None and self.proc.poll() is None:
-                os.killpg(self.proc.pid, signal.SIGTERM)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGTERM)
                 try:
-                    self.proc.wait(60)
+                    self.proc.wait(30)
                 except subprocess.TimeoutExpired:
                     os.killpg(self.proc.pid, signal.SIGKILL)
                     self.proc.wait(10)
