@@ -48,8 +48,17 @@ class Worker:
         self.log = work / f"{self.name}.log"
         self.proc = subprocess.Popen(
             [
-                CELERY, "-A", "worker.celery_app", "worker", "--pool=prefork", "--concurrency=1",
-                "--queues=qscore", "-n", f"{self.name}@%h", "--without-gossip", "--without-mingle",
+                CELERY,
+                "-A",
+                "worker.celery_app",
+                "worker",
+                "--pool=prefork",
+                "--concurrency=1",
+                "--queues=qscore",
+                "-n",
+                f"{self.name}@%h",
+                "--without-gossip",
+                "--without-mingle",
                 "--loglevel=INFO",
             ],
             cwd=REPO,
@@ -83,7 +92,9 @@ def main() -> None:
     parser.add_argument("--faults", type=int, default=6)
     parser.add_argument("--freeze-share", type=float, default=0.34, help="Share of faults that are SIGSTOPs.")
     parser.add_argument("--fault-every", type=float, default=15.0, help="Mean seconds between faults.")
-    parser.add_argument("--heartbeat", type=float, default=None, help="QSCORE_BROKER_HEARTBEAT_S; default: the project's.")
+    parser.add_argument(
+        "--heartbeat", type=float, default=None, help="QSCORE_BROKER_HEARTBEAT_S; default: the project's."
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/7", help="A Redis database it may flush.")
     parser.add_argument("--amqp", default="amqp://guest:guest@127.0.0.1:5672", help="RabbitMQ, without vhost.")
@@ -100,7 +111,9 @@ def main() -> None:
     registry, data = _registry(work)
     vhost = f"qscore-bench-{uuid.uuid4().hex[:8]}"
     subprocess.run(["rabbitmqctl", "add_vhost", vhost], check=True, capture_output=True)
-    subprocess.run(["rabbitmqctl", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"], check=True, capture_output=True)
+    subprocess.run(
+        ["rabbitmqctl", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"], check=True, capture_output=True
+    )
     redis.Redis.from_url(args.redis).flushdb()
     env = {
         **os.environ,
@@ -117,7 +130,9 @@ def main() -> None:
     }
     if args.heartbeat is not None:
         env["QSCORE_BROKER_HEARTBEAT_S"] = str(args.heartbeat)
-    settings = Settings(**{k.removeprefix("QSCORE_").lower(): v for k, v in env.items() if k.startswith("QSCORE_")})
+    values: dict[str, Any] = {k.removeprefix("QSCORE_").lower(): v for k, v in env.items() if k.startswith("QSCORE_")}
+    values["datasets"] = json.loads(values["datasets"])
+    settings = Settings(**values)
     store = RedisJobStore(args.redis)
     workers = [Worker(env, work), Worker(env, work)]
     frozen: list[tuple[Worker, str, int]] = []
@@ -149,15 +164,23 @@ def main() -> None:
                     frozen.remove((worker, job_id, attempts))
             if pending_faults and now >= next_fault:
                 busy = [
-                    (w, r) for r in records.values() if r.state == "running" and r.history
-                    for w in workers if w.runs(r.history[-1]) and w.proc.poll() is None
+                    (w, r)
+                    for r in records.values()
+                    if r.state == "running" and r.history
+                    for w in workers
+                    if w.runs(r.history[-1]) and w.proc.poll() is None
                 ]
                 busy = [(w, r) for w, r in busy if all(w is not f[0] for f in frozen)]
                 if busy:
                     worker, record = rng.choice(busy)
                     kind = pending_faults.pop()
-                    fault = {"kind": kind, "job": record.id, "attempts_before": record.attempts,
-                             "step": record.metrics.get("step"), "t": time.monotonic()}
+                    fault = {
+                        "kind": kind,
+                        "job": record.id,
+                        "attempts_before": record.attempts,
+                        "step": record.metrics.get("step"),
+                        "t": time.monotonic(),
+                    }
                     if kind == "kill":
                         worker.signal(signal.SIGKILL)
                         worker.proc.wait(10)
@@ -206,15 +229,36 @@ def main() -> None:
         "machine": platform.platform(),
     }
     for kind in ("kill", "freeze"):
-        times = [f["seconds_to_running_again"] for f in faults if f["kind"] == kind and f.get("seconds_to_running_again") is not None]
+        times = [
+            f["seconds_to_running_again"]
+            for f in faults
+            if f["kind"] == kind and f.get("seconds_to_running_again") is not None
+        ]
         if times:
             result["seconds_to_running_again"][kind] = {
-                "n": len(times), "median": round(statistics.median(times), 2), "max": round(max(times), 2)
+                "n": len(times),
+                "median": round(statistics.median(times), 2),
+                "max": round(max(times), 2),
             }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("jobs", "faults", "jobs_lost", "duplicate_outputs", "attempts",
-                                             "superseded_attempts", "seconds_to_running_again", "elapsed_s")}))
+    print(
+        json.dumps(
+            {
+                k: result[k]
+                for k in (
+                    "jobs",
+                    "faults",
+                    "jobs_lost",
+                    "duplicate_outputs",
+                    "attempts",
+                    "superseded_attempts",
+                    "seconds_to_running_again",
+                    "elapsed_s",
+                )
+            }
+        )
+    )
 
 
 def _registry(work: Path) -> tuple[Any, Path]:
@@ -234,8 +278,12 @@ def _registry(work: Path) -> tuple[Any, Path]:
         encoder,
         image_folder(data, eval_transform(spec)),
         dataset_name="bench",
-        encoder_ref=EncoderRef(fingerprint=fingerprint(encoder.backbone_state_dict()), arch="resnet18",
-                               feature_dim=spec.feature_dim, model_version="bench"),
+        encoder_ref=EncoderRef(
+            fingerprint=fingerprint(encoder.backbone_state_dict()),
+            arch="resnet18",
+            feature_dim=spec.feature_dim,
+            model_version="bench",
+        ),
         eps="auto",
         selection=make_selection(),
         sample_size=None,
@@ -254,8 +302,14 @@ def _submit(settings: Any, store: Any, steps: int) -> str:
     from worker.params import RegularizeParams, resolve
 
     params = RegularizeParams.model_validate(
-        {"dataset": "bench", "batch_size": 32, "epochs": 20, "max_steps": steps, "checkpoint_every": 2,
-         "discover": {"dataset": "bench", "eps": "auto", "sample_size": 100, "batch_size": 50}}
+        {
+            "dataset": "bench",
+            "batch_size": 32,
+            "epochs": 20,
+            "max_steps": steps,
+            "checkpoint_every": 2,
+            "discover": {"dataset": "bench", "eps": "auto", "sample_size": 100, "batch_size": 50},
+        }
     )
     resolved = resolve(params, settings)
     backend = _submit.__dict__.setdefault("backend", CeleryBackend(settings))
@@ -269,7 +323,9 @@ def _duplicates(registry: Any, records: list[Any]) -> list[str]:
     for folder in (registry.models_dir, registry.feature_sets_dir):
         out += [f"leftover {p.name}" for p in folder.iterdir() if p.name.startswith(".tmp-")]
     for record in records:
-        versions = [p.name for f in (registry.models_dir, registry.feature_sets_dir) for p in f.iterdir() if record.id in p.name]
+        versions = [
+            p.name for f in (registry.models_dir, registry.feature_sets_dir) for p in f.iterdir() if record.id in p.name
+        ]
         if len(versions) > 2:
             out.append(f"{record.id}: {versions}")
         if sum(1 for a in record.history if a.outcome == "succeeded") > 1:

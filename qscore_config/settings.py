@@ -99,8 +99,12 @@ class Settings(BaseSettings):
     def _broker(self) -> Settings:
         if self.broker_url and not self.redis_url:
             raise ValueError("QSCORE_BROKER_URL needs QSCORE_REDIS_URL too (job records and results live in Redis)")
-        if self.broker_url and not self.broker_url.startswith(("amqp://", "amqps://", "pyamqp://", "redis://", "rediss://")):
-            raise ValueError(f"QSCORE_BROKER_URL must be an amqp:// or redis:// URL, got {self.broker_url.split(':')[0]!r}")
+        if self.broker_url and not self.broker_url.startswith(
+            ("amqp://", "amqps://", "pyamqp://", "redis://", "rediss://")
+        ):
+            raise ValueError(
+                f"QSCORE_BROKER_URL must be an amqp:// or redis:// URL, got {self.broker_url.split(':')[0]!r}"
+            )
         return self
 
     @property

@@ -46,8 +46,14 @@ def create_celery(settings: Settings) -> Celery:
         # hard time limit, like Redis's visibility timeout.
         consumer_timeout_ms = 1000 * settings.visibility_timeout_s
         app.conf.update(
-            task_queues=[Queue(QUEUE, Exchange(QUEUE), routing_key=QUEUE,
-                               queue_arguments={"x-consumer-timeout": consumer_timeout_ms})],
+            task_queues=[
+                Queue(
+                    QUEUE,
+                    Exchange(QUEUE),
+                    routing_key=QUEUE,
+                    queue_arguments={"x-consumer-timeout": consumer_timeout_ms},
+                )
+            ],
             broker_heartbeat=settings.broker_heartbeat_s,
             broker_transport_options={"confirm_publish": True},
             # A worker that lost its connection keeps its running task: the fencing in the job

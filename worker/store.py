@@ -490,13 +490,13 @@ class SqliteJobStore(TransitionStore):
 
     def list(self, limit: int = 100, state: str | None = None) -> list[JobRecord]:
         if state is None:
-            rows = self._conn().execute(
-                "SELECT record FROM jobs ORDER BY created_at DESC LIMIT ?", (limit,)
-            ).fetchall()
+            rows = self._conn().execute("SELECT record FROM jobs ORDER BY created_at DESC LIMIT ?", (limit,)).fetchall()
         else:
-            rows = self._conn().execute(
-                "SELECT record FROM jobs WHERE state = ? ORDER BY created_at DESC LIMIT ?", (state, limit)
-            ).fetchall()
+            rows = (
+                self._conn()
+                .execute("SELECT record FROM jobs WHERE state = ? ORDER BY created_at DESC LIMIT ?", (state, limit))
+                .fetchall()
+            )
         return [JobRecord.model_validate_json(r[0]) for r in rows]
 
     def complete_step(self, job_id: str, attempt: int, step: str) -> bool:
@@ -507,9 +507,11 @@ class SqliteJobStore(TransitionStore):
             return cursor.rowcount == 1
 
     def step_done(self, job_id: str, attempt: int, step: str) -> bool:
-        row = self._conn().execute(
-            "SELECT 1 FROM job_steps WHERE job_id = ? AND step = ?", (job_id, _attempt_step(attempt, step))
-        ).fetchone()
+        row = (
+            self._conn()
+            .execute("SELECT 1 FROM job_steps WHERE job_id = ? AND step = ?", (job_id, _attempt_step(attempt, step)))
+            .fetchone()
+        )
         return row is not None
 
     def state_counts(self) -> dict[tuple[str, str], int]:
@@ -518,9 +520,11 @@ class SqliteJobStore(TransitionStore):
 
     def unfinished(self) -> list[JobRecord]:
         """Queued and running jobs, oldest first (to resume after a restart)."""
-        rows = self._conn().execute(
-            "SELECT record FROM jobs WHERE state IN ('queued', 'running') ORDER BY created_at"
-        ).fetchall()
+        rows = (
+            self._conn()
+            .execute("SELECT record FROM jobs WHERE state IN ('queued', 'running') ORDER BY created_at")
+            .fetchall()
+        )
         return [JobRecord.model_validate_json(r[0]) for r in rows]
 
     def requeue_interrupted(self, job_id: str, reason: str) -> bool:

@@ -39,7 +39,9 @@ REGULARIZE = {
 @pytest.fixture()
 def env(job_env: dict[str, str], redis_url: str, rabbitmq_url: str) -> dict[str, str]:
     """The project's default job settings (time limit 6 h, heartbeat 30 s), RabbitMQ as broker."""
-    defaults = {k: v for k, v in job_env.items() if k not in ("QSCORE_JOB_TIME_LIMIT_S", "QSCORE_JOB_VISIBILITY_TIMEOUT_S")}
+    defaults = {
+        k: v for k, v in job_env.items() if k not in ("QSCORE_JOB_TIME_LIMIT_S", "QSCORE_JOB_VISIBILITY_TIMEOUT_S")
+    }
     return {**defaults, "QSCORE_REDIS_URL": redis_url, "QSCORE_BROKER_URL": rabbitmq_url}
 
 
@@ -77,7 +79,10 @@ def _single_outputs(registry: Registry, job_id: str) -> None:
 
 
 def test_whole_worker_sigkill_with_default_settings_runs_again_on_another_worker(
-    env: dict[str, str], api: Callable[..., TestClient], start_worker: Callable[..., CeleryWorker], tiny_registry: Registry
+    env: dict[str, str],
+    api: Callable[..., TestClient],
+    start_worker: Callable[..., CeleryWorker],
+    tiny_registry: Registry,
 ) -> None:
     """SIGKILL a worker's whole process group mid-training: RabbitMQ gives the job to the other
     worker as the connection drops (default settings: no 6 h visibility timeout to wait for)."""
@@ -103,7 +108,10 @@ def test_whole_worker_sigkill_with_default_settings_runs_again_on_another_worker
 
 
 def test_cut_off_worker_comes_back_stops_its_copy_and_writes_nothing(
-    env: dict[str, str], api: Callable[..., TestClient], start_worker: Callable[..., CeleryWorker], tiny_registry: Registry
+    env: dict[str, str],
+    api: Callable[..., TestClient],
+    start_worker: Callable[..., CeleryWorker],
+    tiny_registry: Registry,
 ) -> None:
     """SIGSTOP the worker running a job (its connections stay open): after the AMQP heartbeat
     timeout RabbitMQ gives the job to the other worker; SIGCONT the first while the job runs
