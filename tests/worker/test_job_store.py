@@ -153,3 +153,33 @@ def test_submit_beyond_max_queued_jobs_gets_503_with_retry_after(job_env: dict[s
         assert 'qscore_jobs{state="queued",type="discover"} 1.0' in text
         assert 'qscore_jobs{state="cancelled",type="discover"} 1.0' in text
         assert client.post("/jobs/discover", json={"dataset": "slice-train"}).status_code == 202
+
+
+def test_broker_settings_are_checked_at_start() -> None:
+    from pydantic import ValidationError
+
+    from qscore_config.settings import Settings
+
+    settings = Settings(redis_url="redis://127.0.0.1:6379/0")
+    assert settings.broker == "redis://127.0.0.1:6379/0" and not settings.broker_is_amqp
+    settings = Settings(redis_url="redis://r:6379/0", broker_url="amqp://u:p@rabbitmq:5672/qscore")
+    assert settings.broker == "amqp://u:p@rabbitmq:5672/qscore" and settings.broker_is_amqp
+    with pytest.raises(ValidationError, match="QSCORE_BROKER_URL needs QSCORE_REDIS_URL"):
+        Settings(broker_url="amqp://u:p@rabbitmq:5672/qscore")
+    with pytest.raises(ValidationError, match="must be an amqp:// or redis:// URL"):
+        Settings(redis_url="redis://r:6379/0", broker_url="sqs://queue")
+    with pytest.raises(ValidationError):
+        Settings(max_queued_jobs=0)
+
+
+def test_celery_app_declares_the_queue_with_a_consumer_timeout_above_the_hard_limit() -> None:
+    from qscore_config.settings import Settings
+    from worker.celery_app import create_celery
+
+    settings = Settings(redis_url="redis://r:6379/0", broker_url="amqp://u:p@rabbitmq:5672/qscore")
+    app = create_celery(settings)
+    (queue,) = app.conf.task_queues
+    timeout_ms = queue.queue_arguments["x-consumer-timeout"]
+    assert timeout_ms == 1000 * settings.visibility_timeout_s > 1000 * settings.job_hard_time_limit_s
+    assert app.conf.broker_heartbeat == 30.0 and app.conf.task_acks_late and app.conf.task_reject_on_worker_lost
+    assert app.conf.result_backend == "redis://r:6379/0"
