@@ -17,7 +17,7 @@ leftover temporary, or two attempts that both succeeded; goal 0), and the time f
 to the job running again (a new attempt started; goal at most 120 s), median and max per kind.
 Writes ``benchmarks/results/faults.json``.
 
-    .venv/bin/python benchmarks/bench_faults.py [--jobs 20] [--faults 6] [--freeze-share 0.34]
+    .venv/bin/python benchmarks/bench_faults.py [--jobs 20] [--faults 8] [--freeze-share 0.34]
 """
 
 from __future__ import annotations
@@ -88,10 +88,10 @@ class Worker:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=20)
-    parser.add_argument("--steps", type=int, default=12, help="Training steps per job.")
-    parser.add_argument("--faults", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=40, help="Training steps per job.")
+    parser.add_argument("--faults", type=int, default=8)
     parser.add_argument("--freeze-share", type=float, default=0.34, help="Share of faults that are SIGSTOPs.")
-    parser.add_argument("--fault-every", type=float, default=15.0, help="Mean seconds between faults.")
+    parser.add_argument("--fault-every", type=float, default=8.0, help="Mean seconds between faults.")
     parser.add_argument(
         "--heartbeat", type=float, default=None, help="QSCORE_BROKER_HEARTBEAT_S; default: the project's."
     )

@@ -99,7 +99,14 @@ def _worker_init(**_: object) -> None:
     settings = get_settings()
     if settings.redis_url is None:
         raise RuntimeError("a worker needs QSCORE_REDIS_URL (without Redis, jobs run inside the service)")
-    log.info("broker %s, job store Redis", "RabbitMQ" if settings.broker_is_amqp else "Redis")
+    if settings.broker_is_amqp:
+        log.info("broker RabbitMQ (heartbeat %s s), job store Redis", settings.broker_heartbeat_s)
+    else:
+        log.warning(
+            "broker Redis: the job of a worker that is lost runs again only after the visibility timeout "
+            "(%d s); set QSCORE_BROKER_URL to a RabbitMQ to have it re-delivered within seconds",
+            settings.visibility_timeout_s,
+        )
     from models.registry import Registry
 
     removed = Registry(settings.registry_root).clean()
