@@ -51,7 +51,7 @@ class Settings(BaseSettings):
         "re-delivers the job of a lost worker at once (connection closed) or after the heartbeat timeout.",
     )
     broker_heartbeat_s: float = Field(
-        30.0,
+        20.0,
         ge=0,
         description="AMQP heartbeat: RabbitMQ drops a silent (cut-off, frozen) worker's connection after about "
         "twice this, and re-delivers its job; 0 = none.",

@@ -38,7 +38,7 @@ REGULARIZE = {
 
 @pytest.fixture()
 def env(job_env: dict[str, str], redis_url: str, rabbitmq_url: str) -> dict[str, str]:
-    """The project's default job settings (time limit 6 h, heartbeat 30 s), RabbitMQ as broker."""
+    """The project's default job settings (time limit 6 h, heartbeat 20 s), RabbitMQ as broker."""
     defaults = {
         k: v for k, v in job_env.items() if k not in ("QSCORE_JOB_TIME_LIMIT_S", "QSCORE_JOB_VISIBILITY_TIMEOUT_S")
     }

@@ -181,5 +181,5 @@ def test_celery_app_declares_the_queue_with_a_consumer_timeout_above_the_hard_li
     (queue,) = app.conf.task_queues
     timeout_ms = queue.queue_arguments["x-consumer-timeout"]
     assert timeout_ms == 1000 * settings.visibility_timeout_s > 1000 * settings.job_hard_time_limit_s
-    assert app.conf.broker_heartbeat == 30.0 and app.conf.task_acks_late and app.conf.task_reject_on_worker_lost
+    assert app.conf.broker_heartbeat == 20.0 and app.conf.task_acks_late and app.conf.task_reject_on_worker_lost
     assert app.conf.result_backend == "redis://r:6379/0"
