@@ -1,4 +1,5 @@
 # A GPU job worker: one container per GPU (compose reserves the device), one task at a time.
+# Jobs come from the broker (QSCORE_BROKER_URL: RabbitMQ in compose), records go to QSCORE_REDIS_URL.
 FROM pytorch/pytorch:2.10.0-cuda12.8-cudnn9-runtime
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1

@@ -42,7 +42,21 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="When set, admin and job endpoints need header X-API-Key.")
 
     # -- jobs -----------------------------------------------------------------------------
-    redis_url: str | None = Field(None, description="Broker and job store; unset = jobs run in-process.")
+    redis_url: str | None = Field(
+        None, description="Job store and result backend (and broker unless QSCORE_BROKER_URL); unset = embedded."
+    )
+    broker_url: str | None = Field(
+        None,
+        description="Celery broker, e.g. amqp://guest:guest@rabbitmq:5672//; default: QSCORE_REDIS_URL. RabbitMQ "
+        "re-delivers the job of a lost worker at once (connection closed) or after the heartbeat timeout.",
+    )
+    broker_heartbeat_s: float = Field(
+        20.0,
+        ge=0,
+        description="AMQP heartbeat: RabbitMQ drops a silent (cut-off, frozen) worker's connection after about "
+        "twice this, and re-delivers its job; 0 = none.",
+    )
+    max_queued_jobs: int = Field(100, ge=1, description="Jobs waiting to start; beyond it, POST /jobs/* answers 503.")
     datasets: dict[str, Path] = Field(default_factory=dict, description='JSON: {"name": "/folder"}.')
     job_time_limit_s: int = Field(6 * 3600, ge=10)
     job_checkpoint_dir: Path = Field(Path(".qscore/checkpoints"))
@@ -80,6 +94,32 @@ class Settings(BaseSettings):
                 "jobs that are still running"
             )
         return self
+
+    @model_validator(mode="after")
+    def _broker(self) -> Settings:
+        if self.broker_url and not self.redis_url:
+            raise ValueError("QSCORE_BROKER_URL needs QSCORE_REDIS_URL too (job records and results live in Redis)")
+        if self.broker_url and not self.broker_url.startswith(
+            ("amqp://", "amqps://", "pyamqp://", "redis://", "rediss://")
+        ):
+            raise ValueError(
+                f"QSCORE_BROKER_URL must be an amqp:// or redis:// URL, got {self.broker_url.split(':')[0]!r}"
+            )
+        return self
+
+    @property
+    def broker(self) -> str | None:
+        """The Celery broker: QSCORE_BROKER_URL, else QSCORE_REDIS_URL."""
+        return self.broker_url or self.redis_url
+
+    @property
+    def broker_is_amqp(self) -> bool:
+        return bool(self.broker and self.broker.split("://")[0] in ("amqp", "amqps", "pyamqp"))
+
+    @property
+    def job_hard_time_limit_s(self) -> int:
+        """Hard limit: the process running the job is killed (soft limit + 60 s to clean up)."""
+        return self.job_time_limit_s + 60
 
     @property
     def visibility_timeout_s(self) -> int:

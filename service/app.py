@@ -45,6 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.holder, app.state.batcher = holder, batcher
         app.state.metrics.attach(holder, batcher)
         app.state.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="qscore-decode")
+        jobs.start_embedded_jobs(app, settings)
         watcher = None
         if settings.auto_switch:
             watcher = asyncio.get_running_loop().create_task(holder.watch(settings.registry_poll_seconds))
@@ -56,6 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
             await batcher.stop()
+            jobs.stop_jobs(app)
             app.state.decode_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(

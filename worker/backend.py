@@ -1,7 +1,8 @@
 """What the API talks to: a job store and a way to start jobs, with Redis or embedded.
 
 ``make_backend(settings)`` picks :class:`CeleryBackend` when ``QSCORE_REDIS_URL`` is set (records
-in Redis, tasks to the Celery workers) and :class:`EmbeddedRunner` otherwise.
+in Redis, tasks to the Celery workers through the broker, ``QSCORE_BROKER_URL``) and
+:class:`EmbeddedRunner` otherwise (records in SQLite, jobs in a child process of the service).
 """
 
 from __future__ import annotations

@@ -2,8 +2,11 @@
 
 Long GPU jobs need more than Celery's defaults (FIELD-NOTES, "Celery with PyTorch on GPUs"):
 one task at a time per process (prefetch 1), late acknowledgement with re-delivery when the
-process running a task dies, a Redis visibility timeout above the longest job, time limits, and
-no CUDA in the parent before the pool forks (encoders are loaded lazily in the child).
+process running a task dies, time limits, and no CUDA in the parent before the pool forks
+(encoders are loaded lazily in the child). The broker is RabbitMQ (``QSCORE_BROKER_URL``), which
+re-delivers the job of a lost worker within the heartbeat timeout, or Redis, which re-delivers
+it only after the visibility timeout (above the longest job: hours). Results and job records
+are in Redis either way.
 
 Start a worker with ``qscore worker`` (or ``celery -A worker.celery_app worker``).
 """
@@ -16,6 +19,7 @@ import shutil
 import time
 
 from celery import Celery, signals
+from kombu import Exchange, Queue
 
 from qscore_config.settings import Settings, get_settings
 
@@ -30,9 +34,34 @@ TASK_NAMES = {
 
 
 def create_celery(settings: Settings) -> Celery:
-    url = settings.redis_url or "memory://"  # no Redis: embedded mode never sends to this app
-    app = Celery("qscore", broker=url, backend=None if url == "memory://" else url, include=["worker.tasks"])
+    broker = settings.broker or "memory://"  # no Redis: embedded mode never sends to this app
+    app = Celery("qscore", broker=broker, backend=settings.redis_url, include=["worker.tasks"])
     visibility = {"visibility_timeout": settings.visibility_timeout_s}
+    if settings.broker_is_amqp:
+        # RabbitMQ re-delivers the unacknowledged job of a worker whose connection closes: at once
+        # when its processes die, after the heartbeat timeout when it is frozen or cut off. Its
+        # consumer_timeout (30 min by default) would also close the channel of a worker holding
+        # one job longer than that, and start a second copy: the queue's x-consumer-timeout
+        # (RabbitMQ 3.12+; older servers need consumer_timeout in rabbitmq.conf) sits above the
+        # hard time limit, like Redis's visibility timeout.
+        consumer_timeout_ms = 1000 * settings.visibility_timeout_s
+        app.conf.update(
+            task_queues=[
+                Queue(
+                    QUEUE,
+                    Exchange(QUEUE),
+                    routing_key=QUEUE,
+                    queue_arguments={"x-consumer-timeout": consumer_timeout_ms},
+                )
+            ],
+            broker_heartbeat=settings.broker_heartbeat_s,
+            broker_transport_options={"confirm_publish": True},
+            # A worker that lost its connection keeps its running task: the fencing in the job
+            # record (worker.store) stops it if the broker gave the job to another worker.
+            worker_cancel_long_running_tasks_on_connection_loss=False,
+        )
+    else:
+        app.conf.update(broker_transport_options=visibility)
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -43,8 +72,7 @@ def create_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         task_track_started=True,
         task_soft_time_limit=settings.job_time_limit_s,
-        task_time_limit=settings.job_time_limit_s + 60,
-        broker_transport_options=visibility,
+        task_time_limit=settings.job_hard_time_limit_s,
         result_backend_transport_options=visibility,
         result_expires=7 * 24 * 3600,
         broker_connection_retry_on_startup=True,
@@ -71,6 +99,14 @@ def _worker_init(**_: object) -> None:
     settings = get_settings()
     if settings.redis_url is None:
         raise RuntimeError("a worker needs QSCORE_REDIS_URL (without Redis, jobs run inside the service)")
+    if settings.broker_is_amqp:
+        log.info("broker RabbitMQ (heartbeat %s s), job store Redis", settings.broker_heartbeat_s)
+    else:
+        log.warning(
+            "broker Redis: the job of a worker that is lost runs again only after the visibility timeout "
+            "(%d s); set QSCORE_BROKER_URL to a RabbitMQ to have it re-delivered within seconds",
+            settings.visibility_timeout_s,
+        )
     from models.registry import Registry
 
     removed = Registry(settings.registry_root).clean()

@@ -42,11 +42,16 @@ class JobAlreadyOver(Exception):
     """A shard of a job that already ended (failed, cancelled): nothing left to do."""
 
 
+class JobSuperseded(Exception):
+    """A later attempt holds the job (this one's worker was cut off, then came back): stop, write nothing."""
+
+
 @dataclass
 class JobContext:
     job_id: str
     store: JobStore
     settings: Settings
+    attempt: int = 0  # set by ``start``; carried by the shard tasks of a discovery
     _last_write: float = field(default=0.0, repr=False)
 
     @property
@@ -60,11 +65,35 @@ class JobContext:
         return Path(self.settings.job_checkpoint_dir) / self.job_id
 
     def cancelled(self) -> bool:
-        return self.store.cancel_requested(self.job_id)
+        """Cancellation requested? Raises :class:`JobSuperseded` when a later attempt holds the job.
+
+        Asked between training steps, before checkpoints and before every write of an output.
+        """
+        holds, cancel = self.store.holds(self.job_id, self.attempt)
+        if not holds:
+            raise JobSuperseded(self._superseded_reason())
+        return cancel
 
     def check_cancelled(self) -> None:
         if self.cancelled():
             raise JobCancelled("cancelled by request")
+
+    def fence(self) -> None:
+        """Go on only while this attempt holds the job (before checkpoints and output writes)."""
+        self.cancelled()
+
+    def _superseded_reason(self) -> str:
+        record = self.store.get(self.job_id)
+        if record is None:
+            return "the job record is gone"
+        if record.attempts != self.attempt:
+            later = record.history[-1] if record.history else None
+            where = f" on {later.worker}" if later is not None and later.worker else ""
+            return (
+                f"attempt {record.attempts}{where} took the job over while this attempt was cut off; "
+                "stopped without writing"
+            )
+        return f"the job ended ({record.state}) while this attempt was cut off; stopped without writing"
 
     def progress(self, fraction: float, metrics: dict[str, Any] | None = None, *, force: bool = False) -> None:
         """Record progress (0..1) and metrics so far; at most a few writes a second."""
@@ -72,9 +101,14 @@ class JobContext:
         if not force and now - self._last_write < 0.5:
             return
         self._last_write = now
-        self.store.update(self.job_id, progress=round(min(max(fraction, 0.0), 1.0), 4))
+        if not self.store.update(self.job_id, self.attempt, progress=round(min(max(fraction, 0.0), 1.0), 4)):
+            raise JobSuperseded(self._superseded_reason())
         if metrics:
-            self.store.merge_metrics(self.job_id, clean(metrics))
+            self.merge_metrics(metrics)
+
+    def merge_metrics(self, metrics: dict[str, Any]) -> None:
+        if not self.store.merge_metrics(self.job_id, self.attempt, clean(metrics)):
+            raise JobSuperseded(self._superseded_reason())
 
 
 def clean(value: Any) -> Any:
@@ -88,23 +122,30 @@ def clean(value: Any) -> Any:
     return value
 
 
+def worker_name() -> str:
+    import os
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 # -- running a job and recording its outcome -------------------------------------------------
-def start(ctx: JobContext) -> bool:
-    """Mark the job running (a delivery more); False when it must not run (over, cancelled)."""
-    outcome = ctx.store.begin(ctx.job_id)
+def start(ctx: JobContext, worker: str | None = None) -> bool:
+    """Start an attempt (a delivery more); False when it must not run (over, cancelled)."""
+    outcome, attempt = ctx.store.begin(ctx.job_id, worker or worker_name())
     if outcome != BEGIN_RUN:
         log.info("job %s not run: %s", ctx.job_id, outcome)
         return False
-    record = ctx.store.get(ctx.job_id)
-    if record is not None and record.attempts > MAX_ATTEMPTS:
+    ctx.attempt = attempt
+    if attempt > MAX_ATTEMPTS:
         finish(
             ctx,
             "failed",
-            error=f"the worker running this job died {record.attempts - 1} times; not retried",
+            error=f"the job was started {attempt} times (its worker kept dying or losing the broker); not retried",
         )
         return False
-    if record is not None and record.attempts > 1:
-        log.warning("job %s delivered again (attempt %d): resuming", ctx.job_id, record.attempts)
+    if attempt > 1:
+        log.warning("job %s delivered again (attempt %d): resuming", ctx.job_id, attempt)
     return True
 
 
@@ -112,6 +153,40 @@ def run(ctx: JobContext, body: Callable[[JobContext], tuple[dict[str, Any], dict
     """Start the job (unless over or cancelled), run ``body`` and record the outcome."""
     if start(ctx):
         guarded(ctx, lambda: succeed(ctx, *body(ctx)))
+
+
+def oom_message(exc: BaseException, batch_size: int | None) -> str | None:
+    """The job's error for a device out-of-memory error (None for any other error).
+
+    ``torch.OutOfMemoryError`` (CUDA, alias ``torch.cuda.OutOfMemoryError``), the MPS/XPU
+    "out of memory" and the CPU allocator's "can't allocate memory" RuntimeErrors: the message
+    names the batch size to lower.
+    """
+    import torch
+
+    text = str(exc)
+    device_oom = isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+    )
+    if not device_oom:
+        return None
+    first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    if batch_size is not None:
+        advice = f"lower batch_size (it was {batch_size}; try {max(1, batch_size // 2)})"
+    else:
+        advice = "lower batch_size"
+    return f"the device ran out of memory: {advice} and submit the job again ({first_line[:300]})"
+
+
+def free_device_memory() -> None:
+    """Give the caching allocator's blocks back, so the next job on this device starts clean."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def guarded(ctx: JobContext, step: Callable[[], Any]) -> Any:
@@ -122,6 +197,10 @@ def guarded(ctx: JobContext, step: Callable[[], Any]) -> Any:
 
     try:
         return step()
+    except JobSuperseded as exc:
+        log.warning("job %s attempt %d stopped: %s", ctx.job_id, ctx.attempt, exc)
+        ctx.store.end_attempt(ctx.job_id, ctx.attempt, "superseded", str(exc))
+        raise JobAlreadyOver(ctx.job_id) from None
     except (JobCancelled, TrainingCancelled) as exc:
         finish(ctx, "cancelled", error=f"cancelled by request ({exc})")
         raise JobAlreadyOver(ctx.job_id) from None
@@ -131,9 +210,18 @@ def guarded(ctx: JobContext, step: Callable[[], Any]) -> Any:
     except JobAlreadyOver:
         raise
     except Exception as exc:
-        log.exception("job %s failed", ctx.job_id)
-        finish(ctx, "failed", error=f"{type(exc).__name__}: {exc}")
-        raise JobAlreadyOver(ctx.job_id) from None
+        record = ctx.store.get(ctx.job_id)
+        message = oom_message(exc, record.params.get("batch_size") if record is not None else None)
+        if message is None:
+            log.exception("job %s failed", ctx.job_id)
+            finish(ctx, "failed", error=f"{type(exc).__name__}: {exc}")
+            raise JobAlreadyOver(ctx.job_id) from None
+    # Out of device memory. Out of the except block, so that the traceback, whose frames hold
+    # the tensors, is gone before the cache is emptied: the next job gets the device back.
+    log.error("job %s: %s", ctx.job_id, message)
+    free_device_memory()
+    finish(ctx, "failed", error=message)
+    raise JobAlreadyOver(ctx.job_id)
 
 
 def succeed(ctx: JobContext, result: dict[str, Any], artifacts: dict[str, str]) -> None:
@@ -141,9 +229,10 @@ def succeed(ctx: JobContext, result: dict[str, Any], artifacts: dict[str, str]) 
 
 
 def finish(ctx: JobContext, state: JobState, **fields: Any) -> None:
+    """End the job with ``state``, only while this attempt holds it (else nothing is written)."""
     from worker import metrics
 
-    if ctx.store.finish(ctx.job_id, state, **fields):
+    if ctx.store.finish(ctx.job_id, state, ctx.attempt or None, **fields):
         record = ctx.store.get(ctx.job_id)
         if record is not None:
             duration = (record.finished_at or time.time()) - (record.started_at or record.created_at)
@@ -161,6 +250,7 @@ def params_of(ctx: JobContext, model: type[Any]) -> Any:
 
 
 def _activate(ctx: JobContext, wanted: bool | None, model: str, feature_set: str) -> bool:
+    ctx.fence()
     if wanted if wanted is not None else ctx.settings.auto_switch:
         ctx.registry.set_active(model, feature_set)
         return True
@@ -268,10 +358,12 @@ def _shard_reference(ctx: JobContext, p: DiscoverParams, plan: DiscoverPlan) -> 
 
 
 def _guard_shard(ctx: JobContext) -> None:
-    record = ctx.store.get(ctx.job_id)
-    if record is None or record.state != "running":
+    """Go on only while the job runs under this shard's attempt (else end the chain quietly)."""
+    holds, cancel = ctx.store.holds(ctx.job_id, ctx.attempt)
+    if not holds:
         raise JobAlreadyOver(ctx.job_id)
-    ctx.check_cancelled()
+    if cancel:
+        raise JobCancelled("cancelled by request")
 
 
 def count_shard(ctx: JobContext, plan: DiscoverPlan, k: int) -> dict[str, Any]:
@@ -376,6 +468,7 @@ def discover_finalize(
         )
         # The reference bank and typicality, written with the feature set (issue 10).
         feature_set = with_typicality(feature_set, *_shard_reference(ctx, p, plan))
+        ctx.fence()
         registry.add_feature_set(feature_set, version=version)
     feature_set = registry.load_feature_set(version)
     activated = _activate(ctx, p.activate, p.model, version)
@@ -442,6 +535,7 @@ def _discover_in_process(
             device=_device(ctx),
             on_progress=on_progress,
         )
+        ctx.fence()
         registry.add_feature_set(feature_set, version=version)
     return registry.load_feature_set(version)
 
@@ -481,6 +575,8 @@ def regularize(ctx: JobContext) -> tuple[dict[str, Any], dict[str, str]]:
         )
 
         def on_step(record: Any, progress: float) -> None:
+            if record.step % p.checkpoint_every == 0:
+                ctx.fence()  # a checkpoint is written next: only by the attempt holding the job
             ctx.progress(0.85 * progress, {"phase": "training", **asdict(record)}, force=progress >= 1.0)
 
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
@@ -507,7 +603,7 @@ def regularize(ctx: JobContext) -> tuple[dict[str, Any], dict[str, str]]:
             "feature_set": p.feature_set,
             "dataset": p.dataset,
         }
-        ctx.store.merge_metrics(ctx.job_id, {"steps": result.steps, "resumed_from": result.resumed_from})
+        ctx.merge_metrics({"steps": result.steps, "resumed_from": result.resumed_from})
         ctx.check_cancelled()
         registry.add_model(imported.encoder, version=model_version, parent=p.model, training=clean(training))
     record = registry.model_record(model_version)
@@ -568,17 +664,14 @@ def evaluate(ctx: JobContext) -> tuple[dict[str, Any], dict[str, str]]:
     ctx.check_cancelled()
     if not registry.feature_set_dir(version).exists():
         registry.add_feature_set(calibrated, version=version)
-    ctx.store.merge_metrics(
-        ctx.job_id,
-        clean(
-            {
-                "top1": report["top1"],
-                "auroc": report["q_score"]["auroc"],
-                "auprc": report["q_score"]["auprc"],
-                "risk_auroc": report["risk"]["combined"]["auroc"],
-                "risk_ece": report["risk"]["combined"]["ece"],
-            }
-        ),
+    ctx.merge_metrics(
+        {
+            "top1": report["top1"],
+            "auroc": report["q_score"]["auroc"],
+            "auprc": report["q_score"]["auprc"],
+            "risk_auroc": report["risk"]["combined"]["auroc"],
+            "risk_ece": report["risk"]["combined"]["ece"],
+        }
     )
     activated = _activate(ctx, p.activate, p.model, version)
     return (

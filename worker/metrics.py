@@ -67,24 +67,30 @@ def mark_child_dead(pid: int) -> None:
 
 
 class JobStateCollector:
-    """``qscore_jobs{state, type}``: the job records by state, read from the store per scrape."""
+    """``qscore_jobs{state, type}`` from the store's counters, moved in the same transaction as
+    every state change (``worker.store``): one small read per scrape, however many jobs there are.
+    ``queued`` and ``running`` are the jobs in that state now; the final states count every job
+    that ended so (since the store began)."""
 
-    def __init__(self, store: Any, limit: int = 1000) -> None:
+    def __init__(self, store: Any) -> None:
         self.store = store
-        self.limit = limit
 
     def collect(self) -> Any:
         from prometheus_client.core import GaugeMetricFamily
 
-        family = GaugeMetricFamily("qscore_jobs", "Job records by state (last 1000 jobs).", labels=["state", "type"])
-        counts: dict[tuple[str, str], int] = {}
+        from worker.store import JOB_TYPES, STATES
+
+        family = GaugeMetricFamily(
+            "qscore_jobs",
+            "Jobs by state: queued and running now; succeeded, failed and cancelled in all.",
+            labels=["state", "type"],
+        )
         try:
-            for record in self.store.list(limit=self.limit):
-                counts[(record.state, record.type)] = counts.get((record.state, record.type), 0) + 1
+            counts = self.store.state_counts()
         except Exception:  # the store is down: no sample rather than a failed scrape
             return
-        for state in ("queued", "running", "succeeded", "failed", "cancelled"):
-            for job_type in ("discover", "regularize", "evaluate"):
+        for state in STATES:
+            for job_type in JOB_TYPES:
                 family.add_metric([state, job_type], counts.get((state, job_type), 0))
         yield family
 

@@ -5,11 +5,14 @@ task reads them by id. Discovery runs as a chain of chords (SPEC section 2)::
 
     discover ─► chord(count_shard × n) ─► discover_select ─► chord(q_shard × n) ─► discover_finalize
 
-so that shards are counted in parallel by as many workers as there are.
+so that shards are counted in parallel by as many workers as there are. Every task of the chain
+carries the attempt that launched it and stops quietly once a later attempt holds the job; each
+shard completes once per attempt (``_once``), even when a cut-off worker's copy comes back late.
 """
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from typing import Any
 
@@ -30,68 +33,94 @@ def _store() -> RedisJobStore:
     return RedisJobStore(url)
 
 
-def _ctx(job_id: str) -> jobs.JobContext:
-    return jobs.JobContext(job_id=job_id, store=_store(), settings=get_settings())
+def _ctx(job_id: str, attempt: int = 0) -> jobs.JobContext:
+    return jobs.JobContext(job_id=job_id, store=_store(), settings=get_settings(), attempt=attempt)
 
 
 def _step(ctx: jobs.JobContext, fn: Any, *args: Any) -> Any:
-    """One step of a job; when the job is over (failed, cancelled), end the chain quietly."""
+    """One step of a job; when the job is over (failed, cancelled, superseded), end the chain quietly."""
     try:
         return jobs.guarded(ctx, lambda: fn(ctx, *args))
     except jobs.JobAlreadyOver:
         raise Ignore() from None
 
 
-@app.task(name="qscore.regularize")
-def regularize(job_id: str) -> None:
+def _start(task: Any, job_id: str) -> jobs.JobContext | None:
     ctx = _ctx(job_id)
-    if jobs.start(ctx):
+    worker = f"{task.request.hostname or 'worker'}:{os.getpid()}"
+    return ctx if jobs.start(ctx, worker) else None
+
+
+def _once(ctx: jobs.JobContext, step: str) -> None:
+    """Claim a step of this attempt; a copy of it that already completed (its worker was cut off,
+    then came back) makes this one end quietly, so a chord counts every shard once."""
+    if not ctx.store.complete_step(ctx.job_id, ctx.attempt, step):
+        raise Ignore()
+
+
+def _skip_if_done(ctx: jobs.JobContext, step: str) -> None:
+    if ctx.store.step_done(ctx.job_id, ctx.attempt, step):
+        raise Ignore()
+
+
+@app.task(name="qscore.regularize", bind=True)
+def regularize(self: Any, job_id: str) -> None:
+    ctx = _start(self, job_id)
+    if ctx is not None:
         _step(ctx, lambda c: jobs.succeed(c, *jobs.regularize(c)))
 
 
-@app.task(name="qscore.evaluate")
-def evaluate(job_id: str) -> None:
-    ctx = _ctx(job_id)
-    if jobs.start(ctx):
+@app.task(name="qscore.evaluate", bind=True)
+def evaluate(self: Any, job_id: str) -> None:
+    ctx = _start(self, job_id)
+    if ctx is not None:
         _step(ctx, lambda c: jobs.succeed(c, *jobs.evaluate(c)))
 
 
-@app.task(name="qscore.discover")
-def discover(job_id: str) -> None:
-    ctx = _ctx(job_id)
-    if not jobs.start(ctx):
+@app.task(name="qscore.discover", bind=True)
+def discover(self: Any, job_id: str) -> None:
+    ctx = _start(self, job_id)
+    if ctx is None:
         return
     plan = _step(ctx, jobs.discover_plan)
-    if ctx.store.get(job_id).metrics.get("counting_launched"):  # type: ignore[union-attr]
-        return  # delivered again after the shards were sent: they are on their way
-    header = [count_shard.s(job_id, plan.n_shards, plan.n_available, k) for k in range(plan.n_shards)]
-    chord(header)(discover_select.s(job_id, plan.n_shards, plan.n_available))
-    ctx.store.merge_metrics(job_id, {"counting_launched": True})
+    _step(ctx, lambda c: c.fence())
+    _once(ctx, "launch-counting")
+    a = ctx.attempt
+    header = [count_shard.s(job_id, plan.n_shards, plan.n_available, k, a) for k in range(plan.n_shards)]
+    chord(header)(discover_select.s(job_id, plan.n_shards, plan.n_available, a))
 
 
 @app.task(name="qscore.discover.count_shard")
-def count_shard(job_id: str, n_shards: int, n_available: int, k: int) -> dict[str, Any]:
-    ctx = _ctx(job_id)
-    return _step(ctx, jobs.count_shard, jobs.DiscoverPlan(n_shards, n_available), k)
+def count_shard(job_id: str, n_shards: int, n_available: int, k: int, attempt: int) -> dict[str, Any]:
+    ctx = _ctx(job_id, attempt)
+    _skip_if_done(ctx, f"count-{k}")
+    counts = _step(ctx, jobs.count_shard, jobs.DiscoverPlan(n_shards, n_available), k)
+    _once(ctx, f"count-{k}")
+    return counts
 
 
 @app.task(name="qscore.discover.select")
-def discover_select(shard_counts: list[dict[str, Any]], job_id: str, n_shards: int, n_available: int) -> None:
-    ctx = _ctx(job_id)
+def discover_select(
+    shard_counts: list[dict[str, Any]], job_id: str, n_shards: int, n_available: int, attempt: int
+) -> None:
+    ctx = _ctx(job_id, attempt)
+    _skip_if_done(ctx, "launch-scoring")
     counts, selections = _step(ctx, jobs.discover_select, shard_counts)
-    if ctx.store.get(job_id).metrics.get("scoring_launched"):  # type: ignore[union-attr]
-        return  # delivered again after the shards were sent
-    header = [q_shard.s(job_id, n_shards, n_available, k, selections) for k in range(n_shards)]
-    chord(header)(discover_finalize.s(job_id, n_shards, n_available, counts, selections))
-    ctx.store.merge_metrics(job_id, {"scoring_launched": True})
+    _step(ctx, lambda c: c.fence())
+    _once(ctx, "launch-scoring")
+    header = [q_shard.s(job_id, n_shards, n_available, k, selections, attempt) for k in range(n_shards)]
+    chord(header)(discover_finalize.s(job_id, n_shards, n_available, counts, selections, attempt))
 
 
 @app.task(name="qscore.discover.q_shard")
 def q_shard(
-    job_id: str, n_shards: int, n_available: int, k: int, selections: dict[str, list[int]]
+    job_id: str, n_shards: int, n_available: int, k: int, selections: dict[str, list[int]], attempt: int
 ) -> dict[str, list[float]]:
-    ctx = _ctx(job_id)
-    return _step(ctx, jobs.q_shard, jobs.DiscoverPlan(n_shards, n_available), k, selections)
+    ctx = _ctx(job_id, attempt)
+    _skip_if_done(ctx, f"score-{k}")
+    q = _step(ctx, jobs.q_shard, jobs.DiscoverPlan(n_shards, n_available), k, selections)
+    _once(ctx, f"score-{k}")
+    return q
 
 
 @app.task(name="qscore.discover.finalize")
@@ -102,8 +131,9 @@ def discover_finalize(
     n_available: int,
     counts: dict[str, Any],
     selections: dict[str, list[int]],
+    attempt: int,
 ) -> None:
-    ctx = _ctx(job_id)
+    ctx = _ctx(job_id, attempt)
     plan = jobs.DiscoverPlan(n_shards, n_available)
     _step(
         ctx,

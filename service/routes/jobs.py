@@ -19,7 +19,7 @@ from service.security import AdminKey
 from qscore_config.settings import Settings, get_settings
 from worker.backend import JobBackend, make_backend
 from worker.params import DiscoverParams, EvaluateParams, ParamError, RegularizeParams, resolve
-from worker.store import JobRecord
+from worker.store import JobRecord, QueueFull
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -27,21 +27,40 @@ JobId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="The id answe
 _lock = threading.Lock()
 
 
-def get_job_backend(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> JobBackend:
+def job_backend_of(app: Any, settings: Settings) -> JobBackend:
     """The app's job backend, made on first use: start-up never waits on Redis, nor does scoring."""
-    backend = getattr(request.app.state, "job_backend", None)
+    backend = getattr(app.state, "job_backend", None)
     if backend is None:
         with _lock:
-            backend = getattr(request.app.state, "job_backend", None)
+            backend = getattr(app.state, "job_backend", None)
             if backend is None:
                 backend = make_backend(settings)
-                registry = getattr(getattr(request.app.state, "metrics", None), "registry", None)
+                registry = getattr(getattr(app.state, "metrics", None), "registry", None)
                 if registry is not None:
                     from worker.metrics import export_on
 
                     export_on(registry, backend.store, embedded=settings.redis_url is None)
-                request.app.state.job_backend = backend
+                app.state.job_backend = backend
     return backend
+
+
+def get_job_backend(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> JobBackend:
+    return job_backend_of(request.app, settings)
+
+
+def start_embedded_jobs(app: Any, settings: Settings) -> None:
+    """Embedded mode, at start-up: resume the jobs a previous run left queued or running."""
+    if settings.redis_url is None:
+        from worker.embedded import job_db
+
+        if job_db(settings).is_file():
+            job_backend_of(app, settings)
+
+
+def stop_jobs(app: Any) -> None:
+    backend = getattr(app.state, "job_backend", None)
+    if backend is not None:
+        backend.shutdown()
 
 
 Backend = Annotated[JobBackend, Depends(get_job_backend)]
@@ -61,7 +80,7 @@ class JobList(BaseModel):
 
 @contextlib.contextmanager
 def _store_errors() -> Iterator[None]:
-    """Redis unreachable: 503 with a body that says so (scoring is not affected)."""
+    """Redis or the broker unreachable: 503 with a body that says so (scoring is not affected)."""
     from kombu.exceptions import OperationalError
     from redis.exceptions import RedisError
 
@@ -72,7 +91,7 @@ def _store_errors() -> Iterator[None]:
             status.HTTP_503_SERVICE_UNAVAILABLE,
             detail={
                 "code": "job_store_unavailable",
-                "message": f"the job store (Redis) is unreachable; retry later ({type(exc).__name__})",
+                "message": f"the job store (Redis) or the broker is unreachable; retry later ({type(exc).__name__})",
             },
             headers={"Retry-After": "5"},
         ) from None
@@ -97,7 +116,20 @@ def _submit(
             },
         ) from None
     with _store_errors():
-        record = backend.store.create(job_type, resolved.model_dump(mode="json", by_alias=True))
+        try:
+            record = backend.store.create(
+                job_type, resolved.model_dump(mode="json", by_alias=True), max_queued=settings.max_queued_jobs
+            )
+        except QueueFull as exc:
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+                detail={
+                    "code": "too_many_queued_jobs",
+                    "message": f"{exc}; retry when some have started",
+                    "limit": exc.limit,
+                },
+                headers={"Retry-After": "30"},
+            ) from None
         try:
             backend.enqueue(record)
         except Exception as exc:

@@ -33,6 +33,45 @@ JOB_TIME_LIMIT_S = 40  # short, so that the visibility timeout (re-delivery afte
 VISIBILITY_S = 45
 
 
+RABBITMQ_PORT = 5672
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
+
+
+def purge_queue(broker_url: str, queue: str = "qscore") -> None:
+    """Drop what earlier tests left in the queue (a killed worker's job is re-queued, by design)."""
+    import kombu
+
+    with kombu.Connection(broker_url, connect_timeout=5) as conn, contextlib.suppress(Exception):
+        conn.default_channel.queue_purge(queue)
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_vhost() -> Iterator[str]:
+    """A vhost of this test run on the RabbitMQ at 127.0.0.1:5672 (guest), deleted at the end."""
+    if shutil.which("rabbitmqctl") is None or not port_open(RABBITMQ_PORT):
+        pytest.skip("no RabbitMQ at 127.0.0.1:5672 (or no rabbitmqctl)")
+    vhost = f"qscore-test-{uuid.uuid4().hex[:8]}"
+    rabbitmqctl("add_vhost", vhost)
+    rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    yield f"amqp://guest:guest@127.0.0.1:{RABBITMQ_PORT}/{vhost}"
+    rabbitmqctl("delete_vhost", vhost)
+
+
+@pytest.fixture()
+def rabbitmq_url(rabbitmq_vhost: str) -> str:
+    purge_queue(rabbitmq_vhost)
+    return rabbitmq_vhost
+
+
 def redis_up(port: int = REDIS_PORT) -> bool:
     import redis
 
@@ -96,9 +135,23 @@ class CeleryWorker:
         self.concurrency, self.pool = concurrency, pool
         self.proc: subprocess.Popen[bytes] | None = None
         self.log: Path | None = None
+        self.name = f"w{uuid.uuid4().hex[:6]}"
+
+    def runs(self, attempt: dict[str, Any]) -> bool:
+        """Whether this worker ran an attempt of a job record's ``history``."""
+        return str(attempt.get("worker") or "").startswith(f"{self.name}@")
+
+    def freeze(self) -> None:
+        """SIGSTOP the whole worker: it is cut off (its connections stay open, it answers nothing)."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGCONT)
 
     def start(self, timeout: float = 60.0) -> CeleryWorker:
-        name = f"w{uuid.uuid4().hex[:6]}"
+        name = self.name
         self.log = self.log_dir / f"celery-{name}.log"
         handle = open(self.log, "wb")  # noqa: SIM115 - owned by the process
         self.proc = subprocess.Popen(
@@ -141,6 +194,7 @@ class CeleryWorker:
         if self.proc is None or self.proc.poll() is not None:
             return
         with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGCONT)  # a frozen worker cannot handle SIGTERM
             os.killpg(self.proc.pid, signal.SIGTERM)
         try:
             self.proc.wait(20)
@@ -251,3 +305,99 @@ def no_partial_versions(registry: Registry) -> list[Path]:
     ]
     bad += [p for p in registry.feature_sets_dir.iterdir() if p.is_dir() and not (p / "feature_set.json").is_file()]
     return bad
+
+
+@pytest.fixture()
+def private_rabbitmq() -> Iterator[Any]:
+    """A private RabbitMQ node on free ports (its own data folder); stop and start it at will.
+
+    rabbitmq-server runs as the ``rabbitmq`` user: the test must run as root (CI does) or as it.
+    """
+    import pwd
+    import tempfile
+
+    if shutil.which("rabbitmq-server") is None:
+        pytest.skip("rabbitmq-server is not installed")
+    try:
+        user = pwd.getpwnam("rabbitmq")
+    except KeyError:
+        pytest.skip("no rabbitmq user")
+    if os.geteuid() not in (0, user.pw_uid):
+        pytest.skip("a private RabbitMQ node needs root or the rabbitmq user")
+    port, dist_port = free_port(), free_port()
+    folder = Path(tempfile.mkdtemp(prefix="qscore-rabbitmq-"))
+    folder.chmod(0o755)
+    (folder / "rabbitmq.conf").write_text(f"listeners.tcp.1 = 127.0.0.1:{port}\nloopback_users = none\n")
+    (folder / "enabled_plugins").write_text("[].\n")
+    for sub in ("mnesia", "log"):
+        (folder / sub).mkdir()
+    for path in [folder, *folder.rglob("*")]:
+        os.chown(path, user.pw_uid, user.pw_gid)
+    node = f"qscore{port}@localhost"
+    env = {
+        **os.environ,
+        "RABBITMQ_NODENAME": node,
+        "RABBITMQ_NODE_PORT": str(port),
+        "RABBITMQ_DIST_PORT": str(dist_port),
+        "RABBITMQ_CONFIG_FILE": str(folder / "rabbitmq.conf"),
+        "RABBITMQ_ADVANCED_CONFIG_FILE": str(folder / "advanced.config"),
+        "RABBITMQ_CONF_ENV_FILE": "/dev/null",
+        "RABBITMQ_MNESIA_BASE": str(folder / "mnesia"),
+        "RABBITMQ_FEATURE_FLAGS_FILE": str(folder / "mnesia" / "feature_flags"),
+        "RABBITMQ_PLUGINS_EXPAND_DIR": str(folder / "mnesia" / "plugins-expand"),
+        "RABBITMQ_QUORUM_DIR": str(folder / "mnesia" / "quorum"),
+        "RABBITMQ_STREAM_DIR": str(folder / "mnesia" / "stream"),
+        "RABBITMQ_LOG_BASE": str(folder / "log"),
+        "RABBITMQ_ENABLED_PLUGINS_FILE": str(folder / "enabled_plugins"),
+        "RABBITMQ_PID_FILE": str(folder / "pid"),
+        "ERL_EPMD_ADDRESS": "127.0.0.1",
+    }
+
+    class Private:
+        url = f"amqp://guest:guest@127.0.0.1:{port}//"
+        proc: subprocess.Popen[bytes] | None = None
+
+        def start(self) -> None:
+            self.proc = subprocess.Popen(
+                ["rabbitmq-server"],
+                env=env,
+                cwd=folder,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            deadline = time.monotonic() + 90
+            while not (port_open(port) and (folder / "pid").is_file()):
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.stop()
+                    pytest.skip("the private RabbitMQ node did not start")
+                time.sleep(0.2)
+
+        def stop(self) -> None:
+            """SIGTERM the Erlang VM itself (the node's pid file; the wrapper script is not it) and
+            wait until it is gone, as a restart of the broker's host would."""
+            pid_file = folder / "pid"
+            if pid_file.is_file() and pid_file.read_text().strip():
+                pid = int(pid_file.read_text())
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+                deadline = time.monotonic() + 60
+                while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                pid_file.unlink(missing_ok=True)
+            if self.proc is not None and self.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGTERM)
+                try:
+                    self.proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                    self.proc.wait(10)
+
+    server = Private()
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(folder, ignore_errors=True)

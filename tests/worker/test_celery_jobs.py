@@ -264,27 +264,6 @@ def test_worker_pool_child_killed_mid_training_is_redelivered_and_resumes(
     assert not (Path(env["QSCORE_JOB_CHECKPOINT_DIR"]) / f"{job_id}.ckpt").exists()
 
 
-@pytest.mark.slow
-def test_whole_worker_killed_mid_job_new_worker_finishes_it(
-    env: dict[str, str],
-    api: Callable[..., TestClient],
-    start_worker: Callable[..., CeleryWorker],
-    tiny_registry: Registry,
-) -> None:
-    """SIGKILL the whole worker; a new worker gets the job after the visibility timeout."""
-    worker = start_worker(env)
-    client = api()
-    job_id = _regularize_until_step_5(client)
-    worker.kill()
-    assert client.get(f"/jobs/{job_id}").json()["state"] == "running"
-    assert not tiny_registry.model_dir(f"model-{job_id}").exists()
-    replacement = start_worker(env)
-    record = wait_for(client, job_id, timeout=240)
-    assert record["state"] == "succeeded", (record, replacement.output()[-3000:])
-    assert record["attempts"] == 2 and record["result"]["training"]["resumed_from"] >= 4
-    assert no_partial_versions(tiny_registry) == []
-
-
 def test_redis_down_jobs_503_scoring_unaffected_then_recovers(
     job_env: dict[str, str],
     private_redis: Any,

@@ -32,7 +32,7 @@ def test_compose_file_matches_the_compose_specification(compose: dict[str, Any])
 
 def test_compose_has_every_service_and_the_gpu_reservation(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert {"api", "worker", "redis", "prometheus", "alertmanager", "grafana"} <= set(services)
+    assert {"api", "worker", "rabbitmq", "redis", "prometheus", "alertmanager", "grafana"} <= set(services)
     devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
     assert "--appendonly" in services["redis"]["command"] and "yes" in services["redis"]["command"]
@@ -40,6 +40,15 @@ def test_compose_has_every_service_and_the_gpu_reservation(compose: dict[str, An
     for name in ("api", "worker"):
         env = services[name]["environment"]
         assert env["QSCORE_REDIS_URL"] == "redis://redis:6379/0" and "QSCORE_DATASETS" in env
+        assert env["QSCORE_BROKER_URL"].startswith("amqp://qscore:") and env["QSCORE_BROKER_URL"].endswith(
+            "@rabbitmq:5672/qscore"
+        )
+        assert set(services[name]["depends_on"]) == {"redis", "rabbitmq"}
+    rabbitmq = services["rabbitmq"]
+    assert rabbitmq["environment"]["RABBITMQ_DEFAULT_VHOST"] == "qscore"
+    assert any(v.startswith("rabbitmq-data:/var/lib/rabbitmq") for v in rabbitmq["volumes"])
+    major, minor = (int(x) for x in rabbitmq["image"].split(":")[1].split("-")[0].split(".")[:2])
+    assert (major, minor) >= (3, 12), "x-consumer-timeout needs RabbitMQ 3.12 or later"
     assert services["worker"]["command"][:2] == ["qscore", "worker"]
 
 

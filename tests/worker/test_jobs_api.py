@@ -129,3 +129,14 @@ def test_discover_embedded_writes_a_feature_set(embedded: TestClient, tiny_regis
     assert fs.data.n_reference == 200 and fs.encoder.model_version == "tiny"
     assert record["result"]["activated"] is False  # QSCORE_AUTO_SWITCH is off
     assert [j["id"] for j in embedded.get("/jobs").json()["jobs"]] == [job_id]
+
+
+def test_embedded_job_over_the_time_limit_fails_with_the_reason(job_env: dict[str, str]) -> None:
+    """The workers' soft time limit applies in embedded mode too (the job runs in a child process)."""
+    settings = make_settings(job_env, redis_url=None, job_time_limit_s=10)
+    with TestClient(create_app(settings)) as client:
+        response = client.post("/jobs/regularize", json={"dataset": "slice-train", "batch_size": 32, "epochs": 1000})
+        assert response.status_code == 202, response.text
+        record = wait_for(client, response.json()["job_id"], timeout=120)
+    assert record["state"] == "failed" and record["error"] == "time limit of 10 s exceeded", record
+    assert record["metrics"]["step"] >= 1 and record["history"][0]["outcome"] == "failed"
