@@ -17,6 +17,7 @@ to float32 once at load (CPU float16 matrix products are slow).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -127,6 +128,7 @@ class ReferenceBank:
         tensors.update({f"prototypes_{n}": c.to("cpu", dtype).contiguous() for n, c in self.prototypes.items()})
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
+            os.chmod(tmp, 0o644)  # safetensors re-creates the file 0600; the api and workers read it
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> ReferenceBank:

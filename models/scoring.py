@@ -8,11 +8,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from models.bank import ReferenceBank
 from models.data import eval_transform, resolve_device
 from models.encoders import Encoder
 from models.features import FeatureSet
 from models.qscore import QScoreParts, discriminative_mask, q_score_parts
-from models.bank import ReferenceBank
 from models.typicality import DEFAULT_K, TypicalityModel
 from models.typicality import signals as typicality_signals
 

@@ -186,7 +186,7 @@ def score(
     device: DeviceOpt = "auto",
     batch_size: int = 64,
 ) -> None:
-    """Q-Score images; flag those below the feature set's alpha."""
+    """Q-Score images; flag those below the feature set's alpha or unlike its reference (atypical)."""
     import torch
 
     from models.checkpoints import load_encoder
@@ -217,7 +217,10 @@ def score(
                     "path": str(path),
                     "q_score": result.q_score,
                     "low_quality": result.low_quality,
+                    "typicality": result.typicality,
+                    "atypical": result.atypical,
                     "risk": result.risk,
+                    "reasons": list(result.reasons),
                     "l1_norm": result.l1_norm,
                     "discriminative_active": [f.index for f in result.discriminative_active],
                 },
@@ -233,8 +236,10 @@ def _emit(row: dict[str, Any], as_json: bool) -> None:
     elif "error" in row:
         typer.echo(f"{row['path']}\terror {row['error']['code']}: {row['error']['message']}")
     else:
-        flag = "LOW" if row["low_quality"] else "ok"
-        typer.echo(f"{row['path']}\tq={row['q_score']:.6f}\t{flag}")
+        flag = ",".join(row["reasons"]) or "ok"
+        extra = "" if row["typicality"] is None else f"\ttypicality={row['typicality']:.3f}"
+        extra += "" if row["risk"] is None else f"\trisk={row['risk']:.3f}"
+        typer.echo(f"{row['path']}\tq={row['q_score']:.6f}{extra}\t{flag}")
 
 
 @app.command()

@@ -19,8 +19,8 @@ import torch
 from models.features import FeatureSet
 from models.registry import ModelRecord, Registry, RegistryError
 from models.scoring import Scorer
-from service.schemas import FeatureSetInfo, ModelInfo, ServingInfo
 from qscore_config.settings import Settings
+from service.schemas import FeatureSetInfo, ModelInfo, ServingInfo
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class ServingState:
             loaded_at=self.loaded_at,
             device=str(self.scorer.device),
             precision=self.scorer.precision,
+            bank_bytes=self.scorer.bank_bytes,
         )
 
 

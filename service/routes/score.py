@@ -129,7 +129,10 @@ def _result(name: str, s: ImageScore) -> ScoreResult:
         filename=name,
         q_score=s.q_score,
         low_quality=s.low_quality,
+        typicality=s.typicality,
+        atypical=s.atypical,
         risk=s.risk,
+        reasons=list(s.reasons),
         l1_norm=s.l1_norm,
         dominant=[FeatureValueOut(index=v.index, value=v.value) for v in s.dominant],
         discriminative_active=[FeatureValueOut(index=v.index, value=v.value) for v in s.discriminative_active],
@@ -148,3 +151,9 @@ def _observe(metrics: Metrics, state: ServingState, results: list[ScoreResult]) 
     hist = metrics.q_score.labels(*pair)
     for r in scored:
         hist.observe(r.q_score)
+    typical = [r.typicality for r in scored if r.typicality is not None]
+    if typical:
+        typicality_hist = metrics.typicality.labels(*pair)
+        for t in typical:
+            typicality_hist.observe(t)
+        metrics.atypical.labels(*pair).inc(sum(1 for r in scored if r.atypical))
