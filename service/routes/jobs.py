@@ -15,8 +15,8 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, status
 from pydantic import BaseModel
 
-from qscore_config.settings import Settings, get_settings
 from service.security import AdminKey
+from qscore_config.settings import Settings, get_settings
 from worker.backend import JobBackend, make_backend
 from worker.params import DiscoverParams, EvaluateParams, ParamError, RegularizeParams, resolve
 from worker.store import JobRecord, QueueFull
