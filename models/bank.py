@@ -175,6 +175,10 @@ class ReferenceBank:
         if not normalised:
             q = normalise(q)
         q = q.to(self.vectors.dtype)
+        if exclude is None and self.size <= chunk_size:
+            # One chunk: a single product and top-k, no merging.
+            sim, idx = (q @ self.vectors.T).float().topk(k, dim=1)
+            return (1.0 - sim).clamp_min(0.0), idx
         if exclude is not None:
             exclude = exclude.to(self.device, torch.int64).view(-1, 1)
         best_sim = torch.full((q.shape[0], 0), float("-inf"), device=self.device)
