@@ -124,9 +124,11 @@ def build_feature_set(
         reference_q_nonzero_percentiles=percentiles(q[q > 0]),
         alpha=default_alpha(q),
         data=data,
+        negative_share=counts.negative_share,
     )
-    if feature_set.coverage_warning:
-        log.warning(feature_set.coverage_warning)
+    for warning in (feature_set.coverage_warning, feature_set.signed_warning):
+        if warning:
+            log.warning(warning)
     return feature_set
 
 

@@ -112,7 +112,13 @@ def fit_state_dict(
     if missing or unexpected or mismatched:
         layout = f"prefix '{prefix}'" if prefix else "timm's layout"
         header = f"the weights in {source} (read with {layout}) do not fit timm architecture {name!r}."
-        raise TimmError(describe_key_mismatch(header, missing, unexpected, mismatched))
+        message = describe_key_mismatch(header, missing, unexpected, mismatched)
+        if any("pos_embed" in m for m in mismatched):
+            message += (
+                "\nA mis-shaped pos_embed means the weights were made for another image size: pass that size "
+                "with --image-size (e.g. 32 for a ViT trained on CIFAR images)."
+            )
+        raise TimmError(message)
     return {k: v.to(expected[k].dtype) for k, v in state_dict.items()}
 
 

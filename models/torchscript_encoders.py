@@ -61,7 +61,7 @@ class TorchScriptEncoder(EncoderBase):
 
     def not_trainable_reason(self) -> str | None:
         return (
-            "TorchScript encoders are inference exports and are not fine-tuned: a traced module has its "
+            "TorchScript encoders are inference exports and are not fine-tuned: a traced export may have its "
             "batch-norm mode and control flow fixed at export, so training it would not do what training "
             "the source model does. Regularize the source model instead (a timm architecture with "
             "--arch timm:NAME and its state dict, or a ResNet checkpoint), then export it again."

@@ -1,4 +1,4 @@
-"""The ``qscore`` command: pretrain, discover, score, evaluate, regularize, serve, worker."""
+"""The ``qscore`` command: pretrain, discover, score, evaluate, regularize, import, convert, serve, worker."""
 
 from __future__ import annotations
 
@@ -20,8 +20,20 @@ app = typer.Typer(
 )
 
 ModelOpt = Annotated[
-    Path, typer.Option("--model", "-m", help="Encoder weights: safetensors or a supported checkpoint.")
+    Path,
+    typer.Option(
+        "--model", "-m", help="Encoder: a TorchScript file, safetensors, or a checkpoint (ResNet layouts, or --arch)."
+    ),
 ]
+ArchOpt = Annotated[
+    str | None,
+    typer.Option(help="timm:NAME for a timm state dict (e.g. timm:vit_small_patch16_224); default: read off the file."),
+]
+ImageSizeOpt = Annotated[
+    int | None, typer.Option(help="Input size S: resize the short side to S, centre-crop SxS (TorchScript default 224).")
+]
+MeanOpt = Annotated[str | None, typer.Option(help="Normalisation mean R,G,B (TorchScript default: ImageNet's).")]
+StdOpt = Annotated[str | None, typer.Option(help="Normalisation std R,G,B (TorchScript default: ImageNet's).")]
 FeaturesOpt = Annotated[Path, typer.Option("--features", "-f", help="Feature-set JSON from `qscore discover`.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 
@@ -34,6 +46,31 @@ def user_errors() -> Iterator[None]:
     except (ValueError, FileNotFoundError) as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
+
+
+def parse_rgb(text: str | None, name: str) -> tuple[float, float, float] | None:
+    """``"0.485,0.456,0.406"`` to a triple; a ValueError saying what was expected."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise ValueError(f"--{name} takes three comma-separated numbers R,G,B (e.g. 0.5,0.5,0.5), got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def load_model(model: Path, arch: str | None, image_size: int | None, mean: str | None, std: str | None) -> Any:
+    """The encoder behind ``--model`` with the preprocessing flags applied (an ImportedEncoder)."""
+    from models.checkpoints import load_encoder
+
+    if image_size is not None and image_size < 8:
+        raise ValueError(f"--image-size must be at least 8 pixels, got {image_size}")
+    return load_encoder(
+        model, arch=arch, image_size=image_size, mean=parse_rgb(mean, "mean"), std=parse_rgb(std, "std")
+    )
 
 
 def _progress_bar(total: int, desc: str) -> Any:
@@ -135,16 +172,19 @@ def discover(
     seed: int = 0,
     batch_size: int = 256,
     device: DeviceOpt = "auto",
+    arch: ArchOpt = None,
+    image_size: ImageSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
 ) -> None:
     """Find the discriminative features of an encoder on unlabelled images."""
-    from models.checkpoints import load_encoder
     from models.data import eval_transform, image_folder, resolve_device
     from models.discovery import discover as run_discovery
     from models.discovery import make_selection, parse_eps
     from models.features import EncoderRef
 
     with user_errors():
-        imported = load_encoder(model)
+        imported = load_model(model, arch, image_size, mean, std)
         spec = imported.encoder.spec
         dataset = image_folder(data, transform=eval_transform(spec))
         feature_set = run_discovery(
@@ -161,8 +201,9 @@ def discover(
             progress=True,
         )
         feature_set.save(out)
-        if feature_set.coverage_warning:
-            typer.secho(f"WARNING: {feature_set.coverage_warning}", fg=typer.colors.RED, bold=True, err=True)
+        for warning in (feature_set.coverage_warning, feature_set.signed_warning):
+            if warning:
+                typer.secho(f"WARNING: {warning}", fg=typer.colors.RED, bold=True, err=True)
         typer.echo(
             json.dumps(
                 {
@@ -172,6 +213,7 @@ def discover(
                     "coverage": round(feature_set.coverage, 4),
                     "alpha": feature_set.alpha,
                     "coverage_by_eps": feature_set.coverage_by_eps,
+                    "negative_share": feature_set.negative_share,
                 }
             )
         )
@@ -185,17 +227,20 @@ def score(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per image.")] = False,
     device: DeviceOpt = "auto",
     batch_size: int = 64,
+    arch: ArchOpt = None,
+    image_size: ImageSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
 ) -> None:
     """Q-Score images; flag those below the feature set's alpha."""
     import torch
 
-    from models.checkpoints import load_encoder
     from models.features import FeatureSet
     from models.images import ImageDecodeError, decode_image
     from models.scoring import Scorer
 
     with user_errors():
-        imported = load_encoder(model)
+        imported = load_model(model, arch, image_size, mean, std)
         scorer = Scorer(imported.encoder, imported.fingerprint, FeatureSet.load(features), device=device)
     failures = 0
     for start in range(0, len(images), batch_size):
@@ -256,15 +301,18 @@ def evaluate(
     seed: int = 0,
     batch_size: int = 256,
     device: DeviceOpt = "auto",
+    arch: ArchOpt = None,
+    image_size: ImageSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
 ) -> None:
     """Linear evaluation: top-1, Q-Score AUROC/AUPRC, compression curve, calibration."""
-    from models.checkpoints import load_encoder
     from models.data import resolve_device
     from models.features import FeatureSet
     from models.linear_eval import run_evaluation
 
     with user_errors():
-        imported = load_encoder(model)
+        imported = load_model(model, arch, image_size, mean, std)
         feature_set = FeatureSet.load(features)
         report, calibrated = run_evaluation(
             imported.encoder,
@@ -309,16 +357,23 @@ def regularize(
     device: DeviceOpt = "auto",
     checkpoint: Annotated[Path | None, typer.Option(help="Resumable training state.")] = None,
     log: Annotated[Path | None, typer.Option(help="Append one JSON line per step here.")] = None,
+    arch: ArchOpt = None,
+    image_size: ImageSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
 ) -> None:
     """Continue training an encoder with the Q-Score regulariser (paper eq. 4)."""
-    from models.checkpoints import load_encoder, save_encoder
+    from models.checkpoints import save_encoder
     from models.data import image_folder, resolve_device
     from models.features import FeatureSet
     from models.objectives import build_method
     from models.training import Regularizer, TrainConfig, train
 
     with user_errors():
-        imported = load_encoder(model)
+        imported = load_model(model, arch, image_size, mean, std)
+        reason = imported.encoder.not_trainable_reason()
+        if reason is not None:
+            raise ValueError(f"cannot regularize {model}: {reason}")
         feature_set = FeatureSet.load(features)
         if feature_set.encoder.fingerprint != imported.fingerprint:
             raise ValueError("the feature set was not found on this encoder; run `qscore discover` on it first")
@@ -346,6 +401,60 @@ def regularize(
             imported.encoder, out, {"method": method, "lambda": str(lambda_), "parent": imported.fingerprint}
         )
         typer.echo(json.dumps({"out": str(out), "fingerprint": digest, "steps": result.steps}))
+
+
+@app.command("import")
+def import_model(
+    model: ModelOpt,
+    version: Annotated[str | None, typer.Option(help="Version name (default: model-<time>-<fingerprint>).")] = None,
+    registry: Annotated[
+        Path | None, typer.Option(help="Registry root (default: QSCORE_REGISTRY_ROOT, .qscore/registry).")
+    ] = None,
+    arch: ArchOpt = None,
+    image_size: ImageSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+) -> None:
+    """Register an encoder file once, so the service and the jobs can name it."""
+    from models.registry import Registry
+    from qscore_config.settings import get_settings
+
+    with user_errors():
+        root = registry or get_settings().registry_root
+        record = Registry(root).import_model(
+            model,
+            version=version,
+            arch=arch,
+            image_size=image_size,
+            mean=parse_rgb(mean, "mean"),
+            std=parse_rgb(std, "std"),
+        )
+        typer.echo(record.model_dump_json())
+
+
+@app.command()
+def convert(
+    checkpoint: Annotated[Path, typer.Option(help="Weights to convert: a checkpoint or safetensors file.")],
+    out: Annotated[Path, typer.Option(help="Where to write the encoder (.safetensors, with its spec).")],
+    arch: ArchOpt = None,
+    image_size: ImageSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+) -> None:
+    """Turn a checkpoint plus its architecture into a self-describing safetensors file."""
+    from models.checkpoints import save_encoder
+
+    with user_errors():
+        imported = load_model(checkpoint, arch, image_size, mean, std)
+        if imported.encoder.spec.source == "torchscript":
+            raise ValueError(
+                f"{checkpoint} is a TorchScript module: use it as it is (--model {checkpoint}); "
+                "it has no architecture qscore could rebuild from a state dict"
+            )
+        if out.suffix != ".safetensors":
+            raise ValueError(f"--out must end in .safetensors, got {out}")
+        digest = save_encoder(imported.encoder, out, {"converted_from": checkpoint.name})
+        typer.echo(json.dumps({"out": str(out), "fingerprint": digest, "arch": imported.encoder.spec.arch}))
 
 
 @app.command()
