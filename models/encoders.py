@@ -40,6 +40,19 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _LAYERS = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet50": (Bottleneck, [3, 4, 6, 3])}
 
 
+def parse_rgb(text: str | None, name: str) -> tuple[float, float, float] | None:
+    """``"0.485,0.456,0.406"`` (a --mean or --std flag) to a triple; None stays None."""
+    if text is None:
+        return None
+    try:
+        values = tuple(float(p) for p in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise ValueError(f"{name} takes three comma-separated numbers R,G,B (e.g. 0.5,0.5,0.5), got {text!r}")
+    return values  # type: ignore[return-value]
+
+
 class EncoderSpec(BaseModel):
     """What it takes to rebuild an encoder and feed it: saved beside its weights."""
 

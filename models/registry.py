@@ -42,6 +42,10 @@ class RegistryError(ValueError):
     """An unknown or invalid version, or a pairing that does not fit."""
 
 
+class VersionExists(RegistryError):
+    """A version name that is taken: versions are never overwritten."""
+
+
 class ModelRecord(BaseModel):
     version: str
     fingerprint: str
@@ -121,7 +125,9 @@ class Registry:
             write_json_atomic(tmp / MODEL_FILE, record.model_dump(mode="json"))
         return record
 
-    def import_model(self, path: str | Path, *, version: str | None = None, **source: Any) -> ModelRecord:
+    def import_model(
+        self, path: str | Path, *, version: str | None = None, source_name: str | None = None, **source: Any
+    ) -> ModelRecord:
         """Register an encoder file (TorchScript, timm state dict, ResNet checkpoint) as a version.
 
         ``source``: ``arch``, ``image_size``, ``mean``, ``std`` as :func:`load_encoder` takes
@@ -133,9 +139,10 @@ class Registry:
             self._new_dir(self.models_dir, version, "model")  # refuse a taken name before the work
         imported = load_encoder(path, **source)
         version = check_version(version or new_version("model", imported.fingerprint))
+        provenance = {"imported_from": source_name or Path(path).name}
         if imported.encoder.spec.source != "torchscript":
-            return self.add_model(imported.encoder, version=version, training={"imported_from": Path(path).name})
-        return self.add_model_from_file(Path(path), imported, version, {"imported_from": Path(path).name})
+            return self.add_model(imported.encoder, version=version, training=provenance)
+        return self.add_model_from_file(Path(path), imported, version, provenance)
 
     # -- feature sets ---------------------------------------------------------------------
     def feature_set_dir(self, version: str) -> Path:
@@ -232,7 +239,7 @@ class Registry:
     def _new_dir(self, parent: Path, version: str, what: str) -> Path:
         target = parent / check_version(version)
         if target.exists():
-            raise RegistryError(f"{what} version {version!r} already exists")
+            raise VersionExists(f"{what} version {version!r} already exists; choose another name")
         return target
 
 

@@ -27,6 +27,13 @@ from models.encoders import IMAGENET_MEAN, IMAGENET_STD, TORCHSCRIPT_ARCH, Encod
 from models.probe import ProbeError, probe_feature_dim
 
 DEFAULT_IMAGE_SIZE = 224
+#: Why ``regularize`` refuses TorchScript encoders (command line: exit 2; job API: 422).
+NOT_TRAINABLE = (
+    "TorchScript encoders are inference exports and are not fine-tuned: a traced export may have its "
+    "batch-norm mode and control flow fixed at export, so training it would not do what training "
+    "the source model does. Regularize the source model instead (a timm architecture with "
+    "--arch timm:NAME and its state dict, or a ResNet checkpoint), then export it again."
+)
 
 
 class TorchScriptError(CheckpointError):
@@ -60,12 +67,7 @@ class TorchScriptEncoder(EncoderBase):
         self.module.load_state_dict(dict(state_dict), strict=True)
 
     def not_trainable_reason(self) -> str | None:
-        return (
-            "TorchScript encoders are inference exports and are not fine-tuned: a traced export may have its "
-            "batch-norm mode and control flow fixed at export, so training it would not do what training "
-            "the source model does. Regularize the source model instead (a timm architecture with "
-            "--arch timm:NAME and its state dict, or a ResNet checkpoint), then export it again."
-        )
+        return NOT_TRAINABLE
 
 
 def load_torchscript(

@@ -49,17 +49,9 @@ def user_errors() -> Iterator[None]:
 
 
 def parse_rgb(text: str | None, name: str) -> tuple[float, float, float] | None:
-    """``"0.485,0.456,0.406"`` to a triple; a ValueError saying what was expected."""
-    if text is None:
-        return None
-    parts = [p.strip() for p in text.split(",")]
-    try:
-        values = tuple(float(p) for p in parts)
-    except ValueError:
-        values = ()
-    if len(values) != 3:
-        raise ValueError(f"--{name} takes three comma-separated numbers R,G,B (e.g. 0.5,0.5,0.5), got {text!r}")
-    return values  # type: ignore[return-value]
+    from models.encoders import parse_rgb as parse
+
+    return parse(text, f"--{name}")
 
 
 def load_model(model: Path, arch: str | None, image_size: int | None, mean: str | None, std: str | None) -> Any:
