@@ -125,7 +125,10 @@ def read_tensors(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        what = f" (it needs {found.group(1)})" if found else ""
+        if found is None:  # not a pickle of objects at all: damaged or another format
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {first}") from None
+        what = f" (it needs {found.group(1)})"
         raise CheckpointError(
             f"{path} holds pickled objects other than tensors, plain containers and numpy scalars{what}; "
             f"qscore loads checkpoints with weights_only=True and will not unpickle them.\n{conversion_hint(path)}"

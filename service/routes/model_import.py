@@ -105,5 +105,7 @@ async def import_model(
         except VersionExists as exc:
             raise ApiError(409, "version_exists", str(exc)) from exc
         except ValueError as exc:  # CheckpointError, ProbeError, TimmError: what is wrong with the file
-            raise ApiError(422, "invalid_model", str(exc)) from exc
+            # name the upload, not the server's temporary path
+            message = str(exc).replace(str(path), repr(file.filename or "upload"))
+            raise ApiError(422, "invalid_model", message) from exc
     return ImportedModel.of(record)
