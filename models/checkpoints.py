@@ -25,11 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-
-import numpy as np
 
 from models.atomic import atomic_path
 from models.encoders import (
@@ -85,10 +84,11 @@ def conversion_hint(path: str | Path) -> str:
     """The one-line conversion of a pickle that needs more than tensors, for files one trusts."""
     return (
         "If you trust the file, convert it once to safetensors:\n"
-        "  python -c \"import torch; from safetensors.torch import save_file; "
+        '  python -c "import torch; from safetensors.torch import save_file; '
         f"c = torch.load('{path}', map_location='cpu', weights_only=False); "
         "sd = c.get('state_dict', c); "
-        f"save_file({{k: v.contiguous() for k, v in sd.items() if torch.is_tensor(v)}}, '{Path(path).stem}.safetensors')\"\n"
+        "save_file({k: v.contiguous() for k, v in sd.items() if torch.is_tensor(v)}, "
+        f"'{Path(path).stem}.safetensors')\"\n"
         "then pass the .safetensors file (with --arch for an architecture that is not a ResNet)."
     )
 

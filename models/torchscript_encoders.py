@@ -109,9 +109,7 @@ def load_torchscript(
         )
     except ValueError as exc:
         raise TorchScriptError(f"bad preprocessing for {path}: {exc}") from None
-    probed = probe_feature_dim(
-        module, spec.image_size, spec.mean, spec.std, what=f"the TorchScript module in {path}"
-    )
+    probed = probe_feature_dim(module, spec.image_size, spec.mean, spec.std, what=f"the TorchScript module in {path}")
     if dim is not None and probed != dim:
         raise ProbeError(f"the TorchScript module in {path} outputs {probed} features, its record says {dim}")
     spec = spec.model_copy(update={"dim": probed})

@@ -30,7 +30,8 @@ ArchOpt = Annotated[
     typer.Option(help="timm:NAME for a timm state dict (e.g. timm:vit_small_patch16_224); default: read off the file."),
 ]
 ImageSizeOpt = Annotated[
-    int | None, typer.Option(help="Input size S: resize the short side to S, centre-crop SxS (TorchScript default 224).")
+    int | None,
+    typer.Option(help="Input size S: resize the short side to S, centre-crop SxS (TorchScript default 224)."),
 ]
 MeanOpt = Annotated[str | None, typer.Option(help="Normalisation mean R,G,B (TorchScript default: ImageNet's).")]
 StdOpt = Annotated[str | None, typer.Option(help="Normalisation std R,G,B (TorchScript default: ImageNet's).")]

@@ -60,11 +60,15 @@ def test_timm_preprocessing_is_the_data_config_unless_overridden(tmp_path):
     path = save_weights(random_timm("test_convnext", 32), tmp_path / "cnx.safetensors")
     default = load_encoder(path, arch="timm:test_convnext").encoder.spec
     config = timm.data.resolve_model_data_config(timm.create_model("test_convnext", pretrained=False))
-    assert (default.image_size, default.mean, default.std) == (
-        config["input_size"][-1],
-        tuple(config["mean"]),
-        tuple(config["std"]),
-    ) == (160, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert (
+        (default.image_size, default.mean, default.std)
+        == (
+            config["input_size"][-1],
+            tuple(config["mean"]),
+            tuple(config["std"]),
+        )
+        == (160, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    )
     custom = load_encoder(path, arch="timm:test_convnext", image_size=32, mean=(0.4, 0.4, 0.4)).encoder.spec
     assert (custom.image_size, custom.mean, custom.std) == (32, (0.4, 0.4, 0.4), (0.5, 0.5, 0.5))
 
@@ -102,7 +106,9 @@ def test_weights_that_do_not_fit_name_the_keys(tmp_path):
 
 def test_vit_at_another_image_size_says_to_pass_it(tmp_path):
     path = save_weights(random_timm("test_vit", 32), tmp_path / "vit.safetensors")
-    with pytest.raises(TimmError, match=r"pos_embed: checkpoint \(1, 5, 64\) vs model \(1, 101, 64\)(.|\n)*--image-size"):
+    with pytest.raises(
+        TimmError, match=r"pos_embed: checkpoint \(1, 5, 64\) vs model \(1, 101, 64\)(.|\n)*--image-size"
+    ):
         load_encoder(path, arch="timm:test_vit")  # built at timm's default 160
 
 
@@ -121,10 +127,10 @@ def test_vit_representation_is_signed_and_discovery_says_so(tmp_path, cifar_slic
         imported = load_encoder(save_weights(random_timm(name, size), tmp_path / f"{name}.safetensors"),
                                 arch=f"timm:{name}", image_size=size)  # fmt: skip
         dataset = image_folder(cifar_slice / "test", eval_transform(imported.encoder.spec))
+        ref = EncoderRef(fingerprint=imported.fingerprint, arch=name, feature_dim=imported.encoder.feature_dim)
         fs = discover(
-            imported.encoder, dataset, dataset_name="slice", eps="auto", selection=make_selection(),
-            encoder_ref=EncoderRef(fingerprint=imported.fingerprint, arch=name, feature_dim=imported.encoder.feature_dim),
-            sample_size=None, batch_size=100,
+            imported.encoder, dataset, dataset_name="slice", encoder_ref=ref, eps="auto",
+            selection=make_selection(), sample_size=None, batch_size=100,
         )  # fmt: skip
         h, _ = extract_representations(imported.encoder, dataset, batch_size=100)
         assert fs.negative_share == pytest.approx(float((h < 0).float().mean()))
@@ -158,8 +164,24 @@ def test_regularize_a_timm_encoder_and_reload_it(tmp_path, cifar_slice):
             "--eps", "auto", "--sample-size", "100", "--device", "cpu")  # fmt: skip
     out = tmp_path / "tuned.safetensors"
     info = last_json(
-        run_cli("regularize", "--model", weights, *flags, "--features", features, "--data", cifar_slice / "test",
-                "--out", out, "--max-steps", "2", "--batch-size", "16", "--device", "cpu").stdout  # fmt: skip
+        run_cli(
+            "regularize",
+            "--model",
+            weights,
+            *flags,
+            "--features",
+            features,
+            "--data",
+            cifar_slice / "test",
+            "--out",
+            out,
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "16",
+            "--device",
+            "cpu",
+        ).stdout  # fmt: skip
     )
     assert info["steps"] == 2
     before, after = load_encoder(weights, arch="timm:test_convnext", image_size=32), load_encoder(out)
@@ -171,8 +193,19 @@ def test_registry_imports_a_timm_state_dict_once(tmp_path):
     path = save_weights(random_timm("test_vit", 32), tmp_path / "vit.pth")
     registry = Registry(tmp_path / "registry")
     record = json.loads(
-        run_cli("import", "--model", path, "--arch", "timm:test_vit", "--image-size", "32",
-                "--registry", registry.root, "--version", "vit").stdout  # fmt: skip
+        run_cli(
+            "import",
+            "--model",
+            path,
+            "--arch",
+            "timm:test_vit",
+            "--image-size",
+            "32",
+            "--registry",
+            registry.root,
+            "--version",
+            "vit",
+        ).stdout  # fmt: skip
     )
     assert record["spec"]["arch"] == "timm:test_vit" and record["spec"]["dim"] == 64
     loaded = registry.load_model("vit")
@@ -189,9 +222,11 @@ def test_convert_turns_a_checkpoint_into_self_describing_safetensors(tmp_path):
     info = last_json(run_cli("convert", "--checkpoint", path, "--arch", "timm:test_resnet", "--image-size", "32",
                              "--out", out).stdout)  # fmt: skip
     assert info["arch"] == "timm:test_resnet"
-    assert load_encoder(out).fingerprint == info["fingerprint"] == load_encoder(
-        path, arch="timm:test_resnet", image_size=32
-    ).fingerprint
+    assert (
+        load_encoder(out).fingerprint
+        == info["fingerprint"]
+        == load_encoder(path, arch="timm:test_resnet", image_size=32).fingerprint
+    )
     assert np.isfinite(load_encoder(out).encoder(torch.rand(2, 3, 32, 32)).detach().numpy()).all()
 
 

@@ -93,7 +93,11 @@ def test_torchscript_gets_its_preprocessing_from_flags_and_defaults(tmp_path):
     ("module", "flags", "needle"),
     [
         (NotPooled(), {}, r"maps a \(2, 3, 224, 224\) batch to shape \(2, 2, 224, 224\), expected \(2, r\)"),
-        (BatchDependent(), {}, r"different number of features per batch size \(4 for a batch of 2, 6 for a batch of 3\)"),
+        (
+            BatchDependent(),
+            {},
+            r"different number of features per batch size \(4 for a batch of 2, 6 for a batch of 3\)",
+        ),
         (NaNs(), {}, "outputs NaN or infinite values"),
         (Only32(), {"image_size": 64}, r"fails on a probe batch of shape \(2, 3, 64, 64\).*--image-size"),
     ],

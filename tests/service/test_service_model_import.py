@@ -43,7 +43,12 @@ def test_import_discover_and_serve_the_shared_resnet20(make_server, cifar_slice:
         response = upload(client, resnet20, R20_FORM)
         assert response.status_code == 201, response.text
         body = response.json()
-        assert (body["version"], body["arch"], body["feature_dim"], body["image_size"]) == ("r20", "torchscript", 64, 32)
+        assert (body["version"], body["arch"], body["feature_dim"], body["image_size"]) == (
+            "r20",
+            "torchscript",
+            64,
+            32,
+        )
         assert (body["mean"], body["std"], body["imported_from"]) == ([0, 0, 0], [1, 1, 1], resnet20.name)
         assert (registry.model_dir("r20") / "encoder.pt").read_bytes() == resnet20.read_bytes()
 
@@ -53,7 +58,9 @@ def test_import_discover_and_serve_the_shared_resnet20(make_server, cifar_slice:
             imported.encoder,
             image_folder(cifar_slice / "train", eval_transform(imported.encoder.spec)),
             dataset_name="slice-train",
-            encoder_ref=EncoderRef(fingerprint=body["fingerprint"], arch="torchscript", feature_dim=64, model_version="r20"),
+            encoder_ref=EncoderRef(
+                fingerprint=body["fingerprint"], arch="torchscript", feature_dim=64, model_version="r20"
+            ),
             eps="auto",
             selection=make_selection(),
             sample_size=None,
@@ -118,6 +125,7 @@ def test_import_needs_the_admin_key(make_server) -> None:
         assert refused.status_code == 401 and refused.json()["detail"]["code"] == "unauthorized"
         client.headers["X-API-Key"] = "s3cret"
         assert upload(client, resnet20, R20_FORM).status_code == 201
-    assert json.loads((Path(server.settings.registry_root) / "models" / "r20" / "model.json").read_text())["spec"][
-        "dim"
-    ] == 64
+    assert (
+        json.loads((Path(server.settings.registry_root) / "models" / "r20" / "model.json").read_text())["spec"]["dim"]
+        == 64
+    )

@@ -6,9 +6,8 @@ refused with 422 before anything is queued (embedded mode: no Redis needed for t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import timm
@@ -35,7 +34,9 @@ def brought(tiny_registry: Registry, tmp_path: Path) -> Registry:
 
 def test_regularize_job_on_torchscript_is_refused_before_queueing(job_env: dict[str, str], brought: Registry) -> None:
     with TestClient(create_app(make_settings(job_env, redis_url=None))) as client:
-        response = client.post("/jobs/regularize", json={"dataset": "slice-train", "model": "r20", "feature_set": "tiny"})
+        response = client.post(
+            "/jobs/regularize", json={"dataset": "slice-train", "model": "r20", "feature_set": "tiny"}
+        )
         assert response.status_code == 422, response.text
         detail = response.json()["detail"]
         assert detail["code"] == "invalid_request"
