@@ -53,6 +53,14 @@ def parse_rgb(text: str | None, name: str) -> tuple[float, float, float] | None:
     return values  # type: ignore[return-value]
 
 
+def spec_errors(exc: ValueError) -> str:
+    """A pydantic validation error of a spec as one short line (its messages, ``; ``-joined)."""
+    errors = getattr(exc, "errors", None)
+    if errors is None:
+        return str(exc)
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors())
+
+
 class EncoderSpec(BaseModel):
     """What it takes to rebuild an encoder and feed it: saved beside its weights."""
 

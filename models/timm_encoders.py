@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from models.checkpoints import CheckpointError
-from models.encoders import TIMM_PREFIX, EncoderBase, EncoderSpec
+from models.encoders import TIMM_PREFIX, EncoderBase, EncoderSpec, spec_errors
 
 #: Prefixes training frameworks put before a timm model's keys, most specific first.
 _PREFIXES = ("module.model.", "module.backbone.", "module.", "model.", "backbone.", "encoder.", "")
@@ -150,7 +150,7 @@ def build_timm_encoder(
             dim=1,  # replaced by the probed one below
         )
     except ValueError as exc:
-        raise TimmError(f"bad preprocessing for timm architecture {name!r}: {exc}") from None
+        raise TimmError(f"bad preprocessing for timm architecture {name!r}: {spec_errors(exc)}") from None
     encoder = TimmEncoder(model, spec)
     probed = probe_feature_dim(encoder, spec.image_size, spec.mean, spec.std, what=f"timm architecture {name!r}")
     if dim is not None and probed != dim:

@@ -23,7 +23,15 @@ import torch
 
 from models.atomic import atomic_path
 from models.checkpoints import CheckpointError
-from models.encoders import IMAGENET_MEAN, IMAGENET_STD, TORCHSCRIPT_ARCH, EncoderBase, EncoderSpec, fingerprint
+from models.encoders import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TORCHSCRIPT_ARCH,
+    EncoderBase,
+    EncoderSpec,
+    fingerprint,
+    spec_errors,
+)
 from models.probe import ProbeError, probe_feature_dim
 
 DEFAULT_IMAGE_SIZE = 224
@@ -108,7 +116,7 @@ def load_torchscript(
             dim=1,  # replaced by the probed one below
         )
     except ValueError as exc:
-        raise TorchScriptError(f"bad preprocessing for {path}: {exc}") from None
+        raise TorchScriptError(f"bad preprocessing for {path}: {spec_errors(exc)}") from None
     probed = probe_feature_dim(module, spec.image_size, spec.mean, spec.std, what=f"the TorchScript module in {path}")
     if dim is not None and probed != dim:
         raise ProbeError(f"the TorchScript module in {path} outputs {probed} features, its record says {dim}")

@@ -55,15 +55,18 @@ def parse_rgb(text: str | None, name: str) -> tuple[float, float, float] | None:
     return parse(text, f"--{name}")
 
 
+def preprocessing(image_size: int | None, mean: str | None, std: str | None) -> dict[str, Any]:
+    """The ``--image-size``, ``--mean`` and ``--std`` flags, checked, as load_encoder takes them."""
+    if image_size is not None and image_size < 8:
+        raise ValueError(f"--image-size must be at least 8 pixels, got {image_size}")
+    return {"image_size": image_size, "mean": parse_rgb(mean, "mean"), "std": parse_rgb(std, "std")}
+
+
 def load_model(model: Path, arch: str | None, image_size: int | None, mean: str | None, std: str | None) -> Any:
     """The encoder behind ``--model`` with the preprocessing flags applied (an ImportedEncoder)."""
     from models.checkpoints import load_encoder
 
-    if image_size is not None and image_size < 8:
-        raise ValueError(f"--image-size must be at least 8 pixels, got {image_size}")
-    return load_encoder(
-        model, arch=arch, image_size=image_size, mean=parse_rgb(mean, "mean"), std=parse_rgb(std, "std")
-    )
+    return load_encoder(model, arch=arch, **preprocessing(image_size, mean, std))
 
 
 def _progress_bar(total: int, desc: str) -> Any:
@@ -414,14 +417,7 @@ def import_model(
 
     with user_errors():
         root = registry or get_settings().registry_root
-        record = Registry(root).import_model(
-            model,
-            version=version,
-            arch=arch,
-            image_size=image_size,
-            mean=parse_rgb(mean, "mean"),
-            std=parse_rgb(std, "std"),
-        )
+        record = Registry(root).import_model(model, version=version, arch=arch, **preprocessing(image_size, mean, std))
         typer.echo(record.model_dump_json())
 
 

@@ -238,3 +238,32 @@ def test_shared_resnet20_coverage_on_a_slice(resnet20, cifar_slice):
     # eps=4 covers few images of this encoder (README of ../shared/models: about 2%); auto picks lower
     assert fs.coverage_by_eps["4"] < 0.2
     assert fs.eps < 4 and fs.coverage >= 0.9
+
+
+def test_shared_resnet20_evaluates_on_the_command_line(resnet20, cifar_slice, tmp_path):
+    features = tmp_path / "features.json"
+    run_cli("discover", "--model", resnet20, *RESNET20_FLAGS, "--data", cifar_slice / "train", "--out", features,
+            "--eps", "auto", "--device", "cpu")  # fmt: skip
+    report = last_json(
+        run_cli("evaluate", "--model", resnet20, *RESNET20_FLAGS, "--features", features, "--train",
+                cifar_slice / "train", "--test", cifar_slice / "test", "--no-compression", "--device", "cpu").stdout
+    )  # fmt: skip
+    # a strong (supervised) encoder: a linear probe on 300 images is far above chance (10%)
+    assert report["top1"] > 0.6
+    assert 0.0 <= report["q_score"]["auroc"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--mean", "0,0"], "--mean takes three comma-separated numbers R,G,B"),
+        (["--std", "1,0,1"], "std must be positive for every channel"),
+        (["--image-size", "4"], "--image-size must be at least 8 pixels, got 4"),
+    ],
+)
+def test_bad_preprocessing_flags_exit_2(tmp_path, flags, needle):
+    path = script(Pooled(), tmp_path / "pooled.pt")
+    result = run_cli("import", "--model", path, *flags, "--registry", tmp_path / "registry", check=False)
+    assert result.returncode == 2
+    assert needle in result.stderr
+    assert not (tmp_path / "registry" / "models").exists()
