@@ -81,7 +81,7 @@ def test_import_discover_and_serve_the_shared_resnet20(make_server, cifar_slice:
     # the service's q_score is eq. 3 on the module's own output for the same images
     module = torch.jit.load(str(resnet20))
     # the 32x32 JPEGs as RGB in [0, 1]: what the module takes (its normalisation is inside)
-    x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1) / 255 for p in images])
+    x = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1) / 255 for p in images])
     with torch.no_grad():
         expected = q_score(module(x), fs.discriminative_indices, fs.eps)
     assert [r["filename"] for r in results] == [p.name for p in images]
