@@ -53,6 +53,7 @@ class ModelRecord(BaseModel):
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     parent: str | None = None
     training: dict[str, Any] = Field(default_factory=dict)
+    imported_from: str | None = Field(None, description="Name of the file `qscore import` registered.")
 
 
 class ActivePair(BaseModel):
@@ -115,12 +116,18 @@ class Registry:
         version: str | None = None,
         parent: str | None = None,
         training: dict[str, Any] | None = None,
+        imported_from: str | None = None,
     ) -> ModelRecord:
         version = version or new_version("model", fingerprint(encoder.backbone_state_dict()))
         with atomic_directory(self._new_dir(self.models_dir, version, "model")) as tmp:
             digest = save_encoder(encoder, tmp / weights_file(encoder.spec))
             record = ModelRecord(
-                version=version, fingerprint=digest, spec=encoder.spec, parent=parent, training=training or {}
+                version=version,
+                fingerprint=digest,
+                spec=encoder.spec,
+                parent=parent,
+                training=training or {},
+                imported_from=imported_from,
             )
             write_json_atomic(tmp / MODEL_FILE, record.model_dump(mode="json"))
         return record
@@ -139,10 +146,10 @@ class Registry:
             self._new_dir(self.models_dir, version, "model")  # refuse a taken name before the work
         imported = load_encoder(path, **source)
         version = check_version(version or new_version("model", imported.fingerprint))
-        provenance = {"imported_from": source_name or Path(path).name}
+        name = source_name or Path(path).name
         if imported.encoder.spec.source != "torchscript":
-            return self.add_model(imported.encoder, version=version, training=provenance)
-        return self.add_model_from_file(Path(path), imported, version, provenance)
+            return self.add_model(imported.encoder, version=version, imported_from=name)
+        return self.add_model_from_file(Path(path), imported, version, imported_from=name)
 
     # -- feature sets ---------------------------------------------------------------------
     def feature_set_dir(self, version: str) -> Path:
@@ -223,13 +230,19 @@ class Registry:
         return True
 
     def add_model_from_file(
-        self, weights: Path, imported: ImportedEncoder, version: str, training: dict[str, Any] | None = None
+        self,
+        weights: Path,
+        imported: ImportedEncoder,
+        version: str,
+        training: dict[str, Any] | None = None,
+        imported_from: str | None = None,
     ) -> ModelRecord:
         record = ModelRecord(
             version=check_version(version),
             fingerprint=imported.fingerprint,
             spec=imported.encoder.spec,
             training=training or {},
+            imported_from=imported_from,
         )
         with atomic_directory(self._new_dir(self.models_dir, version, "model")) as tmp:
             shutil.copyfile(weights, tmp / weights_file(imported.encoder.spec))

@@ -56,7 +56,7 @@ class ImportedModel(BaseModel):
             mean=spec.mean,
             std=spec.std,
             created_at=record.created_at,
-            imported_from=record.training.get("imported_from"),
+            imported_from=record.imported_from,
         )
 
 

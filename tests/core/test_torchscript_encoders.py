@@ -134,7 +134,7 @@ def test_registry_keeps_the_module_and_its_preprocessing(tmp_path):
     folder = registry.model_dir("pooled")
     assert sorted(p.name for p in folder.iterdir()) == ["encoder.pt", "model.json"]
     assert (folder / "encoder.pt").read_bytes() == path.read_bytes()
-    assert record.spec.image_size == 16 and record.spec.dim == 6 and record.training == {"imported_from": "pooled.pt"}
+    assert record.spec.image_size == 16 and record.spec.dim == 6 and record.imported_from == "pooled.pt"
     loaded = registry.load_model("pooled")
     assert loaded.fingerprint == record.fingerprint
     assert loaded.encoder.spec == record.spec
