@@ -1,7 +1,8 @@
 """Jobs on encoders people bring (issue 9): a TorchScript module and a timm ViT in the registry.
 
-Discovery runs on a real Celery worker (Redis); a regularize job on a TorchScript model is
-refused with 422 before anything is queued (embedded mode: no Redis needed for that).
+Discovery and a regularize job on the timm ViT run on a real Celery worker (Redis); a regularize
+job on a TorchScript model is refused with 422 before anything is queued (embedded mode: no
+Redis needed for that).
 """
 
 from __future__ import annotations
@@ -66,6 +67,25 @@ def test_discover_jobs_on_brought_encoders_run_on_a_worker(
             assert response.status_code == 202, response.text
             jobs[model] = response.json()["job_id"]
         records = {model: wait_for(client, job_id, timeout=240) for model, job_id in jobs.items()}
+        # a timm encoder is trainable: fine-tune the ViT a few steps on its discovered features
+        tuned = client.post(
+            "/jobs/regularize",
+            json={
+                "dataset": "slice-train",
+                "model": "vit",
+                "feature_set": records["vit"]["artifacts"]["feature_set"],
+                "max_steps": 2,
+                "batch_size": 16,
+                "discover": {"dataset": "slice-train", "eps": "auto", "sample_size": 100},
+            },
+        )
+        assert tuned.status_code == 202, tuned.text
+        tuned_record = wait_for(client, tuned.json()["job_id"], timeout=240)
+    assert tuned_record["state"] == "succeeded", tuned_record
+    new_model = brought.model_record(tuned_record["artifacts"]["model"])
+    assert new_model.parent == "vit" and new_model.spec == brought.model_record("vit").spec
+    assert new_model.fingerprint != brought.model_record("vit").fingerprint
+    assert brought.load_model(new_model.version).encoder.spec.arch == "timm:test_vit"
     for model, record in records.items():
         assert record["state"] == "succeeded", record
         fs = brought.load_feature_set(record["artifacts"]["feature_set"])
