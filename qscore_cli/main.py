@@ -112,7 +112,7 @@ def pretrain(
     """Pre-train an encoder with a self-supervised objective."""
     from models.checkpoints import save_encoder
     from models.data import image_folder, resolve_device
-    from models.encoders import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, build_encoder
+    from models.encoders import BUILTIN_ARCHS, IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, build_encoder
     from models.objectives import METHODS, build_method
     from models.training import TrainConfig, seed_everything, train
 
@@ -120,6 +120,11 @@ def pretrain(
         spec_kwargs: dict[str, Any] = {"arch": arch, "width": width, "cifar_stem": cifar_stem, "image_size": image_size}
         if not cifar_stem:
             spec_kwargs.update(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        if arch not in BUILTIN_ARCHS:
+            raise ValueError(
+                f"pretrain builds {' or '.join(BUILTIN_ARCHS)}, got --arch {arch}; an encoder of another "
+                "architecture is brought as it is (see `qscore import` and --arch timm:NAME on the other commands)"
+            )
         spec = EncoderSpec(**spec_kwargs)
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")

@@ -234,3 +234,11 @@ def test_state_dict_is_not_read_as_torchscript(tmp_path):
     path = save_weights(random_timm("test_resnet", 32), tmp_path / "r.pth")
     with pytest.raises(CheckpointError, match="is not a TorchScript archive"):
         load_encoder(path, arch="torchscript")
+
+
+def test_pretrain_builds_only_resnets(tmp_path):
+    result = run_cli("pretrain", "--data", tmp_path, "--out", tmp_path / "p.safetensors", "--arch", "timm:test_vit",
+                     check=False)  # fmt: skip
+    assert result.returncode == 2
+    assert "pretrain builds resnet18 or resnet50, got --arch timm:test_vit" in result.stderr
+    assert not (tmp_path / "p.safetensors").exists()
