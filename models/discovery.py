@@ -27,6 +27,7 @@ from models.features import (
     DominanceCounts,
     EncoderRef,
     FeatureSet,
+    Preprocessing,
     Selection,
     choose_auto_eps,
     default_alpha,
@@ -160,6 +161,9 @@ def discover(
 ) -> FeatureSet:
     """Discover the discriminative features of ``encoder`` on a random sample of ``dataset``."""
     selection = selection or make_selection()
+    spec = getattr(encoder, "spec", None)  # any module mapping images to h may be passed
+    if encoder_ref.preprocessing is None and spec is not None:
+        encoder_ref = encoder_ref.model_copy(update={"preprocessing": Preprocessing.of(spec)})
     grid = eps_grid(eps)
     sample = random_sample(len(dataset), sample_size, seed)  # type: ignore[arg-type]
     h, _ = extract_representations(

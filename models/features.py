@@ -172,11 +172,45 @@ def default_alpha(q_scores: np.ndarray) -> float:
     return float(np.percentile(nonzero, ALPHA_PERCENTILE))
 
 
+class Preprocessing(BaseModel):
+    """How images were fed to the encoder: resize and centre-crop to ``image_size``, normalise."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def of(cls, spec: Any) -> Preprocessing:
+        """The preprocessing of an :class:`models.encoders.EncoderSpec`."""
+        return cls(image_size=spec.image_size, mean=spec.mean, std=spec.std)
+
+
 class EncoderRef(BaseModel):
     fingerprint: str
     arch: str
     feature_dim: int = Field(gt=0)
     model_version: str | None = None
+    #: Recorded by discovery: the same tensors fed otherwise give other representations, which
+    #: the fingerprint (tensors only) cannot tell apart. None in feature sets made before it.
+    preprocessing: Preprocessing | None = None
+
+
+def preprocessing_mismatch(spec: Any, feature_set: FeatureSet) -> str | None:
+    """Why ``feature_set`` does not fit an encoder fed as ``spec`` says, or None when it does."""
+    found = feature_set.encoder.preprocessing
+    now = Preprocessing.of(spec)
+    if found is None or found == now:
+        return None
+
+    def show(p: Preprocessing) -> str:
+        mean, std = ",".join(f"{v:g}" for v in p.mean), ",".join(f"{v:g}" for v in p.std)
+        return f"--image-size {p.image_size} --mean {mean} --std {std}"
+
+    return (
+        f"the feature set was found on images preprocessed with {show(found)}, but the encoder is fed "
+        f"{show(now)}: the same weights fed otherwise give other representations. Use the same "
+        "preprocessing flags as at discovery, or discover again with these."
+    )
 
 
 class DataProvenance(BaseModel):

@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field
 from models.atomic import atomic_directory, remove_stale_temporaries, write_json_atomic
 from models.checkpoints import ImportedEncoder, load_encoder, save_encoder
 from models.encoders import EncoderBase, EncoderSpec, fingerprint
-from models.features import FeatureSet
+from models.features import FeatureSet, preprocessing_mismatch
 
 VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
 WEIGHTS_FILE = "encoder.safetensors"
@@ -173,6 +173,9 @@ class Registry:
                     f"the feature set was found on weights {feature_set.encoder.fingerprint[:12]}, "
                     f"not on model {model_version!r} ({record.fingerprint[:12]})"
                 )
+            mismatch = preprocessing_mismatch(record.spec, feature_set)
+            if mismatch is not None:
+                raise RegistryError(f"model {model_version!r}: {mismatch}")
         version = version or new_version("features", feature_set.encoder.fingerprint)
         with atomic_directory(self._new_dir(self.feature_sets_dir, version, "feature set")) as tmp:
             feature_set.save(tmp / FEATURE_SET_FILE)
@@ -197,6 +200,9 @@ class Registry:
                 f"feature set {feature_set!r} belongs to encoder {features.encoder.fingerprint[:12]}, "
                 f"but model {model!r} is {record.fingerprint[:12]}; discover features for this model first"
             )
+        mismatch = preprocessing_mismatch(record.spec, features)
+        if mismatch is not None:
+            raise RegistryError(f"feature set {feature_set!r} does not fit model {model!r}: {mismatch}")
         return record, features
 
     def set_active(self, model: str, feature_set: str) -> ActivePair:

@@ -327,7 +327,7 @@ def discover_finalize(
 
     from models.data import random_sample
     from models.discovery import build_feature_set, make_selection
-    from models.features import DataProvenance, DominanceCounts, EncoderRef
+    from models.features import DataProvenance, DominanceCounts, EncoderRef, Preprocessing
 
     p: DiscoverParams = params_of(ctx, DiscoverParams)
     _guard_shard(ctx)
@@ -350,6 +350,7 @@ def discover_finalize(
                 arch=record.spec.arch,
                 feature_dim=record.spec.feature_dim,
                 model_version=p.model,
+                preprocessing=Preprocessing.of(record.spec),
             ),
             data=DataProvenance(
                 dataset=p.dataset,

@@ -210,9 +210,14 @@ def test_shared_resnet20_import_discover_score_on_the_command_line(resnet20, cif
     assert [r["path"] for r in rows] == [str(p) for p in images]
     assert [r["q_score"] for r in rows] == pytest.approx(expected.tolist(), rel=1e-5, abs=1e-7)
 
-    # without the flags the module runs at 224 with ImageNet normalisation: another representation
-    wrong = run_cli("score", images[0], "--model", resnet20, "--features", features, "--json", "--device", "cpu")
-    assert json.loads(wrong.stdout)["q_score"] != pytest.approx(rows[0]["q_score"], rel=1e-3)
+    # without the flags the module would run at 224 with ImageNet normalisation: other
+    # representations of the same weights (same fingerprint), so the feature set is refused
+    wrong = run_cli(
+        "score", images[0], "--model", resnet20, "--features", features, "--json", "--device", "cpu", check=False
+    )
+    assert wrong.returncode == 2
+    assert "found on images preprocessed with --image-size 32 --mean 0,0,0 --std 1,1,1" in wrong.stderr
+    assert "but the encoder is fed --image-size 224 --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225" in wrong.stderr
 
 
 def test_shared_resnet20_coverage_on_a_slice(resnet20, cifar_slice):
@@ -267,3 +272,32 @@ def test_bad_preprocessing_flags_exit_2(tmp_path, flags, needle):
     assert result.returncode == 2
     assert needle in result.stderr
     assert not (tmp_path / "registry" / "models").exists()
+
+
+def test_a_feature_set_is_refused_for_the_same_weights_fed_otherwise(tmp_path, cifar_slice):
+    from models.discovery import discover, make_selection
+    from models.features import EncoderRef
+    from models.scoring import FeatureSetMismatch, Scorer
+
+    path = script(Pooled(), tmp_path / "pooled.pt")
+    registry = Registry(tmp_path / "registry")
+    at32 = registry.import_model(path, version="at32", image_size=32)
+    at48 = registry.import_model(path, version="at48", image_size=48)
+    assert at32.fingerprint == at48.fingerprint  # tensors only
+    encoder = registry.load_model("at32").encoder
+    fs = discover(
+        encoder,
+        image_folder(cifar_slice / "test", eval_transform(encoder.spec)),
+        dataset_name="slice",
+        encoder_ref=EncoderRef(fingerprint=at32.fingerprint, arch="torchscript", feature_dim=6, model_version="at32"),
+        eps="auto",
+        sample_size=None,
+        selection=make_selection(),
+    )
+    assert fs.encoder.preprocessing is not None and fs.encoder.preprocessing.image_size == 32
+    registry.add_feature_set(fs, version="f32")
+    registry.check_pair("at32", "f32")
+    with pytest.raises(RegistryError, match="found on images preprocessed with --image-size 32 .* fed --image-size 48"):
+        registry.check_pair("at48", "f32")
+    with pytest.raises(FeatureSetMismatch, match="Use the same preprocessing flags as at discovery"):
+        Scorer(registry.load_model("at48").encoder, at48.fingerprint, fs, device="cpu")
