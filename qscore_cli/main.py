@@ -366,7 +366,7 @@ def regularize(
     """Continue training an encoder with the Q-Score regulariser (paper eq. 4)."""
     from models.checkpoints import save_encoder
     from models.data import image_folder, resolve_device
-    from models.features import FeatureSet
+    from models.features import FeatureSet, preprocessing_mismatch
     from models.objectives import build_method
     from models.training import Regularizer, TrainConfig, train
 
@@ -378,6 +378,9 @@ def regularize(
         feature_set = FeatureSet.load(features)
         if feature_set.encoder.fingerprint != imported.fingerprint:
             raise ValueError("the feature set was not found on this encoder; run `qscore discover` on it first")
+        mismatch = preprocessing_mismatch(imported.encoder.spec, feature_set)
+        if mismatch is not None:
+            raise ValueError(mismatch)
         ssl = build_method(method, imported.encoder)
         ssl.train()
         dataset = image_folder(data, transform=ssl.view_transform(imported.encoder.spec))

@@ -301,3 +301,7 @@ def test_a_feature_set_is_refused_for_the_same_weights_fed_otherwise(tmp_path, c
         registry.check_pair("at48", "f32")
     with pytest.raises(FeatureSetMismatch, match="Use the same preprocessing flags as at discovery"):
         Scorer(registry.load_model("at48").encoder, at48.fingerprint, fs, device="cpu")
+    from models.linear_eval import run_evaluation
+
+    with pytest.raises(ValueError, match="Use the same preprocessing flags as at discovery"):
+        run_evaluation(registry.load_model("at48").encoder, at48.fingerprint, fs, cifar_slice / "train", tmp_path)
