@@ -111,12 +111,6 @@ class EncoderSpec(BaseModel):
         return "torchvision"
 
     @property
-    def timm_name(self) -> str:
-        if self.source != "timm":
-            raise ValueError(f"{self.arch} is not a timm architecture")
-        return self.arch[len(TIMM_PREFIX) :]
-
-    @property
     def feature_dim(self) -> int:
         if self.source != "torchvision":
             assert self.dim is not None  # checked by the validator
