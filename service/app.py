@@ -16,11 +16,11 @@ from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.registry import Registry
-from qscore_config.settings import Settings, get_settings
 from service.batcher import Batcher
 from service.limits import BodyLimitMiddleware
 from service.metrics import Metrics
 from service.routes import admin, health, jobs, model_import, score
+from qscore_config.settings import Settings, get_settings
 from service.state import StateHolder
 
 log = logging.getLogger(__name__)
