@@ -14,7 +14,7 @@ import torch
 from models.data import ProgressFn, eval_transform, extract_representations, image_folder, random_sample, subset
 from models.encoders import Encoder
 from models.evaluation import calibrate_alpha, calibrate_risk, compression_curve, linear_probe, score_power
-from models.features import FeatureSet
+from models.features import FeatureSet, preprocessing_mismatch
 from models.qscore import q_score_parts
 
 
@@ -38,6 +38,9 @@ def run_evaluation(
     """Probe, Q-Score power, compression curve; return the report and the calibrated feature set."""
     if feature_set.encoder.fingerprint != encoder_fingerprint:
         raise ValueError("the feature set was not found on this encoder")
+    mismatch = preprocessing_mismatch(encoder.spec, feature_set)
+    if mismatch is not None:
+        raise ValueError(mismatch)
     transform = eval_transform(encoder.spec)
     report_progress = on_progress or (lambda _: None)
     splits = {}

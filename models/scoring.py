@@ -10,7 +10,7 @@ from PIL import Image
 
 from models.data import eval_transform, resolve_device
 from models.encoders import Encoder
-from models.features import FeatureSet
+from models.features import FeatureSet, preprocessing_mismatch
 from models.qscore import discriminative_mask, q_score_parts
 
 PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -56,6 +56,9 @@ class Scorer:
                 f"the feature set was found on encoder {feature_set.encoder.fingerprint[:12]}, "
                 f"not on this one ({encoder_fingerprint[:12]})"
             )
+        mismatch = preprocessing_mismatch(encoder.spec, feature_set)
+        if mismatch is not None:
+            raise FeatureSetMismatch(mismatch)
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         self.device = resolve_device(device)

@@ -58,6 +58,8 @@ class FeatureSetInfo(BaseModel):
     reference_median: float | None = Field(None, description="Median Q-Score of the reference set.")
     calibrated: bool = Field(description="Whether an evaluation calibrated a mis-classification risk curve.")
     created_at: str
+    negative_share: float | None = Field(None, description="Share of negative entries of h on the reference set.")
+    signed_warning: str | None = Field(None, description="Set when h is signed and Q-Scores mean less.")
 
     @classmethod
     def of(cls, version: str, fs: FeatureSet) -> FeatureSetInfo:
@@ -72,6 +74,8 @@ class FeatureSetInfo(BaseModel):
             reference_median=fs.reference_median,
             calibrated=fs.risk_curve is not None,
             created_at=fs.created_at,
+            negative_share=fs.negative_share,
+            signed_warning=fs.signed_warning,
         )
 
 
