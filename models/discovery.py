@@ -27,6 +27,7 @@ from models.features import (
     DominanceCounts,
     EncoderRef,
     FeatureSet,
+    Preprocessing,
     Selection,
     choose_auto_eps,
     default_alpha,
@@ -124,9 +125,11 @@ def build_feature_set(
         reference_q_nonzero_percentiles=percentiles(q[q > 0]),
         alpha=default_alpha(q),
         data=data,
+        negative_share=counts.negative_share,
     )
-    if feature_set.coverage_warning:
-        log.warning(feature_set.coverage_warning)
+    for warning in (feature_set.coverage_warning, feature_set.signed_warning):
+        if warning:
+            log.warning(warning)
     return feature_set
 
 
@@ -164,6 +167,9 @@ def discover(
     and writes the bank beside its JSON.
     """
     selection = selection or make_selection()
+    spec = getattr(encoder, "spec", None)  # any module mapping images to h may be passed
+    if encoder_ref.preprocessing is None and spec is not None:
+        encoder_ref = encoder_ref.model_copy(update={"preprocessing": Preprocessing.of(spec)})
     grid = eps_grid(eps)
     sample = random_sample(len(dataset), sample_size, seed)  # type: ignore[arg-type]
     h, _, pixels = extract_with_pixels(

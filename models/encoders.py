@@ -7,6 +7,12 @@ imported checkpoint is converted to.
 
 Beyond the paper's ResNet-18/50: ``width`` scales the channel counts of ResNet-18 (64 is
 torchvision's), so the project can ship a demo encoder of a few MB that trains on a CPU.
+
+Encoders people bring are described by the same :class:`EncoderSpec`: ``arch`` is
+``"torchscript"`` (a TorchScript module, ``models/torchscript_encoders.py``) or ``"timm:NAME"``
+(a timm architecture, ``models/timm_encoders.py``); their feature dimension ``dim`` is found by a
+probe forward pass (``models/probe.py``). Every encoder is an :class:`EncoderBase`: ``forward(x)``
+is ``h`` (N, r), ``spec`` says how to feed it, ``backbone_state_dict()`` is what is fingerprinted.
 """
 
 from __future__ import annotations
@@ -17,11 +23,14 @@ from typing import Literal
 
 import torch
 import torchvision
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-Arch = Literal["resnet18", "resnet50"]
+BUILTIN_ARCHS = ("resnet18", "resnet50")
+TORCHSCRIPT_ARCH = "torchscript"
+TIMM_PREFIX = "timm:"
+Source = Literal["torchvision", "torchscript", "timm"]
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -31,41 +40,115 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _LAYERS = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet50": (Bottleneck, [3, 4, 6, 3])}
 
 
+def parse_rgb(text: str | None, name: str) -> tuple[float, float, float] | None:
+    """``"0.485,0.456,0.406"`` (a --mean or --std flag) to a triple; None stays None."""
+    if text is None:
+        return None
+    try:
+        values = tuple(float(p) for p in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise ValueError(f"{name} takes three comma-separated numbers R,G,B (e.g. 0.5,0.5,0.5), got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def spec_errors(exc: ValueError) -> str:
+    """A pydantic validation error of a spec as one short line (its messages, ``; ``-joined)."""
+    errors = getattr(exc, "errors", None)
+    if errors is None:
+        return str(exc)
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors())
+
+
 class EncoderSpec(BaseModel):
     """What it takes to rebuild an encoder and feed it: saved beside its weights."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    arch: Arch = "resnet18"
+    arch: str = "resnet18"
     cifar_stem: bool = True
     width: int = Field(default=64, ge=4)
     image_size: int = Field(default=32, ge=8)
     mean: tuple[float, float, float] = CIFAR_MEAN
     std: tuple[float, float, float] = CIFAR_STD
+    #: Feature dimension of a TorchScript or timm encoder, found by a probe forward pass.
+    dim: int | None = Field(default=None, gt=0)
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, value: str) -> str:
+        if value in BUILTIN_ARCHS or value == TORCHSCRIPT_ARCH:
+            return value
+        if value.startswith(TIMM_PREFIX) and len(value) > len(TIMM_PREFIX):
+            return value
+        raise ValueError(
+            f"unknown architecture {value!r}: expected one of {', '.join(BUILTIN_ARCHS)}, "
+            f"{TORCHSCRIPT_ARCH!r} or 'timm:NAME' (a timm model name, e.g. timm:vit_small_patch16_224)"
+        )
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if not all(v > 0 for v in value):
+            raise ValueError(f"std must be positive for every channel, got {value}")
+        return value
 
     @model_validator(mode="after")
     def _width_only_for_resnet18(self) -> EncoderSpec:
         if self.arch != "resnet18" and self.width != 64:
             raise ValueError(f"width is only adjustable for resnet18, got width={self.width} for {self.arch}")
+        if self.source != "torchvision" and self.dim is None:
+            raise ValueError(f"a {self.arch} encoder needs its feature dimension (dim), found by a probe forward")
         return self
 
     @property
+    def source(self) -> Source:
+        if self.arch == TORCHSCRIPT_ARCH:
+            return "torchscript"
+        if self.arch.startswith(TIMM_PREFIX):
+            return "timm"
+        return "torchvision"
+
+    @property
     def feature_dim(self) -> int:
+        if self.source != "torchvision":
+            assert self.dim is not None  # checked by the validator
+            return self.dim
         expansion = _LAYERS[self.arch][0].expansion
         return self.width * 8 * expansion
 
 
-class Encoder(nn.Module):
-    """A torchvision ResNet without its classifier: ``forward(x)`` is ``h``, (N, r)."""
+class EncoderBase(nn.Module):
+    """What every encoder offers: ``forward(x)`` is ``h`` (N, r); ``spec`` says how to feed it."""
 
-    def __init__(self, spec: EncoderSpec) -> None:
-        super().__init__()
-        self.spec = spec
-        self.resnet = _build_resnet(spec)
+    spec: EncoderSpec
 
     @property
     def feature_dim(self) -> int:
         return self.spec.feature_dim
+
+    def backbone_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors that define the encoder (what :func:`fingerprint` hashes)."""
+        raise NotImplementedError
+
+    def load_backbone_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def not_trainable_reason(self) -> str | None:
+        """Why ``regularize`` cannot fine-tune this encoder, or None when it can."""
+        return None
+
+
+class Encoder(EncoderBase):
+    """A torchvision ResNet without its classifier: ``forward(x)`` is ``h``, (N, r)."""
+
+    def __init__(self, spec: EncoderSpec) -> None:
+        super().__init__()
+        if spec.source != "torchvision":
+            raise ValueError(f"Encoder builds torchvision ResNets; {spec.arch} is loaded by models.checkpoints")
+        self.spec = spec
+        self.resnet = _build_resnet(spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.resnet(x)

@@ -35,6 +35,8 @@ AUTO_EPS_GRID: tuple[float, ...] = (4.0, 3.5, 3.0, 2.5, 2.0, 1.5)
 AUTO_COVERAGE_TARGET = 0.9
 #: Below this coverage most Q-Scores are ties at 0 and the score ranks little (SPEC 3b).
 LOW_COVERAGE = 0.5
+#: Above this share of negative entries in ``h`` the Q-Score's assumptions do not hold (issue 9).
+SIGNED_SHARE = 0.05
 #: alpha defaults to this percentile of the reference set's non-zero Q-Scores (SPEC section 3).
 ALPHA_PERCENTILE = 10.0
 REFERENCE_PERCENTILES: tuple[float, ...] = (1, 5, 10, 25, 50, 75, 90, 95, 99)
@@ -46,13 +48,15 @@ class DominanceCounts:
     """Per-feature dominance counts ``c_j`` for one or more values of eps.
 
     ``counts`` is a (G, r) int64 tensor, one row per value in ``eps``; ``n_samples`` is how many
-    representations were counted. Two counts over disjoint shards add up to the counts over
-    their union.
+    representations were counted, ``n_negative`` how many of their entries were negative (a
+    signed representation, see :attr:`FeatureSet.signed_warning`). Two counts over disjoint
+    shards add up to the counts over their union.
     """
 
     eps: tuple[float, ...]
     counts: torch.Tensor
     n_samples: int = 0
+    n_negative: int = 0
 
     @classmethod
     def zeros(cls, eps: Sequence[float], r: int) -> DominanceCounts:
@@ -79,13 +83,16 @@ class DominanceCounts:
         for row, eps in enumerate(self.eps):
             self.counts[row] += dominant_mask(h, eps).sum(dim=0).to("cpu", torch.int64)
         self.n_samples += int(h.shape[0])
+        self.n_negative += int((h < 0).sum())
 
     def __add__(self, other: DominanceCounts) -> DominanceCounts:
         if self.eps != other.eps or self.r != other.r:
             raise ValueError(
                 f"cannot add counts over eps {self.eps} and r={self.r} to counts over eps {other.eps} and r={other.r}"
             )
-        return DominanceCounts(self.eps, self.counts + other.counts, self.n_samples + other.n_samples)
+        return DominanceCounts(
+            self.eps, self.counts + other.counts, self.n_samples + other.n_samples, self.n_negative + other.n_negative
+        )
 
     def for_eps(self, eps: float) -> torch.Tensor:
         """The (r,) counts for one eps of the grid."""
@@ -95,7 +102,18 @@ class DominanceCounts:
             raise ValueError(f"eps {eps} was not counted; counted: {self.eps}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"eps": list(self.eps), "counts": self.counts.tolist(), "n_samples": self.n_samples}
+        return {
+            "eps": list(self.eps),
+            "counts": self.counts.tolist(),
+            "n_samples": self.n_samples,
+            "n_negative": self.n_negative,
+        }
+
+    @property
+    def negative_share(self) -> float | None:
+        """Share of negative entries among all counted entries of ``h``."""
+        total = self.n_samples * self.r
+        return self.n_negative / total if total else None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DominanceCounts:
@@ -103,6 +121,7 @@ class DominanceCounts:
             tuple(float(e) for e in data["eps"]),
             torch.tensor(data["counts"], dtype=torch.int64),
             int(data["n_samples"]),
+            int(data.get("n_negative", 0)),
         )
 
 
@@ -156,11 +175,45 @@ def default_alpha(q_scores: np.ndarray) -> float:
     return float(np.percentile(nonzero, ALPHA_PERCENTILE))
 
 
+class Preprocessing(BaseModel):
+    """How images were fed to the encoder: resize and centre-crop to ``image_size``, normalise."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def of(cls, spec: Any) -> Preprocessing:
+        """The preprocessing of an :class:`models.encoders.EncoderSpec`."""
+        return cls(image_size=spec.image_size, mean=spec.mean, std=spec.std)
+
+
 class EncoderRef(BaseModel):
     fingerprint: str
     arch: str
     feature_dim: int = Field(gt=0)
     model_version: str | None = None
+    #: Recorded by discovery: the same tensors fed otherwise give other representations, which
+    #: the fingerprint (tensors only) cannot tell apart. None in feature sets made before it.
+    preprocessing: Preprocessing | None = None
+
+
+def preprocessing_mismatch(spec: Any, feature_set: FeatureSet) -> str | None:
+    """Why ``feature_set`` does not fit an encoder fed as ``spec`` says, or None when it does."""
+    found = feature_set.encoder.preprocessing
+    now = Preprocessing.of(spec)
+    if found is None or found == now:
+        return None
+
+    def show(p: Preprocessing) -> str:
+        mean, std = ",".join(f"{v:g}" for v in p.mean), ",".join(f"{v:g}" for v in p.std)
+        return f"--image-size {p.image_size} --mean {mean} --std {std}"
+
+    return (
+        f"the feature set was found on images preprocessed with {show(found)}, but the encoder is fed "
+        f"{show(now)}: the same weights fed otherwise give other representations. Use the same "
+        "preprocessing flags as at discovery, or discover again with these."
+    )
 
 
 class DataProvenance(BaseModel):
@@ -224,6 +277,9 @@ class FeatureSet(BaseModel):
     risk_model: RiskModel | None = None
     typicality: TypicalityModel | None = None
     data: DataProvenance
+    negative_share: float | None = Field(
+        None, ge=0.0, le=1.0, description="Share of negative entries of h over the reference sample."
+    )
     _bank: ReferenceBank | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
@@ -267,6 +323,19 @@ class FeatureSet(BaseModel):
             f"LOW COVERAGE: only {self.coverage:.0%} of reference samples have a dominant "
             f"discriminative feature at eps={self.eps:g}; the other samples all score Q=0, so "
             "Q-Scores are mostly ties and rank little. Rediscover with a lower eps or eps='auto'."
+        )
+
+    @property
+    def signed_warning(self) -> str | None:
+        """Set when ``h`` is signed, e.g. ViT pre-logits (no ReLU): the Q-Score assumes it is not."""
+        if self.negative_share is None or self.negative_share <= SIGNED_SHARE:
+            return None
+        return (
+            f"SIGNED REPRESENTATION: {self.negative_share:.0%} of the entries of h are negative (an encoder "
+            "without a final ReLU, such as ViT pre-logits). The Q-Score assumes a mostly non-negative, "
+            "sparse h: its L1 norm here also counts the negative entries, which are no evidence for any "
+            "feature, and dominance (h_j > mu + eps*sigma) ignores strongly negative features. Q-Scores of "
+            "this encoder rank images only roughly and are not comparable with those of ReLU encoders."
         )
 
     @property

@@ -22,7 +22,7 @@ from models.data import (
 )
 from models.encoders import Encoder
 from models.evaluation import calibrate_alpha, compression_curve, linear_probe, score_power
-from models.features import FeatureSet
+from models.features import FeatureSet, preprocessing_mismatch
 from models.qscore import q_score_parts
 from models.risk import fit_risk
 from models.scoring import label_free_signals
@@ -53,6 +53,9 @@ def run_evaluation(
     """
     if feature_set.encoder.fingerprint != encoder_fingerprint:
         raise ValueError("the feature set was not found on this encoder")
+    mismatch = preprocessing_mismatch(encoder.spec, feature_set)
+    if mismatch is not None:
+        raise ValueError(mismatch)
     transform = eval_transform(encoder.spec)
     report_progress = on_progress or (lambda _: None)
     train = image_folder(train_dir, transform)

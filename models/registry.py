@@ -2,8 +2,9 @@
 
 Layout under the registry root::
 
-    models/<version>/encoder.safetensors   weights and spec
-    models/<version>/model.json            ModelRecord
+    models/<version>/encoder.safetensors   weights and spec (ResNets, timm architectures)
+    models/<version>/encoder.pt            or the TorchScript module, as it was imported
+    models/<version>/model.json            ModelRecord (spec: architecture, preprocessing, dim)
     feature_sets/<version>/feature_set.json
     active.json                            {"model": ..., "feature_set": ...}
 
@@ -24,11 +25,12 @@ from pydantic import BaseModel, Field
 
 from models.atomic import atomic_directory, remove_stale_temporaries, write_json_atomic
 from models.checkpoints import ImportedEncoder, load_encoder, save_encoder
-from models.encoders import Encoder, EncoderSpec, fingerprint
-from models.features import FeatureSet
+from models.encoders import EncoderBase, EncoderSpec, fingerprint
+from models.features import FeatureSet, preprocessing_mismatch
 
 VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
 WEIGHTS_FILE = "encoder.safetensors"
+TORCHSCRIPT_FILE = "encoder.pt"
 MODEL_FILE = "model.json"
 FEATURE_SET_FILE = "feature_set.json"
 ACTIVE_FILE = "active.json"
@@ -40,6 +42,10 @@ class RegistryError(ValueError):
     """An unknown or invalid version, or a pairing that does not fit."""
 
 
+class VersionExists(RegistryError):
+    """A version name that is taken: versions are never overwritten."""
+
+
 class ModelRecord(BaseModel):
     version: str
     fingerprint: str
@@ -47,6 +53,7 @@ class ModelRecord(BaseModel):
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     parent: str | None = None
     training: dict[str, Any] = Field(default_factory=dict)
+    imported_from: str | None = Field(None, description="Name of the file `qscore import` registered.")
 
 
 class ActivePair(BaseModel):
@@ -90,28 +97,59 @@ class Registry:
 
     def load_model(self, version: str) -> ImportedEncoder:
         record = self.model_record(version)
-        imported = load_encoder(self.model_dir(version) / WEIGHTS_FILE)
+        spec = record.spec
+        path = self.model_dir(version) / weights_file(spec)
+        if spec.source == "torchvision":
+            imported = load_encoder(path)
+        else:  # preprocessing and dimension from the record, checked again by the probe
+            imported = load_encoder(
+                path, arch=spec.arch, image_size=spec.image_size, mean=spec.mean, std=spec.std, dim=spec.dim
+            )
         if imported.fingerprint != record.fingerprint:
             raise RegistryError(f"model {version!r}: weights do not match the recorded fingerprint")
         return imported
 
     def add_model(
         self,
-        encoder: Encoder,
+        encoder: EncoderBase,
         *,
         version: str | None = None,
         parent: str | None = None,
         training: dict[str, Any] | None = None,
+        imported_from: str | None = None,
     ) -> ModelRecord:
-        digest = fingerprint(encoder.backbone_state_dict())
-        version = version or new_version("model", digest)
+        version = version or new_version("model", fingerprint(encoder.backbone_state_dict()))
         with atomic_directory(self._new_dir(self.models_dir, version, "model")) as tmp:
-            save_encoder(encoder, tmp / WEIGHTS_FILE)
+            digest = save_encoder(encoder, tmp / weights_file(encoder.spec))
             record = ModelRecord(
-                version=version, fingerprint=digest, spec=encoder.spec, parent=parent, training=training or {}
+                version=version,
+                fingerprint=digest,
+                spec=encoder.spec,
+                parent=parent,
+                training=training or {},
+                imported_from=imported_from,
             )
             write_json_atomic(tmp / MODEL_FILE, record.model_dump(mode="json"))
         return record
+
+    def import_model(
+        self, path: str | Path, *, version: str | None = None, source_name: str | None = None, **source: Any
+    ) -> ModelRecord:
+        """Register an encoder file (TorchScript, timm state dict, ResNet checkpoint) as a version.
+
+        ``source``: ``arch``, ``image_size``, ``mean``, ``std`` as :func:`load_encoder` takes
+        them. The file is loaded and probed first; nothing is written when that fails. A
+        TorchScript file is kept byte for byte; other weights are stored as safetensors with
+        their spec.
+        """
+        if version is not None:
+            self._new_dir(self.models_dir, version, "model")  # refuse a taken name before the work
+        imported = load_encoder(path, **source)
+        version = check_version(version or new_version("model", imported.fingerprint))
+        name = source_name or Path(path).name
+        if imported.encoder.spec.source != "torchscript":
+            return self.add_model(imported.encoder, version=version, imported_from=name)
+        return self.add_model_from_file(Path(path), imported, version, imported_from=name)
 
     # -- feature sets ---------------------------------------------------------------------
     def feature_set_dir(self, version: str) -> Path:
@@ -135,6 +173,9 @@ class Registry:
                     f"the feature set was found on weights {feature_set.encoder.fingerprint[:12]}, "
                     f"not on model {model_version!r} ({record.fingerprint[:12]})"
                 )
+            mismatch = preprocessing_mismatch(record.spec, feature_set)
+            if mismatch is not None:
+                raise RegistryError(f"model {model_version!r}: {mismatch}")
         version = version or new_version("features", feature_set.encoder.fingerprint)
         with atomic_directory(self._new_dir(self.feature_sets_dir, version, "feature set")) as tmp:
             feature_set.save(tmp / FEATURE_SET_FILE)
@@ -159,6 +200,9 @@ class Registry:
                 f"feature set {feature_set!r} belongs to encoder {features.encoder.fingerprint[:12]}, "
                 f"but model {model!r} is {record.fingerprint[:12]}; discover features for this model first"
             )
+        mismatch = preprocessing_mismatch(record.spec, features)
+        if mismatch is not None:
+            raise RegistryError(f"feature set {feature_set!r} does not fit model {model!r}: {mismatch}")
         return record, features
 
     def set_active(self, model: str, feature_set: str) -> ActivePair:
@@ -192,24 +236,35 @@ class Registry:
         return True
 
     def add_model_from_file(
-        self, weights: Path, imported: ImportedEncoder, version: str, training: dict[str, Any] | None = None
+        self,
+        weights: Path,
+        imported: ImportedEncoder,
+        version: str,
+        training: dict[str, Any] | None = None,
+        imported_from: str | None = None,
     ) -> ModelRecord:
         record = ModelRecord(
             version=check_version(version),
             fingerprint=imported.fingerprint,
             spec=imported.encoder.spec,
             training=training or {},
+            imported_from=imported_from,
         )
         with atomic_directory(self._new_dir(self.models_dir, version, "model")) as tmp:
-            shutil.copyfile(weights, tmp / WEIGHTS_FILE)
+            shutil.copyfile(weights, tmp / weights_file(imported.encoder.spec))
             write_json_atomic(tmp / MODEL_FILE, record.model_dump(mode="json"))
         return record
 
     def _new_dir(self, parent: Path, version: str, what: str) -> Path:
         target = parent / check_version(version)
         if target.exists():
-            raise RegistryError(f"{what} version {version!r} already exists")
+            raise VersionExists(f"{what} version {version!r} already exists; choose another name")
         return target
+
+
+def weights_file(spec: EncoderSpec) -> str:
+    """The weights file of a version: the TorchScript archive, or safetensors."""
+    return TORCHSCRIPT_FILE if spec.source == "torchscript" else WEIGHTS_FILE
 
 
 def _versions(folder: Path) -> list[Path]:

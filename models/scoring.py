@@ -11,7 +11,7 @@ from PIL import Image
 from models.bank import ReferenceBank
 from models.data import eval_transform, resolve_device
 from models.encoders import Encoder
-from models.features import FeatureSet
+from models.features import FeatureSet, preprocessing_mismatch
 from models.qscore import QScoreParts, discriminative_mask, q_score_parts
 from models.typicality import DEFAULT_K, TypicalityModel
 from models.typicality import signals as typicality_signals
@@ -67,6 +67,9 @@ class Scorer:
                 f"the feature set was found on encoder {feature_set.encoder.fingerprint[:12]}, "
                 f"not on this one ({encoder_fingerprint[:12]})"
             )
+        mismatch = preprocessing_mismatch(encoder.spec, feature_set)
+        if mismatch is not None:
+            raise FeatureSetMismatch(mismatch)
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         self.device = resolve_device(device)

@@ -1,4 +1,4 @@
-"""The ``qscore`` command: pretrain, discover, score, evaluate, regularize, serve, worker."""
+"""The ``qscore`` command: pretrain, discover, score, evaluate, regularize, import, convert, serve, worker."""
 
 from __future__ import annotations
 
@@ -20,8 +20,21 @@ app = typer.Typer(
 )
 
 ModelOpt = Annotated[
-    Path, typer.Option("--model", "-m", help="Encoder weights: safetensors or a supported checkpoint.")
+    Path,
+    typer.Option(
+        "--model", "-m", help="Encoder: a TorchScript file, safetensors, or a checkpoint (ResNet layouts, or --arch)."
+    ),
 ]
+ArchOpt = Annotated[
+    str | None,
+    typer.Option(help="timm:NAME for a timm state dict (e.g. timm:vit_small_patch16_224); default: read off the file."),
+]
+ImageSizeOpt = Annotated[
+    int | None,
+    typer.Option(help="Input size S: resize the short side to S, centre-crop SxS (TorchScript default 224)."),
+]
+MeanOpt = Annotated[str | None, typer.Option(help="Normalisation mean R,G,B (TorchScript default: ImageNet's).")]
+StdOpt = Annotated[str | None, typer.Option(help="Normalisation std R,G,B (TorchScript default: ImageNet's).")]
 FeaturesOpt = Annotated[Path, typer.Option("--features", "-f", help="Feature-set JSON from `qscore discover`.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 
@@ -34,6 +47,26 @@ def user_errors() -> Iterator[None]:
     except (ValueError, FileNotFoundError) as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
+
+
+def parse_rgb(text: str | None, name: str) -> tuple[float, float, float] | None:
+    from models.encoders import parse_rgb as parse
+
+    return parse(text, f"--{name}")
+
+
+def preprocessing(image_size: int | None, mean: str | None, std: str | None) -> dict[str, Any]:
+    """The ``--image-size``, ``--mean`` and ``--std`` flags, checked, as load_encoder takes them."""
+    if image_size is not None and image_size < 8:
+        raise ValueError(f"--image-size must be at least 8 pixels, got {image_size}")
+    return {"image_size": image_size, "mean": parse_rgb(mean, "mean"), "std": parse_rgb(std, "std")}
+
+
+def load_model(model: Path, arch: str | None, image_size: int | None, mean: str | None, std: str | None) -> Any:
+    """The encoder behind ``--model`` with the preprocessing flags applied (an ImportedEncoder)."""
+    from models.checkpoints import load_encoder
+
+    return load_encoder(model, arch=arch, **preprocessing(image_size, mean, std))
 
 
 def _progress_bar(total: int, desc: str) -> Any:
@@ -79,7 +112,7 @@ def pretrain(
     """Pre-train an encoder with a self-supervised objective."""
     from models.checkpoints import save_encoder
     from models.data import image_folder, resolve_device
-    from models.encoders import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, build_encoder
+    from models.encoders import BUILTIN_ARCHS, IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, build_encoder
     from models.objectives import METHODS, build_method
     from models.training import TrainConfig, seed_everything, train
 
@@ -87,6 +120,11 @@ def pretrain(
         spec_kwargs: dict[str, Any] = {"arch": arch, "width": width, "cifar_stem": cifar_stem, "image_size": image_size}
         if not cifar_stem:
             spec_kwargs.update(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        if arch not in BUILTIN_ARCHS:
+            raise ValueError(
+                f"pretrain builds {' or '.join(BUILTIN_ARCHS)}, got --arch {arch}; an encoder of another "
+                "architecture is brought as it is (see `qscore import` and --arch timm:NAME on the other commands)"
+            )
         spec = EncoderSpec(**spec_kwargs)
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
@@ -135,16 +173,19 @@ def discover(
     seed: int = 0,
     batch_size: int = 256,
     device: DeviceOpt = "auto",
+    arch: ArchOpt = None,
+    image_size: ImageSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
 ) -> None:
     """Find the discriminative features of an encoder on unlabelled images."""
-    from models.checkpoints import load_encoder
     from models.data import eval_transform, image_folder, resolve_device
     from models.discovery import discover as run_discovery
     from models.discovery import make_selection, parse_eps
     from models.features import EncoderRef
 
     with user_errors():
-        imported = load_encoder(model)
+        imported = load_model(model, arch, image_size, mean, std)
         spec = imported.encoder.spec
         dataset = image_folder(data, transform=eval_transform(spec))
         feature_set = run_discovery(
@@ -161,8 +202,9 @@ def discover(
             progress=True,
         )
         feature_set.save(out)
-        if feature_set.coverage_warning:
-            typer.secho(f"WARNING: {feature_set.coverage_warning}", fg=typer.colors.RED, bold=True, err=True)
+        for warning in (feature_set.coverage_warning, feature_set.signed_warning):
+            if warning:
+                typer.secho(f"WARNING: {warning}", fg=typer.colors.RED, bold=True, err=True)
         typer.echo(
             json.dumps(
                 {
@@ -172,6 +214,7 @@ def discover(
                     "coverage": round(feature_set.coverage, 4),
                     "alpha": feature_set.alpha,
                     "coverage_by_eps": feature_set.coverage_by_eps,
+                    "negative_share": feature_set.negative_share,
                 }
             )
         )
@@ -185,17 +228,20 @@ def score(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per image.")] = False,
     device: DeviceOpt = "auto",
     batch_size: int = 64,
+    arch: ArchOpt = None,
+    image_size: ImageSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
 ) -> None:
     """Q-Score images; flag those below the feature set's alpha or unlike its reference (atypical)."""
     import torch
 
-    from models.checkpoints import load_encoder
     from models.features import FeatureSet
     from models.images import ImageDecodeError, decode_image
     from models.scoring import Scorer
 
     with user_errors():
-        imported = load_encoder(model)
+        imported = load_model(model, arch, image_size, mean, std)
         scorer = Scorer(imported.encoder, imported.fingerprint, FeatureSet.load(features), device=device)
     failures = 0
     for start in range(0, len(images), batch_size):
@@ -261,15 +307,18 @@ def evaluate(
     seed: int = 0,
     batch_size: int = 256,
     device: DeviceOpt = "auto",
+    arch: ArchOpt = None,
+    image_size: ImageSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
 ) -> None:
     """Linear evaluation: top-1, Q-Score AUROC/AUPRC, compression curve, calibration."""
-    from models.checkpoints import load_encoder
     from models.data import resolve_device
     from models.features import FeatureSet
     from models.linear_eval import run_evaluation
 
     with user_errors():
-        imported = load_encoder(model)
+        imported = load_model(model, arch, image_size, mean, std)
         feature_set = FeatureSet.load(features)
         report, calibrated = run_evaluation(
             imported.encoder,
@@ -314,19 +363,29 @@ def regularize(
     device: DeviceOpt = "auto",
     checkpoint: Annotated[Path | None, typer.Option(help="Resumable training state.")] = None,
     log: Annotated[Path | None, typer.Option(help="Append one JSON line per step here.")] = None,
+    arch: ArchOpt = None,
+    image_size: ImageSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
 ) -> None:
     """Continue training an encoder with the Q-Score regulariser (paper eq. 4)."""
-    from models.checkpoints import load_encoder, save_encoder
+    from models.checkpoints import save_encoder
     from models.data import image_folder, resolve_device
-    from models.features import FeatureSet
+    from models.features import FeatureSet, preprocessing_mismatch
     from models.objectives import build_method
     from models.training import Regularizer, TrainConfig, train
 
     with user_errors():
-        imported = load_encoder(model)
+        imported = load_model(model, arch, image_size, mean, std)
+        reason = imported.encoder.not_trainable_reason()
+        if reason is not None:
+            raise ValueError(f"cannot regularize {model}: {reason}")
         feature_set = FeatureSet.load(features)
         if feature_set.encoder.fingerprint != imported.fingerprint:
             raise ValueError("the feature set was not found on this encoder; run `qscore discover` on it first")
+        mismatch = preprocessing_mismatch(imported.encoder.spec, feature_set)
+        if mismatch is not None:
+            raise ValueError(mismatch)
         ssl = build_method(method, imported.encoder)
         ssl.train()
         dataset = image_folder(data, transform=ssl.view_transform(imported.encoder.spec))
@@ -351,6 +410,53 @@ def regularize(
             imported.encoder, out, {"method": method, "lambda": str(lambda_), "parent": imported.fingerprint}
         )
         typer.echo(json.dumps({"out": str(out), "fingerprint": digest, "steps": result.steps}))
+
+
+@app.command("import")
+def import_model(
+    model: ModelOpt,
+    version: Annotated[str | None, typer.Option(help="Version name (default: model-<time>-<fingerprint>).")] = None,
+    registry: Annotated[
+        Path | None, typer.Option(help="Registry root (default: QSCORE_REGISTRY_ROOT, .qscore/registry).")
+    ] = None,
+    arch: ArchOpt = None,
+    image_size: ImageSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+) -> None:
+    """Register an encoder file once, so the service and the jobs can name it."""
+    from models.registry import Registry
+    from qscore_config.settings import get_settings
+
+    with user_errors():
+        root = registry or get_settings().registry_root
+        record = Registry(root).import_model(model, version=version, arch=arch, **preprocessing(image_size, mean, std))
+        typer.echo(record.model_dump_json())
+
+
+@app.command()
+def convert(
+    checkpoint: Annotated[Path, typer.Option(help="Weights to convert: a checkpoint or safetensors file.")],
+    out: Annotated[Path, typer.Option(help="Where to write the encoder (.safetensors, with its spec).")],
+    arch: ArchOpt = None,
+    image_size: ImageSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+) -> None:
+    """Turn a checkpoint plus its architecture into a self-describing safetensors file."""
+    from models.checkpoints import save_encoder
+
+    with user_errors():
+        imported = load_model(checkpoint, arch, image_size, mean, std)
+        if imported.encoder.spec.source == "torchscript":
+            raise ValueError(
+                f"{checkpoint} is a TorchScript module: use it as it is (--model {checkpoint}); "
+                "it has no architecture qscore could rebuild from a state dict"
+            )
+        if out.suffix != ".safetensors":
+            raise ValueError(f"--out must end in .safetensors, got {out}")
+        digest = save_encoder(imported.encoder, out, {"converted_from": checkpoint.name})
+        typer.echo(json.dumps({"out": str(out), "fingerprint": digest, "arch": imported.encoder.spec.arch}))
 
 
 @app.command()

@@ -19,7 +19,7 @@ from models.registry import Registry
 from service.batcher import Batcher
 from service.limits import BodyLimitMiddleware
 from service.metrics import Metrics
-from service.routes import admin, health, jobs, score
+from service.routes import admin, health, jobs, model_import, score
 from qscore_config.settings import Settings, get_settings
 from service.state import StateHolder
 
@@ -75,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(score.router)
     app.include_router(health.router)
     app.include_router(admin.router)
+    app.include_router(model_import.router)
     app.include_router(jobs.router)
     return app
 

@@ -64,6 +64,8 @@ class FeatureSetInfo(BaseModel):
     reference_atypical_share: float | None = Field(None, description="Share of the reference above the threshold.")
     bank_vectors: int | None = Field(None, description="Reference representations in the bank.")
     created_at: str
+    negative_share: float | None = Field(None, description="Share of negative entries of h on the reference set.")
+    signed_warning: str | None = Field(None, description="Set when h is signed and Q-Scores mean less.")
 
     @classmethod
     def of(cls, version: str, fs: FeatureSet) -> FeatureSetInfo:
@@ -82,6 +84,8 @@ class FeatureSetInfo(BaseModel):
             reference_atypical_share=None if fs.typicality is None else fs.typicality.reference_atypical_share,
             bank_vectors=None if fs.bank is None else fs.bank.size,
             created_at=fs.created_at,
+            negative_share=fs.negative_share,
+            signed_warning=fs.signed_warning,
         )
 
 

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 import numpy as np
 import torch
 
-from models.features import FeatureSet
+from models.features import FeatureSet, preprocessing_mismatch
 from models.registry import ModelRecord, Registry, RegistryError
 from models.scoring import Scorer
 from qscore_config.settings import Settings
@@ -104,6 +104,9 @@ def load_state(registry: Registry, model: str, feature_set: str, settings: Setti
             f"feature set {feature_set!r} belongs to encoder {features.encoder.fingerprint[:12]}, "
             f"but model {model!r} is {record.fingerprint[:12]}; discover features for this model first"
         )
+    mismatch = preprocessing_mismatch(record.spec, features)
+    if mismatch is not None:
+        raise PairMismatch(f"feature set {feature_set!r} does not fit model {model!r}: {mismatch}")
     imported = registry.load_model(model)
     scorer = Scorer(imported.encoder, imported.fingerprint, features, settings.device, settings.precision)
     if scorer.precision != "float32":

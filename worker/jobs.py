@@ -434,7 +434,7 @@ def discover_finalize(
 
     from models.data import random_sample
     from models.discovery import build_feature_set, make_selection, with_typicality
-    from models.features import DataProvenance, DominanceCounts, EncoderRef
+    from models.features import DataProvenance, DominanceCounts, EncoderRef, Preprocessing
 
     p: DiscoverParams = params_of(ctx, DiscoverParams)
     _guard_shard(ctx)
@@ -457,6 +457,7 @@ def discover_finalize(
                 arch=record.spec.arch,
                 feature_dim=record.spec.feature_dim,
                 model_version=p.model,
+                preprocessing=Preprocessing.of(record.spec),
             ),
             data=DataProvenance(
                 dataset=p.dataset,
@@ -484,6 +485,8 @@ def discover_finalize(
         "n_reference": feature_set.data.n_reference,
         "shards": plan.n_shards,
         "coverage_warning": feature_set.coverage_warning,
+        "negative_share": feature_set.negative_share,
+        "signed_warning": feature_set.signed_warning,
         "bank_vectors": 0 if feature_set.bank is None else feature_set.bank.size,
         "typicality_threshold": None if feature_set.typicality is None else feature_set.typicality.threshold,
     }
@@ -555,6 +558,9 @@ def regularize(ctx: JobContext) -> tuple[dict[str, Any], dict[str, str]]:
     training: dict[str, Any] = {}
     if not registry.model_dir(model_version).exists():
         imported = registry.load_model(p.model)  # not the cached copy: it is trained in place
+        reason = imported.encoder.not_trainable_reason()
+        if reason is not None:  # the API refuses these before queueing; a direct task is refused here
+            raise ValueError(f"cannot regularize model {p.model!r}: {reason}")
         feature_set = registry.load_feature_set(p.feature_set)
         ssl = build_method(p.method, imported.encoder)
         ssl.train()

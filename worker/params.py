@@ -143,6 +143,7 @@ def resolve(params: _Params, settings: Settings) -> _Params:
         dataset_folder(settings, params.dataset)
     elif isinstance(params, RegularizeParams | EvaluateParams):
         if isinstance(params, RegularizeParams):
+            _check_trainable(record.spec, model)
             dataset_folder(settings, params.dataset)
             if params.discover is not None:
                 dataset_folder(settings, params.discover.dataset, "discover.dataset")
@@ -164,3 +165,12 @@ def resolve(params: _Params, settings: Settings) -> _Params:
             raise ParamError("feature_set", str(exc)) from None
         update["feature_set"] = feature_set
     return params.model_copy(update=update)
+
+
+def _check_trainable(spec: object, model: str) -> None:
+    """Nothing is queued that cannot run: a TorchScript model is not fine-tuned (issue 9)."""
+    from models.encoders import EncoderSpec
+    from models.torchscript_encoders import NOT_TRAINABLE
+
+    if isinstance(spec, EncoderSpec) and spec.source == "torchscript":
+        raise ParamError("model", f"cannot regularize model {model!r}: {NOT_TRAINABLE}")

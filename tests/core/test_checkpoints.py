@@ -363,3 +363,44 @@ def test_layout_helpers(bn_encoder, tmp_path):
     assert prefix == "module.encoder_q."
     assert set(renamed) == set(bn_encoder.backbone_state_dict())
     assert infer_spec(renamed).width == 8
+
+
+# -- pickles that hold more than tensors (issue 9, item 4) ---------------------------------------
+def test_numpy_scalars_beside_the_weights_are_allowed(bn_encoder, tmp_path):
+    import numpy as np
+
+    path = tmp_path / "with-numpy.th"
+    torch.save({"best_prec1": np.float64(91.7), "epoch": np.int64(3), "state_dict": _sd(bn_encoder)}, path)
+    raw, _ = read_tensors(path)
+    assert raw["best_prec1"] == pytest.approx(91.7)
+    assert load_encoder(path).fingerprint == fingerprint(bn_encoder.backbone_state_dict())
+
+
+def test_other_pickled_objects_are_refused_with_the_conversion(bn_encoder, tmp_path):
+    import argparse
+
+    path = tmp_path / "with-args.pth"
+    torch.save({"args": argparse.Namespace(lr=0.1), "state_dict": _sd(bn_encoder)}, path)
+    with pytest.raises(CheckpointError) as caught:
+        load_encoder(path)
+    message = str(caught.value)
+    assert "(it needs argparse.Namespace)" in message
+    assert "will not unpickle them" in message
+    assert f"torch.load('{path}', map_location='cpu', weights_only=False)" in message
+    assert "'with-args.safetensors'" in message
+
+
+def test_the_published_resnet20_checkpoint_says_what_to_do(tmp_path):
+    """``resnet20-12fca82f.th``: readable tensors (a float beside them), but an architecture
+    (CIFAR ResNet-20, option A shortcuts) that no ResNet layout nor timm has."""
+    from tests.shared_encoders import RESNET20_CHECKPOINT, shared_file
+
+    path = shared_file(RESNET20_CHECKPOINT)
+    raw, _ = read_tensors(path)
+    assert set(raw) == {"best_prec1", "state_dict"}
+    with pytest.raises(CheckpointError) as caught:
+        load_encoder(path)
+    message = str(caught.value)
+    assert "read as layout 'module.'" in message
+    assert "Missing keys (35)" in message and "Unexpected keys (32): layer1.2.bn1.bias" in message
+    assert "--arch timm:NAME" in message and "TorchScript export" in message
