@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torchvision import transforms
+from torchvision import transforms  # noqa: F401  (Subject's annotation)
 
 from models.checkpoints import load_encoder
 from models.data import ensure_cifar10, eval_transform, random_sample
@@ -74,17 +74,19 @@ def subjects() -> list[Subject]:
         )
     ]
     if SUPERVISED.is_file():
-        # Before issue 9's bring-your-own-encoder path lands, the TorchScript file is loaded here.
-        supervised = torch.jit.load(str(SUPERVISED)).eval()
-        tf = transforms.Compose([transforms.Resize(32), transforms.CenterCrop(32), transforms.ToTensor()])
+        # The bring-your-own-encoder path (qscore's load_encoder, as `qscore import` and the
+        # service use it): RGB in [0, 1] at 32x32, the normalisation inside the module.
+        imported = load_encoder(SUPERVISED, image_size=32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+        supervised = imported.encoder.eval()
         out.append(
             Subject(
                 "resnet20",
-                "supervised CIFAR ResNet-20 (TorchScript, ../shared/models; trained WITH labels)",
+                "supervised CIFAR ResNet-20 (TorchScript, ../shared/models, brought in with load_encoder; "
+                "trained WITH labels)",
                 supervised,
-                tf,
-                None,
-                None,
+                eval_transform(supervised.spec),
+                supervised.spec.mean,
+                supervised.spec.std,
                 1.0,
                 None,
             )
