@@ -205,14 +205,42 @@ def write_markdown(results: dict[str, Any], args: argparse.Namespace, out: Path)
         "| --- | --- |",
     ]
     lines += [
-        f"| `{n}` | {results[n]['encoder']}; probe top-1 {results[n]['probe_top1']:.1%}, eps {results[n]['eps']:g}, alpha {results[n]['alpha']:.4g} |"
+        f"| `{n}` | {results[n]['encoder']}; probe top-1 {results[n]['probe_top1']:.1%}, "
+        f"eps {results[n]['eps']:g}, alpha {results[n]['alpha']:.4g} |"
         for n in names
     ]
+    lines += ["", "## Goals", ""]
+    for n in names:
+        sh = results[n]["shifts"]
+        gross = min(sh[g]["atypical"] for g in GROSS_SHIFTS)
+        lines.append(
+            f"- `{n}`: CIFAR-10 test atypical {sh['cifar10_test']['atypical']:.1%} (goal <= 2%: "
+            f"{'met' if sh['cifar10_test']['atypical'] <= 0.02 else 'NOT met'}); smallest gross-shift atypical "
+            f"share {gross:.1%} (goal >= 90%: {'met' if gross >= 0.9 else 'NOT met'})"
+        )
+    strong = results.get("resnet20")
+    if strong is not None:
+        gap = strong["risk"]["probe_max_softmax"]["auroc"] - strong["risk"]["combined"]["auroc"]
+        lines.append(
+            f"- `resnet20` (supervised): combined risk AUROC {strong['risk']['combined']['auroc']:.3f} against the "
+            f"probe's maximum softmax {strong['risk']['probe_max_softmax']['auroc']:.3f}: {gap:.3f} below "
+            f"(goal within 0.05: {'met' if gap <= 0.05 else 'NOT met'})"
+        )
+    bench = REPO / "benchmarks" / "results" / "typicality.json"
+    if bench.is_file():
+        b = json.loads(bench.read_text())
+        lines.append(
+            f"- Throughput with typicality on / off: {b['ratio_on_over_off']:.2f}x (goal >= 0.9x) at a "
+            f"{b['bank_vectors']:,}-vector bank, {b['encoder']}, {b['device']} "
+            f"({b['images_per_second']['on']:.0f} against {b['images_per_second']['off']:.0f} images/s; "
+            "`python benchmarks/bench_typicality.py`, `benchmarks/results/typicality.json`)"
+        )
     lines += [
         "",
         "## Atypical and low-quality shares",
         "",
-        "Goal: CIFAR-10 test <= 2% atypical; each gross shift (solid colours, uniform noise, glyphs) >= 90% atypical, on both encoders.",
+        "Goal: CIFAR-10 test <= 2% atypical; each gross shift (solid colours, uniform noise, glyphs) >= 90% "
+        "atypical, on both encoders.",
         "",
     ]
     header = "| set | " + " | ".join(f"{n} atypical | {n} low quality" for n in names) + " |"
@@ -235,8 +263,8 @@ def write_markdown(results: dict[str, Any], args: argparse.Namespace, out: Path)
         'read as "higher = riskier", so an AUROC below 0.5 means the signal works the other way round '
         "(1 - AUROC is its power then). The combination is the logistic regression (on standardised signals) "
         "+ Platt calibration of `models/risk.py`; its AUROC/AUPRC from 5-fold out-of-fold decision values, "
-        "its calibration from an outer 5-fold cross-validation (no image is scored by a model that saw it). The probe's "
-        "maximum softmax uses labels (it is the classifier's own confidence).",
+        "its calibration from an outer 5-fold cross-validation (no image is scored by a model that saw it). "
+        "The probe's maximum softmax uses labels (it is the classifier's own confidence).",
         "",
     ]
     signals = results[names[0]]["risk"]["signals"]
@@ -306,9 +334,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=REPO / "docs")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dump", type=Path, default=None, help="folder for per-image test signals (npz)")
+    parser.add_argument("--markdown-only", action="store_true", help="rewrite risk.md from risk.json, measure nothing")
     args = parser.parse_args(argv)
     global DUMP
     DUMP = args.dump
+    if args.markdown_only:
+        results = json.loads((args.out / "risk.json").read_text())
+        args.reference, args.test = results["demo"]["n_reference"], results["demo"]["n_test"]
+        print(write_markdown(results, args, args.out))  # noqa: T201
+        return
     torch.set_num_threads(args.threads)
     root = ensure_cifar10()
     train = sorted((root / "train").glob("*/*.jpg"))

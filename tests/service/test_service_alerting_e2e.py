@@ -165,7 +165,11 @@ receivers:
         _wait_http(f"http://127.0.0.1:{qscore_port}/readyz", processes["qscore"])
         _wait_http(f"http://127.0.0.1:{am_port}/-/ready", processes["alertmanager"])
         _wait_http(f"http://127.0.0.1:{prom_port}/-/ready", processes["prometheus"])
-        yield {"qscore": f"http://127.0.0.1:{qscore_port}", "prometheus": f"http://127.0.0.1:{prom_port}", "webhook": webhook}
+        yield {
+            "qscore": f"http://127.0.0.1:{qscore_port}",
+            "prometheus": f"http://127.0.0.1:{prom_port}",
+            "webhook": webhook,
+        }
     finally:
         for process in processes.values():
             process.terminate()
