@@ -281,6 +281,7 @@ class FeatureSet(BaseModel):
         None, ge=0.0, le=1.0, description="Share of negative entries of h over the reference sample."
     )
     _bank: ReferenceBank | None = PrivateAttr(default=None)
+    _bank_file: Path | None = PrivateAttr(default=None)  # loaded on first use (listings stay cheap)
 
     @model_validator(mode="after")
     def _one_notion_of_risk(self) -> FeatureSet:
@@ -340,7 +341,16 @@ class FeatureSet(BaseModel):
 
     @property
     def bank(self) -> ReferenceBank | None:
-        """The reference bank (CPU) when typicality uses one and it was built or loaded."""
+        """The reference bank (CPU) when typicality uses one; read from beside the JSON on first use."""
+        if self._bank is None and self._bank_file is not None:
+            bank = ReferenceBank.load(self._bank_file)
+            expected = (self.typicality.n_bank if self.typicality else 0, self.encoder.feature_dim)
+            if (bank.size, bank.dim) != expected:
+                raise ValueError(
+                    f"{self._bank_file} holds {bank.size} x {bank.dim} vectors; the feature set expects "
+                    f"{expected[0]} x {expected[1]}"
+                )
+            self._bank = bank
         return self._bank
 
     def with_typicality(self, model: TypicalityModel, bank: ReferenceBank | None) -> FeatureSet:
@@ -350,7 +360,7 @@ class FeatureSet(BaseModel):
         if bank is not None and bank.dim != self.encoder.feature_dim:
             raise ValueError(f"a bank of {bank.dim} features for an encoder of {self.encoder.feature_dim}")
         copy = self.model_copy(update={"typicality": model})
-        copy._bank = bank
+        copy._bank, copy._bank_file = bank, None
         return copy
 
     @property
@@ -369,21 +379,18 @@ class FeatureSet(BaseModel):
 
     def save(self, path: str | Path) -> None:
         """Write the JSON and, when there is one, the bank beside it (both atomically, bank first)."""
-        if self._bank is not None:
-            self._bank.save(bank_path(path))
+        if self.bank is not None:
+            self.bank.save(bank_path(path))
         write_json_atomic(path, self.model_dump(mode="json"))
 
     @classmethod
     def load(cls, path: str | Path) -> FeatureSet:
+        """Read the JSON; its bank (``x.bank.safetensors``) is read on first use of :attr:`bank`."""
         fs = cls.model_validate_json(Path(path).read_text())
         if fs.typicality is not None and fs.typicality.needs_bank:
-            bank = ReferenceBank.load(bank_path(path))
-            if bank.size != fs.typicality.n_bank or bank.dim != fs.encoder.feature_dim:
-                raise ValueError(
-                    f"{bank_path(path)} holds {bank.size} x {bank.dim} vectors; the feature set expects "
-                    f"{fs.typicality.n_bank} x {fs.encoder.feature_dim}"
-                )
-            fs._bank = bank
+            if not bank_path(path).is_file():
+                raise FileNotFoundError(f"the feature set's reference bank is missing: {bank_path(path)}")
+            fs._bank_file = bank_path(path)
         return fs
 
 

@@ -89,3 +89,24 @@ def test_json_round_trip_and_errors() -> None:
         fit_typicality(h, None)
     with pytest.raises(ValueError, match="the bank needs between"):
         fit_typicality(h, x, k=10, bank_size=5)
+
+
+def test_feature_set_writes_its_bank_beside_and_reads_it_on_first_use(tmp_path, tiny_model) -> None:
+    from models.bank import ReferenceBank
+    from models.features import FeatureSet, bank_path
+
+    _, _, fs = tiny_model
+    assert fs.typicality is not None and fs.bank is not None and fs.bank.size == 300
+    target = tmp_path / "fs.json"
+    fs.save(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fs.bank.safetensors", "fs.json"]
+    loaded = FeatureSet.load(target)
+    assert loaded._bank is None  # not read yet
+    assert torch.allclose(loaded.bank.vectors, fs.bank.vectors, atol=1e-3)
+    # a bank of the wrong size is refused, naming both sizes
+    ReferenceBank(fs.bank.vectors[:50]).save(bank_path(target))
+    with pytest.raises(ValueError, match="holds 50 x .* expects 300 x"):
+        _ = FeatureSet.load(target).bank
+    bank_path(target).unlink()
+    with pytest.raises(FileNotFoundError, match="reference bank is missing"):
+        FeatureSet.load(target)
