@@ -341,7 +341,11 @@ def evaluate(
             write_json_atomic(out, report)
         if calibrated_out:
             calibrated.save(calibrated_out)
-        summary = {k: report[k] for k in ("top1", "q_score", "alpha") if k in report}
+        summary = {k: report[k] for k in ("top1", "q_score", "alpha", "atypical_share_test") if k in report}
+        if "risk" in report:
+            combined = report["risk"]["combined"]
+            summary["risk"] = {k: combined[k] for k in ("auroc", "auprc", "ece")}
+            summary["risk"]["probe_max_softmax_auroc"] = report["risk"]["probe_max_softmax"]["auroc"]
         typer.echo(json.dumps(summary))
 
 
