@@ -82,7 +82,7 @@ class FeatureSetInfo(BaseModel):
             risk_signals=None if fs.risk_model is None else fs.risk_model.signals,
             typicality_threshold=None if fs.typicality is None else fs.typicality.threshold,
             reference_atypical_share=None if fs.typicality is None else fs.typicality.reference_atypical_share,
-            bank_vectors=None if fs.bank is None else fs.bank.size,
+            bank_vectors=None if fs.typicality is None else fs.typicality.n_bank,
             created_at=fs.created_at,
             negative_share=fs.negative_share,
             signed_warning=fs.signed_warning,
