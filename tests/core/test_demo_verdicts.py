@@ -27,3 +27,15 @@ def test_demo_scores_cifar_typical_and_solid_colours_atypical(tmp_path: Path, ci
     assert np.mean([s.atypical for s in real]) <= 0.05
     assert all(s.atypical and "atypical" in s.reasons for s in shifted)
     assert all(s.risk is not None and 0.0 <= s.risk <= 1.0 for s in scores)
+
+
+def test_feature_set_without_typicality_or_risk_answers_none(tmp_path: Path) -> None:
+    registry = Registry(tmp_path / "registry")
+    registry.seed_demo()
+    imported, fs = registry.load_model("demo"), registry.load_feature_set("demo")
+    bare = type(fs).model_validate(fs.model_dump() | {"typicality": None, "risk_model": None})
+    scorer = Scorer(imported.encoder, imported.fingerprint, bare, "cpu")
+    assert scorer.bank is None and scorer.bank_bytes == 0
+    scores = scorer.score_batch(torch.zeros(3, 3, 32, 32))
+    assert all(s.typicality is None and s.atypical is None and s.risk is None for s in scores)
+    assert all(s.reasons == (("q_below_alpha",) if s.low_quality else ()) for s in scores)
