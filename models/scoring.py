@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,8 +33,9 @@ class ImageScore:
     low_quality: bool
     risk: float | None
     l1_norm: float
-    dominant: list[FeatureValue]
-    discriminative_active: list[FeatureValue]
+    #: None when the caller did not ask for the per-feature lists (``features=False``).
+    dominant: list[FeatureValue] | None
+    discriminative_active: list[FeatureValue] | None
 
 
 class Scorer:
@@ -85,27 +87,34 @@ class Scorer:
             with torch.autocast("cuda", dtype=PRECISIONS[self.precision]):
                 return self.encoder(x).float()
 
-    def score_representations(self, h: torch.Tensor) -> list[ImageScore]:
+    def score_representations(self, h: torch.Tensor, features: bool | Sequence[bool] = True) -> list[ImageScore]:
+        """(B, r) representations to one :class:`ImageScore` each.
+
+        ``features``: list the dominant and active discriminative features of every image
+        (True), of none (False), or of the images flagged in a sequence of B booleans.
+        """
         fs = self.feature_set
+        wanted = [features] * h.shape[0] if isinstance(features, bool) else list(features)
         parts = q_score_parts(h, self.discriminative, fs.eps)
         q = parts.q_score.cpu().numpy()
         risk = fs.risk(q)
-        h_cpu, dominant, active = h.cpu(), parts.dominant.cpu(), parts.active.cpu()
         l1 = parts.l1_norm.cpu().numpy()
+        if any(wanted):
+            h_cpu, dominant, active = h.cpu(), parts.dominant.cpu(), parts.active.cpu()
         return [
             ImageScore(
                 q_score=float(q[i]),
                 low_quality=bool(q[i] < fs.alpha),
                 risk=None if risk is None else float(np.clip(risk[i], 0.0, 1.0)),
                 l1_norm=float(l1[i]),
-                dominant=_values(h_cpu[i], dominant[i]),
-                discriminative_active=_values(h_cpu[i], active[i]),
+                dominant=_values(h_cpu[i], dominant[i]) if wanted[i] else None,
+                discriminative_active=_values(h_cpu[i], active[i]) if wanted[i] else None,
             )
             for i in range(h.shape[0])
         ]
 
-    def score_batch(self, batch: torch.Tensor) -> list[ImageScore]:
-        return self.score_representations(self.representations(batch))
+    def score_batch(self, batch: torch.Tensor, features: bool | Sequence[bool] = True) -> list[ImageScore]:
+        return self.score_representations(self.representations(batch), features)
 
 
 def _values(h: torch.Tensor, mask: torch.Tensor) -> list[FeatureValue]:

@@ -26,11 +26,25 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     precision: Literal["float32", "float16", "bfloat16"] = "float32"
 
-    # -- dynamic batching -----------------------------------------------------------------
+    # -- continuous batching --------------------------------------------------------------
     max_batch_size: int = Field(64, ge=1, le=4096)
-    max_batch_wait_ms: float = Field(5.0, ge=0, description="Wait counted from the first queued image's arrival.")
+    max_batch_wait_ms: float = Field(
+        0.0,
+        ge=0,
+        description="Longest an idle encoder holds a batch that is not full, from its first image's arrival; "
+        "0 = start at once.",
+    )
     max_queue_images: int = Field(1024, ge=1, description="Images waiting for the encoder; beyond it, 503.")
-    decode_threads: int = Field(2, ge=1, description="Threads decoding and preprocessing uploads.")
+    decode_threads: int = Field(2, ge=1, description="Threads decoding and preprocessing large uploads.")
+    decode_inline_bytes: int = Field(
+        65536,
+        ge=0,
+        description="Uploads of at most this many bytes in all are decoded on the event loop (a thread hop "
+        "costs more than decoding small images); larger ones in the decode threads.",
+    )
+
+    # -- serving --------------------------------------------------------------------------
+    access_log: bool = Field(False, description="Log one INFO line per request (uvicorn's access log).")
 
     # -- request limits -------------------------------------------------------------------
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)

@@ -18,9 +18,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from models.registry import Registry
 from service.batcher import Batcher
 from service.limits import BodyLimitMiddleware
-from service.metrics import Metrics
-from service.routes import admin, health, jobs, score
+from service.metrics import Metrics, QueueLevel
 from qscore_config.settings import Settings, get_settings
+from service.routes import admin, health, jobs, score
 from service.state import StateHolder
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         batcher.start()
         app.state.holder, app.state.batcher = holder, batcher
-        app.state.metrics.attach(holder, batcher)
+        app.state.metrics.attach(lambda: holder.current, lambda: QueueLevel(batcher.depth, batcher.capacity))
         app.state.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="qscore-decode")
         watcher = None
         if settings.auto_switch:
@@ -66,7 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = Metrics(settings.max_batch_size)
-    app.dependency_overrides[get_settings] = lambda: settings
+    # The routes read the settings off app.state (service.deps): no dependency_overrides outside tests.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

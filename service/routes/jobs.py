@@ -15,8 +15,9 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, status
 from pydantic import BaseModel
 
+from qscore_config.settings import Settings
+from service.deps import get_app_settings
 from service.security import AdminKey
-from qscore_config.settings import Settings, get_settings
 from worker.backend import JobBackend, make_backend
 from worker.params import DiscoverParams, EvaluateParams, ParamError, RegularizeParams, resolve
 from worker.store import JobRecord
@@ -27,7 +28,7 @@ JobId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="The id answe
 _lock = threading.Lock()
 
 
-def get_job_backend(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> JobBackend:
+def get_job_backend(request: Request, settings: Annotated[Settings, Depends(get_app_settings)]) -> JobBackend:
     """The app's job backend, made on first use: start-up never waits on Redis, nor does scoring."""
     backend = getattr(request.app.state, "job_backend", None)
     if backend is None:
@@ -45,7 +46,7 @@ def get_job_backend(request: Request, settings: Annotated[Settings, Depends(get_
 
 
 Backend = Annotated[JobBackend, Depends(get_job_backend)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 
 class JobAccepted(BaseModel):

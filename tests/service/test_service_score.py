@@ -54,7 +54,7 @@ def test_score_cifar_images_matches_direct_q_score(
 ) -> None:
     paths = cifar_files(cifar_slice, 6)
     with server.client() as client:
-        response = client.post("/score", files=upload(paths))
+        response = client.post("/score", files=upload(paths), params={"features": "true"})
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["model"]["version"] == "tiny" and body["feature_set"]["version"] == "tiny"
@@ -71,6 +71,27 @@ def test_score_cifar_images_matches_direct_q_score(
         active = {v["index"] for v in r["discriminative_active"]}
         assert active <= {v["index"] for v in r["dominant"]}
         assert (r["q_score"] > 0) == bool(active)
+
+
+def test_score_without_features_answers_lean_results_with_the_same_scores(
+    server: LiveServer, cifar_slice: Path
+) -> None:
+    paths = cifar_files(cifar_slice, 6)
+    with server.client() as client:
+        lean = client.post("/score", files=upload(paths))
+        full = client.post("/score", files=upload(paths), params={"features": "true"})
+    assert lean.status_code == 200 and full.status_code == 200, (lean.text, full.text)
+    assert lean.headers["content-type"] == "application/json"
+    lean_results, full_results = lean.json()["results"], full.json()["results"]
+    for r in lean_results:
+        assert r["dominant"] is None and r["discriminative_active"] is None
+        assert set(r) == {
+            "filename", "q_score", "low_quality", "risk", "l1_norm", "dominant", "discriminative_active", "error"
+        }
+    assert [r["q_score"] for r in lean_results] == [r["q_score"] for r in full_results]
+    assert [r["l1_norm"] for r in lean_results] == [r["l1_norm"] for r in full_results]
+    assert any(r["dominant"] for r in full_results)
+    assert lean.json()["model"] == full.json()["model"]
 
 
 def test_score_concurrent_requests_are_batched(server: LiveServer, cifar_slice: Path) -> None:
