@@ -125,6 +125,7 @@ class Batcher:
             raise QueueFull(self.capacity, retry)
         request = _Request(state, future, time.monotonic(), features, [None] * len(tensors), len(tensors))
         self._queue.extend(_Item(request, i, t) for i, t in enumerate(tensors))
+        future.add_done_callback(self._drop_if_cancelled)
         self._maybe_start()
         return future
 
@@ -172,6 +173,14 @@ class Batcher:
     def _on_timer(self) -> None:
         self._timer = None
         self._maybe_start(flush=True)
+
+    def _drop_if_cancelled(self, future: asyncio.Future[list[ImageScore]]) -> None:
+        """A cancelled request (its client is gone) leaves the queue at once, all its images."""
+        if future.cancelled() and self._queue:
+            self._queue = deque(i for i in self._queue if i.request.future is not future)
+            if self._timer is not None and not self._queue:
+                self._timer.cancel()
+                self._timer = None
 
     def _drop_cancelled_head(self) -> None:
         while self._queue and self._queue[0].request.future.done():
