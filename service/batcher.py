@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+import numpy as np
 
 from models.scoring import ImageScore
 from service.metrics import Metrics
@@ -65,7 +65,7 @@ class _Request:
 class _Item:
     request: _Request
     index: int
-    tensor: torch.Tensor
+    image: np.ndarray
 
 
 class Batcher:
@@ -107,9 +107,10 @@ class Batcher:
         executor.shutdown(wait=True)
 
     def enqueue(
-        self, state: ServingState, tensors: Sequence[torch.Tensor], features: bool = False
+        self, state: ServingState, images: Sequence[np.ndarray], features: bool = False
     ) -> asyncio.Future[list[ImageScore]]:
-        """Queue the (3, H, W) tensors of one request; the future gets their scores, in order.
+        """Queue the prepared images of one request (``Scorer.prepare``: (H, W, 3) uint8); the
+        future gets their scores, in order.
 
         Cancel the future to drop the images that have not reached the encoder yet.
         ``features``: also list each image's dominant and active discriminative features.
@@ -117,23 +118,23 @@ class Batcher:
         if self._executor is None or self._loop is None:
             raise BatcherStopped("the batcher is not running")
         future: asyncio.Future[list[ImageScore]] = self._loop.create_future()
-        if not tensors:
+        if not images:
             future.set_result([])
             return future
-        if self.depth + len(tensors) > self.capacity:
+        if self.depth + len(images) > self.capacity:
             retry = max(1, math.ceil(self.depth * self._seconds_per_image))
             raise QueueFull(self.capacity, retry)
-        request = _Request(state, future, time.monotonic(), features, [None] * len(tensors), len(tensors))
-        self._queue.extend(_Item(request, i, t) for i, t in enumerate(tensors))
+        request = _Request(state, future, time.monotonic(), features, [None] * len(images), len(images))
+        self._queue.extend(_Item(request, i, image) for i, image in enumerate(images))
         future.add_done_callback(self._drop_if_cancelled)
         self._maybe_start()
         return future
 
     async def submit(
-        self, state: ServingState, tensors: Sequence[torch.Tensor], features: bool = False
+        self, state: ServingState, images: Sequence[np.ndarray], features: bool = False
     ) -> list[ImageScore]:
         """:meth:`enqueue` and wait; cancelling the wait drops the images still queued."""
-        future = self.enqueue(state, tensors, features)
+        future = self.enqueue(state, images, features)
         return await future
 
     # -- the scheduling, on the event loop ----------------------------------------------------
@@ -166,7 +167,7 @@ class Batcher:
         state = batch[0].request.state
         features = [i.request.features for i in batch]
         job = self._loop.run_in_executor(  # type: ignore[union-attr]
-            self._executor, _score, state, [i.tensor for i in batch], features
+            self._executor, _score, state, [i.image for i in batch], features
         )
         job.add_done_callback(lambda f: self._finish(batch, started, f))
 
@@ -242,6 +243,7 @@ class Batcher:
                 request.future.set_result(request.results)
 
 
-def _score(state: ServingState, tensors: list[torch.Tensor], features: list[bool]) -> list[ImageScore]:
-    return state.scorer.score_batch(torch.stack(tensors), features=features)
+def _score(state: ServingState, images: list[np.ndarray], features: list[bool]) -> list[ImageScore]:
+    """In the inference thread: tensor conversion, forward pass and Q-Score of one batch."""
+    return state.scorer.score_prepared(images, features=features)
 

@@ -3,6 +3,8 @@
 They read what the app factory put on ``app.state`` (the settings included), so production needs
 no ``dependency_overrides``: with any override set, FastAPI rebuilds the dependency signatures on
 every request (about 14% of a busy server's CPU, FIELD-NOTES/STYLE). Tests may still override.
+They are ``async def``: FastAPI runs a plain ``def`` dependency in a worker thread, a thread hop
+per dependency per request for a getter.
 """
 
 from __future__ import annotations
@@ -20,16 +22,16 @@ from qscore_config.settings import Settings
 from service.state import ServingState, StateHolder
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:
     """The settings the app was made with (``create_app(settings)``)."""
     return request.app.state.settings
 
 
-def get_holder(request: Request) -> StateHolder:
+async def get_holder(request: Request) -> StateHolder:
     return request.app.state.holder
 
 
-def get_state(holder: Annotated[StateHolder, Depends(get_holder)]) -> ServingState:
+async def get_state(holder: Annotated[StateHolder, Depends(get_holder)]) -> ServingState:
     """The pair served right now; requests keep the one they got even if a switch follows."""
     state = holder.current
     if state is None:
@@ -37,19 +39,19 @@ def get_state(holder: Annotated[StateHolder, Depends(get_holder)]) -> ServingSta
     return state
 
 
-def get_batcher(request: Request) -> Batcher:
+async def get_batcher(request: Request) -> Batcher:
     return request.app.state.batcher
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-def get_registry(holder: Annotated[StateHolder, Depends(get_holder)]) -> Registry:
+async def get_registry(holder: Annotated[StateHolder, Depends(get_holder)]) -> Registry:
     return holder.registry
 
 
-def get_decode_pool(request: Request) -> ThreadPoolExecutor:
+async def get_decode_pool(request: Request) -> ThreadPoolExecutor:
     return request.app.state.decode_pool
 
 

@@ -15,7 +15,7 @@ API_KEY_HEADER = "X-API-Key"
 _header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="Needed when QSCORE_API_KEY is set.")
 
 
-def require_api_key(
+async def require_api_key(
     settings: Annotated[Settings, Depends(get_app_settings)],
     key: Annotated[str | None, Security(_header)] = None,
 ) -> None:

@@ -11,8 +11,8 @@ import asyncio
 import time
 from typing import Annotated, Any
 
+import numpy as np
 import orjson
-import torch
 from fastapi import APIRouter, Query, Request, Response
 from starlette.types import Receive
 
@@ -99,9 +99,9 @@ async def score(
             prepared = await asyncio.get_running_loop().run_in_executor(
                 pool, _prepare, state, blobs, settings.max_image_pixels
             )
-        tensors = [p for p in prepared if isinstance(p, torch.Tensor)]
+        images = [p for p in prepared if isinstance(p, np.ndarray)]
         try:
-            pending = batcher.enqueue(state, tensors, features)
+            pending = batcher.enqueue(state, images, features)
         except QueueFull as exc:
             raise ApiError(
                 503,
@@ -160,12 +160,13 @@ async def _disconnected(receive: Receive) -> None:
         pass
 
 
-def _prepare(state: ServingState, blobs: list[bytes], max_pixels: int) -> list[torch.Tensor | ImageDecodeError]:
-    """Decode and preprocess off the event loop (runs in the decode pool)."""
-    out: list[torch.Tensor | ImageDecodeError] = []
+def _prepare(state: ServingState, blobs: list[bytes], max_pixels: int) -> list[np.ndarray | ImageDecodeError]:
+    """Decode, resize and crop (on the event loop for small uploads, else in the decode pool);
+    the batch's conversion to tensors happens in the inference thread."""
+    out: list[np.ndarray | ImageDecodeError] = []
     for blob in blobs:
         try:
-            out.append(state.scorer.preprocess(decode_image(blob, max_pixels)))
+            out.append(state.scorer.prepare(decode_image(blob, max_pixels)))
         except ImageDecodeError as exc:
             out.append(exc)
     return out

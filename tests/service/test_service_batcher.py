@@ -7,8 +7,8 @@ import threading
 import time
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
-import torch
 
 from service.batcher import Batcher, QueueFull
 
@@ -22,21 +22,21 @@ class RecordingScorer:
         self.gate = threading.Event()
         self.gate.set()
 
-    def score_batch(self, batch: torch.Tensor, features: object = True) -> list[tuple[str, float]]:
-        self.started.append(batch.shape[0])
+    def score_prepared(self, images: list[np.ndarray], features: object = True) -> list[tuple[str, float]]:
+        self.started.append(len(images))
         self.gate.wait(5)
         time.sleep(self.delay)
-        self.batches.append(batch.shape[0])
-        self.values.append([float(x) for x in batch[:, 0, 0, 0]])
-        return [(self.name, float(x)) for x in batch[:, 0, 0, 0]]
+        self.batches.append(len(images))
+        self.values.append([float(x[0, 0, 0]) for x in images])
+        return [(self.name, float(x[0, 0, 0])) for x in images]
 
 
 def fake_state(scorer: RecordingScorer) -> SimpleNamespace:
     return SimpleNamespace(scorer=scorer, model_version=scorer.name)
 
 
-def images(*values: float) -> list[torch.Tensor]:
-    return [torch.full((3, 2, 2), v) for v in values]
+def images(*values: float) -> list[np.ndarray]:
+    return [np.full((2, 2, 3), v, dtype=np.uint8) for v in values]
 
 
 def run(coro):  # noqa: ANN001, ANN201
@@ -177,7 +177,7 @@ def test_batcher_never_mixes_states_in_one_batch() -> None:
 
 def test_batcher_inference_error_fails_only_its_batch() -> None:
     class Broken(RecordingScorer):
-        def score_batch(self, batch: torch.Tensor, features: object = True) -> list[tuple[str, float]]:
+        def score_prepared(self, images: list[np.ndarray], features: object = True) -> list[tuple[str, float]]:
             raise RuntimeError("device lost")
 
     async def main() -> None:
