@@ -126,6 +126,8 @@ class Scorer:
         parts = q_score_parts(h, self.discriminative, fs.eps)
         q = parts.q_score.cpu().numpy()
         risk = fs.risk(q)
+        if risk is not None:
+            risk = np.clip(risk, 0.0, 1.0)  # once for the batch: per image it costs more than the forward
         l1 = parts.l1_norm.cpu().numpy()
         if any(wanted):
             h_cpu, dominant, active = h.cpu(), parts.dominant.cpu(), parts.active.cpu()
@@ -133,7 +135,7 @@ class Scorer:
             ImageScore(
                 q_score=float(q[i]),
                 low_quality=bool(q[i] < fs.alpha),
-                risk=None if risk is None else float(np.clip(risk[i], 0.0, 1.0)),
+                risk=None if risk is None else float(risk[i]),
                 l1_norm=float(l1[i]),
                 dominant=_values(h_cpu[i], dominant[i]) if wanted[i] else None,
                 discriminative_active=_values(h_cpu[i], active[i]) if wanted[i] else None,

@@ -6,6 +6,7 @@ Every value comes from an environment variable prefixed ``QSCORE_`` (or a ``.env
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -36,6 +37,12 @@ class Settings(BaseSettings):
     )
     max_queue_images: int = Field(1024, ge=1, description="Images waiting for the encoder; beyond it, 503.")
     decode_threads: int = Field(2, ge=1, description="Threads decoding and preprocessing large uploads.")
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch threads of the inference thread; default: CPU cores - 1 (at least 1), leaving "
+        "a core to the event loop.",
+    )
     decode_inline_bytes: int = Field(
         65536,
         ge=0,
@@ -94,6 +101,11 @@ class Settings(BaseSettings):
                 "jobs that are still running"
             )
         return self
+
+    @property
+    def inference_torch_threads(self) -> int:
+        """QSCORE_TORCH_THREADS, else one core fewer than the machine has (the event loop's)."""
+        return self.torch_threads or max(1, (os.cpu_count() or 1) - 1)
 
     @property
     def visibility_timeout_s(self) -> int:

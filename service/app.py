@@ -40,6 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.max_batch_wait_ms / 1000.0,
             settings.max_queue_images,
             app.state.metrics,
+            torch_threads=settings.inference_torch_threads,
         )
         batcher.start()
         app.state.holder, app.state.batcher = holder, batcher
