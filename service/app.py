@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import iter_route_contexts
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -20,6 +21,7 @@ from service.batcher import Batcher
 from service.limits import BodyLimitMiddleware
 from service.metrics import Metrics, QueueLevel
 from qscore_config.settings import Settings, get_settings
+from service import openapi
 from service.routes import admin, health, jobs, score
 from service.state import StateHolder
 
@@ -75,7 +77,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(admin.router)
     app.include_router(jobs.router)
+    openapi.install(app, settings)
     return app
+
+
+#: Codes of the framework's own errors (a string detail).
+_FRAMEWORK_CODES = {400: "malformed_body", 404: "not_found", 405: "method_not_allowed"}
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -83,8 +90,22 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     detail = exc.detail
     if not (isinstance(detail, dict) and "code" in detail and "message" in detail):
-        detail = {"code": f"http_{exc.status_code}", "message": str(detail)}
-    return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
+        code = _FRAMEWORK_CODES.get(exc.status_code, f"http_{exc.status_code}")
+        detail = {"code": code, "message": str(detail)}
+    headers = exc.headers
+    if exc.status_code == 405:  # Starlette names the methods of one route; the path may have several
+        headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(request))}
+    return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    path = request.scope["path"]
+    methods: set[str] = set()
+    for route in iter_route_contexts(request.app.routes):  # those of included routers too
+        regex = getattr(route, "path_regex", None)
+        if regex is not None and regex.match(path):
+            methods |= getattr(route, "methods", None) or set()
+    return sorted(methods)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
