@@ -409,9 +409,8 @@ def run_full(preset: Preset, seconds: float, server_env: dict[str, str]) -> dict
                         preset.device)
         inputs = torch.stack([scorer.preprocess(Image.open(io.BytesIO(b)).convert("RGB"))
                               for b in blobs[: preset.max_batch_size]])
-        raw = raw_scorer_rates(scorer.score_batch, inputs, device, preset.max_batch_size, seconds / 2)
-        del scorer, imported
-        print("raw scorer:", raw, flush=True)
+        raw_before = raw_scorer_rates(scorer.score_batch, inputs, device, preset.max_batch_size, seconds / 2)
+        print("raw scorer:", raw_before, flush=True)
         script = tmp / "score.lua"
         script.write_text(WRK_SCRIPT)
         bodies = {k: write_bodies(tmp, blobs, k) for k in (1, 8)}
@@ -446,6 +445,14 @@ def run_full(preset: Preset, seconds: float, server_env: dict[str, str]) -> dict
             batch = mean_batch(service.metrics())
         finally:
             service.stop()
+        # The CPU may be shared with other work: measure the scorer again, keep the faster run.
+        raw_after = raw_scorer_rates(scorer.score_batch, inputs, device, preset.max_batch_size, seconds / 2)
+        print("raw scorer again:", raw_after, flush=True)
+        del scorer, imported
+
+    max_key = f"batch_{preset.max_batch_size}_images_per_s"
+    raw = max(raw_before, raw_after, key=lambda r: r[max_key])
+    raw = {**raw, "batch_1_ms": min(raw_before["batch_1_ms"], raw_after["batch_1_ms"])}
 
     max_key = f"batch_{preset.max_batch_size}_images_per_s"
     raw_max = raw[max_key]
@@ -468,6 +475,7 @@ def run_full(preset: Preset, seconds: float, server_env: dict[str, str]) -> dict
     return {
         "model": model,
         "raw_scorer": raw,
+        "raw_scorer_before_and_after": [raw_before, raw_after],
         "bare_framework": bare_runs,
         "service": runs,
         "goals": goals,

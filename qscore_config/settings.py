@@ -50,6 +50,12 @@ class Settings(BaseSettings):
         "costs more than decoding small images); larger ones in the decode threads.",
     )
 
+    device_decode: bool = Field(
+        False,
+        description="Decode JPEG uploads on the encoder's device, in batches (nvJPEG on CUDA); pixels, and so "
+        "scores, may differ from Pillow's by rounding.",
+    )
+
     # -- serving --------------------------------------------------------------------------
     access_log: bool = Field(False, description="Log one INFO line per request (uvicorn's access log).")
 

@@ -32,7 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.images import ImageDecodeError
 from models.scoring import ImageScore
+from service.device_decode import batch_inputs
 from service.metrics import Metrics
 from service.state import ServingState
 
@@ -66,7 +68,7 @@ class _Request:
 class _Item:
     request: _Request
     index: int
-    image: np.ndarray
+    image: np.ndarray | bytes  # bytes: a JPEG file decoded on the device, in the batch
 
 
 class Batcher:
@@ -124,7 +126,7 @@ class Batcher:
             torch.set_num_threads(self.torch_threads)
 
     def enqueue(
-        self, state: ServingState, images: Sequence[np.ndarray], features: bool = False
+        self, state: ServingState, images: Sequence[np.ndarray | bytes], features: bool = False
     ) -> asyncio.Future[list[ImageScore]]:
         """Queue the prepared images of one request (``Scorer.prepare``: (H, W, 3) uint8); the
         future gets their scores, in order.
@@ -148,7 +150,7 @@ class Batcher:
         return future
 
     async def submit(
-        self, state: ServingState, images: Sequence[np.ndarray], features: bool = False
+        self, state: ServingState, images: Sequence[np.ndarray | bytes], features: bool = False
     ) -> list[ImageScore]:
         """:meth:`enqueue` and wait; cancelling the wait drops the images still queued."""
         future = self.enqueue(state, images, features)
@@ -260,7 +262,18 @@ class Batcher:
                 request.future.set_result(request.results)
 
 
-def _score(state: ServingState, images: list[np.ndarray], features: list[bool]) -> list[ImageScore]:
-    """In the inference thread: tensor conversion, forward pass and Q-Score of one batch."""
-    return state.scorer.score_prepared(images, features=features)
+def _score(
+    state: ServingState, images: list[np.ndarray | bytes], features: list[bool]
+) -> list[ImageScore | ImageDecodeError]:
+    """In the inference thread: tensor conversion, forward pass and Q-Score of one batch.
+
+    ``bytes`` are JPEG files to decode on the device (QSCORE_DEVICE_DECODE); one that fails to
+    decode gets its :class:`ImageDecodeError` in place of a score.
+    """
+    if all(isinstance(x, np.ndarray) for x in images):
+        return state.scorer.score_prepared(images, features=features)
+    inputs, errors = batch_inputs(state.scorer, images)
+    kept = [f for f, e in zip(features, errors, strict=True) if e is None]
+    scores = iter(state.scorer.score_batch(inputs, features=kept) if inputs is not None else [])
+    return [e if e is not None else next(scores) for e in errors]
 

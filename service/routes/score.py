@@ -19,6 +19,7 @@ from starlette.types import Receive
 from models.images import ImageDecodeError, decode_image
 from models.scoring import FeatureValue, ImageScore
 from service.batcher import BatcherStopped, QueueFull
+from service.device_decode import decodable_on_device
 from service.deps import BatcherDep, DecodePoolDep, MetricsDep, SettingsDep, StateDep
 from service.limits import ApiError, ClientGone, read_uploads
 from service.metrics import Metrics
@@ -94,12 +95,12 @@ async def score(
             blobs.append(await f.read())
             await f.close()
         if sum(len(b) for b in blobs) <= settings.decode_inline_bytes:
-            prepared = _prepare(state, blobs, settings.max_image_pixels)
+            prepared = _prepare(state, blobs, settings.max_image_pixels, settings.device_decode)
         else:
             prepared = await asyncio.get_running_loop().run_in_executor(
-                pool, _prepare, state, blobs, settings.max_image_pixels
+                pool, _prepare, state, blobs, settings.max_image_pixels, settings.device_decode
             )
-        images = [p for p in prepared if isinstance(p, np.ndarray)]
+        images = [p for p in prepared if not isinstance(p, ImageDecodeError)]
         try:
             pending = batcher.enqueue(state, images, features)
         except QueueFull as exc:
@@ -118,11 +119,12 @@ async def score(
             raise ApiError(503, "not_ready", str(exc), headers={"Retry-After": "1"}) from exc
         results = []
         for name, p in zip(names, prepared, strict=True):
-            if isinstance(p, ImageDecodeError):
-                metrics.error(version, p.code)
-                results.append(_error_result(name, p))
+            outcome = p if isinstance(p, ImageDecodeError) else next(scores)
+            if isinstance(outcome, ImageDecodeError):  # from Pillow here, or from the device decoder
+                metrics.error(version, outcome.code)
+                results.append(_error_result(name, outcome))
             else:
-                results.append(_result(name, next(scores), features))
+                results.append(_result(name, outcome, features))
         _observe(metrics, state, results)
         status = 200
         return Response(orjson.dumps({**state.response_header, "results": results}), media_type="application/json")
@@ -160,11 +162,17 @@ async def _disconnected(receive: Receive) -> None:
         pass
 
 
-def _prepare(state: ServingState, blobs: list[bytes], max_pixels: int) -> list[np.ndarray | ImageDecodeError]:
+def _prepare(
+    state: ServingState, blobs: list[bytes], max_pixels: int, device_decode: bool
+) -> list[np.ndarray | bytes | ImageDecodeError]:
     """Decode, resize and crop (on the event loop for small uploads, else in the decode pool);
-    the batch's conversion to tensors happens in the inference thread."""
-    out: list[np.ndarray | ImageDecodeError] = []
+    the batch's conversion to tensors happens in the inference thread. With ``device_decode``,
+    JPEG files go as they are, to be decoded there on the device."""
+    out: list[np.ndarray | bytes | ImageDecodeError] = []
     for blob in blobs:
+        if device_decode and decodable_on_device(blob, max_pixels):
+            out.append(blob)
+            continue
         try:
             out.append(state.scorer.prepare(decode_image(blob, max_pixels)))
         except ImageDecodeError as exc:

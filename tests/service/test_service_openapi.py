@@ -47,7 +47,7 @@ def contract_server(make_server: Callable[..., LiveServer], cifar_slice: Path, t
     )
 
 
-def test_schemathesis_all_checks_every_endpoint_jobs_included(contract_server: LiveServer) -> None:
+def test_schemathesis_all_checks_every_endpoint_jobs_included(contract_server: LiveServer, tmp_path: Path) -> None:
     env = {
         **os.environ,
         "SCHEMATHESIS_HOOKS": "schemathesis_hooks",  # cancels every accepted job at once
@@ -73,7 +73,7 @@ def test_schemathesis_all_checks_every_endpoint_jobs_included(contract_server: L
         "1",
         "--no-color",
     ]
-    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    run = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     assert "Selected: 14/14" in run.stdout and "Tested: 14" in run.stdout, run.stdout[-3000:]
     with contract_server.client() as client:
