@@ -129,8 +129,11 @@ def raw_scorer_rates(score_batch: Any, inputs: torch.Tensor, device: torch.devic
     full = inputs[:max_batch]
     at1 = rate(lambda: score_batch(one), 1, device, seconds)
     atmax = rate(lambda: score_batch(full), max_batch, device, seconds)
-    return {"batch_1_images_per_s": round(at1, 1), "batch_1_ms": round(1000 / at1, 3),
-            f"batch_{max_batch}_images_per_s": round(atmax, 1)}
+    return {
+        "batch_1_images_per_s": round(at1, 1),
+        "batch_1_ms": round(1000 / at1, 3),
+        f"batch_{max_batch}_images_per_s": round(atmax, 1),
+    }
 
 
 def torch_only_resnet50(device: torch.device, image_size: int):
@@ -232,8 +235,11 @@ def build_registry(root: Path, preset: Preset, blobs: list[bytes]):
 
     torch.manual_seed(0)
     spec = EncoderSpec(
-        arch="resnet50", cifar_stem=False, image_size=preset.image_size,
-        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+        arch="resnet50",
+        cifar_stem=False,
+        image_size=preset.image_size,
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
     )
     encoder = build_encoder(spec).eval()
     folder = root.parent / "reference" / "x"
@@ -244,8 +250,9 @@ def build_registry(root: Path, preset: Preset, blobs: list[bytes]):
         encoder,
         image_folder(folder.parent, eval_transform(spec)),
         dataset_name="synthetic",
-        encoder_ref=EncoderRef(fingerprint=fingerprint(encoder.backbone_state_dict()), arch="resnet50",
-                               feature_dim=spec.feature_dim),
+        encoder_ref=EncoderRef(
+            fingerprint=fingerprint(encoder.backbone_state_dict()), arch="resnet50", feature_dim=spec.feature_dim
+        ),
         eps="auto",
         selection=make_selection(),
         sample_size=len(blobs),
@@ -262,8 +269,12 @@ def build_registry(root: Path, preset: Preset, blobs: list[bytes]):
 def ensure_wrk() -> str:
     path = shutil.which("wrk")
     if path is None and os.geteuid() == 0:
-        subprocess.run("apt-get install -y -qq wrk || (apt-get update -qq && apt-get install -y -qq wrk)",
-                       shell=True, check=False, capture_output=True)
+        subprocess.run(
+            "apt-get install -y -qq wrk || (apt-get update -qq && apt-get install -y -qq wrk)",
+            shell=True,
+            check=False,
+            capture_output=True,
+        )
         path = shutil.which("wrk")
     if path is None:
         raise SystemExit("wrk is needed (Debian/Ubuntu: apt-get install wrk)")
@@ -280,20 +291,20 @@ for line in io.lines(os.getenv("QSCORE_BENCH_BODIES")) do
   f:close()
 end
 local i = 0
-local headers = {["Content-Type"] = "multipart/form-data; boundary=%s"}
+local headers = {["Content-Type"] = "multipart/form-data; boundary=@BOUNDARY@"}
 request = function()
-  i = i %% n + 1
+  i = i % n + 1
   return wrk.format("POST", os.getenv("QSCORE_BENCH_PATH"), headers, bodies[i])
 end
 done = function(summary, latency, requests)
   io.write(string.format(
-    'WRK_JSON {"requests": %%d, "duration_us": %%d, "non_2xx": %%d, "errors": %%d, "timeouts": %%d, ' ..
-    '"p50_us": %%d, "p99_us": %%d, "mean_us": %%.1f}\\n',
+    'WRK_JSON {"requests": %d, "duration_us": %d, "non_2xx": %d, "errors": %d, "timeouts": %d, ' ..
+    '"p50_us": %d, "p99_us": %d, "mean_us": %.1f}\\n',
     summary.requests, summary.duration, summary.errors.status,
     summary.errors.connect + summary.errors.read + summary.errors.write, summary.errors.timeout,
     latency:percentile(50), latency:percentile(99), latency.mean))
 end
-""" % BOUNDARY
+""".replace("@BOUNDARY@", BOUNDARY)
 
 
 def write_bodies(folder: Path, blobs: list[bytes], per_request: int, n_bodies: int = 32) -> Path:
@@ -305,7 +316,9 @@ def write_bodies(folder: Path, blobs: list[bytes], per_request: int, n_bodies: i
             blob = blobs[(b * per_request + k) % len(blobs)]
             parts.append(
                 f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="files"; filename="{b}-{k}.jpg"\r\n'
-                "Content-Type: image/jpeg\r\n\r\n".encode() + blob + b"\r\n"
+                "Content-Type: image/jpeg\r\n\r\n".encode()
+                + blob
+                + b"\r\n"
             )
         path = folder / f"body-{per_request}-{b}.bin"
         path.write_bytes(b"".join(parts) + f"--{BOUNDARY}--\r\n".encode())
@@ -314,13 +327,21 @@ def write_bodies(folder: Path, blobs: list[bytes], per_request: int, n_bodies: i
     return listing
 
 
-def wrk_run(wrk: str, script: Path, url: str, bodies: Path, connections: int, seconds: float,
-            per_request: int, path: str = "/score") -> dict[str, Any]:
+def wrk_run(
+    wrk: str,
+    script: Path,
+    url: str,
+    bodies: Path,
+    connections: int,
+    seconds: float,
+    per_request: int,
+    path: str = "/score",
+) -> dict[str, Any]:
     env = {**os.environ, "QSCORE_BENCH_BODIES": str(bodies), "QSCORE_BENCH_PATH": path}
     cmd = [wrk, "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "30s", "-s", str(script), url]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     line = next(x for x in out.splitlines() if x.startswith("WRK_JSON "))
-    raw = json.loads(line[len("WRK_JSON "):])
+    raw = json.loads(line[len("WRK_JSON ") :])
     seconds_run = raw["duration_us"] / 1e6
     return {
         "connections": connections,
@@ -348,8 +369,20 @@ class Server:
     def __init__(self, factory: str, env: dict[str, str]) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "uvicorn", "--factory", factory, "--host", "127.0.0.1",
-               "--port", str(self.port), "--log-level", "warning", "--no-access-log"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            factory,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ]
         self.process = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env, "PYTHONPATH": str(ROOT)})
 
     def wait_ready(self, path: str) -> None:
@@ -405,10 +438,12 @@ def run_full(preset: Preset, seconds: float, server_env: dict[str, str]) -> dict
         registry, model = build_registry(tmp / "registry", preset, blobs)
         active = registry.active()
         imported = registry.load_model(active.model)
-        scorer = Scorer(imported.encoder, imported.fingerprint, registry.load_feature_set(active.feature_set),
-                        preset.device)
-        inputs = torch.stack([scorer.preprocess(Image.open(io.BytesIO(b)).convert("RGB"))
-                              for b in blobs[: preset.max_batch_size]])
+        scorer = Scorer(
+            imported.encoder, imported.fingerprint, registry.load_feature_set(active.feature_set), preset.device
+        )
+        inputs = torch.stack(
+            [scorer.preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs[: preset.max_batch_size]]
+        )
         raw_before = raw_scorer_rates(scorer.score_batch, inputs, device, preset.max_batch_size, seconds / 2)
         print("raw scorer:", raw_before, flush=True)
         script = tmp / "score.lua"
@@ -419,7 +454,9 @@ def run_full(preset: Preset, seconds: float, server_env: dict[str, str]) -> dict
         try:
             bare.wait_ready("/docs")
             wrk_run(wrk, script, bare.url, bodies[1], 8, 2, 1)  # warm-up
-            bare_runs = [wrk_run(wrk, script, bare.url, bodies[k], c, seconds, k) for c, k in ((1, 1), (32, 1), (32, 8))]
+            bare_runs = [
+                wrk_run(wrk, script, bare.url, bodies[k], c, seconds, k) for c, k in ((1, 1), (32, 1), (32, 8))
+            ]
         finally:
             bare.stop()
         for r in bare_runs:
@@ -454,7 +491,6 @@ def run_full(preset: Preset, seconds: float, server_env: dict[str, str]) -> dict
     raw = max(raw_before, raw_after, key=lambda r: r[max_key])
     raw = {**raw, "batch_1_ms": min(raw_before["batch_1_ms"], raw_after["batch_1_ms"])}
 
-    max_key = f"batch_{preset.max_batch_size}_images_per_s"
     raw_max = raw[max_key]
 
     def ceiling(bare_images_per_s: float) -> float:
@@ -504,8 +540,13 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-demo")
     parser.add_argument("--raw-only", action="store_true", help="Raw scorer and decode paths only (torch alone).")
     parser.add_argument("--seconds", type=float, default=10.0, help="Length of each measurement.")
-    parser.add_argument("--server-env", action="append", default=[], metavar="QSCORE_X=value",
-                        help="Extra settings of the /score server, e.g. QSCORE_MAX_BATCH_WAIT_MS=2.")
+    parser.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="QSCORE_X=value",
+        help="Extra settings of the /score server, e.g. QSCORE_MAX_BATCH_WAIT_MS=2.",
+    )
     parser.add_argument("--device", default=None, help="Override the preset's device (e.g. cpu, to try a preset).")
     parser.add_argument("--out", type=Path, default=None, help="Results file (default: by preset).")
     args = parser.parse_args()

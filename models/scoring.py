@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
-
 from torchvision import transforms
 
 from models.data import eval_transform, resolve_device

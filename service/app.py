@@ -17,11 +17,11 @@ from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.registry import Registry
+from qscore_config.settings import Settings, get_settings
+from service import openapi
 from service.batcher import Batcher
 from service.limits import BodyLimitMiddleware
 from service.metrics import Metrics, QueueLevel
-from qscore_config.settings import Settings, get_settings
-from service import openapi
 from service.routes import admin, health, jobs, score
 from service.state import StateHolder
 

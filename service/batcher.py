@@ -276,4 +276,3 @@ def _score(
     kept = [f for f, e in zip(features, errors, strict=True) if e is None]
     scores = iter(state.scorer.score_batch(inputs, features=kept) if inputs is not None else [])
     return [e if e is not None else next(scores) for e in errors]
-

@@ -15,10 +15,10 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from models.registry import Registry
+from qscore_config.settings import Settings
 from service.batcher import Batcher
 from service.limits import ApiError
 from service.metrics import Metrics
-from qscore_config.settings import Settings
 from service.state import ServingState, StateHolder
 
 

@@ -19,10 +19,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as F
-
-from PIL import Image
 
 from models.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 

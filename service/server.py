@@ -6,8 +6,8 @@ import logging
 
 import uvicorn
 
-from service.app import create_app
 from qscore_config.settings import get_settings
+from service.app import create_app
 
 
 def run(host: str = "127.0.0.1", port: int = 8000) -> None:

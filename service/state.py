@@ -21,8 +21,8 @@ import torch
 from models.features import FeatureSet
 from models.registry import ModelRecord, Registry, RegistryError
 from models.scoring import Scorer
-from service.schemas import FeatureSetInfo, ModelInfo, ServingInfo
 from qscore_config.settings import Settings
+from service.schemas import FeatureSetInfo, ModelInfo, ServingInfo
 
 log = logging.getLogger(__name__)
 

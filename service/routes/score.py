@@ -19,8 +19,8 @@ from starlette.types import Receive
 from models.images import ImageDecodeError, decode_image
 from models.scoring import FeatureValue, ImageScore
 from service.batcher import BatcherStopped, QueueFull
-from service.device_decode import decodable_on_device
 from service.deps import BatcherDep, DecodePoolDep, MetricsDep, SettingsDep, StateDep
+from service.device_decode import decodable_on_device
 from service.limits import ApiError, ClientGone, read_uploads
 from service.metrics import Metrics
 from service.schemas import ErrorResponse, ScoreResponse

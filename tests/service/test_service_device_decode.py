@@ -52,7 +52,7 @@ def test_batch_inputs_mixes_prepared_images_and_files_and_names_broken_ones(
 
 
 def test_decodable_on_device_only_for_plain_jpegs(cifar_slice: Path) -> None:
-    (_, jpeg), = cifar_jpegs(cifar_slice, 1)
+    ((_, jpeg),) = cifar_jpegs(cifar_slice, 1)
     cmyk = io.BytesIO()
     Image.open(io.BytesIO(jpeg)).convert("CMYK").save(cmyk, "JPEG")
     png = io.BytesIO()

@@ -18,9 +18,13 @@ BOUNDARY = "qscore-test-boundary"
 
 def multipart(blob: bytes, name: str = "a.jpg") -> bytes:
     return (
-        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
-        "Content-Type: image/jpeg\r\n\r\n"
-    ).encode() + blob + f"\r\n--{BOUNDARY}--\r\n".encode()
+        (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + blob
+        + f"\r\n--{BOUNDARY}--\r\n".encode()
+    )
 
 
 def request_head(port: int, length: int) -> bytes:
@@ -96,4 +100,3 @@ def test_client_hanging_up_while_waiting_drops_its_images_before_the_encoder(
     assert live.metric("qscore_images_scored_total") == 0
     assert live.metric("qscore_request_duration_seconds_count", status="500") == 0
     assert server_errors.records == [], [r.getMessage() for r in server_errors.records]
-

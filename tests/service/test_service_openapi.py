@@ -100,9 +100,10 @@ def test_openapi_jobs_document_their_errors_and_names(contract_server: LiveServe
     for method, path in (("post", "/jobs/discover"), ("get", "/jobs"), ("get", "/jobs/{job_id}")):
         assert spec["paths"][path][method]["responses"]["422"]["content"]["application/json"]["schema"] == ERROR_REF
     for method in ("get", "delete"):
-        assert spec["paths"]["/jobs/{job_id}"][method]["responses"]["404"]["content"]["application/json"][
-            "schema"
-        ] == ERROR_REF
+        assert (
+            spec["paths"]["/jobs/{job_id}"][method]["responses"]["404"]["content"]["application/json"]["schema"]
+            == ERROR_REF
+        )
     assert "HTTPValidationError" not in spec["components"]["schemas"]
     discover = spec["components"]["schemas"]["DiscoverParams"]["properties"]
     assert discover["dataset"]["enum"] == ["tiny"]

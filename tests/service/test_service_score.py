@@ -87,7 +87,14 @@ def test_score_without_features_answers_lean_results_with_the_same_scores(
     for r in lean_results:
         assert r["dominant"] is None and r["discriminative_active"] is None
         assert set(r) == {
-            "filename", "q_score", "low_quality", "risk", "l1_norm", "dominant", "discriminative_active", "error"
+            "filename",
+            "q_score",
+            "low_quality",
+            "risk",
+            "l1_norm",
+            "dominant",
+            "discriminative_active",
+            "error",
         }
     assert [r["q_score"] for r in lean_results] == [r["q_score"] for r in full_results]
     assert [r["l1_norm"] for r in lean_results] == [r["l1_norm"] for r in full_results]
