@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +49,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.holder, app.state.batcher = holder, batcher
         app.state.metrics.attach(lambda: holder.current, lambda: QueueLevel(batcher.depth, batcher.capacity))
         app.state.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="qscore-decode")
+        # Start-up made a few million long-lived objects (torch, the app): move them out of the
+        # cyclic collector's sight, or every full collection walks them all and stalls the loop.
+        gc.collect()
+        gc.freeze()
         watcher = None
         if settings.auto_switch:
             watcher = asyncio.get_running_loop().create_task(holder.watch(settings.registry_poll_seconds))

@@ -10,6 +10,7 @@ per dependency per request for a getter.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -55,6 +56,28 @@ async def get_decode_pool(request: Request) -> ThreadPoolExecutor:
     return request.app.state.decode_pool
 
 
+@dataclass(frozen=True, slots=True)
+class Scoring:
+    """What POST /score needs, in one dependency: FastAPI's cost is per dependency, per request."""
+
+    settings: Settings
+    state: ServingState
+    batcher: Batcher
+    metrics: Metrics
+    decode_pool: ThreadPoolExecutor
+
+
+async def get_scoring(request: Request) -> Scoring:
+    app_state = request.app.state
+    return Scoring(
+        app_state.settings,
+        await get_state(app_state.holder),
+        app_state.batcher,
+        app_state.metrics,
+        app_state.decode_pool,
+    )
+
+
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 HolderDep = Annotated[StateHolder, Depends(get_holder)]
 StateDep = Annotated[ServingState, Depends(get_state)]
@@ -62,3 +85,4 @@ BatcherDep = Annotated[Batcher, Depends(get_batcher)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 RegistryDep = Annotated[Registry, Depends(get_registry)]
 DecodePoolDep = Annotated[ThreadPoolExecutor, Depends(get_decode_pool)]
+ScoringDep = Annotated[Scoring, Depends(get_scoring)]

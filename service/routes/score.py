@@ -19,7 +19,7 @@ from starlette.types import Receive
 from models.images import ImageDecodeError, decode_image
 from models.scoring import FeatureValue, ImageScore
 from service.batcher import BatcherStopped, QueueFull
-from service.deps import BatcherDep, DecodePoolDep, MetricsDep, SettingsDep, StateDep
+from service.deps import ScoringDep
 from service.device_decode import decodable_on_device
 from service.limits import ApiError, ClientGone, read_uploads
 from service.metrics import Metrics
@@ -74,16 +74,13 @@ _MULTIPART_BODY = {
 )
 async def score(
     request: Request,
-    settings: SettingsDep,
-    state: StateDep,
-    batcher: BatcherDep,
-    metrics: MetricsDep,
-    pool: DecodePoolDep,
+    scoring: ScoringDep,
     features: Annotated[
         bool, Query(description="Also list each image's dominant and active discriminative features.")
     ] = False,
 ) -> Response:
     """Q-Score of each uploaded image; files that are not usable images get an ``error`` entry."""
+    settings, state, batcher, metrics = scoring.settings, scoring.state, scoring.batcher, scoring.metrics
     started = time.perf_counter()
     status = 500
     version = state.model_version
@@ -98,7 +95,7 @@ async def score(
             prepared = _prepare(state, blobs, settings.max_image_pixels, settings.device_decode)
         else:
             prepared = await asyncio.get_running_loop().run_in_executor(
-                pool, _prepare, state, blobs, settings.max_image_pixels, settings.device_decode
+                scoring.decode_pool, _prepare, state, blobs, settings.max_image_pixels, settings.device_decode
             )
         images = [p for p in prepared if not isinstance(p, ImageDecodeError)]
         try:
