@@ -136,6 +136,27 @@ def raw_scorer_rates(score_batch: Any, inputs: torch.Tensor, device: torch.devic
     }
 
 
+def best_raw_rates(score_batch: Any, inputs: torch.Tensor, device: torch.device, max_batch: int, seconds: float):
+    """:func:`raw_scorer_rates` with torch's default threads and with one fewer (the service's
+    inference thread), the faster of each figure: on a CPU shared with other work, threads that
+    wait on each other at every operation can lose 5-30x."""
+    default = torch.get_num_threads()
+    runs = {}
+    for threads in sorted({default, max(1, (os.cpu_count() or 1) - 1)}):
+        torch.set_num_threads(threads)
+        runs[threads] = raw_scorer_rates(score_batch, inputs, device, max_batch, seconds)
+    torch.set_num_threads(default)
+    key = f"batch_{max_batch}_images_per_s"
+    best_1 = max(runs.values(), key=lambda r: r["batch_1_images_per_s"])
+    best_max = max(runs.values(), key=lambda r: r[key])
+    return {
+        "batch_1_images_per_s": best_1["batch_1_images_per_s"],
+        "batch_1_ms": best_1["batch_1_ms"],
+        key: best_max[key],
+        "by_torch_threads": runs,
+    }
+
+
 def torch_only_resnet50(device: torch.device, image_size: int):
     """A random ResNet-50 (torchvision, nothing downloaded) and a Q-Score on 120 random features:
     the same computation as models.scoring.Scorer, importable with torch and torchvision alone."""
@@ -444,7 +465,7 @@ def run_full(preset: Preset, seconds: float, server_env: dict[str, str]) -> dict
         inputs = torch.stack(
             [scorer.preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs[: preset.max_batch_size]]
         )
-        raw_before = raw_scorer_rates(scorer.score_batch, inputs, device, preset.max_batch_size, seconds / 2)
+        raw_before = best_raw_rates(scorer.score_batch, inputs, device, preset.max_batch_size, seconds / 2)
         print("raw scorer:", raw_before, flush=True)
         script = tmp / "score.lua"
         script.write_text(WRK_SCRIPT)
@@ -483,13 +504,17 @@ def run_full(preset: Preset, seconds: float, server_env: dict[str, str]) -> dict
         finally:
             service.stop()
         # The CPU may be shared with other work: measure the scorer again, keep the faster run.
-        raw_after = raw_scorer_rates(scorer.score_batch, inputs, device, preset.max_batch_size, seconds / 2)
+        raw_after = best_raw_rates(scorer.score_batch, inputs, device, preset.max_batch_size, seconds / 2)
         print("raw scorer again:", raw_after, flush=True)
         del scorer, imported
 
     max_key = f"batch_{preset.max_batch_size}_images_per_s"
-    raw = max(raw_before, raw_after, key=lambda r: r[max_key])
-    raw = {**raw, "batch_1_ms": min(raw_before["batch_1_ms"], raw_after["batch_1_ms"])}
+    best_1 = max(raw_before, raw_after, key=lambda r: r["batch_1_images_per_s"])
+    raw = {
+        "batch_1_images_per_s": best_1["batch_1_images_per_s"],
+        "batch_1_ms": best_1["batch_1_ms"],
+        max_key: max(raw_before[max_key], raw_after[max_key]),
+    }
 
     raw_max = raw[max_key]
 
