@@ -290,3 +290,9 @@ def test_metrics_expose_required_series(server: LiveServer, cifar_slice: Path) -
     ):
         assert f"\n{name}{{" in text, name
     assert 'model_version="tiny"' in text
+
+
+def test_app_sets_no_dependency_overrides(server: LiveServer) -> None:
+    # With any override set, FastAPI rebuilds every dependency signature on every request.
+    assert server.app.dependency_overrides == {}
+    assert server.app.state.settings is server.settings
