@@ -68,14 +68,16 @@ PRESETS = {
 # -- inputs -----------------------------------------------------------------------------------
 
 
-def synthetic_jpegs(n: int, size: int, seed: int = 0) -> list[bytes]:
-    """Smooth random pictures with some texture, JPEG quality 90 (about photo-sized files)."""
+def synthetic_jpegs(n: int, size: int, seed: int = 0, width: int | None = None) -> list[bytes]:
+    """Smooth random pictures with some texture, JPEG quality 90 (about photo-sized files);
+    ``size`` x ``size`` pixels, or ``width`` x ``size``."""
     rng = np.random.default_rng(seed)
+    width = width or size
     out = []
     for _ in range(n):
         coarse = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-        image = Image.fromarray(coarse).resize((size, size), Image.BICUBIC)
-        pixels = np.asarray(image, dtype=np.int16) + rng.integers(-12, 13, (size, size, 3))
+        image = Image.fromarray(coarse).resize((width, size), Image.BICUBIC)
+        pixels = np.asarray(image, dtype=np.int16) + rng.integers(-12, 13, (size, width, 3))
         buffer = io.BytesIO()
         Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
         out.append(buffer.getvalue())
@@ -214,17 +216,32 @@ def decode_rates(blobs: list[bytes], preset: Preset, device: torch.device, secon
 
 
 def run_raw_only(preset: Preset, seconds: float) -> dict[str, Any]:
+    from service.device_decode import decode_jpegs
+
     device = resolve_device(preset.device)
     blobs = input_blobs(preset, 128)
     if preset.arch == "resnet50":
         score_batch = torch_only_resnet50(device, preset.image_size)
+        mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     else:
-        score_batch = demo_scorer(preset).score_batch
+        scorer = demo_scorer(preset)
+        score_batch = scorer.score_batch
+        mean, std = scorer.encoder.spec.mean, scorer.encoder.spec.std
     inputs = torch.randn(preset.max_batch_size, 3, preset.image_size, preset.image_size)
-    return {
+    result: dict[str, Any] = {
         "raw_scorer": raw_scorer_rates(score_batch, inputs, device, preset.max_batch_size, seconds),
         "decode": decode_rates(blobs, preset, device, seconds),
     }
+    if preset.synthetic_images:  # photos as they come: larger than the input, resized on the way
+        large = synthetic_jpegs(64, 375, seed=1, width=500)
+        result["decode_500x375_jpegs"] = decode_rates(large, preset, device, seconds)
+        b = preset.max_batch_size
+        batch = [large[i % len(large)] for i in range(b)]
+        size = preset.image_size
+        result["device_decode_and_score_500x375_images_per_s"] = round(
+            rate(lambda: score_batch(decode_jpegs(batch, device, size, mean, std)), b, device, seconds), 1
+        )
+    return result
 
 
 # -- full mode: servers under wrk -------------------------------------------------------------
