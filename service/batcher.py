@@ -100,6 +100,10 @@ class Batcher:
     def saturated(self) -> bool:
         return self.depth >= self.capacity
 
+    def queue_full(self) -> QueueFull:
+        """The 503 of a full queue, with how long the queue takes to drain as Retry-After."""
+        return QueueFull(self.capacity, max(1, math.ceil(self.depth * self._seconds_per_image)))
+
     def start(self) -> None:
         if self._executor is None:
             self._loop = asyncio.get_running_loop()
@@ -141,8 +145,7 @@ class Batcher:
             future.set_result([])
             return future
         if self.depth + len(images) > self.capacity:
-            retry = max(1, math.ceil(self.depth * self._seconds_per_image))
-            raise QueueFull(self.capacity, retry)
+            raise self.queue_full()
         request = _Request(state, future, time.monotonic(), features, [None] * len(images), len(images))
         self._queue.extend(_Item(request, i, image) for i, image in enumerate(images))
         future.add_done_callback(self._drop_if_cancelled)

@@ -85,6 +85,8 @@ async def score(
     status = 500
     version = state.model_version
     try:
+        if batcher.saturated:  # answer before parsing and decoding: an overloaded loop starves the encoder
+            raise _queue_full(batcher.queue_full())
         files = await read_uploads(request, max_files=settings.max_files, max_file_bytes=settings.max_file_bytes)
         names = [f.filename or "" for f in files]
         blobs = []
@@ -101,13 +103,7 @@ async def score(
         try:
             pending = batcher.enqueue(state, images, features)
         except QueueFull as exc:
-            raise ApiError(
-                503,
-                "queue_full",
-                f"{exc}; retry after {exc.retry_after} s",
-                exc.capacity,
-                headers={"Retry-After": str(exc.retry_after)},
-            ) from exc
+            raise _queue_full(exc) from exc
         except BatcherStopped as exc:
             raise ApiError(503, "not_ready", str(exc), headers={"Retry-After": "1"}) from exc
         try:
@@ -134,6 +130,16 @@ async def score(
         return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it: the connection is gone
     finally:
         metrics.request_duration.labels(version, str(status)).observe(time.perf_counter() - started)
+
+
+def _queue_full(exc: QueueFull) -> ApiError:
+    return ApiError(
+        503,
+        "queue_full",
+        f"{exc}; retry after {exc.retry_after} s",
+        exc.capacity,
+        headers={"Retry-After": str(exc.retry_after)},
+    )
 
 
 async def _unless_client_leaves(pending: asyncio.Future[list[ImageScore]], receive: Receive) -> list[ImageScore]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import struct
+import time
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -296,3 +298,27 @@ def test_app_sets_no_dependency_overrides(server: LiveServer) -> None:
     # With any override set, FastAPI rebuilds every dependency signature on every request.
     assert server.app.dependency_overrides == {}
     assert server.app.state.settings is server.settings
+
+
+def test_full_queue_answers_503_before_reading_the_upload(
+    make_server: Callable[..., LiveServer], cifar_slice: Path
+) -> None:
+    # An idle encoder holds a batch that is not full for up to 3 s: two images fill the queue.
+    live = make_server(max_queue_images=2, max_batch_size=16, max_batch_wait_ms=3000.0)
+    with ThreadPoolExecutor(1) as pool, live.client() as client:
+        first = pool.submit(client.post, "/score", files=upload(cifar_files(cifar_slice, 2)))
+        deadline = time.monotonic() + 5
+        while live.metric("qscore_queue_depth") < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        # Not even multipart: had the body been parsed, the answer would be 415.
+        refused = client.post("/score", content=b"not an upload", headers={"content-type": "text/plain"})
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["detail"] == {
+            "code": "queue_full",
+            "message": refused.json()["detail"]["message"],
+            "limit": 2,
+        }
+        assert int(refused.headers["retry-after"]) >= 1
+        assert first.result().status_code == 200
+    assert live.metric("qscore_errors_total", code="queue_full") == 1
+    assert live.metric("qscore_request_duration_seconds_count", status="503") == 1
