@@ -92,8 +92,10 @@ class ScoreResult(BaseModel):
     low_quality: bool | None = Field(None, description="Q-Score below the feature set's alpha.")
     risk: float | None = Field(None, description="Calibrated P(mis-classified); null when uncalibrated.")
     l1_norm: float | None = None
-    dominant: list[FeatureValueOut] | None = None
-    discriminative_active: list[FeatureValueOut] | None = None
+    dominant: list[FeatureValueOut] | None = Field(None, description="Dominant features; null unless ?features=true.")
+    discriminative_active: list[FeatureValueOut] | None = Field(
+        None, description="Dominant features that are discriminative; null unless ?features=true."
+    )
     error: ErrorBody | None = None
 
 
