@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
+from torchvision import transforms
 
 from models.bank import ReferenceBank
 from models.data import eval_transform, resolve_device
@@ -35,8 +37,9 @@ class ImageScore:
     low_quality: bool
     risk: float | None
     l1_norm: float
-    dominant: list[FeatureValue]
-    discriminative_active: list[FeatureValue]
+    #: None when the caller did not ask for the per-feature lists (``features=False``).
+    dominant: list[FeatureValue] | None
+    discriminative_active: list[FeatureValue] | None
     typicality: float | None = None
     atypical: bool | None = None
     reasons: tuple[str, ...] = ()
@@ -80,6 +83,12 @@ class Scorer:
         self.fingerprint = encoder_fingerprint
         self.feature_set = feature_set
         self.transform = eval_transform(encoder.spec)
+        # eval_transform split in two for batches: the geometry per image (Pillow), then
+        # ToTensor and Normalize for a whole batch at once, the same elementwise operations.
+        size = encoder.spec.image_size
+        self.geometry = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size)])
+        self._mean = torch.tensor(encoder.spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self._std = torch.tensor(encoder.spec.std, dtype=torch.float32).view(1, 3, 1, 1)
         # A boolean mask built once on the device: indices would be range-checked on the host
         # (a GPU sync) on every batch.
         self.discriminative = discriminative_mask(feature_set.discriminative_indices, encoder.feature_dim).to(
@@ -118,6 +127,26 @@ class Scorer:
         """An RGB PIL image to the encoder's (3, H, W) input."""
         return self.transform(image)
 
+    def prepare(self, image: Image.Image) -> np.ndarray:
+        """An RGB PIL image resized and cropped: (H, W, 3) uint8, for :meth:`inputs`."""
+        return np.asarray(self.geometry(image), dtype=np.uint8)
+
+    def inputs(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """:meth:`prepare` outputs to the encoder's (B, 3, H, W) input, bit for bit what
+        :meth:`preprocess` gives image by image (ToTensor, then Normalize), on the device.
+
+        On a GPU the uint8 batch crosses from pinned memory (a quarter of the float bytes).
+        """
+        batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+        if self.device.type == "cuda":
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        x = batch.contiguous().to(dtype=torch.float32).div(255)
+        return x.sub_(self._mean.to(x.device)).div_(self._std.to(x.device))
+
+    def score_prepared(self, images: Sequence[np.ndarray], features: bool | Sequence[bool] = True) -> list[ImageScore]:
+        """Score :meth:`prepare` outputs as one batch."""
+        return self.score_batch(self.inputs(images), features)
+
     def representations(self, batch: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) inputs to (B, r) float32 representations."""
         with torch.inference_mode():
@@ -130,16 +159,27 @@ class Scorer:
     def signals(self, h: torch.Tensor, pixels: torch.Tensor | None, parts: QScoreParts) -> dict[str, np.ndarray]:
         return label_free_signals(h, pixels, parts, self.typicality, self.bank)
 
-    def score_representations(self, h: torch.Tensor, pixels: torch.Tensor | None = None) -> list[ImageScore]:
-        """Scores of representations ``h`` (B, r); ``pixels`` (B, 3, H, W) in [0, 1] for typicality."""
+    def score_representations(
+        self, h: torch.Tensor, features: bool | Sequence[bool] = True, pixels: torch.Tensor | None = None
+    ) -> list[ImageScore]:
+        """(B, r) representations to one :class:`ImageScore` each.
+
+        ``features``: list the dominant and active discriminative features of every image
+        (True), of none (False), or of the images flagged in a sequence of B booleans.
+        ``pixels``: the inputs (B, 3, H, W) in [0, 1], for typicality's pixel statistics.
+        """
         fs = self.feature_set
+        wanted = [features] * h.shape[0] if isinstance(features, bool) else list(features)
         parts = q_score_parts(h, self.discriminative, fs.eps)
         sig = self.signals(h, pixels, parts)
         q = sig["q_score"]
         risk = fs.risk(sig)
+        if risk is not None:
+            risk = np.clip(risk, 0.0, 1.0)  # once for the batch: per image it costs more than the forward
         typ = sig.get("typicality")
-        h_cpu, dominant, active = h.cpu(), parts.dominant.cpu(), parts.active.cpu()
         l1 = parts.l1_norm.cpu().numpy()
+        if any(wanted):
+            h_cpu, dominant, active = h.cpu(), parts.dominant.cpu(), parts.active.cpu()
         out = []
         for i in range(h.shape[0]):
             low = bool(q[i] < fs.alpha)
@@ -148,10 +188,10 @@ class Scorer:
                 ImageScore(
                     q_score=float(q[i]),
                     low_quality=low,
-                    risk=None if risk is None else float(np.clip(risk[i], 0.0, 1.0)),
+                    risk=None if risk is None else float(risk[i]),
                     l1_norm=float(l1[i]),
-                    dominant=_values(h_cpu[i], dominant[i]),
-                    discriminative_active=_values(h_cpu[i], active[i]),
+                    dominant=_values(h_cpu[i], dominant[i]) if wanted[i] else None,
+                    discriminative_active=_values(h_cpu[i], active[i]) if wanted[i] else None,
                     typicality=None if typ is None else float(typ[i]),
                     atypical=atypical,
                     reasons=reasons_of(low, atypical),
@@ -159,9 +199,9 @@ class Scorer:
             )
         return out
 
-    def score_batch(self, batch: torch.Tensor) -> list[ImageScore]:
-        """Scores of a batch of encoder inputs (B, 3, H, W), as ``preprocess`` makes them."""
-        return self.score_representations(self.representations(batch), self.pixels(batch))
+    def score_batch(self, batch: torch.Tensor, features: bool | Sequence[bool] = True) -> list[ImageScore]:
+        """Scores of a batch of encoder inputs (B, 3, H, W), as ``preprocess``/``inputs`` make them."""
+        return self.score_representations(self.representations(batch), features, self.pixels(batch))
 
 
 def label_free_signals(

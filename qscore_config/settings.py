@@ -6,6 +6,7 @@ Every value comes from an environment variable prefixed ``QSCORE_`` (or a ``.env
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -26,11 +27,37 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     precision: Literal["float32", "float16", "bfloat16"] = "float32"
 
-    # -- dynamic batching -----------------------------------------------------------------
+    # -- continuous batching --------------------------------------------------------------
     max_batch_size: int = Field(64, ge=1, le=4096)
-    max_batch_wait_ms: float = Field(5.0, ge=0, description="Wait counted from the first queued image's arrival.")
+    max_batch_wait_ms: float = Field(
+        0.0,
+        ge=0,
+        description="Longest an idle encoder holds a batch that is not full, from its first image's arrival; "
+        "0 = start at once.",
+    )
     max_queue_images: int = Field(1024, ge=1, description="Images waiting for the encoder; beyond it, 503.")
-    decode_threads: int = Field(2, ge=1, description="Threads decoding and preprocessing uploads.")
+    decode_threads: int = Field(2, ge=1, description="Threads decoding and preprocessing large uploads.")
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch threads of the inference thread; default: CPU cores - 1 (at least 1), leaving "
+        "a core to the event loop.",
+    )
+    decode_inline_bytes: int = Field(
+        65536,
+        ge=0,
+        description="Uploads of at most this many bytes in all are decoded on the event loop (a thread hop "
+        "costs more than decoding small images); larger ones in the decode threads.",
+    )
+
+    device_decode: bool = Field(
+        False,
+        description="Decode JPEG uploads on the encoder's device, in batches (nvJPEG on CUDA); pixels, and so "
+        "scores, may differ from Pillow's by rounding.",
+    )
+
+    # -- serving --------------------------------------------------------------------------
+    access_log: bool = Field(False, description="Log one INFO line per request (uvicorn's access log).")
 
     # -- request limits -------------------------------------------------------------------
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)
@@ -120,6 +147,11 @@ class Settings(BaseSettings):
     def job_hard_time_limit_s(self) -> int:
         """Hard limit: the process running the job is killed (soft limit + 60 s to clean up)."""
         return self.job_time_limit_s + 60
+
+    @property
+    def inference_torch_threads(self) -> int:
+        """QSCORE_TORCH_THREADS, else one core fewer than the machine has (the event loop's)."""
+        return self.torch_threads or max(1, (os.cpu_count() or 1) - 1)
 
     @property
     def visibility_timeout_s(self) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -12,15 +13,17 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import iter_route_contexts
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.registry import Registry
+from qscore_config.settings import Settings, get_settings
+from service import openapi
 from service.batcher import Batcher
 from service.limits import BodyLimitMiddleware
-from service.metrics import Metrics
+from service.metrics import Metrics, QueueLevel
 from service.routes import admin, health, jobs, model_import, score
-from qscore_config.settings import Settings, get_settings
 from service.state import StateHolder
 
 log = logging.getLogger(__name__)
@@ -40,12 +43,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.max_batch_wait_ms / 1000.0,
             settings.max_queue_images,
             app.state.metrics,
+            torch_threads=settings.inference_torch_threads,
         )
         batcher.start()
         app.state.holder, app.state.batcher = holder, batcher
-        app.state.metrics.attach(holder, batcher)
+        app.state.metrics.attach(lambda: holder.current, lambda: QueueLevel(batcher.depth, batcher.capacity))
         app.state.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="qscore-decode")
         jobs.start_embedded_jobs(app, settings)
+        # Start-up made a few million long-lived objects (torch, the app): move them out of the
+        # cyclic collector's sight, or every full collection walks them all and stalls the loop.
+        gc.collect()
+        gc.freeze()
         watcher = None
         if settings.auto_switch:
             watcher = asyncio.get_running_loop().create_task(holder.watch(settings.registry_poll_seconds))
@@ -68,7 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = Metrics(settings.max_batch_size)
-    app.dependency_overrides[get_settings] = lambda: settings
+    # The routes read the settings off app.state (service.deps): no dependency_overrides outside tests.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -77,7 +85,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(admin.router)
     app.include_router(model_import.router)
     app.include_router(jobs.router)
+    openapi.install(app, settings)
     return app
+
+
+#: Codes of the framework's own errors (a string detail).
+_FRAMEWORK_CODES = {400: "malformed_body", 404: "not_found", 405: "method_not_allowed"}
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -85,8 +98,22 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     detail = exc.detail
     if not (isinstance(detail, dict) and "code" in detail and "message" in detail):
-        detail = {"code": f"http_{exc.status_code}", "message": str(detail)}
-    return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
+        code = _FRAMEWORK_CODES.get(exc.status_code, f"http_{exc.status_code}")
+        detail = {"code": code, "message": str(detail)}
+    headers = exc.headers
+    if exc.status_code == 405:  # Starlette names the methods of one route; the path may have several
+        headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(request))}
+    return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    path = request.scope["path"]
+    methods: set[str] = set()
+    for route in iter_route_contexts(request.app.routes):  # those of included routers too
+        regex = getattr(route, "path_regex", None)
+        if regex is not None and regex.match(path):
+            methods |= getattr(route, "methods", None) or set()
+    return sorted(methods)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

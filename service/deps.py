@@ -1,25 +1,38 @@
-"""Dependencies of the routes, as ``Annotated`` aliases; tests override them with dependency_overrides."""
+"""Dependencies of the routes, as ``Annotated`` aliases.
+
+They read what the app factory put on ``app.state`` (the settings included), so production needs
+no ``dependency_overrides``: with any override set, FastAPI rebuilds the dependency signatures on
+every request (about 14% of a busy server's CPU, FIELD-NOTES/STYLE). Tests may still override.
+They are ``async def``: FastAPI runs a plain ``def`` dependency in a worker thread, a thread hop
+per dependency per request for a getter.
+"""
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
 
 from models.registry import Registry
+from qscore_config.settings import Settings
 from service.batcher import Batcher
 from service.limits import ApiError
 from service.metrics import Metrics
-from qscore_config.settings import Settings, get_settings
 from service.state import ServingState, StateHolder
 
 
-def get_holder(request: Request) -> StateHolder:
+async def get_app_settings(request: Request) -> Settings:
+    """The settings the app was made with (``create_app(settings)``)."""
+    return request.app.state.settings
+
+
+async def get_holder(request: Request) -> StateHolder:
     return request.app.state.holder
 
 
-def get_state(holder: Annotated[StateHolder, Depends(get_holder)]) -> ServingState:
+async def get_state(holder: Annotated[StateHolder, Depends(get_holder)]) -> ServingState:
     """The pair served right now; requests keep the one they got even if a switch follows."""
     state = holder.current
     if state is None:
@@ -27,26 +40,49 @@ def get_state(holder: Annotated[StateHolder, Depends(get_holder)]) -> ServingSta
     return state
 
 
-def get_batcher(request: Request) -> Batcher:
+async def get_batcher(request: Request) -> Batcher:
     return request.app.state.batcher
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-def get_registry(holder: Annotated[StateHolder, Depends(get_holder)]) -> Registry:
+async def get_registry(holder: Annotated[StateHolder, Depends(get_holder)]) -> Registry:
     return holder.registry
 
 
-def get_decode_pool(request: Request) -> ThreadPoolExecutor:
+async def get_decode_pool(request: Request) -> ThreadPoolExecutor:
     return request.app.state.decode_pool
 
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+@dataclass(frozen=True, slots=True)
+class Scoring:
+    """What POST /score needs, in one dependency: FastAPI's cost is per dependency, per request."""
+
+    settings: Settings
+    state: ServingState
+    batcher: Batcher
+    metrics: Metrics
+    decode_pool: ThreadPoolExecutor
+
+
+async def get_scoring(request: Request) -> Scoring:
+    app_state = request.app.state
+    return Scoring(
+        app_state.settings,
+        await get_state(app_state.holder),
+        app_state.batcher,
+        app_state.metrics,
+        app_state.decode_pool,
+    )
+
+
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 HolderDep = Annotated[StateHolder, Depends(get_holder)]
 StateDep = Annotated[ServingState, Depends(get_state)]
 BatcherDep = Annotated[Batcher, Depends(get_batcher)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 RegistryDep = Annotated[Registry, Depends(get_registry)]
 DecodePoolDep = Annotated[ThreadPoolExecutor, Depends(get_decode_pool)]
+ScoringDep = Annotated[Scoring, Depends(get_scoring)]

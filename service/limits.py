@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import HTTPException, Request
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
@@ -95,6 +96,10 @@ class BodyLimitMiddleware:
             await _send_error(send, body_too_large(self.max_bytes))
 
 
+class ClientGone(Exception):
+    """The client hung up (mid-upload or while its images waited): not an error of the service."""
+
+
 class _Replace(Exception):
     """Raised from send to swap a response made from a cut body for the 413."""
 
@@ -119,7 +124,8 @@ async def read_uploads(request: Request, *, max_files: int, max_file_bytes: int)
     """The ``files`` parts of a multipart request, checked against the limits.
 
     415 when the body is not multipart/form-data, 413 for more than ``max_files`` files or a
-    file over ``max_file_bytes``, 422 when no file was sent, 400 for a malformed body.
+    file over ``max_file_bytes``, 422 when no file was sent, 400 for a malformed body;
+    :class:`ClientGone` when the client hangs up before the body is complete.
     """
     content_type = request.headers.get("content-type", "")
     if content_type.split(";")[0].strip().lower() != "multipart/form-data":
@@ -130,6 +136,8 @@ async def read_uploads(request: Request, *, max_files: int, max_file_bytes: int)
         )
     try:
         form = await request.form(max_files=max_files, max_fields=16, max_part_size=64 * 1024)
+    except ClientDisconnect:
+        raise ClientGone() from None
     except StarletteHTTPException as exc:
         if isinstance(exc, ApiError):
             raise

@@ -8,17 +8,14 @@ are read at scrape time, so a switch leaves no stale series behind.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from models.features import FeatureSet
-
-if TYPE_CHECKING:
-    from service.batcher import Batcher
-    from service.state import StateHolder
 
 #: Q-Scores are ratios to the L1 norm of hundreds of features: small numbers. The buckets are
 #: 0 (no discriminative evidence) and 8 per decade from 1e-4 to 1, so histogram_quantile can
@@ -97,31 +94,59 @@ class Metrics:
             registry=r,
         )
 
-    def attach(self, holder: StateHolder, batcher: Batcher) -> None:
-        self.registry.register(_LiveCollector(lambda: holder, lambda: batcher))
+    def attach(self, served: Callable[[], ServedPair | None], queue: Callable[[], QueueLevel]) -> None:
+        """Gauges read at scrape time: the served pair (``served()``) and the queue (``queue()``)."""
+        self.registry.register(_LiveCollector(served, queue))
 
     def error(self, model_version: str | None, code: str, n: int = 1) -> None:
         self.errors.labels(model_version or "none", code).inc(n)
 
+    def observe_batch(self, model_version: str, seconds: float, waits: list[float]) -> None:
+        """One encoder batch: its size, its duration and how long each of its images waited."""
+        self.batch_size.labels(model_version).observe(len(waits))
+        self.inference_duration.labels(model_version).observe(seconds)
+        wait = self.queue_wait.labels(model_version)
+        for w in waits:
+            wait.observe(w)
+
+
+class ServedPair(Protocol):
+    """What the gauges read of the served pair (service.state.ServingState has it)."""
+
+    model_version: str
+    feature_set_version: str
+    feature_set: FeatureSet
+
+    @property
+    def serving_labels(self) -> tuple[str, str, str]:
+        """(fingerprint prefix, device, precision)."""
+        ...
+
+
+@dataclass(frozen=True)
+class QueueLevel:
+    depth: int
+    capacity: int
+
 
 class _LiveCollector(Collector):
-    def __init__(self, holder: Callable[[], StateHolder], batcher: Callable[[], Batcher]) -> None:
-        self._holder, self._batcher = holder, batcher
+    def __init__(self, served: Callable[[], ServedPair | None], queue: Callable[[], QueueLevel]) -> None:
+        self._served, self._queue = served, queue
 
     def describe(self) -> list:
         return []
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        state, batcher = self._holder().current, self._batcher()
+        state, queue = self._served(), self._queue()
         version = state.model_version if state is not None else "none"
         depth = GaugeMetricFamily("qscore_queue_depth", "Images waiting for the encoder.", labels=["model_version"])
-        depth.add_metric([version], batcher.depth)
+        depth.add_metric([version], queue.depth)
         capacity = GaugeMetricFamily(
             "qscore_queue_capacity",
             "Images the queue holds before answering 503.",
             labels=["model_version"],
         )
-        capacity.add_metric([version], batcher.capacity)
+        capacity.add_metric([version], queue.capacity)
         yield depth
         yield capacity
         if state is None:
@@ -133,10 +158,7 @@ class _LiveCollector(Collector):
             "The served pair (value 1).",
             labels=[*PAIR, "fingerprint", "device", "precision"],
         )
-        info.add_metric(
-            [*pair, state.model.fingerprint[:16], str(state.scorer.device), state.scorer.precision],
-            1,
-        )
+        info.add_metric([*pair, *state.serving_labels], 1)
         yield info
         for name, doc, value in (
             ("qscore_feature_set_coverage", "Share of reference samples with Q > 0.", fs.coverage),

@@ -107,8 +107,10 @@ class ScoreResult(BaseModel):
     risk: float | None = Field(None, description="Calibrated P(mis-classified); null when uncalibrated.")
     reasons: list[str] | None = Field(None, description='Why flagged: "q_below_alpha", "atypical".')
     l1_norm: float | None = None
-    dominant: list[FeatureValueOut] | None = None
-    discriminative_active: list[FeatureValueOut] | None = None
+    dominant: list[FeatureValueOut] | None = Field(None, description="Dominant features; null unless ?features=true.")
+    discriminative_active: list[FeatureValueOut] | None = Field(
+        None, description="Dominant features that are discriminative; null unless ?features=true."
+    )
     error: ErrorBody | None = None
 
 

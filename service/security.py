@@ -8,14 +8,15 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Security, status
 from fastapi.security import APIKeyHeader
 
-from qscore_config.settings import Settings, get_settings
+from qscore_config.settings import Settings
+from service.deps import get_app_settings
 
 API_KEY_HEADER = "X-API-Key"
 _header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="Needed when QSCORE_API_KEY is set.")
 
 
-def require_api_key(
-    settings: Annotated[Settings, Depends(get_settings)],
+async def require_api_key(
+    settings: Annotated[Settings, Depends(get_app_settings)],
     key: Annotated[str | None, Security(_header)] = None,
 ) -> None:
     if settings.api_key is None:

@@ -6,8 +6,8 @@ import logging
 
 import uvicorn
 
-from service.app import create_app
 from qscore_config.settings import get_settings
+from service.app import create_app
 
 
 def run(host: str = "127.0.0.1", port: int = 8000) -> None:
@@ -15,4 +15,14 @@ def run(host: str = "127.0.0.1", port: int = 8000) -> None:
     app = create_app(get_settings())
     # One worker process: the encoder, the batcher and the metrics are per process. Scale out
     # with more instances behind a balancer, one per GPU.
-    uvicorn.run(app, host=host, port=port, workers=1, log_level="info", timeout_graceful_shutdown=10)
+    settings = app.state.settings
+    # uvicorn[standard] brings httptools and uvloop, which "auto" picks over h11 and asyncio.
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        workers=1,
+        log_level="info",
+        access_log=settings.access_log,
+        timeout_graceful_shutdown=10,
+    )

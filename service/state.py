@@ -12,6 +12,8 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,11 +54,24 @@ class ServingState:
     def pair(self) -> tuple[str, str]:
         return self.model.version, self.feature_set_version
 
+    @property
+    def serving_labels(self) -> tuple[str, str, str]:
+        """(fingerprint prefix, device, precision): the labels of ``qscore_serving_info``."""
+        return self.model.fingerprint[:16], str(self.scorer.device), self.scorer.precision
+
     def model_info(self) -> ModelInfo:
         return ModelInfo.of(self.model)
 
     def feature_set_info(self) -> FeatureSetInfo:
         return FeatureSetInfo.of(self.feature_set_version, self.feature_set)
+
+    @cached_property
+    def response_header(self) -> dict[str, Any]:
+        """``model`` and ``feature_set`` of every /score answer, built once per served pair."""
+        return {
+            "model": self.model_info().model_dump(mode="json"),
+            "feature_set": self.feature_set_info().model_dump(mode="json"),
+        }
 
     def info(self) -> ServingInfo:
         return ServingInfo(

@@ -8,7 +8,7 @@ feature sets are registry versions. No client-supplied path is ever opened.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -26,8 +26,20 @@ class ParamError(ValueError):
         self.field = field
 
 
+class ParamConflict(ParamError):
+    """Names that exist but do not fit together (or with the registry's state): the API's 409."""
+
+
 class _Params(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: `"seed": false` or `"lo": "0.3"` is refused (422) as the published schema says,
+    # not coerced.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _integral_floats(cls, value: Any) -> Any:
+        """JSON Schema counts 3.0 as an integer (strict pydantic would not); floats take ints."""
+        return int(value) if isinstance(value, float) and value.is_integer() else value
 
     model: str | None = Field(None, pattern=NAME, description="Model version; default: the active one.")
     activate: bool | None = Field(
@@ -38,9 +50,11 @@ class _Params(BaseModel):
 
 class DiscoverParams(_Params):
     dataset: str = Field(pattern=NAME, description="A data set name from QSCORE_DATASETS.")
-    eps: float | Literal["auto"] = Field(4.0, description="Dominance threshold (std devs) or 'auto'.")
-    lo: float = Field(0.25, ge=0.0, lt=1.0)
-    hi: float = Field(0.75, gt=0.0, le=1.0)
+    eps: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
+        4.0, description="Dominance threshold (std devs, positive) or 'auto'."
+    )
+    lo: float = Field(0.25, ge=0.0, lt=1.0, description="Lower end of the band of dominance shares; below hi.")
+    hi: float = Field(0.75, gt=0.0, le=1.0, description="Upper end of the band; above lo (when size is not given).")
     size: int | None = Field(None, ge=1, le=100_000, description="Select this many features instead of a band.")
     sample_size: int | None = Field(5000, ge=10, le=10_000_000, description="Reference images; null = all.")
     seed: int = Field(0, ge=0)
@@ -51,13 +65,6 @@ class DiscoverParams(_Params):
         le=1024,
         description="Count in this many parallel tasks; default: one per QSCORE_DISCOVER_SHARD_SIZE images.",
     )
-
-    @field_validator("eps")
-    @classmethod
-    def _positive(cls, value: float | str) -> float | str:
-        if value != "auto" and not float(value) > 0:
-            raise ValueError("eps must be positive or 'auto'")
-        return value
 
     @model_validator(mode="after")
     def _band(self) -> DiscoverParams:
@@ -83,7 +90,7 @@ class RegularizeParams(_Params):
         description="How to discover the new model's features; default: eps auto, same data set.",
     )
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
 
 
 class EvaluateParams(_Params):
@@ -129,7 +136,7 @@ def resolve(params: _Params, settings: Settings) -> _Params:
     if model is None:
         active = registry.active()
         if active is None:
-            raise ParamError("model", "no model given and the registry has no active model")
+            raise ParamConflict("model", "no model given and the registry has no active model")
         model = active.model
     try:
         record = registry.model_record(model)
@@ -147,6 +154,11 @@ def resolve(params: _Params, settings: Settings) -> _Params:
             dataset_folder(settings, params.dataset)
             if params.discover is not None:
                 dataset_folder(settings, params.discover.dataset, "discover.dataset")
+                if params.discover.model is not None:  # unused (discovery runs on the result), but checked
+                    try:
+                        registry.model_record(params.discover.model)
+                    except RegistryError as exc:
+                        raise ParamError("discover.model", str(exc)) from None
         else:
             dataset_folder(settings, params.train_dataset, "train_dataset")
             dataset_folder(settings, params.test_dataset, "test_dataset")
@@ -158,11 +170,15 @@ def resolve(params: _Params, settings: Settings) -> _Params:
             else:
                 feature_set = registry.latest_feature_set_for(record.fingerprint)
             if feature_set is None:
-                raise ParamError("feature_set", f"model {model!r} has no feature set; run a discover job first")
+                raise ParamConflict("feature_set", f"model {model!r} has no feature set; run a discover job first")
+        try:
+            registry.load_feature_set(feature_set)
+        except RegistryError as exc:  # an unknown version: 422, like an unknown model
+            raise ParamError("feature_set", str(exc)) from None
         try:
             registry.check_pair(model, feature_set)
-        except RegistryError as exc:
-            raise ParamError("feature_set", str(exc)) from None
+        except RegistryError as exc:  # both exist but do not fit together: 409
+            raise ParamConflict("feature_set", str(exc)) from None
         update["feature_set"] = feature_set
     return params.model_copy(update=update)
 

@@ -63,6 +63,7 @@ async def active(holder: HolderDep, settings: SettingsDep) -> ActiveInfo:
     "/switch",
     response_model=ServingInfo,
     responses={
+        400: {"model": ErrorResponse, "description": "A body that is not JSON (malformed_body)."},
         404: {
             "model": ErrorResponse,
             "description": "Unknown model or feature-set version (version_not_found).",

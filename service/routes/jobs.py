@@ -14,16 +14,56 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, status
 from pydantic import BaseModel
+from starlette.convertors import Convertor, register_url_convertor
 
+from qscore_config.settings import Settings
+from service.deps import get_app_settings
+from service.schemas import ErrorResponse
 from service.security import AdminKey
-from qscore_config.settings import Settings, get_settings
 from worker.backend import JobBackend, make_backend
-from worker.params import DiscoverParams, EvaluateParams, ParamError, RegularizeParams, resolve
+from worker.params import DiscoverParams, EvaluateParams, ParamConflict, ParamError, RegularizeParams, resolve
 from worker.store import JobRecord, QueueFull
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+router = APIRouter(
+    prefix="/jobs",
+    tags=["jobs"],
+    responses={
+        400: {"model": ErrorResponse, "description": "A body that is not JSON (malformed_body)."},
+        401: {"model": ErrorResponse, "description": "Missing or wrong X-API-Key (when configured)."},
+        422: {"model": ErrorResponse, "description": "Invalid parameters or names (invalid_request)."},
+        503: {
+            "model": ErrorResponse,
+            "description": "The job store or broker is unreachable (job_store_unavailable), or "
+            "QSCORE_MAX_QUEUED_JOBS jobs wait to start (too_many_queued_jobs); see Retry-After.",
+        },
+    },
+)
+_NOT_FOUND = {404: {"model": ErrorResponse, "description": "No job with this id (job_not_found)."}}
+_CONFLICT = {
+    409: {
+        "model": ErrorResponse,
+        "description": "Existing names that do not fit together: a feature set of another model, a model "
+        "without feature set, no active model (feature_set_mismatch).",
+    }
+}
 
-JobId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="The id answered when the job was queued.")]
+JOB_ID_REGEX = "[0-9a-f]{32}"
+
+
+class _JobIdConvertor(Convertor[str]):
+    """Paths like /jobs/discover are no job id: they do not match /jobs/{job_id} (405, not 422)."""
+
+    regex = JOB_ID_REGEX
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("job_id", _JobIdConvertor())
+JobId = Annotated[str, Path(pattern=f"^{JOB_ID_REGEX}$", description="The id answered when the job was queued.")]
 _lock = threading.Lock()
 
 
@@ -44,7 +84,7 @@ def job_backend_of(app: Any, settings: Settings) -> JobBackend:
     return backend
 
 
-def get_job_backend(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> JobBackend:
+def get_job_backend(request: Request, settings: Annotated[Settings, Depends(get_app_settings)]) -> JobBackend:
     return job_backend_of(request.app, settings)
 
 
@@ -64,7 +104,7 @@ def stop_jobs(app: Any) -> None:
 
 
 Backend = Annotated[JobBackend, Depends(get_job_backend)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 
 class JobAccepted(BaseModel):
@@ -106,6 +146,8 @@ def _submit(
 ) -> JobAccepted:
     try:
         resolved = resolve(params, settings)
+    except ParamConflict as exc:
+        raise HTTPException(409, detail={"code": "feature_set_mismatch", "message": str(exc)}) from None
     except ParamError as exc:
         raise HTTPException(
             422,  # Starlette renamed the constant; the number is stable
@@ -143,7 +185,7 @@ def _submit(
     )
 
 
-@router.post("/discover", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted)
+@router.post("/discover", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted, responses=_CONFLICT)
 def submit_discover(
     body: DiscoverParams, backend: Backend, settings: SettingsDep, request: Request, _: AdminKey
 ) -> JobAccepted:
@@ -151,7 +193,7 @@ def submit_discover(
     return _submit("discover", body, backend, settings, request)
 
 
-@router.post("/regularize", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted)
+@router.post("/regularize", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted, responses=_CONFLICT)
 def submit_regularize(
     body: RegularizeParams, backend: Backend, settings: SettingsDep, request: Request, _: AdminKey
 ) -> JobAccepted:
@@ -159,7 +201,7 @@ def submit_regularize(
     return _submit("regularize", body, backend, settings, request)
 
 
-@router.post("/evaluate", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted)
+@router.post("/evaluate", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted, responses=_CONFLICT)
 def submit_evaluate(
     body: EvaluateParams, backend: Backend, settings: SettingsDep, request: Request, _: AdminKey
 ) -> JobAccepted:
@@ -179,7 +221,7 @@ def list_jobs(
         return JobList(jobs=backend.store.list(limit=limit, state=state))
 
 
-@router.get("/{job_id}", response_model=JobRecord)
+@router.get("/{job_id:job_id}", response_model=JobRecord, responses=_NOT_FOUND)
 def get_job(job_id: JobId, backend: Backend, _: AdminKey) -> JobRecord:
     """State, progress (0 to 1), metrics so far, result and artifacts of one job."""
     with _store_errors():
@@ -187,7 +229,7 @@ def get_job(job_id: JobId, backend: Backend, _: AdminKey) -> JobRecord:
     return _found(record, job_id)
 
 
-@router.delete("/{job_id}", response_model=JobRecord)
+@router.delete("/{job_id:job_id}", response_model=JobRecord, responses=_NOT_FOUND)
 def cancel_job(job_id: JobId, backend: Backend, _: AdminKey) -> JobRecord:
     """Cancel: a queued job never starts; a running one stops at its next step ('cancelled')."""
     with _store_errors():

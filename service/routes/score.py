@@ -1,23 +1,35 @@
-"""POST /score: multipart images in, one Q-Score result per file out."""
+"""POST /score: multipart images in, one Q-Score result per file out.
+
+The hot path: no pydantic model is built per request (the answer is plain dicts serialised by
+orjson, its ``model``/``feature_set`` part made once per served pair), small uploads are decoded
+on the event loop, and one future per request carries the scores back from the batcher.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from typing import Annotated, Any
 
-import torch
-from fastapi import APIRouter, Request
+import numpy as np
+import orjson
+from fastapi import APIRouter, Query, Request, Response
+from starlette.types import Receive
 
 from models.images import ImageDecodeError, decode_image
-from models.scoring import ImageScore
+from models.scoring import FeatureValue, ImageScore
 from service.batcher import BatcherStopped, QueueFull
-from service.deps import BatcherDep, DecodePoolDep, MetricsDep, SettingsDep, StateDep
-from service.limits import ApiError, read_uploads
+from service.deps import ScoringDep
+from service.device_decode import decodable_on_device
+from service.limits import ApiError, ClientGone, read_uploads
 from service.metrics import Metrics
-from service.schemas import ErrorBody, ErrorResponse, FeatureValueOut, ScoreResponse, ScoreResult
+from service.schemas import ErrorResponse, ScoreResponse
 from service.state import ServingState
 
 router = APIRouter(tags=["scoring"])
+
+#: Not an HTTP status anyone receives: nginx's "client closed request", for the metrics.
+CLIENT_CLOSED_REQUEST = 499
 
 _MULTIPART_BODY = {
     "required": True,
@@ -62,98 +74,169 @@ _MULTIPART_BODY = {
 )
 async def score(
     request: Request,
-    settings: SettingsDep,
-    state: StateDep,
-    batcher: BatcherDep,
-    metrics: MetricsDep,
-    pool: DecodePoolDep,
-) -> ScoreResponse:
+    scoring: ScoringDep,
+    features: Annotated[
+        bool, Query(description="Also list each image's dominant and active discriminative features.")
+    ] = False,
+) -> Response:
     """Q-Score of each uploaded image; files that are not usable images get an ``error`` entry."""
+    settings, state, batcher, metrics = scoring.settings, scoring.state, scoring.batcher, scoring.metrics
     started = time.perf_counter()
     status = 500
     version = state.model_version
     try:
+        if batcher.saturated:  # answer before parsing and decoding: an overloaded loop starves the encoder
+            raise _queue_full(batcher.queue_full())
         files = await read_uploads(request, max_files=settings.max_files, max_file_bytes=settings.max_file_bytes)
         names = [f.filename or "" for f in files]
         blobs = []
         for f in files:
             blobs.append(await f.read())
             await f.close()
-        prepared = await asyncio.get_running_loop().run_in_executor(
-            pool, _prepare, state, blobs, settings.max_image_pixels
-        )
-        tensors = [p for p in prepared if isinstance(p, torch.Tensor)]
+        if sum(len(b) for b in blobs) <= settings.decode_inline_bytes:
+            prepared = _prepare(state, blobs, settings.max_image_pixels, settings.device_decode)
+        else:
+            prepared = await asyncio.get_running_loop().run_in_executor(
+                scoring.decode_pool, _prepare, state, blobs, settings.max_image_pixels, settings.device_decode
+            )
+        images = [p for p in prepared if not isinstance(p, ImageDecodeError)]
         try:
-            scores = iter(await batcher.submit(state, tensors))
+            pending = batcher.enqueue(state, images, features)
         except QueueFull as exc:
-            raise ApiError(
-                503,
-                "queue_full",
-                f"{exc}; retry after {exc.retry_after} s",
-                exc.capacity,
-                headers={"Retry-After": str(exc.retry_after)},
-            ) from exc
+            raise _queue_full(exc) from exc
+        except BatcherStopped as exc:
+            raise ApiError(503, "not_ready", str(exc), headers={"Retry-After": "1"}) from exc
+        try:
+            scores = iter(await _unless_client_leaves(pending, request.receive))
         except BatcherStopped as exc:
             raise ApiError(503, "not_ready", str(exc), headers={"Retry-After": "1"}) from exc
         results = []
         for name, p in zip(names, prepared, strict=True):
-            if isinstance(p, ImageDecodeError):
-                metrics.error(version, p.code)
-                results.append(ScoreResult(filename=name, error=ErrorBody(code=p.code, message=p.message)))
+            outcome = p if isinstance(p, ImageDecodeError) else next(scores)
+            if isinstance(outcome, ImageDecodeError):  # from Pillow here, or from the device decoder
+                metrics.error(version, outcome.code)
+                results.append(_error_result(name, outcome))
             else:
-                results.append(_result(name, next(scores)))
+                results.append(_result(name, outcome, features))
         _observe(metrics, state, results)
         status = 200
-        return ScoreResponse(model=state.model_info(), feature_set=state.feature_set_info(), results=results)
+        return Response(orjson.dumps({**state.response_header, "results": results}), media_type="application/json")
     except ApiError as exc:
         status = exc.status_code
         metrics.error(version, exc.code)
         raise
+    except ClientGone:
+        status = CLIENT_CLOSED_REQUEST  # the client's doing, not an error of the service
+        return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it: the connection is gone
     finally:
         metrics.request_duration.labels(version, str(status)).observe(time.perf_counter() - started)
 
 
-def _prepare(state: ServingState, blobs: list[bytes], max_pixels: int) -> list[torch.Tensor | ImageDecodeError]:
-    """Decode and preprocess off the event loop (runs in the decode pool)."""
-    out: list[torch.Tensor | ImageDecodeError] = []
+def _queue_full(exc: QueueFull) -> ApiError:
+    return ApiError(
+        503,
+        "queue_full",
+        f"{exc}; retry after {exc.retry_after} s",
+        exc.capacity,
+        headers={"Retry-After": str(exc.retry_after)},
+    )
+
+
+async def _unless_client_leaves(pending: asyncio.Future[list[ImageScore]], receive: Receive) -> list[ImageScore]:
+    """Wait for the scores; if the client hangs up first, cancel them (the batcher drops the
+    images not yet encoded) and raise :class:`ClientGone`.
+
+    The body is read by now, so the next ASGI message can only be ``http.disconnect``.
+    """
+    watcher = asyncio.ensure_future(_disconnected(receive))
+    watcher.add_done_callback(lambda _: pending.cancel())
+    try:
+        return await pending
+    except asyncio.CancelledError:
+        if watcher.done() and not watcher.cancelled():
+            raise ClientGone() from None
+        raise
+    finally:
+        watcher.cancel()
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _prepare(
+    state: ServingState, blobs: list[bytes], max_pixels: int, device_decode: bool
+) -> list[np.ndarray | bytes | ImageDecodeError]:
+    """Decode, resize and crop (on the event loop for small uploads, else in the decode pool);
+    the batch's conversion to tensors happens in the inference thread. With ``device_decode``,
+    JPEG files go as they are, to be decoded there on the device."""
+    out: list[np.ndarray | bytes | ImageDecodeError] = []
     for blob in blobs:
+        if device_decode and decodable_on_device(blob, max_pixels):
+            out.append(blob)
+            continue
         try:
-            out.append(state.scorer.preprocess(decode_image(blob, max_pixels)))
+            out.append(state.scorer.prepare(decode_image(blob, max_pixels)))
         except ImageDecodeError as exc:
             out.append(exc)
     return out
 
 
-def _result(name: str, s: ImageScore) -> ScoreResult:
-    return ScoreResult(
-        filename=name,
-        q_score=s.q_score,
-        low_quality=s.low_quality,
-        typicality=s.typicality,
-        atypical=s.atypical,
-        risk=s.risk,
-        reasons=list(s.reasons),
-        l1_norm=s.l1_norm,
-        dominant=[FeatureValueOut(index=v.index, value=v.value) for v in s.dominant],
-        discriminative_active=[FeatureValueOut(index=v.index, value=v.value) for v in s.discriminative_active],
-    )
+def _result(name: str, s: ImageScore, features: bool) -> dict[str, Any]:
+    """One entry of ``results`` (the ScoreResult schema), as a plain dict."""
+    return {
+        "filename": name,
+        "q_score": s.q_score,
+        "low_quality": s.low_quality,
+        "typicality": s.typicality,
+        "atypical": s.atypical,
+        "risk": s.risk,
+        "reasons": list(s.reasons),
+        "l1_norm": s.l1_norm,
+        "dominant": _values(s.dominant) if features else None,
+        "discriminative_active": _values(s.discriminative_active) if features else None,
+        "error": None,
+    }
 
 
-def _observe(metrics: Metrics, state: ServingState, results: list[ScoreResult]) -> None:
+def _values(values: list[FeatureValue] | None) -> list[dict[str, float]]:
+    return [{"index": v.index, "value": v.value} for v in values or ()]
+
+
+def _error_result(name: str, exc: ImageDecodeError) -> dict[str, Any]:
+    return {
+        "filename": name,
+        "q_score": None,
+        "low_quality": None,
+        "typicality": None,
+        "atypical": None,
+        "risk": None,
+        "reasons": None,
+        "l1_norm": None,
+        "dominant": None,
+        "discriminative_active": None,
+        "error": {"code": exc.code, "message": exc.message, "limit": None, "errors": None},
+    }
+
+
+def _observe(metrics: Metrics, state: ServingState, results: list[dict[str, Any]]) -> None:
     pair = (state.model_version, state.feature_set_version)
-    scored = [r for r in results if r.q_score is not None]
+    scored = [r["q_score"] for r in results if r["q_score"] is not None]
     if not scored:
         return
     metrics.images_scored.labels(*pair).inc(len(scored))
-    low = sum(1 for r in scored if r.low_quality)
+    low = sum(1 for r in results if r["low_quality"])
     if low:
         metrics.low_quality.labels(*pair).inc(low)
     hist = metrics.q_score.labels(*pair)
-    for r in scored:
-        hist.observe(r.q_score)
-    typical = [r.typicality for r in scored if r.typicality is not None]
+    for q in scored:
+        hist.observe(q)
+    typical = [r["typicality"] for r in results if r["typicality"] is not None]
     if typical:
         typicality_hist = metrics.typicality.labels(*pair)
         for t in typical:
             typicality_hist.observe(t)
-        metrics.atypical.labels(*pair).inc(sum(1 for r in scored if r.atypical))
+        atypical = sum(1 for r in results if r["atypical"])
+        if atypical:
+            metrics.atypical.labels(*pair).inc(atypical)

@@ -15,8 +15,8 @@ import uvicorn
 
 from models.features import FeatureSet
 from models.registry import Registry
-from service.app import create_app
 from qscore_config.settings import Settings
+from service.app import create_app
 
 
 def build_registry(root: Path, tiny_model: tuple) -> Registry:

@@ -1,4 +1,4 @@
-"""The batcher on its own, with fake scorers that record the batches they get."""
+"""The batcher on its own, with fake scorers that record the batches they get (the real one: test_service_score)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import threading
 import time
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
-import torch
 
 from service.batcher import Batcher, QueueFull
 
@@ -17,22 +17,26 @@ class RecordingScorer:
     def __init__(self, name: str, delay: float = 0.0) -> None:
         self.name, self.delay = name, delay
         self.batches: list[int] = []
+        self.started: list[int] = []
+        self.values: list[list[float]] = []
         self.gate = threading.Event()
         self.gate.set()
 
-    def score_batch(self, batch: torch.Tensor) -> list[tuple[str, float]]:
+    def score_prepared(self, images: list[np.ndarray], features: object = True) -> list[tuple[str, float]]:
+        self.started.append(len(images))
         self.gate.wait(5)
         time.sleep(self.delay)
-        self.batches.append(batch.shape[0])
-        return [(self.name, float(x)) for x in batch[:, 0, 0, 0]]
+        self.batches.append(len(images))
+        self.values.append([float(x[0, 0, 0]) for x in images])
+        return [(self.name, float(x[0, 0, 0])) for x in images]
 
 
 def fake_state(scorer: RecordingScorer) -> SimpleNamespace:
     return SimpleNamespace(scorer=scorer, model_version=scorer.name)
 
 
-def images(*values: float) -> list[torch.Tensor]:
-    return [torch.full((3, 2, 2), v) for v in values]
+def images(*values: float) -> list[np.ndarray]:
+    return [np.full((2, 2, 3), v, dtype=np.uint8) for v in values]
 
 
 def run(coro):  # noqa: ANN001, ANN201
@@ -51,6 +55,66 @@ def test_batcher_coalesces_concurrent_requests_up_to_max_batch() -> None:
         return scorer.batches
 
     assert run(main()) == [4, 4, 2]
+
+
+def test_batcher_idle_encoder_starts_at_once_and_busy_one_gathers_the_next_batch() -> None:
+    async def main() -> RecordingScorer:
+        scorer = RecordingScorer("a")
+        scorer.gate.clear()  # the first batch blocks in the encoder until we let it go
+        batcher = Batcher(max_batch_size=4, max_wait_s=0.0, capacity=100)
+        batcher.start()
+        state = fake_state(scorer)
+        first = asyncio.ensure_future(batcher.submit(state, images(0)))
+        await asyncio.sleep(0.05)
+        assert scorer.started == [1]  # alone: nothing waited for company
+        later = [asyncio.ensure_future(batcher.submit(state, images(i))) for i in range(1, 10)]
+        await asyncio.sleep(0.05)
+        assert scorer.started == [1] and batcher.depth == 9  # gathered while the encoder is busy
+        scorer.gate.set()
+        assert (await first) == [("a", 0.0)]
+        assert [r[0] for r in await asyncio.gather(*later)] == [("a", float(i)) for i in range(1, 10)]
+        await batcher.stop()
+        return scorer
+
+    scorer = run(main())
+    assert scorer.batches == [1, 4, 4, 1]
+    assert scorer.values[1] == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_batcher_drops_images_of_a_cancelled_request_before_the_encoder() -> None:
+    async def main() -> RecordingScorer:
+        scorer = RecordingScorer("a")
+        scorer.gate.clear()
+        batcher = Batcher(max_batch_size=8, max_wait_s=0.0, capacity=100)
+        batcher.start()
+        state = fake_state(scorer)
+        running = asyncio.ensure_future(batcher.submit(state, images(0)))
+        await asyncio.sleep(0.05)
+        gone = asyncio.ensure_future(batcher.submit(state, images(1, 2, 3)))
+        kept = asyncio.ensure_future(batcher.submit(state, images(4)))
+        await asyncio.sleep(0.01)
+        gone.cancel()  # what the route does when the client hangs up
+        scorer.gate.set()
+        assert (await running) == [("a", 0.0)] and (await kept) == [("a", 4.0)]
+        assert gone.cancelled()
+        await batcher.stop()
+        return scorer
+
+    scorer = run(main())
+    assert scorer.values == [[0.0], [4.0]]
+
+
+def test_batcher_splits_a_large_request_across_batches_and_answers_in_order() -> None:
+    async def main() -> list[tuple[str, float]]:
+        scorer = RecordingScorer("a")
+        batcher = Batcher(max_batch_size=3, max_wait_s=0.0, capacity=100)
+        batcher.start()
+        result = await batcher.submit(fake_state(scorer), images(*range(7)))
+        await batcher.stop()
+        assert scorer.batches == [3, 3, 1]
+        return result
+
+    assert run(main()) == [("a", float(i)) for i in range(7)]
 
 
 def test_batcher_wait_counts_from_first_arrival() -> None:
@@ -113,7 +177,7 @@ def test_batcher_never_mixes_states_in_one_batch() -> None:
 
 def test_batcher_inference_error_fails_only_its_batch() -> None:
     class Broken(RecordingScorer):
-        def score_batch(self, batch: torch.Tensor) -> list[tuple[str, float]]:
+        def score_prepared(self, images: list[np.ndarray], features: object = True) -> list[tuple[str, float]]:
             raise RuntimeError("device lost")
 
     async def main() -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import struct
+import time
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -54,14 +56,15 @@ def test_score_cifar_images_matches_direct_q_score(
 ) -> None:
     paths = cifar_files(cifar_slice, 6)
     with server.client() as client:
-        response = client.post("/score", files=upload(paths))
+        response = client.post("/score", files=upload(paths), params={"features": "true"})
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["model"]["version"] == "tiny" and body["feature_set"]["version"] == "tiny"
     assert [r["filename"] for r in body["results"]] == [p.name for p in paths]
     expected = expected_q(service_registry, "tiny", [p.read_bytes() for p in paths])
     got = np.array([r["q_score"] for r in body["results"]])
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-7)
+    # One request is one batch here: the service computes exactly what q_score does.
+    np.testing.assert_array_equal(got, expected.astype(np.float64))
     alpha = body["feature_set"]["alpha"]
     for r in body["results"]:
         assert r["error"] is None
@@ -71,6 +74,38 @@ def test_score_cifar_images_matches_direct_q_score(
         active = {v["index"] for v in r["discriminative_active"]}
         assert active <= {v["index"] for v in r["dominant"]}
         assert (r["q_score"] > 0) == bool(active)
+
+
+def test_score_without_features_answers_lean_results_with_the_same_scores(
+    server: LiveServer, cifar_slice: Path
+) -> None:
+    paths = cifar_files(cifar_slice, 6)
+    with server.client() as client:
+        lean = client.post("/score", files=upload(paths))
+        full = client.post("/score", files=upload(paths), params={"features": "true"})
+    assert lean.status_code == 200 and full.status_code == 200, (lean.text, full.text)
+    assert lean.headers["content-type"] == "application/json"
+    lean_results, full_results = lean.json()["results"], full.json()["results"]
+    for r in lean_results:
+        assert r["dominant"] is None and r["discriminative_active"] is None
+        assert set(r) == {
+            "filename",
+            "q_score",
+            "low_quality",
+            "typicality",
+            "atypical",
+            "risk",
+            "reasons",
+            "l1_norm",
+            "dominant",
+            "discriminative_active",
+            "error",
+        }
+    assert [r["q_score"] for r in lean_results] == [r["q_score"] for r in full_results]
+    assert [r["typicality"] for r in lean_results] == [r["typicality"] for r in full_results]
+    assert [r["l1_norm"] for r in lean_results] == [r["l1_norm"] for r in full_results]
+    assert any(r["dominant"] for r in full_results)
+    assert lean.json()["model"] == full.json()["model"]
 
 
 def test_score_concurrent_requests_are_batched(server: LiveServer, cifar_slice: Path) -> None:
@@ -261,3 +296,33 @@ def test_metrics_expose_required_series(server: LiveServer, cifar_slice: Path) -
     ):
         assert f"\n{name}{{" in text, name
     assert 'model_version="tiny"' in text
+
+
+def test_app_sets_no_dependency_overrides(server: LiveServer) -> None:
+    # With any override set, FastAPI rebuilds every dependency signature on every request.
+    assert server.app.dependency_overrides == {}
+    assert server.app.state.settings is server.settings
+
+
+def test_full_queue_answers_503_before_reading_the_upload(
+    make_server: Callable[..., LiveServer], cifar_slice: Path
+) -> None:
+    # An idle encoder holds a batch that is not full for up to 3 s: two images fill the queue.
+    live = make_server(max_queue_images=2, max_batch_size=16, max_batch_wait_ms=3000.0)
+    with ThreadPoolExecutor(1) as pool, live.client() as client:
+        first = pool.submit(client.post, "/score", files=upload(cifar_files(cifar_slice, 2)))
+        deadline = time.monotonic() + 5
+        while live.metric("qscore_queue_depth") < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        # Not even multipart: had the body been parsed, the answer would be 415.
+        refused = client.post("/score", content=b"not an upload", headers={"content-type": "text/plain"})
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["detail"] == {
+            "code": "queue_full",
+            "message": refused.json()["detail"]["message"],
+            "limit": 2,
+        }
+        assert int(refused.headers["retry-after"]) >= 1
+        assert first.result().status_code == 200
+    assert live.metric("qscore_errors_total", code="queue_full") == 1
+    assert live.metric("qscore_request_duration_seconds_count", status="503") == 1
