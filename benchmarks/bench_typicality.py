@@ -3,7 +3,7 @@
 The demo encoder and its shipped feature set (a 5,000-vector reference bank, prototypes, pixel
 statistics, the risk model) score batches of CIFAR-10 test images through ``Scorer.score_batch``,
 what ``/score`` and ``qscore score`` run per batch; "off" is the same feature set without
-typicality, bank and risk model. Runs alternate on and off (median of ``--repeats`` each), so
+typicality, bank and risk model, which scores the Q-Score alone (no other signal is computed). Runs alternate on and off (median of ``--repeats`` each), so
 load from other processes hits both alike. Writes benchmarks/results/typicality.json.
 
     .venv/bin/python benchmarks/bench_typicality.py [--images 2048] [--batch-size 64] [--repeats 5]

@@ -157,6 +157,9 @@ class Scorer:
                 return self.encoder(x).float()
 
     def signals(self, h: torch.Tensor, pixels: torch.Tensor | None, parts: QScoreParts) -> dict[str, np.ndarray]:
+        if self.typicality is None and self.feature_set.risk_model is None:
+            # Nothing uses the other signals: the Q-Score's alone, as before typicality existed.
+            return {"q_score": parts.q_score.cpu().numpy(), "mean_active": parts.mean_active.cpu().numpy()}
         return label_free_signals(h, pixels, parts, self.typicality, self.bank)
 
     def score_representations(

@@ -69,11 +69,15 @@ def norm_signals(h: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
-def _neighbour_differences(x: torch.Tensor) -> torch.Tensor:
-    """(N, P) absolute horizontal and vertical neighbour differences, averaged over channels."""
-    dx = (x[..., :, 1:] - x[..., :, :-1]).abs().mean(dim=1).flatten(1)
-    dy = (x[..., 1:, :] - x[..., :-1, :]).abs().mean(dim=1).flatten(1)
-    return torch.cat([dx, dy], dim=1)
+def _difference_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and mean square (N,) of the absolute horizontal and vertical neighbour differences,
+    averaged over channels first; ``x`` (N, C, H, W)."""
+    dx = (x[..., :, 1:] - x[..., :, :-1]).abs().mean(dim=1)
+    dy = (x[..., 1:, :] - x[..., :-1, :]).abs().mean(dim=1)
+    n = dx[0].numel() + dy[0].numel()
+    total = dx.sum(dim=(1, 2)) + dy.sum(dim=(1, 2))
+    squares = dx.square().sum(dim=(1, 2)) + dy.square().sum(dim=(1, 2))
+    return total / n, squares / n
 
 
 def pixel_signals(x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -89,14 +93,13 @@ def pixel_signals(x: torch.Tensor) -> dict[str, torch.Tensor]:
         raise ValueError(f"images must have shape (N, C, H, W) with H, W >= 4, got {tuple(x.shape)}")
     x = x.float()
     e = 1e-3
-    g = _neighbour_differences(x)
-    g_half = _neighbour_differences(torch.nn.functional.avg_pool2d(x, 2))
-    g_mean = g.mean(dim=1)
+    g_mean, g_square = _difference_stats(x)
+    g_half, _ = _difference_stats(torch.nn.functional.avg_pool2d(x, 2))
     return {
         "pix_std": torch.log(x.flatten(1).std(dim=1) + e),
         "pix_grad": torch.log(g_mean + e),
-        "pix_fine": torch.log((g_mean + e) / (g_half.mean(dim=1) + e)),
-        "pix_gsparse": g_mean / (g.pow(2).mean(dim=1).sqrt() + e),
+        "pix_fine": torch.log((g_mean + e) / (g_half + e)),
+        "pix_gsparse": g_mean / (g_square.sqrt() + e),
     }
 
 
