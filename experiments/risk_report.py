@@ -229,9 +229,10 @@ def write_markdown(results: dict[str, Any], args: argparse.Namespace, out: Path)
     bench = REPO / "benchmarks" / "results" / "typicality.json"
     if bench.is_file():
         b = json.loads(bench.read_text())
+        verdict = "met" if b["ratio_on_over_off"] >= 0.9 else "NOT met"
         lines.append(
             f"- Throughput of the raw scorer with typicality and risk on / the Q-Score alone: "
-            f"{b['ratio_on_over_off']:.2f}x (goal >= 0.9x: {'met' if b['ratio_on_over_off'] >= 0.9 else 'NOT met'}) at a "
+            f"{b['ratio_on_over_off']:.2f}x (goal >= 0.9x: {verdict}) at a "
             f"{b['bank_vectors']:,}-vector bank, {b['encoder']}, {b['device']} "
             f"({b['images_per_second']['on']:.0f} against {b['images_per_second']['off']:.0f} images/s; "
             "`python benchmarks/bench_typicality.py`, `benchmarks/results/typicality.json`)"
