@@ -421,7 +421,7 @@ class Server:
             "warning",
             "--no-access-log",
         ]
-        self.process = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env, "PYTHONPATH": str(ROOT)})
+        self.process = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env, "PYTHONPATH": _pythonpath()})
 
     def wait_ready(self, path: str) -> None:
         import urllib.request
@@ -609,6 +609,11 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
+
+
+def _pythonpath() -> str:
+    """This checkout first, then whatever the caller had (packages installed beside the image)."""
+    return os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 
 if __name__ == "__main__":

@@ -277,13 +277,7 @@ def load_encoder(path: str | Path, *, arch: str | None = None, **spec_overrides:
     expected = encoder.backbone_state_dict()
     state_dict, layout = to_torchvision_layout(tensors, set(expected))
     _fill_batchnorm_counters(state_dict, expected)
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = sorted(
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs encoder {tuple(expected[k].shape)}"
-        for k in set(state_dict) & set(expected)
-        if state_dict[k].shape != expected[k].shape
-    )
+    missing, unexpected, mismatched = key_differences(state_dict, expected, "encoder")
     if missing or unexpected or mismatched:
         raise CheckpointError(_mismatch_message(path, spec, layout, missing, unexpected, mismatched))
     state_dict = {k: v.to(expected[k].dtype) for k, v in state_dict.items()}
@@ -340,6 +334,20 @@ OTHER_ARCHITECTURES = (
     "Another architecture? Name it with --arch timm:NAME (a timm model, weights in timm's layout), "
     "or bring a TorchScript export of the encoder (--model encoder.pt --image-size S --mean R,G,B --std R,G,B)."
 )
+
+
+def key_differences(
+    state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], target: str
+) -> tuple[list[str], list[str], list[str]]:
+    """Missing keys, unexpected keys and "key: checkpoint (shape) vs <target> (shape)" lines."""
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = sorted(
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs {target} {tuple(expected[k].shape)}"
+        for k in set(state_dict) & set(expected)
+        if state_dict[k].shape != expected[k].shape
+    )
+    return missing, unexpected, mismatched
 
 
 def describe_key_mismatch(header: str, missing: list[str], unexpected: list[str], mismatched: list[str]) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.checkpoints import CheckpointError
+from models.checkpoints import CheckpointError, key_differences
 from models.encoders import TIMM_PREFIX, EncoderBase, EncoderSpec, spec_errors
 
 #: Prefixes training frameworks put before a timm model's keys, most specific first.
@@ -102,13 +102,7 @@ def fit_state_dict(
         if score > best[0]:
             best = (score, prefix, renamed)
     _, prefix, state_dict = best
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = sorted(
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in set(state_dict) & set(expected)
-        if state_dict[k].shape != expected[k].shape
-    )
+    missing, unexpected, mismatched = key_differences(state_dict, expected, "model")
     if missing or unexpected or mismatched:
         layout = f"prefix '{prefix}'" if prefix else "timm's layout"
         header = f"the weights in {source} (read with {layout}) do not fit timm architecture {name!r}."

@@ -30,6 +30,10 @@ router = APIRouter(
     responses={401: {"model": ErrorResponse, "description": "Missing or wrong X-API-Key (when configured)."}},
 )
 
+# Three numbers, as `qscore --mean/--std` take them: "0.485,0.456,0.406".
+_NUMBER = r"\s*[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?\s*"
+RGB_PATTERN = f"^{_NUMBER},{_NUMBER},{_NUMBER}$"
+
 _SUFFIXES = {".pt", ".pth", ".th", ".tar", ".ckpt", ".bin", ".safetensors", ".torch"}
 
 
@@ -78,8 +82,8 @@ async def import_model(
     version: Annotated[str | None, Form(pattern=VERSION_PATTERN.pattern, max_length=80)] = None,
     arch: Annotated[str | None, Form(description="timm:NAME for a timm state dict.", max_length=200)] = None,
     image_size: Annotated[int | None, Form(ge=8, le=4096, description="Input size S.")] = None,
-    mean: Annotated[str | None, Form(description="R,G,B", max_length=100)] = None,
-    std: Annotated[str | None, Form(description="R,G,B", max_length=100)] = None,
+    mean: Annotated[str | None, Form(description="R,G,B", max_length=100, pattern=RGB_PATTERN)] = None,
+    std: Annotated[str | None, Form(description="R,G,B", max_length=100, pattern=RGB_PATTERN)] = None,
 ) -> ImportedModel:
     """Register an encoder file as a model version, after a probe forward pass."""
     try:
