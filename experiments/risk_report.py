@@ -313,7 +313,7 @@ def write_markdown(results: dict[str, Any], args: argparse.Namespace, out: Path)
         "",
         "Measured first on 2,000 reference / 500 test images: the k-NN distance alone (k = 10, "
         "normalised representations) flagged only 0-26% of solid colours, uniform noise and glyphs on "
-        "the demo encoder (89-100% of the gross shifts on the supervised ResNet-20, glyphs the 89%); the "
+        "the demo encoder (89-100% of the gross shifts on the supervised ResNet-20; glyphs 89%); the "
         "representation's L1 norm, Hoyer sparsity and maximum activation, checked on both sides, did "
         "not fix it (demo: at most 41%). Low-level statistics of the input pixels did, on both encoders: "
         "pixel standard deviation (solid colours), mean neighbour difference and its fine-to-coarse "
