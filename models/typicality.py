@@ -80,6 +80,19 @@ def _difference_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return total / n, squares / n
 
 
+def _std(rows: torch.Tensor) -> torch.Tensor:
+    """(N,) sample standard deviation of the rows of ``rows`` (N, P), two-pass: on the CPU about
+    ten times as fast as ``Tensor.std`` for these sizes, equal to it within float32 rounding."""
+    centred = rows - rows.mean(dim=1, keepdim=True)
+    return (centred.square().sum(dim=1) / (rows.shape[1] - 1)).sqrt()
+
+
+def _half(x: torch.Tensor) -> torch.Tensor:
+    """2x2 average pooling of (N, C, H, W) (odd edges dropped), as ``avg_pool2d(x, 2)``, faster."""
+    x = x[..., : x.shape[-2] // 2 * 2, : x.shape[-1] // 2 * 2]
+    return (x[..., ::2, ::2] + x[..., 1::2, ::2] + x[..., ::2, 1::2] + x[..., 1::2, 1::2]) * 0.25
+
+
 def pixel_signals(x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Low-level statistics of images ``x`` (N, C, H, W) with values in [0, 1], each (N,).
 
@@ -94,9 +107,9 @@ def pixel_signals(x: torch.Tensor) -> dict[str, torch.Tensor]:
     x = x.float()
     e = 1e-3
     g_mean, g_square = _difference_stats(x)
-    g_half, _ = _difference_stats(torch.nn.functional.avg_pool2d(x, 2))
+    g_half, _ = _difference_stats(_half(x))
     return {
-        "pix_std": torch.log(x.flatten(1).std(dim=1) + e),
+        "pix_std": torch.log(_std(x.flatten(1)) + e),
         "pix_grad": torch.log(g_mean + e),
         "pix_fine": torch.log((g_mean + e) / (g_half + e)),
         "pix_gsparse": g_mean / (g_square.sqrt() + e),

@@ -110,3 +110,18 @@ def test_feature_set_writes_its_bank_beside_and_reads_it_on_first_use(tmp_path, 
     bank_path(target).unlink()
     with pytest.raises(FileNotFoundError, match="reference bank is missing"):
         FeatureSet.load(target)
+
+
+def test_pixel_std_matches_torch_std() -> None:
+    from models.typicality import _std
+
+    x = torch.rand(5, 300, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(_std(x), x.std(dim=1), atol=1e-6)
+    assert _std(torch.full((2, 10), 0.5)).tolist() == [0.0, 0.0]
+
+
+def test_half_resolution_matches_avg_pool() -> None:
+    from models.typicality import _half
+
+    x = torch.rand(2, 3, 9, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(_half(x), torch.nn.functional.avg_pool2d(x, 2), atol=1e-6)
