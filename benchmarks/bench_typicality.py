@@ -3,10 +3,17 @@
 The demo encoder and its shipped feature set (a 5,000-vector reference bank, prototypes, pixel
 statistics, the risk model) score batches of CIFAR-10 test images through ``Scorer.score_batch``,
 what ``/score`` and ``qscore score`` run per batch; "off" is the same feature set without
-typicality, bank and risk model, which scores the Q-Score alone (no other signal is computed). Runs alternate on and off (median of ``--repeats`` each), so
-load from other processes hits both alike. Writes benchmarks/results/typicality.json.
+typicality, bank and risk model, which scores the Q-Score alone (no other signal is computed).
+On and off alternate batch by batch (``--repeats`` passes), so load from other processes hits
+both alike; throughput is the batch size over the median time per batch.
+
+With ``--service-seconds``, also ``/score`` itself: a real uvicorn server in this process (the
+tests' ``LiveServer``) on a registry seeded with the demo, with and without typicality and risk,
+8 clients posting 8 CIFAR-10 JPEGs a request, alternating twice, the best of each kept.
+Writes benchmarks/results/typicality.json.
 
     .venv/bin/python benchmarks/bench_typicality.py [--images 2048] [--batch-size 64] [--repeats 5]
+        [--service-seconds 12]
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--service-seconds", type=float, default=0.0, help="also measure /score (0: skip)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     imported = load_encoder(WEIGHTS / "demo-encoder.safetensors")
@@ -90,9 +98,79 @@ def main() -> None:
         "median_seconds_per_batch": {name: statistics.median(t) for name, t in times.items()},
         "mean_seconds_per_batch": {name: statistics.mean(t) for name, t in times.items()},
     }
+    if args.service_seconds > 0:
+        result["service"] = service_throughput(args.service_seconds)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))  # noqa: T201
+
+
+def service_throughput(seconds: float, clients: int = 8, per_request: int = 8) -> dict[str, object]:
+    """Images/s of ``/score`` with the demo's typicality and risk, and with the Q-Score alone."""
+    import tempfile
+    import threading
+
+    import httpx
+
+    sys.path.insert(0, str(ROOT / "tests" / "service"))
+    from service_helpers import LiveServer, make_settings
+
+    from models.features import bank_path
+    from models.registry import Registry
+
+    paths = sorted((ensure_cifar10() / "test").glob("*/*.jpg"))[::50][:200]
+    blobs = [p.read_bytes() for p in paths]
+    tmp = Path(tempfile.mkdtemp())
+    registries = {"on": Registry(tmp / "on"), "off": Registry(tmp / "off")}
+    for registry in registries.values():
+        registry.seed_demo()
+    off = registries["off"]
+    target = off.feature_set_dir("demo") / "feature_set.json"
+    fs = off.load_feature_set("demo")
+    bare = FeatureSet.model_validate(fs.model_dump() | {"typicality": None, "risk_model": None, "risk_curve": None})
+    bank_path(target).unlink()
+    bare.save(target)
+
+    def run(root: Path) -> float:
+        settings = make_settings(root, max_files=64, max_batch_size=64, max_request_bytes=64 * 1024 * 1024)
+        with LiveServer(settings) as live:
+            done = [0] * clients
+            stop = time.monotonic() + seconds
+
+            def client(i: int) -> None:
+                with httpx.Client(base_url=live.url, timeout=60) as http:
+                    j = i * 13
+                    while time.monotonic() < stop:
+                        files = [
+                            ("files", (f"{k}.jpg", blobs[(j + k) % len(blobs)], "image/jpeg"))
+                            for k in range(per_request)
+                        ]
+                        response = http.post("/score", files=files)
+                        response.raise_for_status()
+                        done[i] += per_request
+                        j += per_request
+
+            threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+            start = time.monotonic()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            return sum(done) / (time.monotonic() - start)
+
+    runs: dict[str, list[float]] = {"on": [], "off": []}
+    for _ in range(2):
+        for name in ("off", "on"):
+            runs[name].append(run(registries[name].root))
+    best = {name: max(v) for name, v in runs.items()}
+    return {
+        "clients": clients,
+        "images_per_request": per_request,
+        "seconds_per_run": seconds,
+        "images_per_second_runs": runs,
+        "images_per_second_best": best,
+        "ratio_on_over_off": best["on"] / best["off"],
+    }
 
 
 if __name__ == "__main__":

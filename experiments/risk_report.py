@@ -237,6 +237,13 @@ def write_markdown(results: dict[str, Any], args: argparse.Namespace, out: Path)
             f"({b['images_per_second']['on']:.0f} against {b['images_per_second']['off']:.0f} images/s; "
             "`python benchmarks/bench_typicality.py`, `benchmarks/results/typicality.json`)"
         )
+        if "service" in b:
+            sv = b["service"]
+            lines.append(
+                f"- Throughput of `/score` (8 clients, 8 JPEGs a request) with typicality and risk on / the "
+                f"Q-Score alone: {sv['ratio_on_over_off']:.2f}x ({sv['images_per_second_best']['on']:.0f} against "
+                f"{sv['images_per_second_best']['off']:.0f} images/s, best of two runs each)"
+            )
     lines += [
         "",
         "## Atypical and low-quality shares",
