@@ -135,6 +135,40 @@ def extract_representations(encoder: Encoder, dataset: Dataset, **kwargs: object
     return torch.cat(hs), torch.cat(ts)
 
 
+def extract_with_pixels(
+    encoder: Encoder, dataset: Dataset, *, batch_size: int = 256, device: str | torch.device = "cpu", **kwargs: object
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Representations (N, r), targets (N,) and the pixel statistics of typicality, each (N,).
+
+    ``dataset`` yields inputs made by :func:`eval_transform` of ``encoder.spec``: the
+    normalisation is undone to measure the pixels in [0, 1] (an encoder without a ``spec``
+    gets its inputs measured as they are). Inputs that are not images (N, C, H, W) get no pixel
+    statistics (an empty dict).
+    """
+    from models.typicality import pixel_signals
+
+    device = torch.device(device)
+    spec = getattr(encoder, "spec", None)
+    std = torch.tensor(getattr(spec, "std", (1.0, 1.0, 1.0))).view(1, 3, 1, 1)
+    mean = torch.tensor(getattr(spec, "mean", (0.0, 0.0, 0.0))).view(1, 3, 1, 1)
+    encoder = encoder.to(device).eval()
+    hs, ts, pix = [], [], []
+    on_progress = kwargs.get("on_progress")
+    loader = make_loader(dataset, batch_size, workers=int(kwargs.get("workers", 0) or 0))  # type: ignore[call-overload]
+    with torch.inference_mode():
+        for step, (images, targets) in enumerate(loader, 1):
+            hs.append(encoder(images.to(device, non_blocking=True)).float().cpu())
+            ts.append(targets)
+            if images.dim() == 4 and images.shape[1] == 3 and min(images.shape[-2:]) >= 4:
+                pix.append(pixel_signals(images * std + mean))
+            if callable(on_progress):
+                on_progress(step / len(loader))
+    if not hs:
+        raise ValueError("the data set is empty")
+    pixels = {k: torch.cat([p[k] for p in pix]) for k in pix[0]} if len(pix) == len(hs) else {}
+    return torch.cat(hs), torch.cat(ts), pixels
+
+
 def subset(dataset: Dataset, indices: Sequence[int]) -> Subset:
     return Subset(dataset, list(indices))
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from models.data import ProgressFn, extract_representations, random_sample, subset
+from models.data import ProgressFn, extract_with_pixels, random_sample, subset
 from models.encoders import Encoder
 from models.features import (
     AUTO_COVERAGE_TARGET,
@@ -158,23 +158,27 @@ def discover(
     workers: int = 0,
     progress: bool = False,
     on_progress: ProgressFn | None = None,
+    typicality: bool = True,
 ) -> FeatureSet:
-    """Discover the discriminative features of ``encoder`` on a random sample of ``dataset``."""
+    """Discover the discriminative features of ``encoder`` on a random sample of ``dataset``.
+
+    With ``typicality`` (default) the sample's representations also become the reference bank
+    and typicality is calibrated on them (models/typicality.py); the feature set carries both
+    and writes the bank beside its JSON.
+    """
     selection = selection or make_selection()
     spec = getattr(encoder, "spec", None)  # any module mapping images to h may be passed
     if encoder_ref.preprocessing is None and spec is not None:
         encoder_ref = encoder_ref.model_copy(update={"preprocessing": Preprocessing.of(spec)})
     grid = eps_grid(eps)
     sample = random_sample(len(dataset), sample_size, seed)  # type: ignore[arg-type]
-    h, _ = extract_representations(
+    h, _, pixels = extract_with_pixels(
         encoder,
         subset(dataset, sample.indices),
         batch_size=batch_size,
         device=device,
         workers=workers,
-        progress=progress,
         on_progress=on_progress,
-        desc="discover",
     )
     batches = list(torch.split(h, batch_size))
     counts = count_pass(batches, grid)
@@ -187,7 +191,7 @@ def discover(
         sampling=sample.description,
         seed=seed,
     )
-    return build_feature_set(
+    feature_set = build_feature_set(
         counts=counts,
         selections=selections,
         q_by_eps=q_by_eps,
@@ -196,3 +200,20 @@ def discover(
         encoder=encoder_ref,
         data=provenance,
     )
+    return with_typicality(feature_set, h, pixels) if typicality else feature_set
+
+
+def with_typicality(feature_set: FeatureSet, h: torch.Tensor, pixels: dict[str, torch.Tensor]) -> FeatureSet:
+    """``feature_set`` plus typicality fitted on the reference sample ``h`` (N, r) and its bank.
+
+    Too small a sample for the k-NN part (k + 1 = 11 images or fewer) gets no typicality.
+    """
+    from models.typicality import DEFAULT_COMPONENTS, DEFAULT_K, PIXEL_COMPONENTS, fit_typicality
+
+    if h.shape[0] <= DEFAULT_K:
+        log.warning("a reference sample of %d images is too small for typicality; none calibrated", h.shape[0])
+        return feature_set
+    # Inputs that are not images have no pixel statistics: typicality from the representation only.
+    components = DEFAULT_COMPONENTS if pixels else tuple(c for c in DEFAULT_COMPONENTS if c not in PIXEL_COMPONENTS)
+    model, bank = fit_typicality(h, pixels, components=components, fingerprint=feature_set.encoder.fingerprint)
+    return feature_set.with_typicality(model, bank)

@@ -12,18 +12,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from models.features import RiskCurve, select_discriminative
+from models.features import select_discriminative
 
 log = logging.getLogger(__name__)
 
 DEFAULT_FRACTIONS = (0.05, 0.1, 0.25, 0.5, 0.75)
-MAX_RISK_POINTS = 200
 
 
 @dataclass(frozen=True)
@@ -133,18 +131,6 @@ def compression_curve(
             top1 = linear_probe(train_h, train_y, test_h, test_y, idx, max_iter=max_iter).top1
             points.append(CompressionPoint(name, size, top1, seed))
     return points
-
-
-def calibrate_risk(q: np.ndarray, correct: np.ndarray) -> RiskCurve:
-    """P(mis-classified | Q) as a non-increasing isotonic step curve."""
-    q, miss = np.asarray(q, dtype=float), ~np.asarray(correct, dtype=bool)
-    iso = IsotonicRegression(increasing=False, out_of_bounds="clip", y_min=0.0, y_max=1.0)
-    iso.fit(q, miss.astype(float))
-    xs, ys = iso.X_thresholds_, iso.y_thresholds_
-    if len(xs) > MAX_RISK_POINTS:
-        keep = np.unique(np.linspace(0, len(xs) - 1, MAX_RISK_POINTS).round().astype(int))
-        xs, ys = xs[keep], ys[keep]
-    return RiskCurve(q=xs.tolist(), risk=ys.tolist(), source="isotonic regression on an evaluation")
 
 
 def calibrate_alpha(q: np.ndarray, correct: np.ndarray, target_precision: float | None = None) -> tuple[float, str]:

@@ -20,10 +20,13 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from models.atomic import write_json_atomic
+from models.bank import ReferenceBank
 from models.qscore import dominant_mask
+from models.risk import RiskModel
+from models.typicality import TypicalityModel
 
 log = logging.getLogger(__name__)
 
@@ -228,8 +231,17 @@ class Selection(BaseModel):
     size: int | None = None
 
 
+def bank_path(feature_set_path: str | Path) -> Path:
+    """Where a feature set's reference bank lives: ``x.json`` -> ``x.bank.safetensors``."""
+    return Path(feature_set_path).with_suffix(".bank.safetensors")
+
+
 class RiskCurve(BaseModel):
-    """Calibrated P(mis-classified | Q), a non-increasing step curve from an evaluation."""
+    """The older risk of feature sets before issue 10: P(mis-classified | Q), read only.
+
+    A feature set that still carries one gets it converted to an equivalent :class:`RiskModel`
+    on ``q_score`` when loaded, so there is one notion of risk.
+    """
 
     q: list[float]
     risk: list[float]
@@ -261,11 +273,24 @@ class FeatureSet(BaseModel):
     reference_q_nonzero_percentiles: dict[str, float]
     alpha: float = Field(gt=0.0)
     alpha_source: str = f"p{ALPHA_PERCENTILE:g} of the reference set's non-zero Q-Scores"
-    risk_curve: RiskCurve | None = None
+    risk_curve: RiskCurve | None = Field(default=None, description="read only: converted to risk_model on load")
+    risk_model: RiskModel | None = None
+    typicality: TypicalityModel | None = None
     data: DataProvenance
     negative_share: float | None = Field(
         None, ge=0.0, le=1.0, description="Share of negative entries of h over the reference sample."
     )
+    _bank: ReferenceBank | None = PrivateAttr(default=None)
+    _bank_file: Path | None = PrivateAttr(default=None)  # loaded on first use (listings stay cheap)
+
+    @model_validator(mode="after")
+    def _one_notion_of_risk(self) -> FeatureSet:
+        if self.risk_curve is not None:
+            if self.risk_model is None:
+                curve = self.risk_curve
+                self.risk_model = RiskModel.from_q_curve(curve.q, curve.risk, curve.source)
+            self.risk_curve = None
+        return self
 
     @field_validator("discriminative")
     @classmethod
@@ -314,18 +339,59 @@ class FeatureSet(BaseModel):
             "this encoder rank images only roughly and are not comparable with those of ReLU encoders."
         )
 
-    def risk(self, q: np.ndarray) -> np.ndarray | None:
-        """Calibrated mis-classification probability for each Q, or None when uncalibrated."""
-        if self.risk_curve is None:
+    @property
+    def bank(self) -> ReferenceBank | None:
+        """The reference bank (CPU) when typicality uses one; read from beside the JSON on first use."""
+        if self._bank is None and self._bank_file is not None:
+            bank = ReferenceBank.load(self._bank_file)
+            expected = (self.typicality.n_bank if self.typicality else 0, self.encoder.feature_dim)
+            if (bank.size, bank.dim) != expected:
+                raise ValueError(
+                    f"{self._bank_file} holds {bank.size} x {bank.dim} vectors; the feature set expects "
+                    f"{expected[0]} x {expected[1]}"
+                )
+            self._bank = bank
+        return self._bank
+
+    def with_typicality(self, model: TypicalityModel, bank: ReferenceBank | None) -> FeatureSet:
+        """A copy carrying ``model`` and its ``bank`` (saved beside the JSON)."""
+        if model.needs_bank and (bank is None or bank.size != model.n_bank):
+            raise ValueError("the typicality model needs its own bank")
+        if bank is not None and bank.dim != self.encoder.feature_dim:
+            raise ValueError(f"a bank of {bank.dim} features for an encoder of {self.encoder.feature_dim}")
+        copy = self.model_copy(update={"typicality": model})
+        copy._bank, copy._bank_file = bank, None
+        return copy
+
+    @property
+    def calibrated(self) -> bool:
+        return self.risk_model is not None
+
+    def risk(self, signals: dict[str, np.ndarray]) -> np.ndarray | None:
+        """Calibrated P(mis-classified) per image from its label-free signals; None when uncalibrated.
+
+        A risk model whose signals are not all available (e.g. typicality without a bank)
+        gives None rather than a number it cannot stand behind.
+        """
+        if self.risk_model is None or not set(self.risk_model.signals) <= set(signals):
             return None
-        return np.interp(q, self.risk_curve.q, self.risk_curve.risk)
+        return self.risk_model.predict(signals)
 
     def save(self, path: str | Path) -> None:
+        """Write the JSON and, when there is one, the bank beside it (both atomically, bank first)."""
+        if self.bank is not None:
+            self.bank.save(bank_path(path))
         write_json_atomic(path, self.model_dump(mode="json"))
 
     @classmethod
     def load(cls, path: str | Path) -> FeatureSet:
-        return cls.model_validate_json(Path(path).read_text())
+        """Read the JSON; its bank (``x.bank.safetensors``) is read on first use of :attr:`bank`."""
+        fs = cls.model_validate_json(Path(path).read_text())
+        if fs.typicality is not None and fs.typicality.needs_bank:
+            if not bank_path(path).is_file():
+                raise FileNotFoundError(f"the feature set's reference bank is missing: {bank_path(path)}")
+            fs._bank_file = bank_path(path)
+        return fs
 
 
 def choose_auto_eps(coverages: dict[float, float], target: float = AUTO_COVERAGE_TARGET) -> float:

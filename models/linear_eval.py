@@ -11,11 +11,21 @@ from typing import Any
 
 import torch
 
-from models.data import ProgressFn, eval_transform, extract_representations, image_folder, random_sample, subset
+from models.data import (
+    ProgressFn,
+    eval_transform,
+    extract_representations,
+    extract_with_pixels,
+    image_folder,
+    random_sample,
+    subset,
+)
 from models.encoders import Encoder
-from models.evaluation import calibrate_alpha, calibrate_risk, compression_curve, linear_probe, score_power
+from models.evaluation import calibrate_alpha, compression_curve, linear_probe, score_power
 from models.features import FeatureSet, preprocessing_mismatch
 from models.qscore import q_score_parts
+from models.risk import fit_risk
+from models.scoring import label_free_signals
 
 
 def run_evaluation(
@@ -35,7 +45,12 @@ def run_evaluation(
     progress: bool = False,
     on_progress: ProgressFn | None = None,
 ) -> tuple[dict[str, Any], FeatureSet]:
-    """Probe, Q-Score power, compression curve; return the report and the calibrated feature set."""
+    """Probe, Q-Score power, compression curve, the risk model; return the report and the calibrated feature set.
+
+    The risk model (models/risk.py) is fitted on the test sample's label-free signals against the
+    probe's mistakes, cross-validated; the report gives each signal's AUROC/AUPRC, the
+    combination's, the probe's maximum softmax's and the calibration (ECE, reliability table).
+    """
     if feature_set.encoder.fingerprint != encoder_fingerprint:
         raise ValueError("the feature set was not found on this encoder")
     mismatch = preprocessing_mismatch(encoder.spec, feature_set)
@@ -43,20 +58,24 @@ def run_evaluation(
         raise ValueError(mismatch)
     transform = eval_transform(encoder.spec)
     report_progress = on_progress or (lambda _: None)
-    splits = {}
-    for i, (name, folder, n) in enumerate((("train", train_dir, train_samples), ("test", test_dir, test_samples))):
-        dataset = image_folder(folder, transform)
-        sample = random_sample(len(dataset), n, seed)
-        splits[name] = extract_representations(
-            encoder,
-            subset(dataset, sample.indices),
-            batch_size=batch_size,
-            device=device,
-            progress=progress,
-            on_progress=lambda f, i=i: report_progress(0.4 * (i + f)),
-            desc=f"{name} representations",
-        )
-    (train_h, train_y), (test_h, test_y) = splits["train"], splits["test"]
+    train = image_folder(train_dir, transform)
+    train_h, train_y = extract_representations(
+        encoder,
+        subset(train, random_sample(len(train), train_samples, seed).indices),
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+        on_progress=lambda f: report_progress(0.4 * f),
+        desc="train representations",
+    )
+    test = image_folder(test_dir, transform)
+    test_h, test_y, test_pixels = extract_with_pixels(
+        encoder,
+        subset(test, random_sample(len(test), test_samples, seed).indices),
+        batch_size=batch_size,
+        device=device,
+        on_progress=lambda f: report_progress(0.4 + 0.4 * f),
+    )
     probe = linear_probe(train_h, train_y, test_h, test_y, seed=seed)
     report_progress(0.85)
     parts = q_score_parts(test_h, feature_set.discriminative_indices, feature_set.eps)
@@ -77,11 +96,17 @@ def run_evaluation(
         "alpha_source": alpha_source,
         "flagged_share": float((q < alpha).mean()),
     }
+    signals = label_free_signals(test_h, test_pixels, parts, feature_set.typicality, feature_set.bank)
+    risk_model, report["risk"] = fit_risk(
+        signals, ~probe.correct, seed=seed, extra_scores={"probe_max_softmax": -probe.max_probability}
+    )
+    if "typicality" in signals:
+        report["atypical_share_test"] = float((signals["typicality"] > 1).mean())
     if compression:
         points = compression_curve(train_h, train_y, test_h, test_y, feature_set.counts)
         report["compression"] = [asdict(p) for p in points]
     report_progress(1.0)
     calibrated = feature_set.model_copy(
-        update={"alpha": alpha, "alpha_source": alpha_source, "risk_curve": calibrate_risk(q, probe.correct)}
+        update={"alpha": alpha, "alpha_source": alpha_source, "risk_model": risk_model, "risk_curve": None}
     )
     return report, calibrated

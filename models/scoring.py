@@ -10,10 +10,13 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+from models.bank import ReferenceBank
 from models.data import eval_transform, resolve_device
 from models.encoders import Encoder
 from models.features import FeatureSet, preprocessing_mismatch
-from models.qscore import discriminative_mask, q_score_parts
+from models.qscore import QScoreParts, discriminative_mask, q_score_parts
+from models.typicality import DEFAULT_K, TypicalityModel
+from models.typicality import signals as typicality_signals
 
 PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -37,6 +40,14 @@ class ImageScore:
     #: None when the caller did not ask for the per-feature lists (``features=False``).
     dominant: list[FeatureValue] | None
     discriminative_active: list[FeatureValue] | None
+    typicality: float | None = None
+    atypical: bool | None = None
+    reasons: tuple[str, ...] = ()
+
+
+def reasons_of(low_quality: bool, atypical: bool | None) -> tuple[str, ...]:
+    """Why an image is flagged: ``q_below_alpha`` (Q < alpha), ``atypical`` (typicality > 1)."""
+    return (("q_below_alpha",) if low_quality else ()) + (("atypical",) if atypical else ())
 
 
 class Scorer:
@@ -83,6 +94,34 @@ class Scorer:
         self.discriminative = discriminative_mask(feature_set.discriminative_indices, encoder.feature_dim).to(
             self.device
         )
+        # Typicality: the bank on the serving device; pixel statistics need the inputs in [0, 1].
+        self.typicality = feature_set.typicality
+        self.bank = None
+        if feature_set.bank is not None:
+            self.bank = feature_set.bank.to(self.device)
+        elif self.typicality is not None and self.typicality.needs_bank:
+            raise ValueError("the feature set's typicality needs its reference bank, which was not loaded")
+        spec = getattr(encoder, "spec", None)
+        mean, std = getattr(spec, "mean", None), getattr(spec, "std", None)
+        self._unnormalise = None
+        if mean is not None and std is not None:
+            self._unnormalise = (
+                torch.tensor(std, device=self.device).view(1, -1, 1, 1),
+                torch.tensor(mean, device=self.device).view(1, -1, 1, 1),
+            )
+
+    @property
+    def bank_bytes(self) -> int:
+        """Bytes of the reference bank on the serving device (0 without one)."""
+        return 0 if self.bank is None else self.bank.nbytes
+
+    def pixels(self, batch: torch.Tensor) -> torch.Tensor:
+        """The encoder's inputs (B, 3, H, W) back in [0, 1] (normalisation undone)."""
+        x = batch.to(self.device, torch.float32)
+        if self._unnormalise is None:
+            return x
+        std, mean = self._unnormalise
+        return x * std + mean
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """An RGB PIL image to the encoder's (3, H, W) input."""
@@ -117,36 +156,80 @@ class Scorer:
             with torch.autocast("cuda", dtype=PRECISIONS[self.precision]):
                 return self.encoder(x).float()
 
-    def score_representations(self, h: torch.Tensor, features: bool | Sequence[bool] = True) -> list[ImageScore]:
+    def signals(self, h: torch.Tensor, pixels: torch.Tensor | None, parts: QScoreParts) -> dict[str, np.ndarray]:
+        if self.typicality is None and self.feature_set.risk_model is None:
+            # Nothing uses the other signals: the Q-Score's alone, as before typicality existed.
+            return {"q_score": parts.q_score.cpu().numpy(), "mean_active": parts.mean_active.cpu().numpy()}
+        return label_free_signals(h, pixels, parts, self.typicality, self.bank)
+
+    def score_representations(
+        self, h: torch.Tensor, features: bool | Sequence[bool] = True, pixels: torch.Tensor | None = None
+    ) -> list[ImageScore]:
         """(B, r) representations to one :class:`ImageScore` each.
 
         ``features``: list the dominant and active discriminative features of every image
         (True), of none (False), or of the images flagged in a sequence of B booleans.
+        ``pixels``: the inputs (B, 3, H, W) in [0, 1], for typicality's pixel statistics.
         """
         fs = self.feature_set
         wanted = [features] * h.shape[0] if isinstance(features, bool) else list(features)
         parts = q_score_parts(h, self.discriminative, fs.eps)
-        q = parts.q_score.cpu().numpy()
-        risk = fs.risk(q)
+        sig = self.signals(h, pixels, parts)
+        q = sig["q_score"]
+        risk = fs.risk(sig)
         if risk is not None:
             risk = np.clip(risk, 0.0, 1.0)  # once for the batch: per image it costs more than the forward
+        typ = sig.get("typicality")
         l1 = parts.l1_norm.cpu().numpy()
         if any(wanted):
             h_cpu, dominant, active = h.cpu(), parts.dominant.cpu(), parts.active.cpu()
-        return [
-            ImageScore(
-                q_score=float(q[i]),
-                low_quality=bool(q[i] < fs.alpha),
-                risk=None if risk is None else float(risk[i]),
-                l1_norm=float(l1[i]),
-                dominant=_values(h_cpu[i], dominant[i]) if wanted[i] else None,
-                discriminative_active=_values(h_cpu[i], active[i]) if wanted[i] else None,
+        out = []
+        for i in range(h.shape[0]):
+            low = bool(q[i] < fs.alpha)
+            atypical = None if typ is None else bool(typ[i] > 1.0)
+            out.append(
+                ImageScore(
+                    q_score=float(q[i]),
+                    low_quality=low,
+                    risk=None if risk is None else float(risk[i]),
+                    l1_norm=float(l1[i]),
+                    dominant=_values(h_cpu[i], dominant[i]) if wanted[i] else None,
+                    discriminative_active=_values(h_cpu[i], active[i]) if wanted[i] else None,
+                    typicality=None if typ is None else float(typ[i]),
+                    atypical=atypical,
+                    reasons=reasons_of(low, atypical),
+                )
             )
-            for i in range(h.shape[0])
-        ]
+        return out
 
     def score_batch(self, batch: torch.Tensor, features: bool | Sequence[bool] = True) -> list[ImageScore]:
-        return self.score_representations(self.representations(batch), features)
+        """Scores of a batch of encoder inputs (B, 3, H, W), as ``preprocess``/``inputs`` make them."""
+        return self.score_representations(self.representations(batch), features, self.pixels(batch))
+
+
+def label_free_signals(
+    h: torch.Tensor,
+    pixels: torch.Tensor | dict[str, torch.Tensor] | None,
+    parts: QScoreParts,
+    typicality: TypicalityModel | None,
+    bank: ReferenceBank | None,
+) -> dict[str, np.ndarray]:
+    """Every label-free signal of a batch, as (B,) arrays: what the risk model may use.
+
+    The Q-Score and its mean of dominant discriminative features (``parts``), the
+    representation's norm and sparsity signals, the k-NN distance and prototype confidences
+    (with a bank), the pixel statistics (with ``pixels`` in [0, 1]) and ``typicality`` (when
+    its model and all its inputs are there).
+    """
+    k = typicality.k if typicality is not None else DEFAULT_K
+    usable_bank = bank if bank is not None and bank.size > k else None
+    sig = typicality_signals(h, usable_bank, k, pixels=pixels)
+    out = {name: t.cpu().numpy() for name, t in sig.items()}
+    out["q_score"] = parts.q_score.cpu().numpy()
+    out["mean_active"] = parts.mean_active.cpu().numpy()
+    if typicality is not None and set(typicality.components) <= set(out):
+        out["typicality"] = typicality.typicality(out)
+    return out
 
 
 def _values(h: torch.Tensor, mask: torch.Tensor) -> list[FeatureValue]:

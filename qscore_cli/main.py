@@ -233,7 +233,7 @@ def score(
     mean: MeanOpt = None,
     std: StdOpt = None,
 ) -> None:
-    """Q-Score images; flag those below the feature set's alpha."""
+    """Q-Score images; flag those below the feature set's alpha or unlike its reference (atypical)."""
     import torch
 
     from models.features import FeatureSet
@@ -263,7 +263,10 @@ def score(
                     "path": str(path),
                     "q_score": result.q_score,
                     "low_quality": result.low_quality,
+                    "typicality": result.typicality,
+                    "atypical": result.atypical,
                     "risk": result.risk,
+                    "reasons": list(result.reasons),
                     "l1_norm": result.l1_norm,
                     "discriminative_active": [f.index for f in result.discriminative_active],
                 },
@@ -279,8 +282,10 @@ def _emit(row: dict[str, Any], as_json: bool) -> None:
     elif "error" in row:
         typer.echo(f"{row['path']}\terror {row['error']['code']}: {row['error']['message']}")
     else:
-        flag = "LOW" if row["low_quality"] else "ok"
-        typer.echo(f"{row['path']}\tq={row['q_score']:.6f}\t{flag}")
+        flag = ",".join(row["reasons"]) or "ok"
+        extra = "" if row["typicality"] is None else f"\ttypicality={row['typicality']:.3f}"
+        extra += "" if row["risk"] is None else f"\trisk={row['risk']:.3f}"
+        typer.echo(f"{row['path']}\tq={row['q_score']:.6f}{extra}\t{flag}")
 
 
 @app.command()
@@ -336,7 +341,11 @@ def evaluate(
             write_json_atomic(out, report)
         if calibrated_out:
             calibrated.save(calibrated_out)
-        summary = {k: report[k] for k in ("top1", "q_score", "alpha") if k in report}
+        summary = {k: report[k] for k in ("top1", "q_score", "alpha", "atypical_share_test") if k in report}
+        if "risk" in report:
+            combined = report["risk"]["combined"]
+            summary["risk"] = {k: combined[k] for k in ("auroc", "auprc", "ece")}
+            summary["risk"]["probe_max_softmax_auroc"] = report["risk"]["probe_max_softmax"]["auroc"]
         typer.echo(json.dumps(summary))
 
 

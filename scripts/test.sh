@@ -4,9 +4,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
-# promtool (Debian's prometheus package) unit-tests the alert rules.
-if ! command -v promtool >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-  (apt-get install -y -qq prometheus >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq prometheus; }) >/dev/null
+# promtool (Debian's prometheus package) unit-tests the alert rules; prometheus and alertmanager
+# (prometheus-alertmanager) run the end-to-end alerting test.
+if { ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus-alertmanager >/dev/null 2>&1; } && [ "$(id -u)" = 0 ]; then
+  (apt-get install -y -qq prometheus prometheus-alertmanager >/dev/null 2>&1 \
+    || { apt-get update -qq && apt-get install -y -qq prometheus prometheus-alertmanager; }) >/dev/null
 fi
 # The integration tests use a real Redis on 127.0.0.1:6379.
 if command -v redis-cli >/dev/null 2>&1 && ! redis-cli -h 127.0.0.1 ping >/dev/null 2>&1; then

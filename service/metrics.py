@@ -21,6 +21,8 @@ from models.features import FeatureSet
 #: 0 (no discriminative evidence) and 8 per decade from 1e-4 to 1, so histogram_quantile can
 #: estimate the live median within about 15%.
 Q_BUCKETS: tuple[float, ...] = (0.0,) + tuple(round(10 ** (-4 + i / 8), 8) for i in range(33))
+#: Typicality is 1 at the reference's 99th percentile; fine buckets around it, coarse far out.
+TYPICALITY_BUCKETS: tuple[float, ...] = (0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 100.0)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 QUEUE_WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 PAIR = ("model_version", "feature_set_version")
@@ -47,6 +49,16 @@ class Metrics:
         self.images_scored = Counter("qscore_images_scored", "Images scored.", PAIR, registry=r)
         self.low_quality = Counter("qscore_low_quality_images", "Images with Q-Score below alpha.", PAIR, registry=r)
         self.q_score = Histogram("qscore_q_score", "Q-Scores of scored images.", PAIR, buckets=Q_BUCKETS, registry=r)
+        self.atypical = Counter(
+            "qscore_atypical_images", "Images with typicality above 1 (unlike the reference).", PAIR, registry=r
+        )
+        self.typicality = Histogram(
+            "qscore_typicality",
+            "Typicality of scored images (1 = the reference's 99th percentile).",
+            PAIR,
+            buckets=TYPICALITY_BUCKETS,
+            registry=r,
+        )
         self.request_duration = Histogram(
             "qscore_request_duration_seconds",
             "Duration of /score requests, from first byte to answer.",
@@ -160,6 +172,21 @@ class _LiveCollector(Collector):
                 "qscore_expected_low_quality_ratio",
                 "Share of the reference set below alpha.",
                 expected_low_quality_share(fs),
+            ),
+            (
+                "qscore_expected_atypical_ratio",
+                "Share of the reference set above the typicality threshold.",
+                None if fs.typicality is None else fs.typicality.reference_atypical_share,
+            ),
+            (
+                "qscore_reference_bank_bytes",
+                "Memory of the reference bank on the serving device.",
+                state.scorer.bank_bytes,
+            ),
+            (
+                "qscore_reference_bank_vectors",
+                "Reference representations in the bank.",
+                0 if state.scorer.bank is None else state.scorer.bank.size,
             ),
         ):
             if value is None:

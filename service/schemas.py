@@ -56,7 +56,13 @@ class FeatureSetInfo(BaseModel):
     coverage_warning: str | None = None
     n_discriminative: int
     reference_median: float | None = Field(None, description="Median Q-Score of the reference set.")
-    calibrated: bool = Field(description="Whether an evaluation calibrated a mis-classification risk curve.")
+    calibrated: bool = Field(description="Whether an evaluation fitted the calibrated risk model.")
+    risk_signals: list[str] | None = Field(None, description="Label-free signals the risk model uses.")
+    typicality_threshold: float | None = Field(
+        None, description="Combined typicality score at which an image is atypical (the reference's p99)."
+    )
+    reference_atypical_share: float | None = Field(None, description="Share of the reference above the threshold.")
+    bank_vectors: int | None = Field(None, description="Reference representations in the bank.")
     created_at: str
     negative_share: float | None = Field(None, description="Share of negative entries of h on the reference set.")
     signed_warning: str | None = Field(None, description="Set when h is signed and Q-Scores mean less.")
@@ -72,7 +78,11 @@ class FeatureSetInfo(BaseModel):
             coverage_warning=fs.coverage_warning,
             n_discriminative=len(fs.discriminative),
             reference_median=fs.reference_median,
-            calibrated=fs.risk_curve is not None,
+            calibrated=fs.calibrated,
+            risk_signals=None if fs.risk_model is None else fs.risk_model.signals,
+            typicality_threshold=None if fs.typicality is None else fs.typicality.threshold,
+            reference_atypical_share=None if fs.typicality is None else fs.typicality.reference_atypical_share,
+            bank_vectors=None if fs.typicality is None else fs.typicality.n_bank,
             created_at=fs.created_at,
             negative_share=fs.negative_share,
             signed_warning=fs.signed_warning,
@@ -90,7 +100,12 @@ class ScoreResult(BaseModel):
     filename: str
     q_score: float | None = None
     low_quality: bool | None = Field(None, description="Q-Score below the feature set's alpha.")
+    typicality: float | None = Field(
+        None, description="How unlike the reference the image is, 1 = the reference's 99th percentile; null without."
+    )
+    atypical: bool | None = Field(None, description="typicality above 1; null without typicality.")
     risk: float | None = Field(None, description="Calibrated P(mis-classified); null when uncalibrated.")
+    reasons: list[str] | None = Field(None, description='Why flagged: "q_below_alpha", "atypical".')
     l1_norm: float | None = None
     dominant: list[FeatureValueOut] | None = Field(None, description="Dominant features; null unless ?features=true.")
     discriminative_active: list[FeatureValueOut] | None = Field(
@@ -124,6 +139,7 @@ class ServingInfo(BaseModel):
     loaded_at: str
     device: str
     precision: str
+    bank_bytes: int = Field(0, description="Memory of the reference bank on the serving device.")
 
 
 class ActiveInfo(BaseModel):

@@ -80,6 +80,7 @@ class ServingState:
             loaded_at=self.loaded_at,
             device=str(self.scorer.device),
             precision=self.scorer.precision,
+            bank_bytes=self.scorer.bank_bytes,
         )
 
 

@@ -314,7 +314,7 @@ def _shard_representations(ctx: JobContext, p: DiscoverParams, plan: DiscoverPla
     from models.atomic import atomic_path
     from models.data import (
         eval_transform,
-        extract_representations,
+        extract_with_pixels,
         image_folder,
         random_sample,
         shard,
@@ -323,7 +323,8 @@ def _shard_representations(ctx: JobContext, p: DiscoverParams, plan: DiscoverPla
     from worker.params import dataset_folder
 
     cached = ctx.scratch / f"shard-{k}-of-{plan.n_shards}.pt"
-    if cached.is_file():
+    pixels_file = ctx.scratch / f"shard-{k}-of-{plan.n_shards}-pixels.pt"
+    if cached.is_file() and pixels_file.is_file():
         return torch.load(cached, weights_only=True)
     imported = _cached_model(str(ctx.settings.registry_root), p.model)
     dataset = image_folder(dataset_folder(ctx.settings, p.dataset), eval_transform(imported.encoder.spec))
@@ -333,13 +334,27 @@ def _shard_representations(ctx: JobContext, p: DiscoverParams, plan: DiscoverPla
             f"({plan.n_available} images at the start, {len(dataset)} now)"
         )
     indices = shard(random_sample(len(dataset), p.sample_size, p.seed).indices, plan.n_shards)[k]
-    h, _ = extract_representations(
+    h, _, pixels = extract_with_pixels(
         imported.encoder, subset(dataset, indices), batch_size=p.batch_size, device=_device(ctx)
     )
     ctx.scratch.mkdir(parents=True, exist_ok=True)
+    # The pixel statistics of typicality (issue 10) first: a shard counts as cached once both are there.
+    with atomic_path(pixels_file) as tmp:
+        torch.save(pixels, tmp)
     with atomic_path(cached) as tmp:
         torch.save(h, tmp)
     return h
+
+
+def _shard_reference(ctx: JobContext, p: DiscoverParams, plan: DiscoverPlan) -> tuple[Any, Any]:
+    """The whole reference sample's representations and pixel statistics, shard by shard."""
+    import torch
+
+    hs, pix = [], []
+    for k in range(plan.n_shards):
+        hs.append(_shard_representations(ctx, p, plan, k))
+        pix.append(torch.load(ctx.scratch / f"shard-{k}-of-{plan.n_shards}-pixels.pt", weights_only=True))
+    return torch.cat(hs), {name: torch.cat([part[name] for part in pix]) for name in pix[0]}
 
 
 def _guard_shard(ctx: JobContext) -> None:
@@ -418,7 +433,7 @@ def discover_finalize(
     import torch
 
     from models.data import random_sample
-    from models.discovery import build_feature_set, make_selection
+    from models.discovery import build_feature_set, make_selection, with_typicality
     from models.features import DataProvenance, DominanceCounts, EncoderRef, Preprocessing
 
     p: DiscoverParams = params_of(ctx, DiscoverParams)
@@ -452,6 +467,8 @@ def discover_finalize(
                 seed=p.seed,
             ),
         )
+        # The reference bank and typicality, written with the feature set (issue 10).
+        feature_set = with_typicality(feature_set, *_shard_reference(ctx, p, plan))
         ctx.fence()
         registry.add_feature_set(feature_set, version=version)
     feature_set = registry.load_feature_set(version)
@@ -470,6 +487,8 @@ def discover_finalize(
         "coverage_warning": feature_set.coverage_warning,
         "negative_share": feature_set.negative_share,
         "signed_warning": feature_set.signed_warning,
+        "bank_vectors": 0 if feature_set.bank is None else feature_set.bank.size,
+        "typicality_threshold": None if feature_set.typicality is None else feature_set.typicality.threshold,
     }
     return result, {"feature_set": version}
 
@@ -656,6 +675,8 @@ def evaluate(ctx: JobContext) -> tuple[dict[str, Any], dict[str, str]]:
             "top1": report["top1"],
             "auroc": report["q_score"]["auroc"],
             "auprc": report["q_score"]["auprc"],
+            "risk_auroc": report["risk"]["combined"]["auroc"],
+            "risk_ece": report["risk"]["combined"]["ece"],
         }
     )
     activated = _activate(ctx, p.activate, p.model, version)

@@ -189,7 +189,10 @@ def _result(name: str, s: ImageScore, features: bool) -> dict[str, Any]:
         "filename": name,
         "q_score": s.q_score,
         "low_quality": s.low_quality,
+        "typicality": s.typicality,
+        "atypical": s.atypical,
         "risk": s.risk,
+        "reasons": list(s.reasons),
         "l1_norm": s.l1_norm,
         "dominant": _values(s.dominant) if features else None,
         "discriminative_active": _values(s.discriminative_active) if features else None,
@@ -206,7 +209,10 @@ def _error_result(name: str, exc: ImageDecodeError) -> dict[str, Any]:
         "filename": name,
         "q_score": None,
         "low_quality": None,
+        "typicality": None,
+        "atypical": None,
         "risk": None,
+        "reasons": None,
         "l1_norm": None,
         "dominant": None,
         "discriminative_active": None,
@@ -226,3 +232,11 @@ def _observe(metrics: Metrics, state: ServingState, results: list[dict[str, Any]
     hist = metrics.q_score.labels(*pair)
     for q in scored:
         hist.observe(q)
+    typical = [r["typicality"] for r in results if r["typicality"] is not None]
+    if typical:
+        typicality_hist = metrics.typicality.labels(*pair)
+        for t in typical:
+            typicality_hist.observe(t)
+        atypical = sum(1 for r in results if r["atypical"])
+        if atypical:
+            metrics.atypical.labels(*pair).inc(atypical)

@@ -139,6 +139,12 @@ def test_score_json_lines(pipeline, cifar_slice, tmp_path):
         assert 0.0 <= row["q_score"] <= 1.0
         assert row["low_quality"] == (row["q_score"] < alpha)
         assert row["l1_norm"] > 0
+        # typicality from the bank written beside features.json by discover
+        assert row["typicality"] > 0 and row["atypical"] == (row["typicality"] > 1)
+        assert row["reasons"] == (["q_below_alpha"] if row["low_quality"] else []) + (
+            ["atypical"] if row["atypical"] else []
+        )
+        assert row["risk"] is None  # not calibrated by an evaluation
 
 
 def test_score_bad_model_is_one_line_error(pipeline, cifar_slice, tmp_path):
@@ -190,10 +196,13 @@ def test_evaluate_writes_report(pipeline, cifar_slice):
     )
     report = json.loads(report_path.read_text())
     assert 0.0 <= report["top1"] <= 1.0 and summary["top1"] == report["top1"]
+    assert summary["risk"]["auroc"] == report["risk"]["combined"]["auroc"]
     assert 0.0 <= report["q_score"]["auroc"] <= 1.0
     assert report["n_train"] == 300 and report["n_test"] == 100
     calibrated = FeatureSet.load(calibrated_path)
-    assert calibrated.risk_curve is not None and calibrated.alpha == report["alpha"]
+    assert calibrated.risk_model is not None and calibrated.alpha == report["alpha"]
+    assert set(report["risk"]) >= {"per_signal", "combined", "probe_max_softmax"}
+    assert calibrated.bank is not None  # the bank is written beside the calibrated copy too
 
 
 def test_regularize_produces_a_new_model(pipeline, cifar_slice):

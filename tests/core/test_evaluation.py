@@ -8,7 +8,6 @@ import torch
 
 from models.evaluation import (
     calibrate_alpha,
-    calibrate_risk,
     compression_curve,
     linear_probe,
     score_power,
@@ -166,18 +165,6 @@ def test_calibrate_alpha_errors():
         calibrate_alpha(np.array([0.1, 0.2]), np.array([True, True]))
 
 
-def test_calibrate_risk_is_non_increasing():
-    rng = np.random.default_rng(1)
-    q = rng.uniform(0, 0.2, 500)
-    correct = rng.uniform(size=500) < 0.2 + 3 * q
-    curve = calibrate_risk(q, correct)
-    assert curve.q == sorted(curve.q)
-    assert all(0.0 <= r <= 1.0 for r in curve.risk)
-    assert all(a >= b for a, b in zip(curve.risk, curve.risk[1:], strict=False))
-    assert curve.risk[0] > curve.risk[-1]
-    assert len(curve.q) <= 200
-
-
 # --- run_evaluation: the encoder stays frozen ----------------------------------------------
 
 
@@ -204,12 +191,18 @@ def test_run_evaluation_keeps_encoder_frozen(tiny_model, cifar_slice):
     assert 0.0 <= report["top1"] <= 1.0
     assert set(report["q_score"]) >= {"auroc", "auprc", "base_rate", "auroc_misclassified"}
     assert report["alpha"] > 0 and calibrated.alpha == report["alpha"]
-    assert calibrated.risk_curve is not None
+    # one notion of risk: the calibrated model of models/risk.py, over the label-free signals
+    assert calibrated.risk_model is not None and calibrated.risk_curve is None
+    assert {"q_score", "knn", "typicality"} <= set(calibrated.risk_model.signals)
+    assert set(report["risk"]["per_signal"]) == set(calibrated.risk_model.signals)
+    assert 0.0 <= report["risk"]["combined"]["ece"] <= 1.0
+    assert set(report["risk"]["probe_max_softmax"]) == {"auroc", "auprc"}
+    assert calibrated.bank is fs.bank is not None  # the bank goes with the calibrated copy
     assert calibrated.discriminative == fs.discriminative and calibrated.eps == fs.eps
     assert "compression" not in report
     assert progress[-1] == 1.0 and progress == sorted(progress)
     # the feature set given is left as it was
-    assert fs.risk_curve is None
+    assert fs.risk_model is None
 
 
 def test_run_evaluation_refuses_foreign_feature_set(tiny_model, cifar_slice):

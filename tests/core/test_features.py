@@ -299,6 +299,7 @@ def _feature_set(**overrides) -> FeatureSet:
 
 def test_feature_set_round_trip_is_atomic(tmp_path):
     fs = _feature_set(risk_curve=RiskCurve(q=[0.0, 0.5], risk=[0.9, 0.1], source="test"))
+    assert fs.risk_curve is None and fs.risk_model is not None  # converted: one notion of risk
     target = tmp_path / "sub" / "fs.json"
     fs.save(target)
     assert FeatureSet.load(target) == fs
@@ -348,11 +349,13 @@ def test_coverage_warning_below_half():
     assert "LOW COVERAGE" in warning and "49%" in warning and "eps=2" in warning
 
 
-def test_risk_interpolates_the_curve():
+def test_an_old_risk_curve_becomes_a_risk_model_with_the_same_values():
     fs = _feature_set(risk_curve=RiskCurve(q=[0.0, 0.5, 1.0], risk=[0.8, 0.4, 0.0], source="t"))
-    risk = fs.risk(np.array([0.0, 0.25, 0.5, 0.75, 2.0, -1.0]))
+    risk = fs.risk({"q_score": np.array([0.0, 0.25, 0.5, 0.75, 2.0, -1.0])})
     np.testing.assert_allclose(risk, [0.8, 0.6, 0.4, 0.2, 0.0, 0.8])
-    assert _feature_set().risk(np.array([0.1])) is None
+    assert _feature_set().risk({"q_score": np.array([0.1])}) is None
+    # signals the model needs but that are missing: no number rather than a wrong one
+    assert fs.risk({"knn": np.array([0.1])}) is None
 
 
 def test_risk_curve_validation():

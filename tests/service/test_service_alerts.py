@@ -40,6 +40,7 @@ def test_alert_rules_cover_every_required_alert() -> None:
         "QScoreMedianShift",
         "QScoreErrorBurst",
         "QScoreQueueSaturated",
+        "QScoreInputShift",
     }
     tested = (RULES_DIR / "alerts_test.yml").read_text()
     for alert in alerts:

@@ -92,13 +92,17 @@ def test_score_without_features_answers_lean_results_with_the_same_scores(
             "filename",
             "q_score",
             "low_quality",
+            "typicality",
+            "atypical",
             "risk",
+            "reasons",
             "l1_norm",
             "dominant",
             "discriminative_active",
             "error",
         }
     assert [r["q_score"] for r in lean_results] == [r["q_score"] for r in full_results]
+    assert [r["typicality"] for r in lean_results] == [r["typicality"] for r in full_results]
     assert [r["l1_norm"] for r in lean_results] == [r["l1_norm"] for r in full_results]
     assert any(r["dominant"] for r in full_results)
     assert lean.json()["model"] == full.json()["model"]

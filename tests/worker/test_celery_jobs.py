@@ -175,7 +175,7 @@ def test_regularize_writes_a_new_model_and_evaluate_reports(
     assert report["compression"] and {"subset", "size", "top1"} <= set(report["compression"][0])
     assert record["metrics"]["top1"] == report["top1"]
     calibrated = tiny_registry.load_feature_set(record["artifacts"]["feature_set"])
-    assert calibrated.risk_curve is not None and calibrated.alpha == report["alpha"]
+    assert calibrated.risk_model is not None and calibrated.alpha == report["alpha"]
     assert record["result"]["evaluated_feature_set"] == record["params"]["feature_set"]
 
     text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text

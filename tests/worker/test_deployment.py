@@ -98,6 +98,8 @@ def test_grafana_provisioning_and_dashboard_cover_quality_traffic_and_jobs() -> 
         "qscore_jobs",
         "qscore_jobs_finished_total",
         "qscore_job_duration_seconds_bucket",
+        "qscore_atypical_images_total",
+        "qscore_typicality_bucket",
     ):
         assert metric in exprs, metric
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])

@@ -128,6 +128,10 @@ def test_discover_embedded_writes_a_feature_set(embedded: TestClient, tiny_regis
     assert version == f"features-{job_id}"
     fs = tiny_registry.load_feature_set(version)
     assert fs.data.n_reference == 200 and fs.encoder.model_version == "tiny"
+    # the reference bank, gathered from the 3 shards, is written beside the feature set
+    assert (tiny_registry.feature_set_dir(version) / "feature_set.bank.safetensors").is_file()
+    assert fs.bank is not None and fs.bank.size == 200 and fs.typicality is not None
+    assert record["result"]["bank_vectors"] == 200
     assert record["result"]["activated"] is False  # QSCORE_AUTO_SWITCH is off
     assert [j["id"] for j in embedded.get("/jobs").json()["jobs"]] == [job_id]
 

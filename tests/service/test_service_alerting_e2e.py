@@ -1,0 +1,233 @@
+"""Alerting end to end with the real parts: `qscore serve`, Prometheus, Alertmanager, a webhook.
+
+Prometheus (Debian's `prometheus`) scrapes a real `qscore serve` every second and evaluates a
+test copy of deploy/prometheus/alerts.yml whose windows are 20 s and whose `for:` is 2 s;
+Alertmanager (`prometheus-alertmanager`) delivers to a webhook receiver in this test. In
+distribution traffic (CIFAR-10 test images) must leave it silent; shifted traffic (solid colours
+and uniform noise) must get `QScoreInputShift` delivered.
+"""
+
+from __future__ import annotations
+
+import http.server
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from service_helpers import build_registry, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+RULES = REPO / "deploy" / "prometheus" / "alerts.yml"
+PROMETHEUS = shutil.which("prometheus")
+ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+
+pytestmark = pytest.mark.skipif(
+    PROMETHEUS is None or ALERTMANAGER is None,
+    reason="prometheus and prometheus-alertmanager are not installed (scripts/test.sh installs them)",
+)
+
+
+def shortened_rules(text: str) -> str:
+    """The rules with every range window at 20 s, every `for:` at 2 s and image minimums at 10."""
+    text = re.sub(r"\[\d+m\]", "[20s]", text)
+    text = re.sub(r"for: \d+m", "for: 2s", text)
+    return re.sub(r">= \d+\n", ">= 10\n", text)
+
+
+class Webhook:
+    """An HTTP receiver of Alertmanager's webhook notifications."""
+
+    def __init__(self) -> None:
+        self.received: list[dict] = []
+        received = self.received
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def alerts(self, name: str) -> list[dict]:
+        return [
+            a
+            for message in self.received
+            for a in message.get("alerts", [])
+            if a["labels"].get("alertname") == name and a["status"] == "firing"
+        ]
+
+
+def _wait_http(url: str, process: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[0]} exited with {process.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer in {timeout} s")
+
+
+@pytest.fixture()
+def stack(tmp_path: Path, tiny_model: tuple) -> Iterator[dict]:
+    registry = build_registry(tmp_path / "registry", tiny_model)
+    webhook = Webhook()
+    qscore_port, prom_port, am_port = free_port(), free_port(), free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "QSCORE_REGISTRY_ROOT": str(registry.root),
+        "QSCORE_DEVICE": "cpu",
+        "QSCORE_MAX_FILES": "64",
+    }
+    (tmp_path / "alerts.yml").write_text(shortened_rules(RULES.read_text()))
+    (tmp_path / "prometheus.yml").write_text(
+        f"""global:
+  scrape_interval: 1s
+  evaluation_interval: 1s
+rule_files: [alerts.yml]
+alerting:
+  alertmanagers:
+    - static_configs:
+        - targets: ["127.0.0.1:{am_port}"]
+scrape_configs:
+  - job_name: qscore
+    static_configs:
+      - targets: ["127.0.0.1:{qscore_port}"]
+"""
+    )
+    (tmp_path / "alertmanager.yml").write_text(
+        f"""route:
+  receiver: test
+  group_by: [alertname]
+  group_wait: 1s
+  group_interval: 1s
+  repeat_interval: 1h
+receivers:
+  - name: test
+    webhook_configs:
+      - url: http://127.0.0.1:{webhook.port}/
+"""
+    )
+    logs = {name: open(tmp_path / f"{name}.log", "wb") for name in ("qscore", "prometheus", "alertmanager")}  # noqa: SIM115
+    processes = {
+        "qscore": subprocess.Popen(
+            [sys.executable, "-m", "qscore_cli.main", "serve", "--host", "127.0.0.1", "--port", str(qscore_port)],
+            env=env,
+            stdout=logs["qscore"],
+            stderr=subprocess.STDOUT,
+        ),
+        "alertmanager": subprocess.Popen(
+            [
+                ALERTMANAGER or "alertmanager",
+                f"--config.file={tmp_path / 'alertmanager.yml'}",
+                f"--storage.path={tmp_path / 'am-data'}",
+                f"--web.listen-address=127.0.0.1:{am_port}",
+                "--cluster.listen-address=",
+            ],
+            stdout=logs["alertmanager"],
+            stderr=subprocess.STDOUT,
+        ),
+        "prometheus": subprocess.Popen(
+            [
+                PROMETHEUS or "prometheus",
+                f"--config.file={tmp_path / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp_path / 'prom-data'}",
+                f"--web.listen-address=127.0.0.1:{prom_port}",
+            ],
+            cwd=tmp_path,
+            stdout=logs["prometheus"],
+            stderr=subprocess.STDOUT,
+        ),
+    }
+    try:
+        _wait_http(f"http://127.0.0.1:{qscore_port}/readyz", processes["qscore"])
+        _wait_http(f"http://127.0.0.1:{am_port}/-/ready", processes["alertmanager"])
+        _wait_http(f"http://127.0.0.1:{prom_port}/-/ready", processes["prometheus"])
+        yield {
+            "qscore": f"http://127.0.0.1:{qscore_port}",
+            "prometheus": f"http://127.0.0.1:{prom_port}",
+            "webhook": webhook,
+        }
+    finally:
+        for process in processes.values():
+            process.terminate()
+        for process in processes.values():
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        for handle in logs.values():
+            handle.close()
+        webhook.server.shutdown()
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array.astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _post_for(url: str, blobs: list[bytes], seconds: float) -> tuple[int, int]:
+    """Post ``blobs`` in requests of 16 for ``seconds``; return (images scored, atypical)."""
+    scored = atypical = 0
+    deadline = time.monotonic() + seconds
+    with httpx.Client(base_url=url, timeout=60) as client:
+        while time.monotonic() < deadline:
+            for start in range(0, len(blobs), 16):
+                files = [("files", (f"{i}.png", b, "image/png")) for i, b in enumerate(blobs[start : start + 16])]
+                results = client.post("/score", files=files).json()["results"]
+                scored += len(results)
+                atypical += sum(bool(r["atypical"]) for r in results)
+    return scored, atypical
+
+
+def _prometheus_alerts(url: str) -> list[str]:
+    data = httpx.get(f"{url}/api/v1/alerts", timeout=10).json()["data"]["alerts"]
+    return [a["labels"]["alertname"] for a in data]
+
+
+def test_input_shift_alert_is_delivered_for_shifted_images_only(stack: dict, cifar_slice: Path) -> None:
+    webhook: Webhook = stack["webhook"]
+    cifar = [p.read_bytes() for p in sorted((cifar_slice / "test").rglob("*.jpg"))[:64]]
+    # In distribution for longer than window + for: silent.
+    scored, atypical = _post_for(stack["qscore"], cifar, 28)
+    assert scored >= 64 and atypical / scored < 0.1
+    time.sleep(3)
+    assert "QScoreInputShift" not in _prometheus_alerts(stack["prometheus"])
+    assert webhook.alerts("QScoreInputShift") == []
+
+    rng = np.random.default_rng(0)
+    shifted = [_png(np.full((32, 32, 3), rng.integers(0, 256, 3))) for _ in range(16)]
+    shifted += [_png(rng.integers(0, 256, (32, 32, 3))) for _ in range(16)]
+    deadline = time.monotonic() + 90
+    shifted_scored = shifted_atypical = 0
+    while time.monotonic() < deadline and not webhook.alerts("QScoreInputShift"):
+        n, a = _post_for(stack["qscore"], shifted, 2)
+        shifted_scored, shifted_atypical = shifted_scored + n, shifted_atypical + a
+    assert shifted_atypical / shifted_scored > 0.9
+    delivered = webhook.alerts("QScoreInputShift")
+    assert delivered, f"no QScoreInputShift delivered in 90 s; Prometheus has {_prometheus_alerts(stack['prometheus'])}"
+    assert delivered[0]["labels"]["model_version"] == "tiny"
+    assert delivered[0]["labels"]["severity"] == "warning"
