@@ -34,7 +34,7 @@ from models.evaluation import linear_probe
 from models.features import DominanceCounts, default_alpha, select_discriminative
 from models.qscore import q_score_parts
 from models.risk import fit_risk
-from models.shifts import GROSS_SHIFTS, SHIFTS, apply_shift
+from models.shifts import GROSS_SHIFTS, HELD_OUT_GROSS_SHIFTS, HELD_OUT_SHIFTS, SHIFTS, apply_shift
 from models.typicality import fit_typicality, pixel_signals, score_typicality
 
 REPO = Path(__file__).resolve().parent.parent
@@ -218,6 +218,15 @@ def write_markdown(results: dict[str, Any], args: argparse.Namespace, out: Path)
             f"{'met' if sh['cifar10_test']['atypical'] <= 0.02 else 'NOT met'}); smallest gross-shift atypical "
             f"share {gross:.1%} (goal >= 90%: {'met' if gross >= 0.9 else 'NOT met'})"
         )
+    for n in names:
+        sh = results[n]["shifts"]
+        held = {g: sh[g]["atypical"] for g in HELD_OUT_GROSS_SHIFTS if g in sh}
+        if held:
+            shares = ", ".join(f"{g} {v:.1%}" for g, v in held.items())
+            lines.append(
+                f"- `{n}`, held-out gross shifts (never used to choose the method; the same 90% bar): {shares} "
+                f"({'all >= 90%' if min(held.values()) >= 0.9 else 'NOT all >= 90%'})"
+            )
     strong = results.get("resnet20")
     if strong is not None:
         gap = strong["risk"]["probe_max_softmax"]["auroc"] - strong["risk"]["combined"]["auroc"]
@@ -255,7 +264,10 @@ def write_markdown(results: dict[str, Any], args: argparse.Namespace, out: Path)
     header = "| set | " + " | ".join(f"{n} atypical | {n} low quality" for n in names) + " |"
     lines += [header, "|---" * (1 + 2 * len(names)) + "|"]
     for s in ["cifar10_test", *SHIFTS]:
+        if any(s not in results[n]["shifts"] for n in names):
+            continue  # a set added after that run (rerun the script to measure it)
         mark = " (gross)" if s in GROSS_SHIFTS else ""
+        mark += " (held out, gross)" if s in HELD_OUT_GROSS_SHIFTS else " (held out)" if s in HELD_OUT_SHIFTS else ""
         cells = " | ".join(
             f"{results[n]['shifts'][s]['atypical']:.1%} | {results[n]['shifts'][s]['low_quality']:.1%}" for n in names
         )
@@ -326,7 +338,10 @@ def write_markdown(results: dict[str, Any], args: argparse.Namespace, out: Path)
         "pixel standard deviation (solid colours), mean neighbour difference and its fine-to-coarse "
         "ratio (noise, blur), gradient sparsity (glyphs on plain backgrounds). Honest caveat: those "
         "statistics were designed while looking at the gross shift sets; the corruption sets were not "
-        "tuned on (their shares are whatever came out), and the thresholds come from reference images only.",
+        "tuned on (their shares are whatever came out), and the thresholds come from reference images only. "
+        "The sets marked *held out* (gratings, checkerboards, smooth colour fields, pixelation, upside-down "
+        "images) were added after the method and its thresholds were fixed and were never used to choose "
+        "anything: they are the honest check of how the method generalises to shifts it was not designed on.",
         "",
         "How the risk model was chosen: a first run (1,000 reference / 500 test images, the same seeds, "
         "so its test images are among the ones above) gave the logistic regression on the signals "

@@ -4,6 +4,10 @@ Each shift is a function ``(image, rng) -> image`` on 8-bit RGB PIL images; the 
 the same pixels. ``corruptions`` keep the content and change the pixels (noise, blur, contrast,
 JPEG, inversion, grayscale); ``gross`` shifts replace the image by something unlike any
 photograph (solid colours, uniform noise, glyphs drawn with Pillow on plain backgrounds).
+
+``HELD_OUT_SHIFTS`` were added after the typicality method and its thresholds were fixed, and were
+never used to choose anything: gratings, checkerboards and smooth random colour fields (gross, of
+a kind the design sets do not contain), pixelation and upside-down images (corruptions).
 """
 
 from __future__ import annotations
@@ -88,6 +92,49 @@ def glyphs(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     return canvas
 
 
+def _two_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    return rng.integers(0, 256, 3).astype(np.float32), rng.integers(0, 256, 3).astype(np.float32)
+
+
+def _blend(weight: np.ndarray, a: np.ndarray, b: np.ndarray) -> Image.Image:
+    """``weight`` (H, W) in [0, 1] mixes colour ``a`` (0) and ``b`` (1) into an RGB image."""
+    pixels = a + weight[..., None] * (b - a)
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+
+
+def gratings(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Sinusoidal stripes, 2-8 cycles across the image, random angle and phase, two random colours."""
+    width, height = image.size
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    angle, phase, cycles = rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi), rng.uniform(2, 8)
+    wave = np.sin(2 * np.pi * cycles * (x * np.cos(angle) + y * np.sin(angle)) / max(width, height) + phase)
+    return _blend((wave + 1) / 2, *_two_colours(rng))
+
+
+def checkerboard(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Squares of 2-8 pixels in two random colours."""
+    width, height = image.size
+    cell = int(rng.integers(2, 9))
+    y, x = np.mgrid[0:height, 0:width]
+    return _blend(((x // cell + y // cell) % 2).astype(np.float32), *_two_colours(rng))
+
+
+def smooth_field(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """A smooth random colour field: 4x4 random colours, bicubically upsampled."""
+    coarse = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8))
+    return coarse.resize(image.size, Image.BICUBIC)
+
+
+def pixelate(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """The image at 8x8 pixels, blown back up with nearest-neighbour blocks."""
+    return image.resize((8, 8), Image.BOX).resize(image.size, Image.NEAREST)
+
+
+def rotate_180(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Upside down: the pixels' statistics unchanged, the content unlike the training data."""
+    return image.rotate(180)
+
+
 #: Every shift set, in report order. "gross" ones are what the goals hold to >= 90% atypical.
 SHIFTS: dict[str, Shift] = {
     "gaussian_noise": gaussian_noise,
@@ -99,8 +146,16 @@ SHIFTS: dict[str, Shift] = {
     "solid_colour": solid_colour,
     "uniform_noise": uniform_noise,
     "glyphs": glyphs,
+    # held out (after the method was fixed): appended, so the seeds of the sets above stay the same
+    "gratings": gratings,
+    "checkerboard": checkerboard,
+    "smooth_field": smooth_field,
+    "pixelate": pixelate,
+    "rotate_180": rotate_180,
 }
 GROSS_SHIFTS = ("solid_colour", "uniform_noise", "glyphs")
+HELD_OUT_SHIFTS = ("gratings", "checkerboard", "smooth_field", "pixelate", "rotate_180")
+HELD_OUT_GROSS_SHIFTS = ("gratings", "checkerboard", "smooth_field")
 
 
 def apply_shift(name: str, images: Iterable[Image.Image], seed: int = 0) -> Iterator[Image.Image]:

@@ -46,3 +46,25 @@ def test_unknown_shift_and_writing(tmp_path: Path) -> None:
     written = write_shift_set("blur", [src / "0001.jpg"], tmp_path / "out")
     assert [p.name for p in written] == ["cat-0001.png"]
     assert Image.open(written[0]).size == (32, 32)
+
+
+def test_held_out_shifts_are_what_they_say() -> None:
+    image = _images(1)[0]
+    board = np.asarray(next(apply_shift("checkerboard", [image]))).reshape(-1, 3)
+    assert len(np.unique(board, axis=0)) <= 2  # two colours (one if both draws coincide)
+    blocks = np.asarray(next(apply_shift("pixelate", [image])))
+    assert (blocks.reshape(8, 4, 8, 4, 3) == blocks[::4, ::4][:, None, :, None]).all()  # 4x4 blocks of one colour
+    upside_down = np.asarray(next(apply_shift("rotate_180", [image])))
+    assert np.array_equal(upside_down, np.asarray(image)[::-1, ::-1])
+    field = np.asarray(next(apply_shift("smooth_field", [image]))).astype(int)
+    # smooth: neighbouring pixels differ far less than in the noise image it replaces
+    assert np.abs(np.diff(field, axis=1)).mean() < 0.25 * np.abs(np.diff(np.asarray(image).astype(int), axis=1)).mean()
+
+
+def test_held_out_sets_come_after_the_design_sets() -> None:
+    """Appending keeps the seeds (and so the pixels) of the sets the method was chosen on."""
+    from models.shifts import GROSS_SHIFTS, HELD_OUT_SHIFTS
+
+    names = list(SHIFTS)
+    assert names[-len(HELD_OUT_SHIFTS) :] == list(HELD_OUT_SHIFTS)
+    assert not set(HELD_OUT_SHIFTS) & set(GROSS_SHIFTS)
