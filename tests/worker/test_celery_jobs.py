@@ -225,13 +225,18 @@ def test_queued_job_survives_api_restart_and_cancelled_never_runs(
 
 
 def _regularize_until_step_5(client: TestClient) -> str:
-    """Queue an 18-step regularize job checkpointing every 2 steps; return once it passed step 5."""
+    """Queue a 60-step regularize job checkpointing every 2 steps; return once it passed step 5.
+
+    60 steps (several epochs of the 300-image slice) so that a kill after step 5 lands in training
+    even on a fast machine: with one epoch (9 steps) it could land in the discovery that follows.
+    """
     response = client.post(
         "/jobs/regularize",
         json={
             "dataset": "slice-train",
             "batch_size": 32,
-            "max_steps": 18,
+            "epochs": 20,
+            "max_steps": 60,
             "checkpoint_every": 2,
             "discover": {"dataset": "slice-train", "eps": "auto", "sample_size": 100, "batch_size": 50},
         },

@@ -88,7 +88,8 @@ def test_whole_worker_sigkill_with_default_settings_runs_again_on_another_worker
     worker as the connection drops (default settings: no 6 h visibility timeout to wait for)."""
     workers = [start_worker(env), start_worker(env)]
     client = api(env)
-    job_id = _submit(client, max_steps=18)
+    # 60 steps, killed after step 5: the kill lands in training, not after it (fast machines)
+    job_id = _submit(client, max_steps=60)
     record = wait_for(client, job_id, until=lambda r: r["metrics"].get("step", 0) >= 5)
     victim = _holder(record, workers)
     victim.kill()
@@ -102,7 +103,7 @@ def test_whole_worker_sigkill_with_default_settings_runs_again_on_another_worker
     assert victim.runs(first) and not victim.runs(second)
     assert first["outcome"] == "lost" and "delivered again (attempt 2" in first["reason"]
     assert second["outcome"] == "succeeded"
-    assert record["result"]["training"]["resumed_from"] >= 4 and record["result"]["training"]["steps"] == 18
+    assert record["result"]["training"]["resumed_from"] >= 4 and record["result"]["training"]["steps"] == 60
     _single_outputs(tiny_registry, job_id)
     assert not (Path(env["QSCORE_JOB_CHECKPOINT_DIR"]) / f"{job_id}.ckpt").exists()
 
@@ -208,7 +209,7 @@ def test_embedded_api_killed_mid_job_resumes_it_after_restart(
     base = f"http://127.0.0.1:{port}"
     try:
         with httpx.Client(base_url=base, timeout=10) as client:
-            response = client.post("/jobs/regularize", json={**REGULARIZE, "max_steps": 18})
+            response = client.post("/jobs/regularize", json={**REGULARIZE, "max_steps": 60})
             assert response.status_code == 202, response.text
             job_id = response.json()["job_id"]
             wait_for(client, job_id, until=lambda r: r["metrics"].get("step", 0) >= 5, timeout=180)
