@@ -10,7 +10,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request, Response
 from starlette.datastructures import UploadFile
 
-from models.images import decode_image
+from models.data.images import decode_image
 
 
 def create_app() -> FastAPI:

@@ -265,11 +265,13 @@ def main() -> None:
 def _registry(work: Path) -> tuple[Any, Path]:
     import torch
 
-    from models.data import class_slice, ensure_cifar10, eval_transform, image_folder
-    from models.discovery import discover, make_selection
-    from models.encoders import EncoderSpec, build_encoder, fingerprint
-    from models.features import EncoderRef
-    from models.registry import Registry
+    from models.data.datasets import class_slice, ensure_cifar10, image_folder
+    from models.data.transforms import eval_transform
+    from models.discovery.discover import discover, make_selection
+    from models.encoders.resnet import build_encoder
+    from models.encoders.spec import EncoderSpec, fingerprint
+    from models.registry.versions import Registry
+    from models.scoring.feature_set import EncoderRef
 
     data = class_slice(ensure_cifar10() / "train", work / "train", per_class=30, seed=0)
     torch.manual_seed(0)

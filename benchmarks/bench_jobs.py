@@ -51,9 +51,10 @@ def main() -> None:
     import redis
     import torch
 
-    from models.data import class_slice, ensure_cifar10
-    from models.encoders import EncoderSpec, build_encoder
-    from models.registry import Registry
+    from models.data.datasets import class_slice, ensure_cifar10
+    from models.encoders.resnet import build_encoder
+    from models.encoders.spec import EncoderSpec
+    from models.registry.versions import Registry
 
     work = Path(tempfile.mkdtemp(prefix="qscore-bench-jobs-"))
     data = class_slice(ensure_cifar10() / "train", work / "train", per_class=args.images // 10, seed=0)

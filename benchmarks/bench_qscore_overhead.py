@@ -29,9 +29,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.encoders import build_encoder  # noqa: E402
-from models.features import DominanceCounts, select_discriminative  # noqa: E402
-from models.qscore import q_score_parts  # noqa: E402
+from models.encoders.resnet import build_encoder
+from models.scoring.dominance import DominanceCounts, select_discriminative
+from models.scoring.qscore import q_score_parts
 
 RESULTS = ROOT / "benchmarks" / "results" / "qscore_overhead.json"
 GOAL_SHARE = 0.02

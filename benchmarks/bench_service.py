@@ -87,7 +87,7 @@ def synthetic_jpegs(n: int, size: int, seed: int = 0, width: int | None = None) 
 def cifar_jpegs(n: int) -> list[bytes]:
     import random
 
-    from models.data import ensure_cifar10
+    from models.data.datasets import ensure_cifar10
 
     files = sorted((ensure_cifar10() / "test").rglob("*.jpg"))
     random.Random(0).shuffle(files)
@@ -161,10 +161,10 @@ def best_raw_rates(score_batch: Any, inputs: torch.Tensor, device: torch.device,
 
 def torch_only_resnet50(device: torch.device, image_size: int):
     """A random ResNet-50 (torchvision, nothing downloaded) and a Q-Score on 120 random features:
-    the same computation as models.scoring.Scorer, importable with torch and torchvision alone."""
+    the same computation as models.scoring.scorer.Scorer, importable with torch and torchvision alone."""
     import torchvision
 
-    from models.qscore import discriminative_mask, q_score_parts
+    from models.scoring.qscore import discriminative_mask, q_score_parts
 
     torch.manual_seed(0)
     net = torchvision.models.resnet50(weights=None)
@@ -248,8 +248,8 @@ def run_raw_only(preset: Preset, seconds: float) -> dict[str, Any]:
 
 
 def demo_scorer(preset: Preset):
-    from models.registry import Registry
-    from models.scoring import Scorer
+    from models.registry.versions import Registry
+    from models.scoring.scorer import Scorer
 
     registry = Registry(Path(tempfile.mkdtemp()) / "registry")
     registry.seed_demo()
@@ -260,16 +260,18 @@ def demo_scorer(preset: Preset):
 
 def build_registry(root: Path, preset: Preset, blobs: list[bytes]):
     """The demo pair, or a random-initialised ResNet-50 registered with features found on ``blobs``."""
-    from models.registry import Registry
+    from models.registry.versions import Registry
 
     registry = Registry(root)
     if preset.arch == "demo":
         registry.seed_demo()
         return registry, "demo encoder (models/weights)"
-    from models.data import eval_transform, image_folder
-    from models.discovery import discover, make_selection
-    from models.encoders import EncoderSpec, build_encoder, fingerprint
-    from models.features import EncoderRef
+    from models.data.datasets import image_folder
+    from models.data.transforms import eval_transform
+    from models.discovery.discover import discover, make_selection
+    from models.encoders.resnet import build_encoder
+    from models.encoders.spec import EncoderSpec, fingerprint
+    from models.scoring.feature_set import EncoderRef
 
     torch.manual_seed(0)
     spec = EncoderSpec(
@@ -466,7 +468,7 @@ def mean_batch(metrics_text: str) -> float | None:
 
 
 def run_full(preset: Preset, seconds: float, server_env: dict[str, str]) -> dict[str, Any]:
-    from models.scoring import Scorer
+    from models.scoring.scorer import Scorer
 
     wrk = ensure_wrk()
     device = resolve_device(preset.device)

@@ -33,10 +33,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.checkpoints import load_encoder  # noqa: E402
-from models.data import ensure_cifar10, eval_transform, image_folder, random_sample  # noqa: E402
-from models.features import FeatureSet  # noqa: E402
-from models.scoring import Scorer  # noqa: E402
+from models.data.datasets import ensure_cifar10, image_folder, random_sample
+from models.data.transforms import eval_transform
+from models.encoders.loading import load_encoder
+from models.scoring.feature_set import FeatureSet
+from models.scoring.scorer import Scorer
 
 WEIGHTS = ROOT / "models" / "weights"
 RESULTS = ROOT / "benchmarks" / "results" / "typicality.json"
@@ -115,8 +116,8 @@ def service_throughput(seconds: float, clients: int = 8, per_request: int = 8) -
     sys.path.insert(0, str(ROOT / "tests" / "service"))
     from service_helpers import LiveServer, make_settings
 
-    from models.features import bank_path
-    from models.registry import Registry
+    from models.registry.versions import Registry
+    from models.scoring.feature_set import bank_path
 
     paths = sorted((ensure_cifar10() / "test").glob("*/*.jpg"))[::50][:200]
     blobs = [p.read_bytes() for p in paths]

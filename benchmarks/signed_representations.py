@@ -31,19 +31,21 @@ from scipy.stats import spearmanr
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.checkpoints import load_encoder  # noqa: E402
-from models.data import ensure_cifar10, eval_transform, extract_representations, image_folder, random_sample, subset  # noqa: E402  # noqa: E402
-from models.discovery import discover, make_selection  # noqa: E402
-from models.encoders import EncoderBase  # noqa: E402
-from models.features import EncoderRef  # noqa: E402
-from models.qscore import q_score  # noqa: E402
-from models.timm_encoders import build_timm_encoder  # noqa: E402
+from models.data.datasets import ensure_cifar10, image_folder, random_sample, subset
+from models.data.transforms import eval_transform
+from models.discovery.discover import discover, make_selection
+from models.encoders.loading import load_encoder
+from models.encoders.spec import Encoder
+from models.encoders.timm_encoder import build_timm_encoder
+from models.scoring.feature_set import EncoderRef
+from models.scoring.qscore import q_score
+from models.scoring.representations import extract_representations
 
 RESULTS = ROOT / "benchmarks" / "results" / "signed_representations.json"
 RESNET20 = ROOT.parent / "shared" / "models" / "cifar10-resnet20-supervised.pt"
 
 
-def measure(encoder: EncoderBase, fingerprint: str, root: Path, samples: int) -> dict[str, object]:
+def measure(encoder: Encoder, fingerprint: str, root: Path, samples: int) -> dict[str, object]:
     dataset = image_folder(root / "test", eval_transform(encoder.spec))
     reference = subset(dataset, random_sample(len(dataset), samples, 0).indices)
     fs = discover(

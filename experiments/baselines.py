@@ -1,7 +1,7 @@
 """Simpler per-sample scores to hold Q-Score against (issue 5, item 4).
 
 Every score is oriented so that higher means "more likely correctly classified", the
-orientation :func:`models.evaluation.score_power` scores (positive class = correct). All but
+orientation :func:`models.evaluation.metrics.score_power` scores (positive class = correct). All but
 the last are label-free: they need only the encoder's representations.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from models.qscore import q_score_parts
+from models.scoring.qscore import q_score_parts
 
 
 def hoyer_sparsity(h: torch.Tensor) -> torch.Tensor:

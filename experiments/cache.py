@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from models.atomic import atomic_path, write_json_atomic
+from models.storage.atomic import atomic_path, write_json_atomic
 
 log = logging.getLogger("experiments.reproduce")
 

@@ -81,7 +81,7 @@ class Config(BaseModel):
     @property
     def all_eps(self) -> tuple[float, ...]:
         """Every eps counted in one pass: the sensitivity grid, the auto grid and the main eps."""
-        from models.features import AUTO_EPS_GRID
+        from models.scoring.dominance import AUTO_EPS_GRID
 
         values = set(self.eps_grid) | set(AUTO_EPS_GRID) | {4.0}
         if self.eps != "auto":

@@ -16,11 +16,13 @@ from pathlib import Path
 
 import torch
 
-from models.checkpoints import load_encoder
-from models.data import ensure_cifar10, eval_transform, extract_with_pixels, image_folder, random_sample, subset
-from models.discovery import with_typicality
-from models.features import FeatureSet
-from models.linear_eval import run_evaluation
+from models.data.datasets import ensure_cifar10, image_folder, random_sample, subset
+from models.data.transforms import eval_transform
+from models.discovery.discover import with_typicality
+from models.encoders.loading import load_encoder
+from models.evaluation.linear_eval import run_evaluation
+from models.scoring.feature_set import FeatureSet
+from models.scoring.representations import extract_with_pixels
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "models" / "weights"
 

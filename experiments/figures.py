@@ -20,7 +20,7 @@ from sklearn.metrics import (
 
 from experiments.baselines import SCORE_NAMES  # noqa: E402
 from experiments.config import Config  # noqa: E402
-from models.qscore import dominant_mask  # noqa: E402
+from models.scoring.qscore import dominant_mask
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 LABELS = {"simclr": "SimCLR", "byol": "BYOL"}

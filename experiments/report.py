@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.baselines import SCORE_NAMES
-from models.atomic import write_bytes_atomic
+from models.storage.atomic import write_bytes_atomic
 
 LABELS = {"simclr": "SimCLR", "byol": "BYOL"}
 #: The paper's numbers (SPEC section 6): table 1 on CIFAR-10, fig. 7 on ImageNet-100.

@@ -28,24 +28,20 @@ import torch
 from experiments.baselines import label_free_scores
 from experiments.cache import Stages, clean
 from experiments.config import PRESETS, Config, get_config
-from models.atomic import write_json_atomic
-from models.checkpoints import load_encoder, save_encoder
-from models.data import (
-    ensure_cifar10,
-    eval_transform,
-    extract_representations,
-    image_folder,
-    random_sample,
-    resolve_device,
-    subset,
-)
-from models.discovery import build_feature_set, count_pass, make_selection, q_pass, select_per_eps
-from models.encoders import EncoderSpec, build_encoder
-from models.evaluation import compression_curve, linear_probe, score_power
-from models.features import DataProvenance, EncoderRef, FeatureSet
-from models.objectives import build_method
-from models.qscore import q_score
-from models.training import Regularizer, StepRecord, TrainConfig, train
+from models.data.datasets import ensure_cifar10, image_folder, random_sample, subset
+from models.data.transforms import eval_transform
+from models.discovery.discover import build_feature_set, count_pass, make_selection, q_pass, select_per_eps
+from models.encoders.device import resolve_device
+from models.encoders.loading import load_encoder, save_encoder
+from models.encoders.resnet import build_encoder
+from models.encoders.spec import EncoderSpec
+from models.evaluation.metrics import compression_curve, linear_probe, score_power
+from models.scoring.feature_set import DataProvenance, EncoderRef, FeatureSet
+from models.scoring.qscore import q_score
+from models.scoring.representations import extract_representations
+from models.storage.atomic import write_json_atomic
+from models.training.loop import Regularizer, StepRecord, TrainConfig, train
+from models.training.objectives import build_method
 
 log = logging.getLogger("experiments.reproduce")
 

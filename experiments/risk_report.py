@@ -8,9 +8,9 @@ TorchScript ResNet-20 of ``../shared/models``):
   demo's shipped feature set; eps 1 for the ResNet-20, as its coverage at eps 4 is 2%),
   typicality (bank = the whole sample, thresholds leave-one-out) and a linear probe;
 - a seeded random sample of CIFAR-10 test images and each shift set made from them
-  (models/shifts.py): the atypical share and the low-quality share (Q < alpha);
+  (models/data/shifts.py): the atypical share and the low-quality share (Q < alpha);
 - on the test sample: the probe's mis-classification, the AUROC/AUPRC of each label-free signal
-  alone, of the cross-validated calibrated combination (models/risk.py) and of the probe's
+  alone, of the cross-validated calibrated combination (models/scoring/risk.py) and of the probe's
   maximum softmax (which uses labels), with the calibration (ECE, a reliability figure).
 """
 
@@ -28,14 +28,15 @@ import torch
 from PIL import Image
 from torchvision import transforms  # noqa: F401  (Subject's annotation)
 
-from models.checkpoints import load_encoder
-from models.data import ensure_cifar10, eval_transform, random_sample
-from models.evaluation import linear_probe
-from models.features import DominanceCounts, default_alpha, select_discriminative
-from models.qscore import q_score_parts
-from models.risk import fit_risk
-from models.shifts import GROSS_SHIFTS, HELD_OUT_GROSS_SHIFTS, HELD_OUT_SHIFTS, SHIFTS, apply_shift
-from models.typicality import fit_typicality, pixel_signals, score_typicality
+from models.data.datasets import ensure_cifar10, random_sample
+from models.data.shifts import GROSS_SHIFTS, HELD_OUT_GROSS_SHIFTS, HELD_OUT_SHIFTS, SHIFTS, apply_shift
+from models.data.transforms import eval_transform
+from models.encoders.loading import load_encoder
+from models.evaluation.metrics import linear_probe
+from models.scoring.dominance import DominanceCounts, default_alpha, select_discriminative
+from models.scoring.qscore import q_score_parts
+from models.scoring.risk import fit_risk
+from models.scoring.typicality import fit_typicality, pixel_signals, score_typicality
 
 REPO = Path(__file__).resolve().parent.parent
 SUPERVISED = REPO.parent / "shared" / "models" / "cifar10-resnet20-supervised.pt"
@@ -57,7 +58,7 @@ class Subject:
 
 
 def subjects() -> list[Subject]:
-    from models.features import FeatureSet
+    from models.scoring.feature_set import FeatureSet
 
     demo = load_encoder(DEMO_WEIGHTS).encoder.eval()
     fs = FeatureSet.load(DEMO_FEATURES)
@@ -198,7 +199,7 @@ def write_markdown(results: dict[str, Any], args: argparse.Namespace, out: Path)
         f"(CPU). Reference: {args.reference} random CIFAR-10 train images (seed 0), which are also the "
         f"bank, the typicality calibration (k-NN leave-one-out) and the linear probe's training set. Test: "
         f"{args.test} random CIFAR-10 test images (seed 1); every shift set is made from those same test "
-        "images (`models/shifts.py`). Figures from `resnet20` come from the **supervised** ResNet-20 "
+        "images (`models/data/shifts.py`). Figures from `resnet20` come from the **supervised** ResNet-20 "
         "(trained with labels), standing in for a strong encoder.",
         "",
         "| encoder | what |",
@@ -283,7 +284,7 @@ def write_markdown(results: dict[str, Any], args: argparse.Namespace, out: Path)
         "AUROC/AUPRC with positive = mis-classified (the probe's error on the test sample); a signal is "
         'read as "higher = riskier", so an AUROC below 0.5 means the signal works the other way round '
         "(1 - AUROC is its power then). The combination is the logistic regression (on standardised signals) "
-        "+ Platt calibration of `models/risk.py`; its AUROC/AUPRC from 5-fold out-of-fold decision values, "
+        "+ Platt calibration of `models/scoring/risk.py`; its AUROC/AUPRC from 5-fold out-of-fold decision values, "
         "its calibration from an outer 5-fold cross-validation (no image is scored by a model that saw it). "
         "The probe's maximum softmax uses labels (it is the classifier's own confidence).",
         "",

@@ -16,18 +16,14 @@ import torch
 
 from experiments.config import PRESETS, get_config
 from experiments.reproduce import encoder_spec, load_data
-from models.data import (
-    ensure_cifar10,
-    eval_transform,
-    extract_representations,
-    image_folder,
-    resolve_device,
-    subset,
-)
-from models.encoders import build_encoder
-from models.evaluation import linear_probe
-from models.objectives import build_method
-from models.training import TrainConfig, train
+from models.data.datasets import ensure_cifar10, image_folder, subset
+from models.data.transforms import eval_transform
+from models.encoders.device import resolve_device
+from models.encoders.resnet import build_encoder
+from models.evaluation.metrics import linear_probe
+from models.scoring.representations import extract_representations
+from models.training.loop import TrainConfig, train
+from models.training.objectives import build_method
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -50,7 +50,7 @@ def user_errors() -> Iterator[None]:
 
 
 def parse_rgb(text: str | None, name: str) -> tuple[float, float, float] | None:
-    from models.encoders import parse_rgb as parse
+    from models.encoders.spec import parse_rgb as parse
 
     return parse(text, f"--{name}")
 
@@ -64,7 +64,7 @@ def preprocessing(image_size: int | None, mean: str | None, std: str | None) -> 
 
 def load_model(model: Path, arch: str | None, image_size: int | None, mean: str | None, std: str | None) -> Any:
     """The encoder behind ``--model`` with the preprocessing flags applied (an ImportedEncoder)."""
-    from models.checkpoints import load_encoder
+    from models.encoders.loading import load_encoder
 
     return load_encoder(model, arch=arch, **preprocessing(image_size, mean, std))
 
@@ -110,11 +110,13 @@ def pretrain(
     log: Annotated[Path | None, typer.Option(help="Append one JSON line per step here.")] = None,
 ) -> None:
     """Pre-train an encoder with a self-supervised objective."""
-    from models.checkpoints import save_encoder
-    from models.data import image_folder, resolve_device
-    from models.encoders import BUILTIN_ARCHS, IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, build_encoder
-    from models.objectives import METHODS, build_method
-    from models.training import TrainConfig, seed_everything, train
+    from models.data.datasets import image_folder
+    from models.encoders.device import resolve_device
+    from models.encoders.loading import save_encoder
+    from models.encoders.resnet import build_encoder
+    from models.encoders.spec import BUILTIN_ARCHS, IMAGENET_MEAN, IMAGENET_STD, EncoderSpec
+    from models.training.loop import TrainConfig, seed_everything, train
+    from models.training.objectives import METHODS, build_method
 
     with user_errors():
         spec_kwargs: dict[str, Any] = {"arch": arch, "width": width, "cifar_stem": cifar_stem, "image_size": image_size}
@@ -179,10 +181,12 @@ def discover(
     std: StdOpt = None,
 ) -> None:
     """Find the discriminative features of an encoder on unlabelled images."""
-    from models.data import eval_transform, image_folder, resolve_device
-    from models.discovery import discover as run_discovery
-    from models.discovery import make_selection, parse_eps
-    from models.features import EncoderRef
+    from models.data.datasets import image_folder
+    from models.data.transforms import eval_transform
+    from models.discovery.discover import discover as run_discovery
+    from models.discovery.discover import make_selection, parse_eps
+    from models.encoders.device import resolve_device
+    from models.scoring.feature_set import EncoderRef
 
     with user_errors():
         imported = load_model(model, arch, image_size, mean, std)
@@ -236,9 +240,9 @@ def score(
     """Q-Score images; flag those below the feature set's alpha or unlike its reference (atypical)."""
     import torch
 
-    from models.features import FeatureSet
-    from models.images import ImageDecodeError, decode_image
-    from models.scoring import Scorer
+    from models.data.images import ImageDecodeError, decode_image
+    from models.scoring.feature_set import FeatureSet
+    from models.scoring.scorer import Scorer
 
     with user_errors():
         imported = load_model(model, arch, image_size, mean, std)
@@ -313,9 +317,9 @@ def evaluate(
     std: StdOpt = None,
 ) -> None:
     """Linear evaluation: top-1, Q-Score AUROC/AUPRC, compression curve, calibration."""
-    from models.data import resolve_device
-    from models.features import FeatureSet
-    from models.linear_eval import run_evaluation
+    from models.encoders.device import resolve_device
+    from models.evaluation.linear_eval import run_evaluation
+    from models.scoring.feature_set import FeatureSet
 
     with user_errors():
         imported = load_model(model, arch, image_size, mean, std)
@@ -336,7 +340,7 @@ def evaluate(
             progress=True,
         )
         if out:
-            from models.atomic import write_json_atomic
+            from models.storage.atomic import write_json_atomic
 
             write_json_atomic(out, report)
         if calibrated_out:
@@ -373,11 +377,12 @@ def regularize(
     std: StdOpt = None,
 ) -> None:
     """Continue training an encoder with the Q-Score regulariser (paper eq. 4)."""
-    from models.checkpoints import save_encoder
-    from models.data import image_folder, resolve_device
-    from models.features import FeatureSet, preprocessing_mismatch
-    from models.objectives import build_method
-    from models.training import Regularizer, TrainConfig, train
+    from models.data.datasets import image_folder
+    from models.encoders.device import resolve_device
+    from models.encoders.loading import save_encoder
+    from models.scoring.feature_set import FeatureSet, preprocessing_mismatch
+    from models.training.loop import Regularizer, TrainConfig, train
+    from models.training.objectives import build_method
 
     with user_errors():
         imported = load_model(model, arch, image_size, mean, std)
@@ -429,7 +434,7 @@ def import_model(
     std: StdOpt = None,
 ) -> None:
     """Register an encoder file once, so the service and the jobs can name it."""
-    from models.registry import Registry
+    from models.registry.versions import Registry
     from qscore_config.settings import get_settings
 
     with user_errors():
@@ -448,7 +453,7 @@ def convert(
     std: StdOpt = None,
 ) -> None:
     """Turn a checkpoint plus its architecture into a self-describing safetensors file."""
-    from models.checkpoints import save_encoder
+    from models.encoders.loading import save_encoder
 
     with user_errors():
         imported = load_model(checkpoint, arch, image_size, mean, std)

@@ -87,6 +87,11 @@ class Settings(BaseSettings):
     datasets: dict[str, Path] = Field(default_factory=dict, description='JSON: {"name": "/folder"}.')
     job_time_limit_s: int = Field(6 * 3600, ge=10)
     job_checkpoint_dir: Path = Field(Path(".qscore/checkpoints"))
+    cifar10_archive: Path = Field(
+        Path("../shared/data/cifar10-jpeg.tar.gz"),
+        description="The CIFAR-10 JPEG archive that tests, experiments and benchmarks extract.",
+    )
+    data_cache: Path = Field(Path(".cache/data"), description="Where data archives are extracted, once.")
     job_visibility_timeout_s: int | None = Field(
         None, ge=10, description="Redis re-delivers an unacknowledged job after this; default: time limit + 10 min."
     )

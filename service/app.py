@@ -17,7 +17,7 @@ from fastapi.routing import iter_route_contexts
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from models.registry import Registry
+from models.registry.versions import Registry
 from qscore_config.settings import Settings, get_settings
 from service import openapi
 from service.batcher import Batcher

@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.images import ImageDecodeError
-from models.scoring import ImageScore
+from models.data.images import ImageDecodeError
+from models.scoring.result import ImageScore
 from service.device_decode import batch_inputs
 from service.metrics import Metrics
 from service.state import ServingState

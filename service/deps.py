@@ -15,7 +15,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from models.registry import Registry
+from models.registry.versions import Registry
 from qscore_config.settings import Settings
 from service.batcher import Batcher
 from service.limits import ApiError

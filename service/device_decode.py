@@ -2,12 +2,12 @@
 
 On a GPU the forward pass is nearly free and decoding with Pillow on the host becomes the
 ceiling; decoding a batch on the device moves that work to the GPU. The preprocessing mirrors
-models.data.eval_transform (resize of the short side with antialiasing, centre crop, scale to
+models.data.transforms.eval_transform (resize of the short side with antialiasing, centre crop, scale to
 [0, 1], normalise) on tensors. Pixels differ from Pillow's by decoder and resampler rounding (a
 few 1/255 steps, see benchmarks/results), so it is opt-in (``QSCORE_DEVICE_DECODE``): with it
 off, scores are exactly those of the CPU path.
 
-Imports torch, torchvision, numpy and Pillow only (models.images), so the benchmark's
+Imports torch, torchvision, numpy and Pillow only (models.data.images), so the benchmark's
 ``--raw-only`` mode runs it anywhere.
 """
 
@@ -23,7 +23,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
-from models.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+from models.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from models.features import FeatureSet
+from models.scoring.feature_set import FeatureSet
 
 #: Q-Scores are ratios to the L1 norm of hundreds of features: small numbers. The buckets are
 #: 0 (no discriminative evidence) and 8 per decade from 1e-4 to 1, so histogram_quantile can

@@ -19,7 +19,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from models.registry import Registry
+from models.registry.versions import Registry
 from qscore_config.settings import Settings
 
 ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}

@@ -6,8 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from models.features import FeatureSet
-from models.registry import VERSION_PATTERN, ModelRecord
+from models.registry.versions import VERSION_PATTERN, ModelRecord
+from models.scoring.feature_set import FeatureSet
 
 VERSION_REGEX = VERSION_PATTERN.pattern
 

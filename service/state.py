@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.features import FeatureSet, preprocessing_mismatch
-from models.registry import ModelRecord, Registry, RegistryError
-from models.scoring import Scorer
+from models.registry.versions import ModelRecord, Registry, RegistryError
+from models.scoring.feature_set import FeatureSet, preprocessing_mismatch
+from models.scoring.scorer import Scorer
 from qscore_config.settings import Settings
 from service.schemas import FeatureSetInfo, ModelInfo, ServingInfo
 

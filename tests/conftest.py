@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.data import class_slice, ensure_cifar10, eval_transform, image_folder
-from models.discovery import discover, make_selection
-from models.encoders import EncoderSpec, build_encoder
-from models.features import EncoderRef, FeatureSet
-from models.registry import Registry
+from models.data.datasets import class_slice, ensure_cifar10, image_folder
+from models.data.transforms import eval_transform
+from models.discovery.discover import discover, make_selection
+from models.encoders.resnet import build_encoder
+from models.encoders.spec import EncoderSpec
+from models.registry.versions import Registry
+from models.scoring.feature_set import EncoderRef, FeatureSet
 
 # Two cores on CI: keep torch from oversubscribing when pytest and servers run side by side.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -41,7 +43,7 @@ def tiny_spec() -> EncoderSpec:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_spec: EncoderSpec, cifar_slice: Path) -> tuple:
     """(encoder, fingerprint, feature set): a seeded width-8 ResNet-18 and features found on the slice."""
-    from models.encoders import fingerprint
+    from models.encoders.spec import fingerprint
 
     torch.manual_seed(0)
     encoder = build_encoder(tiny_spec).eval()

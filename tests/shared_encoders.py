@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from models.data import REPO_ROOT
 
-SHARED_MODELS = REPO_ROOT.parent / "shared" / "models"
+SHARED_MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
 RESNET20_TORCHSCRIPT = SHARED_MODELS / "cifar10-resnet20-supervised.pt"
 RESNET20_CHECKPOINT = SHARED_MODELS / "resnet20-12fca82f.th"
 #: Its preprocessing: RGB in [0, 1] at 32x32, normalisation inside the module.

@@ -107,7 +107,7 @@ def _worker_init(**_: object) -> None:
             "(%d s); set QSCORE_BROKER_URL to a RabbitMQ to have it re-delivered within seconds",
             settings.visibility_timeout_s,
         )
-    from models.registry import Registry
+    from models.registry.versions import Registry
 
     removed = Registry(settings.registry_root).clean()
     if removed:

@@ -56,7 +56,7 @@ class JobContext:
 
     @property
     def registry(self) -> Any:
-        from models.registry import Registry
+        from models.registry.versions import Registry
 
         return Registry(self.settings.registry_root)
 
@@ -193,7 +193,7 @@ def guarded(ctx: JobContext, step: Callable[[], Any]) -> Any:
     """Run one step of a job; a cancellation or an error ends the job with the reason."""
     from celery.exceptions import SoftTimeLimitExceeded
 
-    from models.training import TrainingCancelled
+    from models.training.loop import TrainingCancelled
 
     try:
         return step()
@@ -260,7 +260,7 @@ def _activate(ctx: JobContext, wanted: bool | None, model: str, feature_set: str
 @lru_cache(maxsize=4)
 def _cached_model(root: str, version: str) -> Any:
     """Encoders read once per worker process (lazily: never before the pool forks)."""
-    from models.registry import Registry
+    from models.registry.versions import Registry
 
     return Registry(root).load_model(version)
 
@@ -270,7 +270,7 @@ def forget_models() -> None:
 
 
 def _device(ctx: JobContext) -> Any:
-    from models.data import resolve_device
+    from models.encoders.device import resolve_device
 
     return resolve_device(ctx.settings.device)
 
@@ -284,7 +284,7 @@ class DiscoverPlan:
 
 def discover_plan(ctx: JobContext) -> DiscoverPlan:
     """Draw the reference sample (seeded) and decide the shards."""
-    from models.data import image_folder, random_sample, shard
+    from models.data.datasets import image_folder, random_sample, shard
     from worker.params import dataset_folder
 
     p: DiscoverParams = params_of(ctx, DiscoverParams)
@@ -311,15 +311,10 @@ def _shard_representations(ctx: JobContext, p: DiscoverParams, plan: DiscoverPla
     """(n_k, r) representations of shard ``k``: from the scratch folder, or the encoder."""
     import torch
 
-    from models.atomic import atomic_path
-    from models.data import (
-        eval_transform,
-        extract_with_pixels,
-        image_folder,
-        random_sample,
-        shard,
-        subset,
-    )
+    from models.data.datasets import image_folder, random_sample, shard, subset
+    from models.data.transforms import eval_transform
+    from models.scoring.representations import extract_with_pixels
+    from models.storage.atomic import atomic_path
     from worker.params import dataset_folder
 
     cached = ctx.scratch / f"shard-{k}-of-{plan.n_shards}.pt"
@@ -370,7 +365,7 @@ def count_shard(ctx: JobContext, plan: DiscoverPlan, k: int) -> dict[str, Any]:
     """Dominance counts of shard ``k`` (JSON: :meth:`DominanceCounts.to_dict`)."""
     import torch
 
-    from models.discovery import count_pass, eps_grid
+    from models.discovery.discover import count_pass, eps_grid
 
     p: DiscoverParams = params_of(ctx, DiscoverParams)
     _guard_shard(ctx)
@@ -387,8 +382,8 @@ def count_shard(ctx: JobContext, plan: DiscoverPlan, k: int) -> dict[str, Any]:
 
 def discover_select(ctx: JobContext, shard_counts: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, list[int]]]:
     """Sum the shards' counts and choose ``D`` for every eps: (counts, {eps: indices})."""
-    from models.discovery import make_selection, select_per_eps
-    from models.features import DominanceCounts
+    from models.discovery.discover import make_selection, select_per_eps
+    from models.scoring.dominance import DominanceCounts
 
     p: DiscoverParams = params_of(ctx, DiscoverParams)
     _guard_shard(ctx)
@@ -405,7 +400,7 @@ def q_shard(ctx: JobContext, plan: DiscoverPlan, k: int, selections: dict[str, l
     """Reference Q-Scores of shard ``k`` under the summed ``D``, per eps."""
     import torch
 
-    from models.discovery import q_pass
+    from models.discovery.discover import q_pass
 
     p: DiscoverParams = params_of(ctx, DiscoverParams)
     _guard_shard(ctx)
@@ -432,9 +427,10 @@ def discover_finalize(
     import numpy as np
     import torch
 
-    from models.data import random_sample
-    from models.discovery import build_feature_set, make_selection, with_typicality
-    from models.features import DataProvenance, DominanceCounts, EncoderRef, Preprocessing
+    from models.data.datasets import random_sample
+    from models.discovery.discover import build_feature_set, make_selection, with_typicality
+    from models.scoring.dominance import DominanceCounts
+    from models.scoring.feature_set import DataProvenance, EncoderRef, Preprocessing
 
     p: DiscoverParams = params_of(ctx, DiscoverParams)
     _guard_shard(ctx)
@@ -510,9 +506,10 @@ def _discover_in_process(
     on_progress: Callable[[float], None],
 ) -> Any:
     """One-process discovery on ``model`` (after training), written as ``version``."""
-    from models.data import eval_transform, image_folder
-    from models.discovery import discover, make_selection
-    from models.features import EncoderRef
+    from models.data.datasets import image_folder
+    from models.data.transforms import eval_transform
+    from models.discovery.discover import discover, make_selection
+    from models.scoring.feature_set import EncoderRef
     from worker.params import dataset_folder
 
     registry = ctx.registry
@@ -546,9 +543,9 @@ def _discover_in_process(
 # -- regularize -------------------------------------------------------------------------------
 def regularize(ctx: JobContext) -> tuple[dict[str, Any], dict[str, str]]:
     """Q-Score-regularised fine-tuning (paper eq. 4), resumable; then discover on the result."""
-    from models.data import image_folder
-    from models.objectives import build_method
-    from models.training import Regularizer, TrainConfig, train
+    from models.data.datasets import image_folder
+    from models.training.loop import Regularizer, TrainConfig, train
+    from models.training.objectives import build_method
     from worker.params import dataset_folder
 
     p: RegularizeParams = params_of(ctx, RegularizeParams)
@@ -639,7 +636,7 @@ def regularize(ctx: JobContext) -> tuple[dict[str, Any], dict[str, str]]:
 # -- evaluate ---------------------------------------------------------------------------------
 def evaluate(ctx: JobContext) -> tuple[dict[str, Any], dict[str, str]]:
     """Linear evaluation; writes the calibrated feature set as ``features-<job id>``."""
-    from models.linear_eval import run_evaluation
+    from models.evaluation.linear_eval import run_evaluation
     from worker.params import dataset_folder
 
     p: EvaluateParams = params_of(ctx, EvaluateParams)

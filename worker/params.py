@@ -128,7 +128,7 @@ def resolve(params: _Params, settings: Settings) -> _Params:
 
     Returns a copy with ``model`` (and ``feature_set``) set, so the job record says what ran.
     """
-    from models.registry import Registry, RegistryError
+    from models.registry.versions import Registry, RegistryError
 
     registry = Registry(settings.registry_root)
     update: dict[str, object] = {}
@@ -185,8 +185,8 @@ def resolve(params: _Params, settings: Settings) -> _Params:
 
 def _check_trainable(spec: object, model: str) -> None:
     """Nothing is queued that cannot run: a TorchScript model is not fine-tuned (issue 9)."""
-    from models.encoders import EncoderSpec
-    from models.torchscript_encoders import NOT_TRAINABLE
+    from models.encoders.spec import EncoderSpec
+    from models.encoders.torchscript_encoder import NOT_TRAINABLE
 
     if isinstance(spec, EncoderSpec) and spec.source == "torchscript":
         raise ParamError("model", f"cannot regularize model {model!r}: {NOT_TRAINABLE}")

@@ -6,7 +6,7 @@ import asyncio
 
 from fastapi import APIRouter, Depends
 
-from models.registry import RegistryError
+from models.registry.versions import RegistryError
 from service.deps import HolderDep, RegistryDep, SettingsDep
 from service.limits import ApiError
 from service.schemas import (

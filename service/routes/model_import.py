@@ -16,8 +16,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Form, UploadFile
 from pydantic import BaseModel
 
-from models.encoders import parse_rgb
-from models.registry import VERSION_PATTERN, ModelRecord, VersionExists
+from models.encoders.spec import parse_rgb
+from models.registry.versions import VERSION_PATTERN, ModelRecord, VersionExists
 from service.deps import RegistryDep
 from service.limits import ApiError
 from service.schemas import ErrorResponse
@@ -108,7 +108,7 @@ async def import_model(
             )
         except VersionExists as exc:
             raise ApiError(409, "version_exists", str(exc)) from exc
-        except ValueError as exc:  # CheckpointError, ProbeError, TimmError: what is wrong with the file
+        except ValueError as exc:  # CheckpointError, OutputCheckError, TimmError: what is wrong with the file
             # name the upload, not the server's temporary path
             message = str(exc).replace(str(path), repr(file.filename or "upload"))
             raise ApiError(422, "invalid_model", message) from exc

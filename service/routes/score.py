@@ -16,8 +16,8 @@ import orjson
 from fastapi import APIRouter, Query, Request, Response
 from starlette.types import Receive
 
-from models.images import ImageDecodeError, decode_image
-from models.scoring import FeatureValue, ImageScore
+from models.data.images import ImageDecodeError, decode_image
+from models.scoring.result import FeatureValue, ImageScore
 from service.batcher import BatcherStopped, QueueFull
 from service.deps import ScoringDep
 from service.device_decode import decodable_on_device

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.encoders import Encoder, EncoderSpec, build_encoder
+from models.encoders.resnet import ResNetEncoder, build_encoder
+from models.encoders.spec import EncoderSpec
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -18,7 +19,7 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
-def make_encoder(spec: EncoderSpec, seed: int = 0) -> Encoder:
+def make_encoder(spec: EncoderSpec, seed: int = 0) -> ResNetEncoder:
     """A seeded encoder whose BatchNorm running statistics are not the defaults."""
     torch.manual_seed(seed)
     encoder = build_encoder(spec)
@@ -31,7 +32,7 @@ def make_encoder(spec: EncoderSpec, seed: int = 0) -> Encoder:
 
 
 @pytest.fixture(scope="session")
-def bn_encoder(tiny_spec: EncoderSpec) -> Encoder:
+def bn_encoder(tiny_spec: EncoderSpec) -> ResNetEncoder:
     """A width-8 CIFAR ResNet-18 with non-trivial BatchNorm statistics, in eval mode."""
     return make_encoder(tiny_spec)
 

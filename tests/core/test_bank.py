@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from models.bank import ReferenceBank, normalise
+from models.scoring.bank import ReferenceBank, normalise
 
 AXES = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
 

@@ -16,17 +16,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from models.checkpoints import (
-    CheckpointError,
-    infer_spec,
-    load_encoder,
-    read_metadata,
-    read_tensors,
-    save_encoder,
-    to_torchvision_layout,
-    unwrap_state_dict,
-)
-from models.encoders import Encoder, EncoderSpec, fingerprint
+from models.encoders.errors import CheckpointError
+from models.encoders.layouts import infer_spec, read_metadata, read_tensors, to_torchvision_layout, unwrap_state_dict
+from models.encoders.loading import load_encoder, save_encoder
+from models.encoders.resnet import ResNetEncoder
+from models.encoders.spec import EncoderSpec, fingerprint
 
 
 class NotAWeight:
@@ -36,7 +30,7 @@ class NotAWeight:
         self.payload = "anything"
 
 
-def _sd(encoder: Encoder) -> dict[str, torch.Tensor]:
+def _sd(encoder: ResNetEncoder) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in encoder.backbone_state_dict().items()}
 
 
@@ -58,7 +52,7 @@ def _head(prefix: str, r: int) -> dict[str, torch.Tensor]:
 # Each builder writes one layout into ``folder`` and returns the path.
 
 
-def _plain_torchvision(enc: Encoder, folder: Path) -> Path:
+def _plain_torchvision(enc: ResNetEncoder, folder: Path) -> Path:
     sd = _sd(enc)
     r = enc.feature_dim
     sd.update({"fc.weight": torch.randn(10, r), "fc.bias": torch.randn(10)})  # torchvision's classifier
@@ -67,7 +61,7 @@ def _plain_torchvision(enc: Encoder, folder: Path) -> Path:
     return path
 
 
-def _solo_learn(enc: Encoder, folder: Path) -> Path:
+def _solo_learn(enc: ResNetEncoder, folder: Path) -> Path:
     sd = {f"backbone.{k}": v for k, v in _sd(enc).items()}
     sd.update(_head("projector.", enc.feature_dim))
     sd.update({"classifier.weight": torch.randn(10, enc.feature_dim), "classifier.bias": torch.randn(10)})
@@ -83,7 +77,7 @@ def _solo_learn(enc: Encoder, folder: Path) -> Path:
     return path
 
 
-def _solo_learn_old_encoder(enc: Encoder, folder: Path) -> Path:
+def _solo_learn_old_encoder(enc: ResNetEncoder, folder: Path) -> Path:
     sd = {f"encoder.{k}": v for k, v in _sd(enc).items()}
     sd.update(_head("projector.", enc.feature_dim))
     path = folder / "solo-old.ckpt"
@@ -100,7 +94,7 @@ class _LightlyModel(nn.Module):
         self.projection_head = nn.Sequential(nn.Linear(r, r), nn.ReLU(), nn.Linear(r, 16))
 
 
-def _lightly(enc: Encoder, folder: Path) -> Path:
+def _lightly(enc: ResNetEncoder, folder: Path) -> Path:
     model = _LightlyModel(copy.deepcopy(enc.resnet), enc.feature_dim)
     sd = model.state_dict()
     assert "backbone.0.weight" in sd and "backbone.4.0.conv1.weight" in sd and "backbone.7.1.bn2.running_var" in sd
@@ -109,7 +103,7 @@ def _lightly(enc: Encoder, folder: Path) -> Path:
     return path
 
 
-def _moco(enc: Encoder, folder: Path) -> Path:
+def _moco(enc: ResNetEncoder, folder: Path) -> Path:
     sd = {f"module.encoder_q.{k}": v for k, v in _sd(enc).items()}
     # the key encoder has other weights: importing it instead would change h
     sd.update({f"module.encoder_k.{k}": v for k, v in _noise_like(_sd(enc)).items()})
@@ -139,7 +133,7 @@ def _moco(enc: Encoder, folder: Path) -> Path:
     return path
 
 
-def _swav(enc: Encoder, folder: Path, wrapped: bool) -> Path:
+def _swav(enc: ResNetEncoder, folder: Path, wrapped: bool) -> Path:
     sd = {f"module.{k}": v for k, v in _sd(enc).items()}
     sd.update(_head("module.projection_head.", enc.feature_dim))
     sd["module.prototypes.weight"] = torch.randn(30, 16)
@@ -148,7 +142,7 @@ def _swav(enc: Encoder, folder: Path, wrapped: bool) -> Path:
     return path
 
 
-def _vissl(enc: Encoder, folder: Path) -> Path:
+def _vissl(enc: ResNetEncoder, folder: Path) -> Path:
     trunk = {f"_feature_blocks.{k}": v for k, v in _sd(enc).items()}
     heads = {"0.clf.0.weight": torch.randn(10, enc.feature_dim)}
     ckpt = {
@@ -162,32 +156,32 @@ def _vissl(enc: Encoder, folder: Path) -> Path:
     return path
 
 
-def _data_parallel(enc: Encoder, folder: Path) -> Path:
+def _data_parallel(enc: ResNetEncoder, folder: Path) -> Path:
     path = folder / "dp.pt"
     torch.save({f"module.{k}": v for k, v in _sd(enc).items()}, path)
     return path
 
 
-def _safetensors_plain(enc: Encoder, folder: Path) -> Path:
+def _safetensors_plain(enc: ResNetEncoder, folder: Path) -> Path:
     path = folder / "plain.safetensors"
     save_file({k: v.contiguous() for k, v in _sd(enc).items()}, str(path))
     return path
 
 
-def _safetensors_other_suffix(enc: Encoder, folder: Path) -> Path:
+def _safetensors_other_suffix(enc: ResNetEncoder, folder: Path) -> Path:
     # safetensors is recognised by its header, not only by its suffix
     path = folder / "weights.bin"
     save_file({k: v.contiguous() for k, v in _sd(enc).items()}, str(path))
     return path
 
 
-def _ours(enc: Encoder, folder: Path) -> Path:
+def _ours(enc: ResNetEncoder, folder: Path) -> Path:
     path = folder / "ours.safetensors"
     save_encoder(enc, path)
     return path
 
 
-LAYOUTS: dict[str, Callable[[Encoder, Path], Path]] = {
+LAYOUTS: dict[str, Callable[[ResNetEncoder, Path], Path]] = {
     "torchvision": _plain_torchvision,
     "solo-learn": _solo_learn,
     "solo-learn-encoder": _solo_learn_old_encoder,

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from models.checkpoints import load_encoder
-from models.features import FeatureSet
+from models.encoders.loading import load_encoder
+from models.scoring.feature_set import FeatureSet
 
 QSCORE = Path(sys.executable).parent / "qscore"
 

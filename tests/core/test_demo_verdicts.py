@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.registry import Registry
-from models.scoring import Scorer
+from models.registry.versions import Registry
+from models.scoring.scorer import Scorer
 
 
 def test_demo_scores_cifar_typical_and_solid_colours_atypical(tmp_path: Path, cifar_slice: Path) -> None:

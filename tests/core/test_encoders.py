@@ -6,7 +6,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from models.encoders import EncoderSpec, build_encoder, fingerprint
+from models.encoders.resnet import build_encoder
+from models.encoders.spec import EncoderSpec, fingerprint
 
 
 @pytest.mark.parametrize(

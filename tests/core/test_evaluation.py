@@ -6,13 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.evaluation import (
-    calibrate_alpha,
-    compression_curve,
-    linear_probe,
-    score_power,
-)
-from models.linear_eval import run_evaluation
+from models.evaluation.linear_eval import run_evaluation
+from models.evaluation.metrics import calibrate_alpha, compression_curve, linear_probe, score_power
 
 # --- score_power ---------------------------------------------------------------------------
 
@@ -191,7 +186,7 @@ def test_run_evaluation_keeps_encoder_frozen(tiny_model, cifar_slice):
     assert 0.0 <= report["top1"] <= 1.0
     assert set(report["q_score"]) >= {"auroc", "auprc", "base_rate", "auroc_misclassified"}
     assert report["alpha"] > 0 and calibrated.alpha == report["alpha"]
-    # one notion of risk: the calibrated model of models/risk.py, over the label-free signals
+    # one notion of risk: the calibrated model of models/scoring/risk.py, over the label-free signals
     assert calibrated.risk_model is not None and calibrated.risk_curve is None
     assert {"q_score", "knn", "typicality"} <= set(calibrated.risk_model.signals)
     assert set(report["risk"]["per_signal"]) == set(calibrated.risk_model.signals)

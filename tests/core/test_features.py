@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from models.discovery import (
+from models.discovery.discover import (
     build_feature_set,
     count_pass,
     discover,
@@ -21,19 +21,15 @@ from models.discovery import (
     q_pass,
     select_per_eps,
 )
-from models.features import (
+from models.scoring.dominance import (
     AUTO_EPS_GRID,
-    DataProvenance,
     DominanceCounts,
-    EncoderRef,
-    FeatureSet,
-    RiskCurve,
-    Selection,
     choose_auto_eps,
     default_alpha,
     select_discriminative,
 )
-from models.qscore import coverage, dominant_mask, q_score
+from models.scoring.feature_set import DataProvenance, EncoderRef, FeatureSet, RiskCurve, Selection
+from models.scoring.qscore import coverage, dominant_mask, q_score
 
 # --- DominanceCounts ------------------------------------------------------------------------
 

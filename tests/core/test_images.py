@@ -1,4 +1,4 @@
-"""Decoding untrusted image bytes to RGB (models/images.py)."""
+"""Decoding untrusted image bytes to RGB (models/data/images.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.images import ImageDecodeError, decode_image
+from models.data.images import ImageDecodeError, decode_image
 
 
 def _bytes(image: Image.Image, fmt: str, **kwargs) -> bytes:

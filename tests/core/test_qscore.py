@@ -10,7 +10,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from models.qscore import (
+from models.scoring.qscore import (
     coverage,
     discriminative_mask,
     dominant_mask,

@@ -1,4 +1,4 @@
-"""The on-disk registry and atomic writes (models/registry.py, models/atomic.py)."""
+"""The on-disk registry and atomic writes (models/registry/versions.py, models/storage/atomic.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.atomic import atomic_directory, atomic_path, remove_stale_temporaries, write_json_atomic
-from models.registry import Registry, RegistryError, check_version
+from models.registry.versions import Registry, RegistryError, check_version
+from models.storage.atomic import atomic_directory, atomic_path, remove_stale_temporaries, write_json_atomic
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -61,7 +61,7 @@ def test_invalid_version_on_add_writes_nothing(tiny_registry, tiny_model):
 
 def test_set_active_refuses_mismatched_pair(tiny_registry, tiny_spec):
     torch.manual_seed(123)
-    from models.encoders import build_encoder
+    from models.encoders.resnet import build_encoder
 
     tiny_registry.add_model(build_encoder(tiny_spec), version="other")
     with pytest.raises(RegistryError, match="feature set 'tiny' belongs to encoder .* but model 'other'"):
@@ -77,7 +77,7 @@ def test_set_active_refuses_mismatched_pair(tiny_registry, tiny_spec):
 def test_feature_set_for_another_model_is_refused(tiny_registry, tiny_model, tiny_spec):
     _, _, feature_set = tiny_model
     torch.manual_seed(321)
-    from models.encoders import build_encoder
+    from models.encoders.resnet import build_encoder
 
     tiny_registry.add_model(build_encoder(tiny_spec), version="other")
     fs = feature_set.model_copy(deep=True)
@@ -152,7 +152,7 @@ def test_hard_crash_leaves_no_target_and_clean_removes_leftovers(tmp_path):
     models_dir = registry.models_dir
     _crash(f"""
         from pathlib import Path
-        from models.atomic import atomic_directory
+        from models.storage.atomic import atomic_directory
         with atomic_directory(Path({str(models_dir / "v1")!r})) as tmp:
             (tmp / "encoder.safetensors").write_bytes(b"partial")
             os._exit(17)
@@ -163,7 +163,7 @@ def test_hard_crash_leaves_no_target_and_clean_removes_leftovers(tmp_path):
     (fs_dir / "f1" / "feature_set.json").write_text('{"old": true}')
     _crash(f"""
         from pathlib import Path
-        from models.atomic import atomic_path
+        from models.storage.atomic import atomic_path
         with atomic_path(Path({str(fs_dir / "f1" / "feature_set.json")!r})) as tmp:
             tmp.write_text("{{half")
             os._exit(17)

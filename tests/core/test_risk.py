@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.risk import RiskModel, expected_calibration_error, fit_risk
+from models.scoring.risk import RiskModel, expected_calibration_error, fit_risk
 
 
 def _data(n: int = 400, seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:

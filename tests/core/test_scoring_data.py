@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from models.data import random_sample, shard
-from models.qscore import q_score
-from models.scoring import FeatureSetMismatch, Scorer
+from models.data.datasets import random_sample, shard
+from models.scoring.qscore import q_score
+from models.scoring.scorer import FeatureSetMismatch, Scorer
 
 
 def test_scorer_matches_q_score(tiny_model):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.shifts import SHIFTS, apply_shift, write_shift_set
+from models.data.shifts import SHIFTS, apply_shift, write_shift_set
 
 
 def _images(n: int = 3) -> list[Image.Image]:
@@ -63,7 +63,7 @@ def test_held_out_shifts_are_what_they_say() -> None:
 
 def test_held_out_sets_come_after_the_design_sets() -> None:
     """Appending keeps the seeds (and so the pixels) of the sets the method was chosen on."""
-    from models.shifts import GROSS_SHIFTS, HELD_OUT_SHIFTS
+    from models.data.shifts import GROSS_SHIFTS, HELD_OUT_SHIFTS
 
     names = list(SHIFTS)
     assert names[-len(HELD_OUT_SHIFTS) :] == list(HELD_OUT_SHIFTS)

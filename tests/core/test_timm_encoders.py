@@ -13,13 +13,16 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from models.checkpoints import CheckpointError, load_encoder, read_metadata, save_encoder
-from models.data import eval_transform, extract_representations, image_folder
-from models.discovery import discover, make_selection
-from models.features import SIGNED_SHARE, EncoderRef
-from models.qscore import q_score
-from models.registry import Registry
-from models.timm_encoders import TimmError
+from models.data.datasets import image_folder
+from models.data.transforms import eval_transform
+from models.discovery.discover import discover, make_selection
+from models.encoders.errors import CheckpointError, TimmError
+from models.encoders.layouts import read_metadata
+from models.encoders.loading import load_encoder, save_encoder
+from models.registry.versions import Registry
+from models.scoring.feature_set import SIGNED_SHARE, EncoderRef
+from models.scoring.qscore import q_score
+from models.scoring.representations import extract_representations
 from tests.core.test_cli import last_json, run_cli
 
 # (name, image size the test trains for, feature dimension of timm's pre-logits)

@@ -10,14 +10,16 @@ import pytest
 import torch
 from torch import nn
 
-from models.checkpoints import CheckpointError, load_encoder
-from models.data import eval_transform, extract_representations, image_folder
-from models.encoders import IMAGENET_MEAN, IMAGENET_STD
-from models.features import FeatureSet
-from models.probe import ProbeError
-from models.qscore import q_score
-from models.registry import Registry, RegistryError
-from models.torchscript_encoders import is_torchscript
+from models.data.datasets import image_folder
+from models.data.transforms import eval_transform
+from models.encoders.errors import CheckpointError, OutputCheckError
+from models.encoders.layouts import is_torchscript
+from models.encoders.loading import load_encoder
+from models.encoders.spec import IMAGENET_MEAN, IMAGENET_STD
+from models.registry.versions import Registry, RegistryError
+from models.scoring.feature_set import FeatureSet
+from models.scoring.qscore import q_score
+from models.scoring.representations import extract_representations
 from tests.core.test_cli import last_json, run_cli
 from tests.shared_encoders import RESNET20_FLAGS, RESNET20_PREPROCESSING, RESNET20_TORCHSCRIPT, shared_file
 
@@ -104,10 +106,10 @@ def test_torchscript_gets_its_preprocessing_from_flags_and_defaults(tmp_path):
 )
 def test_bad_torchscript_modules_are_refused_and_nothing_is_registered(tmp_path, module, flags, needle):
     path = script(module, tmp_path / "bad.pt")
-    with pytest.raises(ProbeError, match=needle):
+    with pytest.raises(OutputCheckError, match=needle):
         load_encoder(path, **flags)
     registry = Registry(tmp_path / "registry")
-    with pytest.raises(ProbeError, match=needle):
+    with pytest.raises(OutputCheckError, match=needle):
         registry.import_model(path, version="bad", **flags)
     assert registry.list_models() == []
     assert not (tmp_path / "registry" / "models").exists() or not any((tmp_path / "registry" / "models").iterdir())
@@ -222,8 +224,8 @@ def test_shared_resnet20_import_discover_score_on_the_command_line(resnet20, cif
 
 def test_shared_resnet20_coverage_on_a_slice(resnet20, cifar_slice):
     """The figures quoted in the report: coverage per eps of a strong (supervised) encoder."""
-    from models.discovery import discover, make_selection
-    from models.features import EncoderRef
+    from models.discovery.discover import discover, make_selection
+    from models.scoring.feature_set import EncoderRef
 
     imported = load_encoder(resnet20, **RESNET20_PREPROCESSING)
     dataset = image_folder(cifar_slice / "test", eval_transform(imported.encoder.spec))
@@ -275,9 +277,9 @@ def test_bad_preprocessing_flags_exit_2(tmp_path, flags, needle):
 
 
 def test_a_feature_set_is_refused_for_the_same_weights_fed_otherwise(tmp_path, cifar_slice):
-    from models.discovery import discover, make_selection
-    from models.features import EncoderRef
-    from models.scoring import FeatureSetMismatch, Scorer
+    from models.discovery.discover import discover, make_selection
+    from models.scoring.feature_set import EncoderRef
+    from models.scoring.scorer import FeatureSetMismatch, Scorer
 
     path = script(Pooled(), tmp_path / "pooled.pt")
     registry = Registry(tmp_path / "registry")
@@ -301,7 +303,7 @@ def test_a_feature_set_is_refused_for_the_same_weights_fed_otherwise(tmp_path, c
         registry.check_pair("at48", "f32")
     with pytest.raises(FeatureSetMismatch, match="Use the same preprocessing flags as at discovery"):
         Scorer(registry.load_model("at48").encoder, at48.fingerprint, fs, device="cpu")
-    from models.linear_eval import run_evaluation
+    from models.evaluation.linear_eval import run_evaluation
 
     with pytest.raises(ValueError, match="Use the same preprocessing flags as at discovery"):
         run_evaluation(registry.load_model("at48").encoder, at48.fingerprint, fs, cifar_slice / "train", tmp_path)

@@ -8,11 +8,14 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from models.data import eval_transform, extract_representations, image_folder
-from models.encoders import EncoderSpec, build_encoder
-from models.objectives import METHODS, build_method
-from models.qscore import q_score
-from models.training import Regularizer, TrainConfig, TrainingCancelled, train
+from models.data.datasets import image_folder
+from models.data.transforms import eval_transform
+from models.encoders.resnet import build_encoder
+from models.encoders.spec import EncoderSpec
+from models.scoring.qscore import q_score
+from models.scoring.representations import extract_representations
+from models.training.loop import Regularizer, TrainConfig, TrainingCancelled, train
+from models.training.objectives import METHODS, build_method
 
 
 class TwoViews(Dataset):

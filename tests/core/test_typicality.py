@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.typicality import (
+from models.scoring.typicality import (
     ComponentScale,
     TypicalityModel,
     fit_typicality,
@@ -92,8 +92,8 @@ def test_json_round_trip_and_errors() -> None:
 
 
 def test_feature_set_writes_its_bank_beside_and_reads_it_on_first_use(tmp_path, tiny_model) -> None:
-    from models.bank import ReferenceBank
-    from models.features import FeatureSet, bank_path
+    from models.scoring.bank import ReferenceBank
+    from models.scoring.feature_set import FeatureSet, bank_path
 
     _, _, fs = tiny_model
     assert fs.typicality is not None and fs.bank is not None and fs.bank.size == 300
@@ -113,7 +113,7 @@ def test_feature_set_writes_its_bank_beside_and_reads_it_on_first_use(tmp_path, 
 
 
 def test_pixel_std_matches_torch_std() -> None:
-    from models.typicality import _std
+    from models.scoring.typicality import _std
 
     x = torch.rand(5, 300, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(_std(x), x.std(dim=1), atol=1e-6)
@@ -121,7 +121,7 @@ def test_pixel_std_matches_torch_std() -> None:
 
 
 def test_half_resolution_matches_avg_pool() -> None:
-    from models.typicality import _half
+    from models.scoring.typicality import _half
 
     x = torch.rand(2, 3, 9, 8, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(_half(x), torch.nn.functional.avg_pool2d(x, 2), atol=1e-6)

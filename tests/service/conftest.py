@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from service_helpers import LiveServer, build_registry, make_settings
 
-from models.registry import Registry
+from models.registry.versions import Registry
 
 
 @pytest.fixture(scope="module")

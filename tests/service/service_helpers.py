@@ -13,8 +13,8 @@ import httpx
 import torch
 import uvicorn
 
-from models.features import FeatureSet
-from models.registry import Registry
+from models.registry.versions import Registry
+from models.scoring.feature_set import FeatureSet
 from qscore_config.settings import Settings
 from service.app import create_app
 

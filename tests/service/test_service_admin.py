@@ -11,7 +11,7 @@ import numpy as np
 from service_helpers import LiveServer
 from test_service_score import cifar_files, expected_q, upload
 
-from models.registry import Registry
+from models.registry.versions import Registry
 
 
 def test_admin_lists_versions_and_active_pair(make_server: Callable[..., LiveServer]) -> None:

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from service_helpers import LiveServer
 
-from models.images import decode_image
-from models.registry import Registry
+from models.data.images import decode_image
+from models.registry.versions import Registry
 from service.device_decode import batch_inputs, decodable_on_device, decode_jpegs
 
 
@@ -22,7 +22,7 @@ def cifar_jpegs(cifar_slice: Path, n: int) -> list[tuple[str, bytes]]:
 
 
 def test_decode_jpegs_matches_pillow_preprocessing(service_registry: Registry, cifar_slice: Path) -> None:
-    from models.scoring import Scorer
+    from models.scoring.scorer import Scorer
 
     imported = service_registry.load_model("tiny")
     scorer = Scorer(imported.encoder, imported.fingerprint, service_registry.load_feature_set("tiny"), "cpu")
@@ -37,7 +37,7 @@ def test_decode_jpegs_matches_pillow_preprocessing(service_registry: Registry, c
 def test_batch_inputs_mixes_prepared_images_and_files_and_names_broken_ones(
     service_registry: Registry, cifar_slice: Path
 ) -> None:
-    from models.scoring import Scorer
+    from models.scoring.scorer import Scorer
 
     imported = service_registry.load_model("tiny")
     scorer = Scorer(imported.encoder, imported.fingerprint, service_registry.load_feature_set("tiny"), "cpu")

@@ -15,11 +15,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from models.data import eval_transform, image_folder
-from models.discovery import discover, make_selection
-from models.features import EncoderRef
-from models.qscore import q_score
-from models.registry import Registry
+from models.data.datasets import image_folder
+from models.data.transforms import eval_transform
+from models.discovery.discover import discover, make_selection
+from models.registry.versions import Registry
+from models.scoring.feature_set import EncoderRef
+from models.scoring.qscore import q_score
 from tests.shared_encoders import RESNET20_TORCHSCRIPT, shared_file
 
 R20_FORM = {"version": "r20", "image_size": "32", "mean": "0,0,0", "std": "1,1,1"}

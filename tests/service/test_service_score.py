@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 from service_helpers import LiveServer
 
-from models.data import eval_transform
-from models.images import decode_image
-from models.qscore import q_score
-from models.registry import Registry
+from models.data.images import decode_image
+from models.data.transforms import eval_transform
+from models.registry.versions import Registry
+from models.scoring.qscore import q_score
 
 
 def cifar_files(cifar_slice: Path, n: int) -> list[Path]:

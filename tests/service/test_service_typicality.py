@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 from service_helpers import LiveServer, sum_samples
 
-from models.data import eval_transform
-from models.images import decode_image
-from models.qscore import q_score_parts
-from models.registry import Registry
-from models.scoring import label_free_signals
+from models.data.images import decode_image
+from models.data.transforms import eval_transform
+from models.registry.versions import Registry
+from models.scoring.qscore import q_score_parts
+from models.scoring.signals import label_free_signals
 
 
 def _png(image: Image.Image) -> bytes:

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from models.registry import Registry
+from models.registry.versions import Registry
 
 REPO = Path(__file__).resolve().parents[2]
 CELERY = str(Path(sys.executable).parent / "celery")

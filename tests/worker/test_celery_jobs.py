@@ -17,10 +17,11 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from models.data import eval_transform, image_folder
-from models.discovery import discover
-from models.features import EncoderRef
-from models.registry import Registry
+from models.data.datasets import image_folder
+from models.data.transforms import eval_transform
+from models.discovery.discover import discover
+from models.registry.versions import Registry
+from models.scoring.feature_set import EncoderRef
 from service.app import create_app
 from tests.worker.conftest import (
     CeleryWorker,

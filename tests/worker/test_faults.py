@@ -21,7 +21,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from models.registry import Registry
+from models.registry.versions import Registry
 from service.app import create_app
 from tests.worker.conftest import REPO, CeleryWorker, free_port, make_settings, no_partial_versions, wait_for
 

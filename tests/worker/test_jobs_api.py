@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from models.registry import Registry
+from models.registry.versions import Registry
 from service.app import create_app
 from tests.worker.conftest import make_settings, wait_for
 

@@ -16,7 +16,7 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import save_file
 
-from models.registry import Registry
+from models.registry.versions import Registry
 from service.app import create_app
 from tests.shared_encoders import RESNET20_PREPROCESSING, RESNET20_TORCHSCRIPT, shared_file
 from tests.worker.conftest import CeleryWorker, make_settings, wait_for

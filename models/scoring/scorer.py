@@ -3,51 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms
 
-from models.bank import ReferenceBank
-from models.data import eval_transform, resolve_device
-from models.encoders import Encoder
-from models.features import FeatureSet, preprocessing_mismatch
-from models.qscore import QScoreParts, discriminative_mask, q_score_parts
-from models.typicality import DEFAULT_K, TypicalityModel
-from models.typicality import signals as typicality_signals
+from models.data.transforms import eval_transform
+from models.encoders.device import resolve_device
+from models.encoders.resnet import ResNetEncoder
+from models.scoring.feature_set import FeatureSet, preprocessing_mismatch
+from models.scoring.qscore import QScoreParts, discriminative_mask, q_score_parts
+from models.scoring.result import FeatureValue, ImageScore, reasons_of
+from models.scoring.signals import label_free_signals
 
 PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class FeatureSetMismatch(ValueError):
     """A feature set found on other weights than the encoder's."""
-
-
-@dataclass(frozen=True)
-class FeatureValue:
-    index: int
-    value: float
-
-
-@dataclass(frozen=True)
-class ImageScore:
-    q_score: float
-    low_quality: bool
-    risk: float | None
-    l1_norm: float
-    #: None when the caller did not ask for the per-feature lists (``features=False``).
-    dominant: list[FeatureValue] | None
-    discriminative_active: list[FeatureValue] | None
-    typicality: float | None = None
-    atypical: bool | None = None
-    reasons: tuple[str, ...] = ()
-
-
-def reasons_of(low_quality: bool, atypical: bool | None) -> tuple[str, ...]:
-    """Why an image is flagged: ``q_below_alpha`` (Q < alpha), ``atypical`` (typicality > 1)."""
-    return (("q_below_alpha",) if low_quality else ()) + (("atypical",) if atypical else ())
 
 
 class Scorer:
@@ -59,7 +33,7 @@ class Scorer:
 
     def __init__(
         self,
-        encoder: Encoder,
+        encoder: ResNetEncoder,
         encoder_fingerprint: str,
         feature_set: FeatureSet,
         device: str = "auto",
@@ -205,31 +179,6 @@ class Scorer:
     def score_batch(self, batch: torch.Tensor, features: bool | Sequence[bool] = True) -> list[ImageScore]:
         """Scores of a batch of encoder inputs (B, 3, H, W), as ``preprocess``/``inputs`` make them."""
         return self.score_representations(self.representations(batch), features, self.pixels(batch))
-
-
-def label_free_signals(
-    h: torch.Tensor,
-    pixels: torch.Tensor | dict[str, torch.Tensor] | None,
-    parts: QScoreParts,
-    typicality: TypicalityModel | None,
-    bank: ReferenceBank | None,
-) -> dict[str, np.ndarray]:
-    """Every label-free signal of a batch, as (B,) arrays: what the risk model may use.
-
-    The Q-Score and its mean of dominant discriminative features (``parts``), the
-    representation's norm and sparsity signals, the k-NN distance and prototype confidences
-    (with a bank), the pixel statistics (with ``pixels`` in [0, 1]) and ``typicality`` (when
-    its model and all its inputs are there).
-    """
-    k = typicality.k if typicality is not None else DEFAULT_K
-    usable_bank = bank if bank is not None and bank.size > k else None
-    sig = typicality_signals(h, usable_bank, k, pixels=pixels)
-    out = {name: t.cpu().numpy() for name, t in sig.items()}
-    out["q_score"] = parts.q_score.cpu().numpy()
-    out["mean_active"] = parts.mean_active.cpu().numpy()
-    if typicality is not None and set(typicality.components) <= set(out):
-        out["typicality"] = typicality.typicality(out)
-    return out
 
 
 def _values(h: torch.Tensor, mask: torch.Tensor) -> list[FeatureValue]:

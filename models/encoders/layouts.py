@@ -11,8 +11,8 @@ allowed through ``torch.serialization.safe_globals``. Anything else is refused w
 conversion to run on a file one trusts.
 
 :func:`load_encoder` is the one entry point for every encoder: a TorchScript archive
-(``models/torchscript_encoders.py``), a state dict of a timm architecture (``arch="timm:NAME"``,
-``models/timm_encoders.py``), or a ResNet checkpoint in one of the layouts above.
+(``models/encoders/torchscript_encoder.py``), a state dict of a timm architecture (``arch="timm:NAME"``,
+``models/encoders/timm_encoder.py``), or a ResNet checkpoint in one of the layouts above.
 """
 
 from __future__ import annotations
@@ -20,31 +20,27 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import zipfile
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from models.atomic import atomic_path
-from models.encoders import (
+from models.encoders.errors import CheckpointError
+from models.encoders.spec import (
     CIFAR_MEAN,
     CIFAR_STD,
     IMAGENET_MEAN,
     IMAGENET_STD,
-    TIMM_PREFIX,
-    TORCHSCRIPT_ARCH,
-    EncoderBase,
     EncoderSpec,
-    build_encoder,
-    fingerprint,
 )
 
 SPEC_METADATA_KEY = "qscore.encoder"
+
 
 # Prefixes of the backbone inside training checkpoints, most specific first.
 _PREFIXES = (
@@ -62,14 +58,14 @@ _PREFIXES = (
     "model.",
     "",
 )
+
+
 # lightly's examples wrap ``nn.Sequential(*list(resnet.children())[:-1])``.
 _LIGHTLY_CHILDREN = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
+
+
 # Heads that sit under the backbone's prefix in some layouts; not part of an encoder.
 _HEAD_PREFIXES = ("fc.", "head.", "projection_head.", "prototypes.", "classifier.")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read, or whose weights do not fit the encoder."""
 
 
 def _harmless_globals() -> list[Any]:
@@ -93,13 +89,6 @@ def conversion_hint(path: str | Path) -> str:
     )
 
 
-@dataclass(frozen=True)
-class ImportedEncoder:
-    encoder: EncoderBase
-    fingerprint: str
-    source_layout: str
-
-
 def read_tensors(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
     """The raw contents of a weights file and its safetensors metadata (empty for pickles)."""
     path = Path(path)
@@ -115,7 +104,7 @@ def read_tensors(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
             return load_file(str(path)), metadata
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
-    if _is_torchscript(path):
+    if is_torchscript(path):
         raise CheckpointError(
             f"{path} is a TorchScript module, not a state dict: pass it as the model itself "
             "(--model, or qscore import), without --arch"
@@ -229,106 +218,6 @@ def infer_spec(state_dict: Mapping[str, torch.Tensor], **overrides: Any) -> Enco
         raise CheckpointError(f"the weights describe an unsupported encoder: {exc}") from exc
 
 
-def _is_torchscript(path: Path) -> bool:
-    from models.torchscript_encoders import is_torchscript
-
-    return is_torchscript(path)
-
-
-def load_encoder(path: str | Path, *, arch: str | None = None, **spec_overrides: Any) -> ImportedEncoder:
-    """Build an encoder from a TorchScript file, a timm state dict or a ResNet checkpoint.
-
-    ``arch``: ``"timm:NAME"`` for a timm state dict, ``"torchscript"`` to insist on a TorchScript
-    file, a ResNet name, or None (a TorchScript archive is recognised; a saved spec is read; a
-    ResNet is inferred from its weights). ``spec_overrides`` (``image_size``, ``mean``, ``std``,
-    ...) replace the preprocessing the source would give. Raises :class:`CheckpointError` (or a
-    ``ValueError`` from the probe) saying what is wrong: for weights that do not fit, the missing,
-    unexpected and mis-shaped keys.
-    """
-    path = Path(path)
-    overrides = {k: v for k, v in spec_overrides.items() if v is not None}
-    if arch is not None and arch != TORCHSCRIPT_ARCH and not arch.startswith(TIMM_PREFIX):
-        overrides["arch"] = arch
-    if arch == TORCHSCRIPT_ARCH or (arch is None and path.is_file() and _is_torchscript(path)):
-        from models.torchscript_encoders import load_torchscript
-
-        encoder, digest = load_torchscript(
-            path,
-            image_size=overrides.get("image_size"),
-            mean=overrides.get("mean"),
-            std=overrides.get("std"),
-            dim=overrides.get("dim"),
-        )
-        return ImportedEncoder(encoder, digest, "torchscript")
-    raw, metadata = read_tensors(path)
-    tensors = unwrap_state_dict(raw)
-    saved = EncoderSpec.model_validate_json(metadata[SPEC_METADATA_KEY]) if SPEC_METADATA_KEY in metadata else None
-    timm_arch = arch if arch is not None and arch.startswith(TIMM_PREFIX) else None
-    if timm_arch is None and arch is None and saved is not None and saved.source == "timm":
-        timm_arch = saved.arch
-    if timm_arch is not None:
-        return _load_timm(path, timm_arch, tensors, saved, overrides)
-    state_dict, layout = to_torchvision_layout(tensors)
-    if saved is not None:
-        spec = saved.model_copy(update=overrides)
-    else:
-        spec = infer_spec(state_dict, **overrides)
-    encoder = build_encoder(spec)
-    expected = encoder.backbone_state_dict()
-    state_dict, layout = to_torchvision_layout(tensors, set(expected))
-    _fill_batchnorm_counters(state_dict, expected)
-    missing, unexpected, mismatched = key_differences(state_dict, expected, "encoder")
-    if missing or unexpected or mismatched:
-        raise CheckpointError(_mismatch_message(path, spec, layout, missing, unexpected, mismatched))
-    state_dict = {k: v.to(expected[k].dtype) for k, v in state_dict.items()}
-    encoder.load_backbone_state_dict(state_dict)
-    encoder.eval()
-    return ImportedEncoder(encoder, fingerprint(encoder.backbone_state_dict()), layout)
-
-
-def _load_timm(
-    path: Path, arch: str, tensors: dict[str, torch.Tensor], saved: EncoderSpec | None, overrides: dict[str, Any]
-) -> ImportedEncoder:
-    from models.timm_encoders import build_timm_encoder
-
-    # A file saved by qscore carries its preprocessing; flags still override it.
-    base = saved.model_dump() if saved is not None and saved.arch == arch else {}
-    values = {**base, **overrides}
-    encoder = build_timm_encoder(
-        arch[len(TIMM_PREFIX) :],
-        tensors,
-        source=str(path),
-        image_size=values.get("image_size"),
-        mean=values.get("mean"),
-        std=values.get("std"),
-        dim=overrides.get("dim"),
-    )
-    return ImportedEncoder(encoder, fingerprint(encoder.backbone_state_dict()), "timm")
-
-
-def _fill_batchnorm_counters(state_dict: dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:
-    # Some exporters drop BatchNorm's num_batches_tracked; it plays no part in evaluation.
-    for key in expected:
-        if key.endswith("num_batches_tracked") and key not in state_dict:
-            state_dict[key] = torch.zeros((), dtype=torch.long)
-
-
-def _mismatch_message(
-    path: str | Path,
-    spec: EncoderSpec,
-    layout: str,
-    missing: list[str],
-    unexpected: list[str],
-    mismatched: list[str],
-) -> str:
-    header = (
-        f"the weights in {path} (read as layout '{layout}') do not fit a {spec.arch} encoder"
-        f" (cifar_stem={spec.cifar_stem}, width={spec.width})."
-    )
-    message = describe_key_mismatch(header, missing, unexpected, mismatched)
-    return message + "\n" + OTHER_ARCHITECTURES
-
-
 #: What to do with weights of an architecture qscore does not build from a ResNet layout.
 OTHER_ARCHITECTURES = (
     "Another architecture? Name it with --arch timm:NAME (a timm model, weights in timm's layout), "
@@ -367,25 +256,6 @@ def describe_key_mismatch(header: str, missing: list[str], unexpected: list[str]
     return "\n".join(lines)
 
 
-def save_encoder(encoder: EncoderBase, path: str | Path, extra_metadata: Mapping[str, str] | None = None) -> str:
-    """Write the encoder's weights and spec as safetensors, atomically; return its fingerprint.
-
-    A TorchScript encoder is written as a TorchScript archive (its spec lives in the registry's
-    record, as a TorchScript file has no metadata qscore reads).
-    """
-    if encoder.spec.source == "torchscript":
-        from models.torchscript_encoders import save_torchscript
-
-        return save_torchscript(encoder, path)  # type: ignore[arg-type]
-    state_dict = {k: v.detach().to("cpu").contiguous() for k, v in encoder.backbone_state_dict().items()}
-    digest = fingerprint(state_dict)
-    metadata = {SPEC_METADATA_KEY: encoder.spec.model_dump_json(), "fingerprint": digest}
-    metadata.update(extra_metadata or {})
-    with atomic_path(path) as tmp:
-        save_file(state_dict, str(tmp), metadata=metadata)
-    return digest
-
-
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The safetensors metadata of a saved encoder (without reading its tensors), spec parsed."""
     try:
@@ -396,3 +266,12 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     if SPEC_METADATA_KEY in out:
         out[SPEC_METADATA_KEY] = json.loads(out[SPEC_METADATA_KEY])
     return out
+
+
+def is_torchscript(path: str | Path) -> bool:
+    """Whether ``path`` is a TorchScript archive (``torch.jit.save``), not a ``torch.save`` checkpoint."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/constants.pkl") or name == "constants.pkl" for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False

@@ -15,26 +15,28 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
-from models.atomic import atomic_path
-from models.checkpoints import CheckpointError
-from models.encoders import (
+from models.encoders.checks import check_output_dim
+from models.encoders.errors import OutputCheckError, TorchScriptError
+from models.encoders.layouts import is_torchscript
+from models.encoders.spec import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     TORCHSCRIPT_ARCH,
-    EncoderBase,
+    Encoder,
     EncoderSpec,
     fingerprint,
     spec_errors,
 )
-from models.probe import ProbeError, probe_feature_dim
+from models.storage.atomic import atomic_path
 
 DEFAULT_IMAGE_SIZE = 224
+
+
 #: Why ``regularize`` refuses TorchScript encoders (command line: exit 2; job API: 422).
 NOT_TRAINABLE = (
     "TorchScript encoders are inference exports and are not fine-tuned: a traced export may have its "
@@ -44,20 +46,7 @@ NOT_TRAINABLE = (
 )
 
 
-class TorchScriptError(CheckpointError):
-    """A file that is not a usable TorchScript encoder."""
-
-
-def is_torchscript(path: str | Path) -> bool:
-    """Whether ``path`` is a TorchScript archive (``torch.jit.save``), not a ``torch.save`` checkpoint."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return any(name.endswith("/constants.pkl") or name == "constants.pkl" for name in archive.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
-
-
-class TorchScriptEncoder(EncoderBase):
+class TorchScriptEncoder(Encoder):
     """A TorchScript module as an encoder: ``forward(x)`` is the module's (N, r) output."""
 
     def __init__(self, module: torch.jit.ScriptModule, spec: EncoderSpec) -> None:
@@ -117,9 +106,9 @@ def load_torchscript(
         )
     except ValueError as exc:
         raise TorchScriptError(f"bad preprocessing for {path}: {spec_errors(exc)}") from None
-    probed = probe_feature_dim(module, spec.image_size, spec.mean, spec.std, what=f"the TorchScript module in {path}")
+    probed = check_output_dim(module, spec.image_size, spec.mean, spec.std, what=f"the TorchScript module in {path}")
     if dim is not None and probed != dim:
-        raise ProbeError(f"the TorchScript module in {path} outputs {probed} features, its record says {dim}")
+        raise OutputCheckError(f"the TorchScript module in {path} outputs {probed} features, its record says {dim}")
     spec = spec.model_copy(update={"dim": probed})
     encoder = TorchScriptEncoder(module, spec)
     return encoder, torchscript_fingerprint(encoder, path)

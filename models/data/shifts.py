@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 
-from models.atomic import write_bytes_atomic
+from models.storage.atomic import write_bytes_atomic
 
 Shift = Callable[[Image.Image, np.random.Generator], Image.Image]
+
 
 GLYPHS = string.ascii_letters + string.digits
 
@@ -153,8 +154,14 @@ SHIFTS: dict[str, Shift] = {
     "pixelate": pixelate,
     "rotate_180": rotate_180,
 }
+
+
 GROSS_SHIFTS = ("solid_colour", "uniform_noise", "glyphs")
+
+
 HELD_OUT_SHIFTS = ("gratings", "checkerboard", "smooth_field", "pixelate", "rotate_180")
+
+
 HELD_OUT_GROSS_SHIFTS = ("gratings", "checkerboard", "smooth_field")
 
 

@@ -11,25 +11,19 @@ from typing import Any
 
 import torch
 
-from models.data import (
-    ProgressFn,
-    eval_transform,
-    extract_representations,
-    extract_with_pixels,
-    image_folder,
-    random_sample,
-    subset,
-)
-from models.encoders import Encoder
-from models.evaluation import calibrate_alpha, compression_curve, linear_probe, score_power
-from models.features import FeatureSet, preprocessing_mismatch
-from models.qscore import q_score_parts
-from models.risk import fit_risk
-from models.scoring import label_free_signals
+from models.data.datasets import ProgressFn, image_folder, random_sample, subset
+from models.data.transforms import eval_transform
+from models.encoders.resnet import ResNetEncoder
+from models.evaluation.metrics import calibrate_alpha, compression_curve, linear_probe, score_power
+from models.scoring.feature_set import FeatureSet, preprocessing_mismatch
+from models.scoring.qscore import q_score_parts
+from models.scoring.representations import extract_representations, extract_with_pixels
+from models.scoring.risk import fit_risk
+from models.scoring.signals import label_free_signals
 
 
 def run_evaluation(
-    encoder: Encoder,
+    encoder: ResNetEncoder,
     encoder_fingerprint: str,
     feature_set: FeatureSet,
     train_dir: str | Path,
@@ -47,7 +41,7 @@ def run_evaluation(
 ) -> tuple[dict[str, Any], FeatureSet]:
     """Probe, Q-Score power, compression curve, the risk model; return the report and the calibrated feature set.
 
-    The risk model (models/risk.py) is fitted on the test sample's label-free signals against the
+    The risk model (models/scoring/risk.py) is fitted on the test sample's label-free signals against the
     probe's mistakes, cross-validated; the report gives each signal's AUROC/AUPRC, the
     combination's, the probe's maximum softmax's and the calibration (ECE, reliability table).
     """

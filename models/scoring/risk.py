@@ -26,7 +26,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-#: Signals the risk model may use, all label-free (see models.typicality and models.qscore).
+#: Signals the risk model may use, all label-free (see models.scoring.typicality and models.scoring.qscore).
 RISK_SIGNALS = (
     "q_score",
     "mean_active",
@@ -40,8 +40,14 @@ RISK_SIGNALS = (
     "proto_conf_32",
     "proto_conf_64",
 )
+
+
 DEFAULT_FOLDS = 5
+
+
 MAX_ISOTONIC_POINTS = 200
+
+
 ECE_BINS = 10
 
 

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from models.atomic import atomic_path
-from models.data import make_loader
-from models.objectives import SSLMethod
-from models.qscore import DEFAULT_EPS, q_score, regularizer_term
+from models.data.datasets import make_loader
+from models.scoring.qscore import DEFAULT_EPS, q_score, regularizer_term
+from models.storage.atomic import atomic_path
+from models.training.objectives import SSLMethod
 
 log = logging.getLogger(__name__)
 

@@ -22,14 +22,24 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from sklearn.cluster import KMeans
 
-from models.atomic import atomic_path
+from models.storage.atomic import atomic_path
 
 BANK_FILE = "bank.safetensors"
+
+
 BANK_FORMAT = "qscore.reference_bank/v1"
+
+
 DEFAULT_CHUNK = 8192
+
+
 PROTOTYPE_COUNTS = (8, 16, 32, 64)
+
+
 PROTOTYPE_TEMPERATURE = 0.1
 
 
@@ -64,7 +74,6 @@ class ReferenceBank:
 
     def with_prototypes(self, counts: tuple[int, ...] = PROTOTYPE_COUNTS, seed: int = 0) -> ReferenceBank:
         """The bank plus k-means centroids (unit norm) for each cluster count that fits in it."""
-        from sklearn.cluster import KMeans
 
         x = self.vectors.float().cpu().numpy()
         prototypes = {}
@@ -132,7 +141,6 @@ class ReferenceBank:
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> ReferenceBank:
-        from safetensors import safe_open
 
         path = Path(path)
         if not path.is_file():

@@ -12,62 +12,60 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from models.encoders.errors import OutputCheckError
+
 #: Batch sizes of the probe: two different ones, so a batch-dependent output size shows.
-PROBE_BATCHES = (2, 3)
+CHECK_BATCHES = (2, 3)
 
 
-class ProbeError(ValueError):
-    """An encoder whose output is not a usable (N, r) representation."""
-
-
-def probe_inputs(n: int, image_size: int, mean: Sequence[float], std: Sequence[float], seed: int = 0) -> torch.Tensor:
+def check_inputs(n: int, image_size: int, mean: Sequence[float], std: Sequence[float], seed: int = 0) -> torch.Tensor:
     """(n, 3, S, S) random images in [0, 1], normalised like the eval transform does."""
     generator = torch.Generator().manual_seed(seed + n)
     x = torch.rand(n, 3, image_size, image_size, generator=generator)
     return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
-def probe_feature_dim(
+def check_output_dim(
     forward: Callable[[torch.Tensor], object],
     image_size: int,
     mean: Sequence[float],
     std: Sequence[float],
     what: str,
 ) -> int:
-    """The feature dimension ``r`` of ``forward``; a :class:`ProbeError` saying what is wrong."""
+    """The feature dimension ``r`` of ``forward``; a :class:`OutputCheckError` saying what is wrong."""
     dims = []
-    for n in PROBE_BATCHES:
-        x = probe_inputs(n, image_size, mean, std)
+    for n in CHECK_BATCHES:
+        x = check_inputs(n, image_size, mean, std)
         try:
             with torch.no_grad():
                 out = forward(x)
         except Exception as exc:  # noqa: BLE001 - a foreign module raises anything
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ProbeError(
+            raise OutputCheckError(
                 f"{what} fails on a probe batch of shape ({n}, 3, {image_size}, {image_size}): {first}. "
                 f"If it expects another image size, pass it with --image-size (the size it was exported or "
                 f"trained for, e.g. 224, or 32 for CIFAR encoders)."
             ) from None
         if not isinstance(out, torch.Tensor):
-            raise ProbeError(
+            raise OutputCheckError(
                 f"{what} returns a {type(out).__name__}, expected one (N, r) tensor of features; "
                 "export a module whose forward returns the pooled representation"
             )
         if out.dim() != 2 or out.shape[0] != n:
-            raise ProbeError(
+            raise OutputCheckError(
                 f"{what} maps a ({n}, 3, {image_size}, {image_size}) batch to shape {tuple(out.shape)}, "
                 f"expected ({n}, r): export the pooled features (e.g. global average pooling and flatten, "
                 "before any classifier)"
             )
         if not out.is_floating_point() or not bool(torch.isfinite(out).all()):
-            raise ProbeError(
+            raise OutputCheckError(
                 f"{what} outputs NaN or infinite values (or non-float ones, dtype {out.dtype}) on a probe "
                 f"batch of random images; check its weights and its input normalisation (--mean/--std)"
             )
         dims.append(int(out.shape[1]))
     if len(set(dims)) != 1:
-        sizes = ", ".join(f"{d} for a batch of {n}" for n, d in zip(PROBE_BATCHES, dims, strict=True))
-        raise ProbeError(
+        sizes = ", ".join(f"{d} for a batch of {n}" for n, d in zip(CHECK_BATCHES, dims, strict=True))
+        raise OutputCheckError(
             f"{what} outputs a different number of features per batch size ({sizes}); the representation "
             "size must not depend on the batch: export a feature extractor with a fixed output size"
         )

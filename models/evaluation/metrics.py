@@ -17,9 +17,10 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from models.features import select_discriminative
+from models.scoring.dominance import select_discriminative
 
 log = logging.getLogger(__name__)
+
 
 DEFAULT_FRACTIONS = (0.05, 0.1, 0.25, 0.5, 0.75)
 

@@ -18,27 +18,28 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from models.data import ProgressFn, extract_with_pixels, random_sample, subset
-from models.encoders import Encoder
-from models.features import (
+from models.data.datasets import ProgressFn, random_sample, subset
+from models.encoders.resnet import ResNetEncoder
+from models.scoring.dominance import (
     AUTO_COVERAGE_TARGET,
     AUTO_EPS_GRID,
-    DataProvenance,
     DominanceCounts,
-    EncoderRef,
-    FeatureSet,
-    Preprocessing,
-    Selection,
     choose_auto_eps,
     default_alpha,
     percentiles,
     select_discriminative,
 )
-from models.qscore import DEFAULT_EPS, q_score
+from models.scoring.feature_set import DataProvenance, EncoderRef, FeatureSet, Preprocessing, Selection
+from models.scoring.qscore import DEFAULT_EPS, q_score
+from models.scoring.representations import extract_with_pixels
+from models.scoring.typicality import DEFAULT_COMPONENTS, DEFAULT_K, PIXEL_COMPONENTS, fit_typicality
 
 log = logging.getLogger(__name__)
 
+
 EpsChoice = float | Literal["auto"]
+
+
 DEFAULT_SAMPLE_SIZE = 5000  # the paper's reference population (section 4)
 
 
@@ -144,7 +145,7 @@ def make_selection(lo: float = 0.25, hi: float = 0.75, size: int | None = None) 
 
 
 def discover(
-    encoder: Encoder,
+    encoder: ResNetEncoder,
     dataset: Dataset,
     *,
     dataset_name: str,
@@ -163,7 +164,7 @@ def discover(
     """Discover the discriminative features of ``encoder`` on a random sample of ``dataset``.
 
     With ``typicality`` (default) the sample's representations also become the reference bank
-    and typicality is calibrated on them (models/typicality.py); the feature set carries both
+    and typicality is calibrated on them (models/scoring/typicality.py); the feature set carries both
     and writes the bank beside its JSON.
     """
     selection = selection or make_selection()
@@ -208,7 +209,6 @@ def with_typicality(feature_set: FeatureSet, h: torch.Tensor, pixels: dict[str, 
 
     Too small a sample for the k-NN part (k + 1 = 11 images or fewer) gets no typicality.
     """
-    from models.typicality import DEFAULT_COMPONENTS, DEFAULT_K, PIXEL_COMPONENTS, fit_typicality
 
     if h.shape[0] <= DEFAULT_K:
         log.warning("a reference sample of %d images is too small for typicality; none calibrated", h.shape[0])

@@ -34,15 +34,29 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from models.bank import ReferenceBank
+from models.scoring.bank import ReferenceBank
 
 PIXEL_COMPONENTS = ("pix_std", "pix_grad", "pix_fine", "pix_gsparse")
+
+
 COMPONENTS = ("knn", "log_l1", "hoyer", "log_max", *PIXEL_COMPONENTS)
+
+
 DEFAULT_COMPONENTS: tuple[str, ...] = ("knn", "log_l1", "hoyer", *PIXEL_COMPONENTS)
+
+
 TWO_SIDED: frozenset[str] = frozenset(COMPONENTS) - {"knn"}
+
+
 DEFAULT_K = 10
+
+
 THRESHOLD_PERCENTILE = 99.0
+
+
 TAIL_PERCENTILE = 99.5
+
+
 _TINY = 1e-12
 
 

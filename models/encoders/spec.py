@@ -9,9 +9,9 @@ Beyond the paper's ResNet-18/50: ``width`` scales the channel counts of ResNet-1
 torchvision's), so the project can ship a demo encoder of a few MB that trains on a CPU.
 
 Encoders people bring are described by the same :class:`EncoderSpec`: ``arch`` is
-``"torchscript"`` (a TorchScript module, ``models/torchscript_encoders.py``) or ``"timm:NAME"``
-(a timm architecture, ``models/timm_encoders.py``); their feature dimension ``dim`` is found by a
-probe forward pass (``models/probe.py``). Every encoder is an :class:`EncoderBase`: ``forward(x)``
+``"torchscript"`` (a TorchScript module, ``models/encoders/torchscript_encoder.py``) or ``"timm:NAME"``
+(a timm architecture, ``models/encoders/timm_encoder.py``); their feature dimension ``dim`` is found by a
+probe forward pass (``models/encoders/checks.py``). Every encoder is an :class:`Encoder`: ``forward(x)``
 is ``h`` (N, r), ``spec`` says how to feed it, ``backbone_state_dict()`` is what is fingerprinted.
 """
 
@@ -22,19 +22,31 @@ from collections.abc import Mapping
 from typing import Literal
 
 import torch
-import torchvision
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 BUILTIN_ARCHS = ("resnet18", "resnet50")
+
+
 TORCHSCRIPT_ARCH = "torchscript"
+
+
 TIMM_PREFIX = "timm:"
+
+
 Source = Literal["torchvision", "torchscript", "timm"]
 
+
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+
+
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
+
+
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _LAYERS = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet50": (Bottleneck, [3, 4, 6, 3])}
@@ -119,7 +131,7 @@ class EncoderSpec(BaseModel):
         return self.width * 8 * expansion
 
 
-class EncoderBase(nn.Module):
+class Encoder(nn.Module):
     """What every encoder offers: ``forward(x)`` is ``h`` (N, r); ``spec`` says how to feed it."""
 
     spec: EncoderSpec
@@ -138,70 +150,6 @@ class EncoderBase(nn.Module):
     def not_trainable_reason(self) -> str | None:
         """Why ``regularize`` cannot fine-tune this encoder, or None when it can."""
         return None
-
-
-class Encoder(EncoderBase):
-    """A torchvision ResNet without its classifier: ``forward(x)`` is ``h``, (N, r)."""
-
-    def __init__(self, spec: EncoderSpec) -> None:
-        super().__init__()
-        if spec.source != "torchvision":
-            raise ValueError(f"Encoder builds torchvision ResNets; {spec.arch} is loaded by models.checkpoints")
-        self.spec = spec
-        self.resnet = _build_resnet(spec)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.resnet(x)
-
-    def backbone_state_dict(self) -> dict[str, torch.Tensor]:
-        """Weights in torchvision's key layout (no ``resnet.`` prefix, no ``fc``)."""
-        return dict(self.resnet.state_dict())
-
-    def load_backbone_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        self.resnet.load_state_dict(state_dict, strict=True)
-
-
-def build_encoder(spec: EncoderSpec | None = None, **overrides: object) -> Encoder:
-    """A freshly initialised encoder, e.g. ``build_encoder(arch="resnet50", cifar_stem=False)``."""
-    spec = spec or EncoderSpec()
-    if overrides:
-        spec = EncoderSpec.model_validate({**spec.model_dump(), **overrides})
-    return Encoder(spec)
-
-
-def _build_resnet(spec: EncoderSpec) -> torchvision.models.ResNet:
-    if spec.arch == "resnet50":
-        net = torchvision.models.resnet50(weights=None)
-    elif spec.width == 64:
-        net = torchvision.models.resnet18(weights=None)
-    else:
-        net = _narrow_resnet18(spec.width)
-    if spec.cifar_stem:
-        # CIFAR variant (SimCLR paper, solo-learn): 32x32 inputs keep their resolution.
-        net.conv1 = nn.Conv2d(3, spec.width, kernel_size=3, stride=1, padding=1, bias=False)
-        net.maxpool = nn.Identity()
-    net.fc = nn.Identity()
-    return net
-
-
-def _narrow_resnet18(width: int) -> torchvision.models.ResNet:
-    """torchvision's ResNet-18 with channels ``width, 2w, 4w, 8w`` instead of 64..512.
-
-    torchvision hard-codes 64 channels for BasicBlock ResNets, so this re-runs its own layer
-    factory with other widths; blocks, initialisation and forward stay torchvision's.
-    """
-    net = torchvision.models.resnet18(weights=None)
-    net.inplanes = width
-    net.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
-    net.bn1 = nn.BatchNorm2d(width)
-    net.layer1 = net._make_layer(BasicBlock, width, 2)
-    net.layer2 = net._make_layer(BasicBlock, width * 2, 2, stride=2)
-    net.layer3 = net._make_layer(BasicBlock, width * 4, 2, stride=2)
-    net.layer4 = net._make_layer(BasicBlock, width * 8, 2, stride=2)
-    for module in net.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-    return net
 
 
 def fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:

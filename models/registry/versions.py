@@ -18,23 +18,39 @@ from __future__ import annotations
 import re
 import shutil
 from datetime import UTC, datetime
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
 
-from models.atomic import atomic_directory, remove_stale_temporaries, write_json_atomic
-from models.checkpoints import ImportedEncoder, load_encoder, save_encoder
-from models.encoders import EncoderBase, EncoderSpec, fingerprint
-from models.features import FeatureSet, preprocessing_mismatch
+from models.encoders.loading import ImportedEncoder, load_encoder, save_encoder
+from models.encoders.spec import Encoder, EncoderSpec, fingerprint
+from models.scoring.feature_set import FeatureSet, preprocessing_mismatch
+from models.storage.atomic import atomic_directory, remove_stale_temporaries, write_json_atomic
 
 VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
+
+
 WEIGHTS_FILE = "encoder.safetensors"
+
+
 TORCHSCRIPT_FILE = "encoder.pt"
+
+
 MODEL_FILE = "model.json"
+
+
 FEATURE_SET_FILE = "feature_set.json"
+
+
 ACTIVE_FILE = "active.json"
-DEMO_DIR = Path(__file__).resolve().parent / "weights"
+
+
+#: The demo encoder and its feature set, shipped as package data of ``models``.
+DEMO_DIR = Path(str(resources.files("models") / "weights"))
+
+
 DEMO_VERSION = "demo"
 
 
@@ -111,7 +127,7 @@ class Registry:
 
     def add_model(
         self,
-        encoder: EncoderBase,
+        encoder: Encoder,
         *,
         version: str | None = None,
         parent: str | None = None,

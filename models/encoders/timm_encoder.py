@@ -18,21 +18,21 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import timm
 import torch
+from timm.data import resolve_model_data_config
 from torch import nn
 
-from models.checkpoints import CheckpointError, key_differences
-from models.encoders import TIMM_PREFIX, EncoderBase, EncoderSpec, spec_errors
+from models.encoders.checks import check_output_dim
+from models.encoders.errors import OutputCheckError, TimmError
+from models.encoders.layouts import describe_key_mismatch, key_differences
+from models.encoders.spec import TIMM_PREFIX, Encoder, EncoderSpec, spec_errors
 
 #: Prefixes training frameworks put before a timm model's keys, most specific first.
 _PREFIXES = ("module.model.", "module.backbone.", "module.", "model.", "backbone.", "encoder.", "")
 
 
-class TimmError(CheckpointError):
-    """An unknown timm architecture, or weights that do not fit it."""
-
-
-class TimmEncoder(EncoderBase):
+class TimmEncoder(Encoder):
     """A timm model without its classifier: ``forward(x)`` is the pooled pre-logits (N, r)."""
 
     def __init__(self, model: nn.Module, spec: EncoderSpec) -> None:
@@ -52,7 +52,6 @@ class TimmEncoder(EncoderBase):
 
 def create_timm_model(name: str, image_size: int | None = None) -> nn.Module:
     """``timm.create_model(name, pretrained=False, num_classes=0)``, at ``image_size`` where it applies."""
-    import timm
 
     if not timm.is_model(name):
         stem = name.split("_")[0][:8]
@@ -73,7 +72,6 @@ def create_timm_model(name: str, image_size: int | None = None) -> nn.Module:
 
 def default_preprocessing(model: nn.Module) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
     """timm's data config of ``model``: (input size, mean, std)."""
-    from timm.data import resolve_model_data_config
 
     config = resolve_model_data_config(model)
     return int(config["input_size"][-1]), tuple(config["mean"]), tuple(config["std"])
@@ -90,7 +88,6 @@ def fit_state_dict(
 ) -> dict[str, torch.Tensor]:
     """``tensors`` renamed to ``model``'s keys; a :class:`TimmError` naming missing, unexpected and
     mis-shaped keys when they do not fit. Classifier keys are dropped (the model has none)."""
-    from models.checkpoints import describe_key_mismatch
 
     expected = model.state_dict()
     heads = _classifier_prefixes(model)
@@ -127,7 +124,6 @@ def build_timm_encoder(
     dim: int | None = None,
 ) -> TimmEncoder:
     """A timm encoder with ``tensors`` loaded (random when None), checked by a probe forward pass."""
-    from models.probe import ProbeError, probe_feature_dim
 
     model = create_timm_model(name, image_size)
     if tensors is not None:
@@ -146,8 +142,8 @@ def build_timm_encoder(
     except ValueError as exc:
         raise TimmError(f"bad preprocessing for timm architecture {name!r}: {spec_errors(exc)}") from None
     encoder = TimmEncoder(model, spec)
-    probed = probe_feature_dim(encoder, spec.image_size, spec.mean, spec.std, what=f"timm architecture {name!r}")
+    probed = check_output_dim(encoder, spec.image_size, spec.mean, spec.std, what=f"timm architecture {name!r}")
     if dim is not None and probed != dim:
-        raise ProbeError(f"timm architecture {name!r} outputs {probed} features, its record says {dim}")
+        raise OutputCheckError(f"timm architecture {name!r} outputs {probed} features, its record says {dim}")
     encoder.spec = spec.model_copy(update={"dim": probed})
     return encoder

@@ -13,6 +13,8 @@ from PIL import Image, UnidentifiedImageError
 
 #: Formats accepted; Pillow is told to try no other decoder.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+
+
 DEFAULT_MAX_PIXELS = 40_000_000
 
 

@@ -33,7 +33,8 @@ from lightly.transforms import (
 from lightly.utils.scheduler import cosine_schedule
 from torch import nn
 
-from models.encoders import Encoder, EncoderSpec
+from models.encoders.resnet import ResNetEncoder
+from models.encoders.spec import EncoderSpec
 
 
 def _normalize(spec: EncoderSpec) -> dict[str, list[float]]:
@@ -50,7 +51,7 @@ class SSLMethod(nn.Module):
 
     name: ClassVar[str]
 
-    def __init__(self, encoder: Encoder) -> None:
+    def __init__(self, encoder: ResNetEncoder) -> None:
         super().__init__()
         self.encoder = encoder
 
@@ -69,7 +70,7 @@ class SSLMethod(nn.Module):
 class SimCLR(SSLMethod):
     name = "simclr"
 
-    def __init__(self, encoder: Encoder, temperature: float = 0.5, projection_dim: int = 128) -> None:
+    def __init__(self, encoder: ResNetEncoder, temperature: float = 0.5, projection_dim: int = 128) -> None:
         super().__init__(encoder)
         r = encoder.feature_dim
         self.projection_head = SimCLRProjectionHead(r, r, projection_dim)
@@ -90,7 +91,7 @@ class MoCoV2(SSLMethod):
 
     def __init__(
         self,
-        encoder: Encoder,
+        encoder: ResNetEncoder,
         temperature: float = 0.2,
         queue_size: int = 4096,
         projection_dim: int = 128,
@@ -129,7 +130,7 @@ class BYOL(SSLMethod):
 
     def __init__(
         self,
-        encoder: Encoder,
+        encoder: ResNetEncoder,
         projection_dim: int = 256,
         hidden_dim: int = 1024,
         momentum: tuple[float, float] = (0.99, 1.0),
@@ -175,7 +176,7 @@ class SwAV(SSLMethod):
     name = "swav"
 
     def __init__(
-        self, encoder: Encoder, n_prototypes: int = 512, projection_dim: int = 128, temperature: float = 0.1
+        self, encoder: ResNetEncoder, n_prototypes: int = 512, projection_dim: int = 128, temperature: float = 0.1
     ) -> None:
         super().__init__(encoder)
         r = encoder.feature_dim
@@ -207,7 +208,7 @@ class SwAV(SSLMethod):
 METHODS: dict[str, type[SSLMethod]] = {cls.name: cls for cls in (SimCLR, MoCoV2, BYOL, SwAV)}
 
 
-def build_method(name: str, encoder: Encoder) -> SSLMethod:
+def build_method(name: str, encoder: ResNetEncoder) -> SSLMethod:
     try:
         return METHODS[name](encoder)
     except KeyError:

@@ -1,0 +1,17 @@
+"""What goes wrong when an encoder is brought: each error says what came and how to fix it."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or whose weights do not fit the encoder."""
+
+
+class TimmError(CheckpointError):
+    """An unknown timm architecture, or weights that do not fit it."""
+
+
+class TorchScriptError(CheckpointError):
+    """A file that is not a usable TorchScript encoder."""
+
+
+class OutputCheckError(ValueError):
+    """An encoder whose output is not a usable (N, r) representation."""
