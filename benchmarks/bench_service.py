@@ -1,7 +1,7 @@
 """Benchmark of the scoring service (not a test): /score against what the machine allows.
 
 Measured in one run, so that the ratios hold even on a shared machine:
-- the raw scorer (encoder + Q-Score on preprocessed tensors) at batch 1 and at the max batch;
+- the raw scorer (encoder + Q-Score on preprocessed uint8 pixels) at batch 1 and at the max batch;
 - the bare-framework ceiling (benchmarks/bare_app.py: FastAPI under the same uvicorn, parsing
   the same multipart body and decoding the images with Pillow, no model) at 1 and 8 images a
   request;
@@ -172,9 +172,14 @@ def torch_only_resnet50(device: torch.device, image_size: int):
     net = net.to(device).eval()
     mask = discriminative_mask(torch.randperm(2048)[:120].tolist(), 2048).to(device)
 
+    mean = torch.tensor((0.485, 0.456, 0.406), device=device).view(1, 3, 1, 1)
+    std = torch.tensor((0.229, 0.224, 0.225), device=device).view(1, 3, 1, 1)
+
     def score_batch(batch: torch.Tensor) -> list[float]:
+        """(B, 3, S, S) uint8 pixels, as ``Scorer.score`` takes them."""
         with torch.inference_mode():
-            h = net(batch.to(device, non_blocking=True)).float()
+            x = batch.to(device, non_blocking=True).float().div_(255).sub_(mean).div_(std)
+            h = net(x).float()
             return q_score_parts(h, mask, 2.0).q_score.cpu().tolist()
 
     return score_batch
@@ -187,14 +192,12 @@ def decode_rates(blobs: list[bytes], preset: Preset, device: torch.device, secon
     from service.device_decode import decode_jpegs
 
     size, b = preset.image_size, preset.max_batch_size
-    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     batch = [blobs[i % len(blobs)] for i in range(b)]
-    cpu_transform = transforms.Compose(
-        [transforms.Resize(size), transforms.CenterCrop(size), transforms.ToTensor(), transforms.Normalize(mean, std)]
-    )
+    geometry = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.PILToTensor()])
 
     def pillow() -> torch.Tensor:
-        return torch.stack([cpu_transform(Image.open(io.BytesIO(x)).convert("RGB")) for x in batch])
+        """uint8 pixels, as ``Scorer.preprocess`` makes them (the scorer normalises on the device)."""
+        return torch.stack([geometry(Image.open(io.BytesIO(x)).convert("RGB")) for x in batch])
 
     out: dict[str, Any] = {"batch": b, "pillow_cpu_one_thread_images_per_s": round(rate(pillow, b, device, seconds), 1)}
     host = pillow()
@@ -207,11 +210,12 @@ def decode_rates(blobs: list[bytes], preset: Preset, device: torch.device, secon
             rate(lambda: pinned.to(device, non_blocking=True), b, device, seconds), 1
         )
     out["decode_jpeg_on_device_images_per_s"] = round(
-        rate(lambda: decode_jpegs(batch, device, size, mean, std), b, device, seconds), 1
+        rate(lambda: decode_jpegs(batch, device, size), b, device, seconds), 1
     )
-    gap = (decode_jpegs(batch, device, size, mean, std).cpu() - host).abs()
-    out["device_minus_pillow_input_max_abs"] = round(float(gap.max()), 4)
-    out["device_minus_pillow_input_mean_abs"] = round(float(gap.mean()), 5)
+    gap = (decode_jpegs(batch, device, size).cpu().int() - host.int()).abs().float()
+    # In uint8 steps (1/255) since the device decoder gives pixels, not normalised inputs.
+    out["device_minus_pillow_pixel_max_abs"] = round(float(gap.max()), 4)
+    out["device_minus_pillow_pixel_mean_abs"] = round(float(gap.mean()), 5)
     return out
 
 
@@ -222,12 +226,10 @@ def run_raw_only(preset: Preset, seconds: float) -> dict[str, Any]:
     blobs = input_blobs(preset, 128)
     if preset.arch == "resnet50":
         score_batch = torch_only_resnet50(device, preset.image_size)
-        mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     else:
-        scorer = demo_scorer(preset)
-        score_batch = scorer.score_batch
-        mean, std = scorer.encoder.spec.mean, scorer.encoder.spec.std
-    inputs = torch.randn(preset.max_batch_size, 3, preset.image_size, preset.image_size)
+        score_batch = demo_scorer(preset).score
+    size = preset.image_size
+    inputs = torch.randint(0, 256, (preset.max_batch_size, 3, size, size), dtype=torch.uint8)
     result: dict[str, Any] = {
         "raw_scorer": raw_scorer_rates(score_batch, inputs, device, preset.max_batch_size, seconds),
         "decode": decode_rates(blobs, preset, device, seconds),
@@ -239,7 +241,7 @@ def run_raw_only(preset: Preset, seconds: float) -> dict[str, Any]:
         batch = [large[i % len(large)] for i in range(b)]
         size = preset.image_size
         result["device_decode_and_score_500x375_images_per_s"] = round(
-            rate(lambda: score_batch(decode_jpegs(batch, device, size, mean, std)), b, device, seconds), 1
+            rate(lambda: score_batch(decode_jpegs(batch, device, size)), b, device, seconds), 1
         )
     return result
 
@@ -482,9 +484,12 @@ def run_full(preset: Preset, seconds: float, server_env: dict[str, str]) -> dict
             imported.encoder, imported.fingerprint, registry.load_feature_set(active.feature_set), preset.device
         )
         inputs = torch.stack(
-            [scorer.preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs[: preset.max_batch_size]]
+            [
+                torch.from_numpy(scorer.preprocess(Image.open(io.BytesIO(b)).convert("RGB"))).permute(2, 0, 1)
+                for b in blobs[: preset.max_batch_size]
+            ]
         )
-        raw_before = best_raw_rates(scorer.score_batch, inputs, device, preset.max_batch_size, seconds / 2)
+        raw_before = best_raw_rates(scorer.score, inputs, device, preset.max_batch_size, seconds / 2)
         print("raw scorer:", raw_before, flush=True)
         script = tmp / "score.lua"
         script.write_text(WRK_SCRIPT)
@@ -523,7 +528,7 @@ def run_full(preset: Preset, seconds: float, server_env: dict[str, str]) -> dict
         finally:
             service.stop()
         # The CPU may be shared with other work: measure the scorer again, keep the faster run.
-        raw_after = best_raw_rates(scorer.score_batch, inputs, device, preset.max_batch_size, seconds / 2)
+        raw_after = best_raw_rates(scorer.score, inputs, device, preset.max_batch_size, seconds / 2)
         print("raw scorer again:", raw_after, flush=True)
         del scorer, imported
 

@@ -1,7 +1,7 @@
 """Benchmark (not a test): scoring throughput with typicality on against off (issue 10 goal: >= 0.9x).
 
 The demo encoder and its shipped feature set (a 5,000-vector reference bank, prototypes, pixel
-statistics, the risk model) score batches of CIFAR-10 test images through ``Scorer.score_batch``,
+statistics, the risk model) score batches of CIFAR-10 test images through ``Scorer.score``,
 what ``/score`` and ``qscore score`` run per batch; "off" is the same feature set without
 typicality, bank and risk model, which scores the Q-Score alone (no other signal is computed).
 On and off alternate batch by batch (``--repeats`` passes), so load from other processes hits
@@ -29,12 +29,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+from torchvision import transforms
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from models.data.datasets import ensure_cifar10, image_folder, random_sample
-from models.data.transforms import eval_transform
 from models.encoders.loading import load_encoder
 from models.scoring.feature_set import FeatureSet
 from models.scoring.scorer import Scorer
@@ -60,7 +60,9 @@ def main() -> None:
         with_typicality.model_dump() | {"typicality": None, "risk_model": None, "risk_curve": None}
     )
     assert with_typicality.bank is not None and without.bank is None
-    dataset = image_folder(ensure_cifar10() / "test", eval_transform(imported.encoder.spec))
+    size = imported.encoder.spec.image_size
+    geometry = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.PILToTensor()])
+    dataset = image_folder(ensure_cifar10() / "test", geometry)  # uint8 pixels, as Scorer.score takes them
     x = torch.stack([dataset[i][0] for i in random_sample(len(dataset), args.images, 0).indices])
     batches = list(torch.split(x, args.batch_size))
     scorers = {
@@ -69,7 +71,7 @@ def main() -> None:
     }
     times: dict[str, list[float]] = {"on": [], "off": []}
     for scorer in scorers.values():
-        scorer.score_batch(batches[0])  # warm-up
+        scorer.score(batches[0])  # warm-up
     # Batch by batch, on and off alternate (in alternating order), so that load from other
     # processes on a shared machine falls on both alike.
     # Throughput from the median time per batch: robust to the spikes of a shared machine.
@@ -78,7 +80,7 @@ def main() -> None:
             order = ("on", "off") if (i + repeat) % 2 == 0 else ("off", "on")
             for name in order:
                 start = time.perf_counter()
-                scorers[name].score_batch(batch)
+                scorers[name].score(batch)
                 if scorers[name].device.type == "cuda":
                     torch.cuda.synchronize()
                 times[name].append(time.perf_counter() - start)

@@ -229,7 +229,15 @@ def score(
     images: Annotated[list[Path], typer.Argument(help="Image files to score.")],
     model: ModelOpt,
     features: FeaturesOpt,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per image.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object per image: the fields of /score's results.")
+    ] = False,
+    with_features: Annotated[
+        bool,
+        typer.Option(
+            "--feature-lists/--no-feature-lists", help="List each image's dominant and discriminative features."
+        ),
+    ] = True,
     device: DeviceOpt = "auto",
     batch_size: int = 64,
     arch: ArchOpt = None,
@@ -238,10 +246,9 @@ def score(
     std: StdOpt = None,
 ) -> None:
     """Q-Score images; flag those below the feature set's alpha or unlike its reference (atypical)."""
-    import torch
-
     from models.data.images import ImageDecodeError, decode_image
     from models.scoring.feature_set import FeatureSet
+    from models.scoring.result import error_row
     from models.scoring.scorer import Scorer
 
     with user_errors():
@@ -250,32 +257,19 @@ def score(
     failures = 0
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
-        tensors, ok_paths = [], []
+        pixels, ok_paths = [], []
         for path in chunk:
             try:
-                tensors.append(scorer.preprocess(decode_image(path.read_bytes())))
+                pixels.append(scorer.preprocess(decode_image(path.read_bytes())))
                 ok_paths.append(path)
             except (ImageDecodeError, OSError) as exc:
                 failures += 1
                 code = getattr(exc, "code", "unreadable_file")
-                _emit({"path": str(path), "error": {"code": code, "message": str(exc)}}, as_json)
-        if not tensors:
+                _emit({"path": str(path), **error_row(code, str(exc))}, as_json)
+        if not pixels:
             continue
-        for path, result in zip(ok_paths, scorer.score_batch(torch.stack(tensors)), strict=True):
-            _emit(
-                {
-                    "path": str(path),
-                    "q_score": result.q_score,
-                    "low_quality": result.low_quality,
-                    "typicality": result.typicality,
-                    "atypical": result.atypical,
-                    "risk": result.risk,
-                    "reasons": list(result.reasons),
-                    "l1_norm": result.l1_norm,
-                    "discriminative_active": [f.index for f in result.discriminative_active],
-                },
-                as_json,
-            )
+        for path, result in zip(ok_paths, scorer.score(pixels, features=with_features), strict=True):
+            _emit({"path": str(path), **result.row(), "error": None}, as_json)
     if failures:
         raise typer.Exit(1)
 
@@ -283,7 +277,7 @@ def score(
 def _emit(row: dict[str, Any], as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(row))
-    elif "error" in row:
+    elif row.get("error") is not None:
         typer.echo(f"{row['path']}\terror {row['error']['code']}: {row['error']['message']}")
     else:
         flag = ",".join(row["reasons"]) or "ok"
@@ -380,7 +374,8 @@ def regularize(
     from models.data.datasets import image_folder
     from models.encoders.device import resolve_device
     from models.encoders.loading import save_encoder
-    from models.scoring.feature_set import FeatureSet, preprocessing_mismatch
+    from models.scoring.compatibility import preprocessing_mismatch
+    from models.scoring.feature_set import FeatureSet
     from models.training.loop import Regularizer, TrainConfig, train
     from models.training.objectives import build_method
 

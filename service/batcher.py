@@ -34,7 +34,7 @@ import torch
 
 from models.data.images import ImageDecodeError
 from models.scoring.result import ImageScore
-from service.device_decode import batch_inputs
+from service.device_decode import batch_pixels
 from service.metrics import Metrics
 from service.state import ServingState
 
@@ -268,14 +268,14 @@ class Batcher:
 def _score(
     state: ServingState, images: list[np.ndarray | bytes], features: list[bool]
 ) -> list[ImageScore | ImageDecodeError]:
-    """In the inference thread: tensor conversion, forward pass and Q-Score of one batch.
+    """In the inference thread: the scorer's infer and postprocess steps on one batch.
 
     ``bytes`` are JPEG files to decode on the device (QSCORE_DEVICE_DECODE); one that fails to
     decode gets its :class:`ImageDecodeError` in place of a score.
     """
     if all(isinstance(x, np.ndarray) for x in images):
-        return state.scorer.score_prepared(images, features=features)
-    inputs, errors = batch_inputs(state.scorer, images)
+        return state.scorer.score(images, features=features)
+    pixels, errors = batch_pixels(state.scorer, images)
     kept = [f for f, e in zip(features, errors, strict=True) if e is None]
-    scores = iter(state.scorer.score_batch(inputs, features=kept) if inputs is not None else [])
+    scores = iter(state.scorer.score(pixels, features=kept) if pixels is not None else [])
     return [e if e is not None else next(scores) for e in errors]

@@ -7,7 +7,7 @@ are read at scrape time, so a switch leaves no stale series behind.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -16,6 +16,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from models.scoring.feature_set import FeatureSet
+from models.scoring.result import ImageScore
 
 #: Q-Scores are ratios to the L1 norm of hundreds of features: small numbers. The buckets are
 #: 0 (no discriminative evidence) and 8 per decade from 1e-4 to 1, so histogram_quantile can
@@ -100,6 +101,27 @@ class Metrics:
 
     def error(self, model_version: str | None, code: str, n: int = 1) -> None:
         self.errors.labels(model_version or "none", code).inc(n)
+
+    def observe_scores(self, model_version: str, feature_set_version: str, scores: Sequence[ImageScore]) -> None:
+        """The verdicts of one request: counts, the Q-Score and typicality histograms."""
+        if not scores:
+            return
+        pair = (model_version, feature_set_version)
+        self.images_scored.labels(*pair).inc(len(scores))
+        low = sum(1 for s in scores if s.low_quality)
+        if low:
+            self.low_quality.labels(*pair).inc(low)
+        hist = self.q_score.labels(*pair)
+        for s in scores:
+            hist.observe(s.q_score)
+        typical = [s.typicality for s in scores if s.typicality is not None]
+        if typical:
+            typicality_hist = self.typicality.labels(*pair)
+            for t in typical:
+                typicality_hist.observe(t)
+            atypical = sum(1 for s in scores if s.atypical)
+            if atypical:
+                self.atypical.labels(*pair).inc(atypical)
 
     def observe_batch(self, model_version: str, seconds: float, waits: list[float]) -> None:
         """One encoder batch: its size, its duration and how long each of its images waited."""

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import dataclasses
+from typing import Any, Literal, get_type_hints
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 
 from models.registry.versions import VERSION_PATTERN, ModelRecord
 from models.scoring.feature_set import FeatureSet
+from models.scoring.result import SCORE_FIELDS, ImageScore
 
 VERSION_REGEX = VERSION_PATTERN.pattern
 
@@ -94,24 +96,32 @@ class FeatureValueOut(BaseModel):
     value: float
 
 
-class ScoreResult(BaseModel):
-    """One uploaded file: its scores, or ``error`` when it is not a usable image."""
+#: JSON types of the verdict fields whose Python types are not JSON's (tuples, dataclasses).
+_JSON_TYPES: dict[str, Any] = {
+    "reasons": list[str],
+    "dominant": list[FeatureValueOut],
+    "discriminative_active": list[FeatureValueOut],
+}
 
-    filename: str
-    q_score: float | None = None
-    low_quality: bool | None = Field(None, description="Q-Score below the feature set's alpha.")
-    typicality: float | None = Field(
-        None, description="How unlike the reference the image is, 1 = the reference's 99th percentile; null without."
-    )
-    atypical: bool | None = Field(None, description="typicality above 1; null without typicality.")
-    risk: float | None = Field(None, description="Calibrated P(mis-classified); null when uncalibrated.")
-    reasons: list[str] | None = Field(None, description='Why flagged: "q_below_alpha", "atypical".')
-    l1_norm: float | None = None
-    dominant: list[FeatureValueOut] | None = Field(None, description="Dominant features; null unless ?features=true.")
-    discriminative_active: list[FeatureValueOut] | None = Field(
-        None, description="Dominant features that are discriminative; null unless ?features=true."
-    )
-    error: ErrorBody | None = None
+
+def _verdict_fields() -> dict[str, Any]:
+    """The fields of :class:`ImageScore` as nullable response fields (null on an ``error`` entry)."""
+    hints = get_type_hints(ImageScore)
+    docs = {f.name: f.metadata["doc"] for f in dataclasses.fields(ImageScore)}
+    return {
+        name: (_JSON_TYPES.get(name, hints[name]) | None, Field(None, description=docs[name])) for name in SCORE_FIELDS
+    }
+
+
+#: One uploaded file: its verdict (the fields of :class:`ImageScore`, see ``ImageScore.row``), or
+#: ``error`` when it is not a usable image.
+ScoreResult = create_model(
+    "ScoreResult",
+    __doc__="One uploaded file: its scores, or ``error`` when it is not a usable image.",
+    filename=(str, ...),
+    **_verdict_fields(),
+    error=(ErrorBody | None, None),
+)
 
 
 class ScoreResponse(BaseModel):

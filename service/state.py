@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from models.registry.versions import ModelRecord, Registry, RegistryError
-from models.scoring.feature_set import FeatureSet, preprocessing_mismatch
+from models.scoring.compatibility import FeatureSetMismatch, check_fits
+from models.scoring.feature_set import FeatureSet
 from models.scoring.scorer import Scorer
 from qscore_config.settings import Settings
 from service.schemas import FeatureSetInfo, ModelInfo, ServingInfo
@@ -114,14 +115,10 @@ def load_state(registry: Registry, model: str, feature_set: str, settings: Setti
         features = registry.load_feature_set(feature_set)
     except RegistryError as exc:
         raise VersionNotFound(str(exc)) from exc
-    if features.encoder.fingerprint != record.fingerprint:
-        raise PairMismatch(
-            f"feature set {feature_set!r} belongs to encoder {features.encoder.fingerprint[:12]}, "
-            f"but model {model!r} is {record.fingerprint[:12]}; discover features for this model first"
-        )
-    mismatch = preprocessing_mismatch(record.spec, features)
-    if mismatch is not None:
-        raise PairMismatch(f"feature set {feature_set!r} does not fit model {model!r}: {mismatch}")
+    try:
+        check_fits(features, record.fingerprint, record.spec, model=model, feature_set_version=feature_set)
+    except FeatureSetMismatch as exc:
+        raise PairMismatch(str(exc)) from exc
     imported = registry.load_model(model)
     scorer = Scorer(imported.encoder, imported.fingerprint, features, settings.device, settings.precision)
     if scorer.precision != "float32":
@@ -138,21 +135,22 @@ def _record(registry: Registry, model: str) -> ModelRecord:
 
 
 def _probe(scorer: Scorer, n: int = 16) -> torch.Tensor:
-    size = scorer.encoder.spec.image_size
+    """(n, 3, S, S) seeded random uint8 images at the encoder's size."""
+    size = scorer.image_size
     generator = torch.Generator().manual_seed(0)
-    return torch.randn(n, 3, size, size, generator=generator)
+    return torch.randint(0, 256, (n, 3, size, size), generator=generator, dtype=torch.uint8)
 
 
 def _warm_up(scorer: Scorer) -> None:
-    scorer.score_batch(_probe(scorer, 2))
+    scorer.score(_probe(scorer, 2))
 
 
 def _checked_precision(scorer: Scorer, fingerprint: str, features: FeatureSet) -> Scorer:
     """Keep reduced precision only when Q-Scores stay within PRECISION_TOLERANCE of float32."""
     reference = Scorer(scorer.encoder, fingerprint, features, str(scorer.device), "float32")
     probe = _probe(scorer, 64)
-    low = np.array([s.q_score for s in scorer.score_batch(probe)])
-    full = np.array([s.q_score for s in reference.score_batch(probe)])
+    low = np.array([s.q_score for s in scorer.score(probe)])
+    full = np.array([s.q_score for s in reference.score(probe)])
     gap = float(np.abs(low - full).max())
     if gap > PRECISION_TOLERANCE:
         log.warning(

@@ -15,7 +15,8 @@ from models.data.datasets import ProgressFn, image_folder, random_sample, subset
 from models.data.transforms import eval_transform
 from models.encoders.resnet import ResNetEncoder
 from models.evaluation.metrics import calibrate_alpha, compression_curve, linear_probe, score_power
-from models.scoring.feature_set import FeatureSet, preprocessing_mismatch
+from models.scoring.compatibility import check_fits
+from models.scoring.feature_set import FeatureSet
 from models.scoring.qscore import q_score_parts
 from models.scoring.representations import extract_representations, extract_with_pixels
 from models.scoring.risk import fit_risk
@@ -45,11 +46,7 @@ def run_evaluation(
     probe's mistakes, cross-validated; the report gives each signal's AUROC/AUPRC, the
     combination's, the probe's maximum softmax's and the calibration (ECE, reliability table).
     """
-    if feature_set.encoder.fingerprint != encoder_fingerprint:
-        raise ValueError("the feature set was not found on this encoder")
-    mismatch = preprocessing_mismatch(encoder.spec, feature_set)
-    if mismatch is not None:
-        raise ValueError(mismatch)
+    check_fits(feature_set, encoder_fingerprint, encoder.spec)
     transform = eval_transform(encoder.spec)
     report_progress = on_progress or (lambda _: None)
     train = image_folder(train_dir, transform)

@@ -26,7 +26,8 @@ from pydantic import BaseModel, Field
 
 from models.encoders.loading import ImportedEncoder, load_encoder, save_encoder
 from models.encoders.spec import Encoder, EncoderSpec, fingerprint
-from models.scoring.feature_set import FeatureSet, preprocessing_mismatch
+from models.scoring.compatibility import FeatureSetMismatch, check_fits
+from models.scoring.feature_set import FeatureSet
 from models.storage.atomic import atomic_directory, remove_stale_temporaries, write_json_atomic
 
 VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
@@ -184,14 +185,10 @@ class Registry:
         model_version = feature_set.encoder.model_version
         if model_version is not None:
             record = self.model_record(model_version)
-            if record.fingerprint != feature_set.encoder.fingerprint:
-                raise RegistryError(
-                    f"the feature set was found on weights {feature_set.encoder.fingerprint[:12]}, "
-                    f"not on model {model_version!r} ({record.fingerprint[:12]})"
-                )
-            mismatch = preprocessing_mismatch(record.spec, feature_set)
-            if mismatch is not None:
-                raise RegistryError(f"model {model_version!r}: {mismatch}")
+            try:
+                check_fits(feature_set, record.fingerprint, record.spec, model=model_version)
+            except FeatureSetMismatch as exc:
+                raise RegistryError(str(exc)) from exc
         version = version or new_version("features", feature_set.encoder.fingerprint)
         with atomic_directory(self._new_dir(self.feature_sets_dir, version, "feature set")) as tmp:
             feature_set.save(tmp / FEATURE_SET_FILE)
@@ -211,14 +208,10 @@ class Registry:
     def check_pair(self, model: str, feature_set: str) -> tuple[ModelRecord, FeatureSet]:
         record = self.model_record(model)
         features = self.load_feature_set(feature_set)
-        if features.encoder.fingerprint != record.fingerprint:
-            raise RegistryError(
-                f"feature set {feature_set!r} belongs to encoder {features.encoder.fingerprint[:12]}, "
-                f"but model {model!r} is {record.fingerprint[:12]}; discover features for this model first"
-            )
-        mismatch = preprocessing_mismatch(record.spec, features)
-        if mismatch is not None:
-            raise RegistryError(f"feature set {feature_set!r} does not fit model {model!r}: {mismatch}")
+        try:
+            check_fits(features, record.fingerprint, record.spec, model=model, feature_set_version=feature_set)
+        except FeatureSetMismatch as exc:
+            raise RegistryError(str(exc)) from exc
         return record, features
 
     def set_active(self, model: str, feature_set: str) -> ActivePair:

@@ -62,24 +62,6 @@ class EncoderRef(BaseModel):
     preprocessing: Preprocessing | None = None
 
 
-def preprocessing_mismatch(spec: Any, feature_set: FeatureSet) -> str | None:
-    """Why ``feature_set`` does not fit an encoder fed as ``spec`` says, or None when it does."""
-    found = feature_set.encoder.preprocessing
-    now = Preprocessing.of(spec)
-    if found is None or found == now:
-        return None
-
-    def show(p: Preprocessing) -> str:
-        mean, std = ",".join(f"{v:g}" for v in p.mean), ",".join(f"{v:g}" for v in p.std)
-        return f"--image-size {p.image_size} --mean {mean} --std {std}"
-
-    return (
-        f"the feature set was found on images preprocessed with {show(found)}, but the encoder is fed "
-        f"{show(now)}: the same weights fed otherwise give other representations. Use the same "
-        "preprocessing flags as at discovery, or discover again with these."
-    )
-
-
 class DataProvenance(BaseModel):
     dataset: str
     n_available: int

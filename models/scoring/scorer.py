@@ -1,27 +1,45 @@
-"""Scoring images with an encoder and its feature set: what ``/score`` and ``qscore score`` return."""
+"""Scoring images with an encoder and its feature set: what ``/score`` and ``qscore score`` return.
+
+The scorer's surface is a model server's handler: :meth:`Scorer.preprocess` (one decoded image to
+its uint8 pixels at the encoder's size, per image, on the host), :meth:`Scorer.infer` (a batch of
+those pixels to representations, and to the pixel statistics typicality reads, when it reads
+them) and :meth:`Scorer.postprocess` (representations to one :class:`ImageScore` each);
+:meth:`Scorer.score` runs the last two.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms
 
-from models.data.transforms import eval_transform
 from models.encoders.device import resolve_device
-from models.encoders.resnet import ResNetEncoder
-from models.scoring.feature_set import FeatureSet, preprocessing_mismatch
-from models.scoring.qscore import QScoreParts, discriminative_mask, q_score_parts
+from models.encoders.spec import Encoder
+from models.scoring.compatibility import check_fits
+from models.scoring.feature_set import FeatureSet
+from models.scoring.qscore import discriminative_mask, q_score_parts
 from models.scoring.result import FeatureValue, ImageScore, reasons_of
 from models.scoring.signals import label_free_signals
+from models.scoring.typicality import pixel_signals
 
 PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
+#: What :meth:`Scorer.infer` takes: (H, W, 3) uint8 arrays from :meth:`Scorer.preprocess`, or a
+#: (B, 3, H, W) uint8 tensor on any device (the device JPEG decoder's output).
+Pixels = Sequence[np.ndarray] | torch.Tensor
 
-class FeatureSetMismatch(ValueError):
-    """A feature set found on other weights than the encoder's."""
+
+@dataclass(frozen=True)
+class Inference:
+    """A batch after the forward pass: ``h`` (B, r) float32 on the scoring device, and the pixel
+    statistics of typicality (each (B,)) when its model uses them, else None."""
+
+    h: torch.Tensor
+    pixel_stats: dict[str, torch.Tensor] | None
 
 
 class Scorer:
@@ -33,20 +51,13 @@ class Scorer:
 
     def __init__(
         self,
-        encoder: ResNetEncoder,
+        encoder: Encoder,
         encoder_fingerprint: str,
         feature_set: FeatureSet,
         device: str = "auto",
         precision: str = "float32",
     ) -> None:
-        if feature_set.encoder.fingerprint != encoder_fingerprint:
-            raise FeatureSetMismatch(
-                f"the feature set was found on encoder {feature_set.encoder.fingerprint[:12]}, "
-                f"not on this one ({encoder_fingerprint[:12]})"
-            )
-        mismatch = preprocessing_mismatch(encoder.spec, feature_set)
-        if mismatch is not None:
-            raise FeatureSetMismatch(mismatch)
+        check_fits(feature_set, encoder_fingerprint, encoder.spec)
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         self.device = resolve_device(device)
@@ -56,99 +67,81 @@ class Scorer:
         self.encoder = encoder.to(self.device).eval()
         self.fingerprint = encoder_fingerprint
         self.feature_set = feature_set
-        self.transform = eval_transform(encoder.spec)
-        # eval_transform split in two for batches: the geometry per image (Pillow), then
-        # ToTensor and Normalize for a whole batch at once, the same elementwise operations.
-        size = encoder.spec.image_size
-        self.geometry = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size)])
-        self._mean = torch.tensor(encoder.spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self._std = torch.tensor(encoder.spec.std, dtype=torch.float32).view(1, 3, 1, 1)
+        spec = encoder.spec
+        self.image_size = spec.image_size
+        # eval_transform (models/data/transforms.py) split in two: the geometry per image (Pillow),
+        # then ToTensor and Normalize for a whole batch at once, the same elementwise operations.
+        size = spec.image_size
+        self._geometry = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size)])
+        self._mean = torch.tensor(spec.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(spec.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         # A boolean mask built once on the device: indices would be range-checked on the host
         # (a GPU sync) on every batch.
         self.discriminative = discriminative_mask(feature_set.discriminative_indices, encoder.feature_dim).to(
             self.device
         )
-        # Typicality: the bank on the serving device; pixel statistics need the inputs in [0, 1].
         self.typicality = feature_set.typicality
         self.bank = None
         if feature_set.bank is not None:
             self.bank = feature_set.bank.to(self.device)
         elif self.typicality is not None and self.typicality.needs_bank:
             raise ValueError("the feature set's typicality needs its reference bank, which was not loaded")
-        spec = getattr(encoder, "spec", None)
-        mean, std = getattr(spec, "mean", None), getattr(spec, "std", None)
-        self._unnormalise = None
-        if mean is not None and std is not None:
-            self._unnormalise = (
-                torch.tensor(std, device=self.device).view(1, -1, 1, 1),
-                torch.tensor(mean, device=self.device).view(1, -1, 1, 1),
-            )
+        self._needs_pixels = self.typicality is not None and self.typicality.needs_pixels
+        # Without typicality or a risk model nothing reads the other signals: the Q-Score's alone.
+        self._q_only = self.typicality is None and feature_set.risk_model is None
 
     @property
     def bank_bytes(self) -> int:
         """Bytes of the reference bank on the serving device (0 without one)."""
         return 0 if self.bank is None else self.bank.nbytes
 
-    def pixels(self, batch: torch.Tensor) -> torch.Tensor:
-        """The encoder's inputs (B, 3, H, W) back in [0, 1] (normalisation undone)."""
-        x = batch.to(self.device, torch.float32)
-        if self._unnormalise is None:
-            return x
-        std, mean = self._unnormalise
-        return x * std + mean
+    # -- 1. preprocess: per image, on the host ---------------------------------------------
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        """An RGB PIL image resized (short side) and centre-cropped: (H, W, 3) uint8."""
+        return np.asarray(self._geometry(image), dtype=np.uint8)
 
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """An RGB PIL image to the encoder's (3, H, W) input."""
-        return self.transform(image)
+    # -- 2. infer: per batch, on the device ------------------------------------------------
+    def infer(self, images: Pixels) -> Inference:
+        """uint8 pixels of a batch to representations (and pixel statistics, when used).
 
-    def prepare(self, image: Image.Image) -> np.ndarray:
-        """An RGB PIL image resized and cropped: (H, W, 3) uint8, for :meth:`inputs`."""
-        return np.asarray(self.geometry(image), dtype=np.uint8)
-
-    def inputs(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """:meth:`prepare` outputs to the encoder's (B, 3, H, W) input, bit for bit what
-        :meth:`preprocess` gives image by image (ToTensor, then Normalize), on the device.
-
-        On a GPU the uint8 batch crosses from pinned memory (a quarter of the float bytes).
+        The encoder's input is ``(x / 255 - mean) / std``, bit for bit what ``eval_transform``
+        gives image by image (ToTensor, then Normalize). On a GPU a batch of arrays crosses from
+        pinned memory as uint8 (a quarter of the float bytes).
         """
-        batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
-        if self.device.type == "cuda":
-            batch = batch.pin_memory().to(self.device, non_blocking=True)
-        x = batch.contiguous().to(dtype=torch.float32).div(255)
-        return x.sub_(self._mean.to(x.device)).div_(self._std.to(x.device))
-
-    def score_prepared(self, images: Sequence[np.ndarray], features: bool | Sequence[bool] = True) -> list[ImageScore]:
-        """Score :meth:`prepare` outputs as one batch."""
-        return self.score_batch(self.inputs(images), features)
-
-    def representations(self, batch: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) inputs to (B, r) float32 representations."""
+        if isinstance(images, torch.Tensor):
+            batch = images
+        else:
+            batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+            if self.device.type == "cuda":
+                batch = batch.pin_memory()
+        if batch.dtype != torch.uint8 or batch.dim() != 4 or batch.shape[1] != 3:
+            raise ValueError(f"expected (B, 3, H, W) uint8 pixels, got {tuple(batch.shape)} {batch.dtype}")
         with torch.inference_mode():
-            x = batch.to(self.device, non_blocking=True)
-            if self.precision == "float32":
-                return self.encoder(x).float()
-            with torch.autocast("cuda", dtype=PRECISIONS[self.precision]):
-                return self.encoder(x).float()
+            x = batch.to(self.device, non_blocking=True).contiguous().to(dtype=torch.float32).div_(255)
+            stats = pixel_signals(x) if self._needs_pixels else None
+            x = x.sub_(self._mean).div_(self._std)
+            return Inference(self._forward(x), stats)
 
-    def signals(self, h: torch.Tensor, pixels: torch.Tensor | None, parts: QScoreParts) -> dict[str, np.ndarray]:
-        if self.typicality is None and self.feature_set.risk_model is None:
-            # Nothing uses the other signals: the Q-Score's alone, as before typicality existed.
-            return {"q_score": parts.q_score.cpu().numpy(), "mean_active": parts.mean_active.cpu().numpy()}
-        return label_free_signals(h, pixels, parts, self.typicality, self.bank)
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.precision == "float32":
+            return self.encoder(x).float()
+        with torch.autocast("cuda", dtype=PRECISIONS[self.precision]):
+            return self.encoder(x).float()
 
-    def score_representations(
-        self, h: torch.Tensor, features: bool | Sequence[bool] = True, pixels: torch.Tensor | None = None
-    ) -> list[ImageScore]:
-        """(B, r) representations to one :class:`ImageScore` each.
+    # -- 3. postprocess: representations to verdicts ---------------------------------------
+    def postprocess(self, inference: Inference, features: bool | Sequence[bool] = True) -> list[ImageScore]:
+        """One :class:`ImageScore` per image.
 
         ``features``: list the dominant and active discriminative features of every image
         (True), of none (False), or of the images flagged in a sequence of B booleans.
-        ``pixels``: the inputs (B, 3, H, W) in [0, 1], for typicality's pixel statistics.
         """
-        fs = self.feature_set
+        h, fs = inference.h, self.feature_set
         wanted = [features] * h.shape[0] if isinstance(features, bool) else list(features)
         parts = q_score_parts(h, self.discriminative, fs.eps)
-        sig = self.signals(h, pixels, parts)
+        if self._q_only:
+            sig = {"q_score": parts.q_score.cpu().numpy(), "mean_active": parts.mean_active.cpu().numpy()}
+        else:
+            sig = label_free_signals(h, inference.pixel_stats, parts, self.typicality, self.bank)
         q = sig["q_score"]
         risk = fs.risk(sig)
         if risk is not None:
@@ -176,9 +169,13 @@ class Scorer:
             )
         return out
 
-    def score_batch(self, batch: torch.Tensor, features: bool | Sequence[bool] = True) -> list[ImageScore]:
-        """Scores of a batch of encoder inputs (B, 3, H, W), as ``preprocess``/``inputs`` make them."""
-        return self.score_representations(self.representations(batch), features, self.pixels(batch))
+    def score(self, images: Pixels, features: bool | Sequence[bool] = True) -> list[ImageScore]:
+        """:meth:`infer` then :meth:`postprocess`: the verdicts on a batch of uint8 pixels."""
+        return self.postprocess(self.infer(images), features)
+
+    def score_images(self, images: Sequence[Image.Image], features: bool | Sequence[bool] = True) -> list[ImageScore]:
+        """Verdicts on decoded RGB images, as one batch (they are preprocessed first)."""
+        return self.score([self.preprocess(image) for image in images], features)
 
 
 def _values(h: torch.Tensor, mask: torch.Tensor) -> list[FeatureValue]:

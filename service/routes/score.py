@@ -17,12 +17,11 @@ from fastapi import APIRouter, Query, Request, Response
 from starlette.types import Receive
 
 from models.data.images import ImageDecodeError, decode_image
-from models.scoring.result import FeatureValue, ImageScore
+from models.scoring.result import ImageScore, error_row
 from service.batcher import BatcherStopped, QueueFull
 from service.deps import ScoringDep
 from service.device_decode import decodable_on_device
 from service.limits import ApiError, ClientGone, read_uploads
-from service.metrics import Metrics
 from service.schemas import ErrorResponse, ScoreResponse
 from service.state import ServingState
 
@@ -110,15 +109,16 @@ async def score(
             scores = iter(await _unless_client_leaves(pending, request.receive))
         except BatcherStopped as exc:
             raise ApiError(503, "not_ready", str(exc), headers={"Retry-After": "1"}) from exc
-        results = []
+        results, verdicts = [], []
         for name, p in zip(names, prepared, strict=True):
             outcome = p if isinstance(p, ImageDecodeError) else next(scores)
             if isinstance(outcome, ImageDecodeError):  # from Pillow here, or from the device decoder
                 metrics.error(version, outcome.code)
                 results.append(_error_result(name, outcome))
             else:
-                results.append(_result(name, outcome, features))
-        _observe(metrics, state, results)
+                verdicts.append(outcome)
+                results.append({"filename": name, **outcome.row(), "error": None})
+        metrics.observe_scores(state.model_version, state.feature_set_version, verdicts)
         status = 200
         return Response(orjson.dumps({**state.response_header, "results": results}), media_type="application/json")
     except ApiError as exc:
@@ -177,66 +177,13 @@ def _prepare(
             out.append(blob)
             continue
         try:
-            out.append(state.scorer.prepare(decode_image(blob, max_pixels)))
+            out.append(state.scorer.preprocess(decode_image(blob, max_pixels)))
         except ImageDecodeError as exc:
             out.append(exc)
     return out
 
 
-def _result(name: str, s: ImageScore, features: bool) -> dict[str, Any]:
-    """One entry of ``results`` (the ScoreResult schema), as a plain dict."""
-    return {
-        "filename": name,
-        "q_score": s.q_score,
-        "low_quality": s.low_quality,
-        "typicality": s.typicality,
-        "atypical": s.atypical,
-        "risk": s.risk,
-        "reasons": list(s.reasons),
-        "l1_norm": s.l1_norm,
-        "dominant": _values(s.dominant) if features else None,
-        "discriminative_active": _values(s.discriminative_active) if features else None,
-        "error": None,
-    }
-
-
-def _values(values: list[FeatureValue] | None) -> list[dict[str, float]]:
-    return [{"index": v.index, "value": v.value} for v in values or ()]
-
-
 def _error_result(name: str, exc: ImageDecodeError) -> dict[str, Any]:
-    return {
-        "filename": name,
-        "q_score": None,
-        "low_quality": None,
-        "typicality": None,
-        "atypical": None,
-        "risk": None,
-        "reasons": None,
-        "l1_norm": None,
-        "dominant": None,
-        "discriminative_active": None,
-        "error": {"code": exc.code, "message": exc.message, "limit": None, "errors": None},
-    }
-
-
-def _observe(metrics: Metrics, state: ServingState, results: list[dict[str, Any]]) -> None:
-    pair = (state.model_version, state.feature_set_version)
-    scored = [r["q_score"] for r in results if r["q_score"] is not None]
-    if not scored:
-        return
-    metrics.images_scored.labels(*pair).inc(len(scored))
-    low = sum(1 for r in results if r["low_quality"])
-    if low:
-        metrics.low_quality.labels(*pair).inc(low)
-    hist = metrics.q_score.labels(*pair)
-    for q in scored:
-        hist.observe(q)
-    typical = [r["typicality"] for r in results if r["typicality"] is not None]
-    if typical:
-        typicality_hist = metrics.typicality.labels(*pair)
-        for t in typical:
-            typicality_hist.observe(t)
-        atypical = sum(1 for r in results if r["atypical"])
-        if atypical:
-            metrics.atypical.labels(*pair).inc(atypical)
+    row = error_row(exc.code, exc.message)
+    row["error"] |= {"limit": None, "errors": None}
+    return {"filename": name, **row}

@@ -12,6 +12,7 @@ import pytest
 
 from models.encoders.loading import load_encoder
 from models.scoring.feature_set import FeatureSet
+from service.schemas import ScoreResult
 
 QSCORE = Path(sys.executable).parent / "qscore"
 
@@ -134,6 +135,11 @@ def test_score_json_lines(pipeline, cifar_slice, tmp_path):
     assert err["error"]["code"] == "not_an_image"
     scored = [row for row in rows if row["path"] != str(bad)]
     assert [row["path"] for row in scored] == [str(p) for p in images]
+    # the CLI row is /score's result entry, with the path in place of the file name
+    http_fields = set(ScoreResult.model_fields) - {"filename"}
+    assert all(set(row) == {"path"} | http_fields for row in rows)
+    assert err["q_score"] is None and err["reasons"] is None
+    assert all(row["error"] is None and isinstance(row["dominant"], list) for row in scored)
     alpha = FeatureSet.load(pipeline["features"]).alpha
     for row in scored:
         assert 0.0 <= row["q_score"] <= 1.0

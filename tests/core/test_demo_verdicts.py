@@ -22,7 +22,7 @@ def test_demo_scores_cifar_typical_and_solid_colours_atypical(tmp_path: Path, ci
     cifar = [Image.open(p).convert("RGB") for p in sorted((cifar_slice / "test").rglob("*.jpg"))]
     rng = np.random.default_rng(0)
     solid = [Image.new("RGB", (32, 32), tuple(int(c) for c in rng.integers(0, 256, 3))) for _ in range(20)]
-    scores = scorer.score_batch(torch.stack([scorer.preprocess(im) for im in cifar + solid]))
+    scores = scorer.score_images(cifar + solid)
     real, shifted = scores[: len(cifar)], scores[len(cifar) :]
     assert np.mean([s.atypical for s in real]) <= 0.05
     assert all(s.atypical and "atypical" in s.reasons for s in shifted)
@@ -36,6 +36,6 @@ def test_feature_set_without_typicality_or_risk_answers_none(tmp_path: Path) -> 
     bare = type(fs).model_validate(fs.model_dump() | {"typicality": None, "risk_model": None})
     scorer = Scorer(imported.encoder, imported.fingerprint, bare, "cpu")
     assert scorer.bank is None and scorer.bank_bytes == 0
-    scores = scorer.score_batch(torch.zeros(3, 3, 32, 32))
+    scores = scorer.score(torch.zeros(3, 3, 32, 32, dtype=torch.uint8))
     assert all(s.typicality is None and s.atypical is None and s.risk is None for s in scores)
     assert all(s.reasons == (("q_below_alpha",) if s.low_quality else ()) for s in scores)

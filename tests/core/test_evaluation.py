@@ -202,5 +202,5 @@ def test_run_evaluation_keeps_encoder_frozen(tiny_model, cifar_slice):
 
 def test_run_evaluation_refuses_foreign_feature_set(tiny_model, cifar_slice):
     encoder, _, fs = tiny_model
-    with pytest.raises(ValueError, match="not found on this encoder"):
+    with pytest.raises(ValueError, match="but this encoder is"):
         run_evaluation(encoder, "0" * 64, fs, cifar_slice / "train", cifar_slice / "test")

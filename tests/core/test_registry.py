@@ -64,7 +64,7 @@ def test_set_active_refuses_mismatched_pair(tiny_registry, tiny_spec):
     from models.encoders.resnet import build_encoder
 
     tiny_registry.add_model(build_encoder(tiny_spec), version="other")
-    with pytest.raises(RegistryError, match="feature set 'tiny' belongs to encoder .* but model 'other'"):
+    with pytest.raises(RegistryError, match="feature set 'tiny' was found on encoder .* but model 'other'"):
         tiny_registry.set_active("other", "tiny")
     pair = tiny_registry.active()
     assert (pair.model, pair.feature_set) == ("tiny", "tiny")  # unchanged
@@ -82,7 +82,7 @@ def test_feature_set_for_another_model_is_refused(tiny_registry, tiny_model, tin
     tiny_registry.add_model(build_encoder(tiny_spec), version="other")
     fs = feature_set.model_copy(deep=True)
     fs.encoder.model_version = "other"
-    with pytest.raises(RegistryError, match="not on model 'other'"):
+    with pytest.raises(RegistryError, match="but model 'other' is"):
         tiny_registry.add_feature_set(fs, version="wrong")
     assert not tiny_registry.feature_set_dir("wrong").exists()
 

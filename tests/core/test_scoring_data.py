@@ -8,17 +8,21 @@ import torch
 from PIL import Image
 
 from models.data.datasets import random_sample, shard
+from models.data.transforms import eval_transform
+from models.scoring.compatibility import FeatureSetMismatch
 from models.scoring.qscore import q_score
-from models.scoring.scorer import FeatureSetMismatch, Scorer
+from models.scoring.scorer import Scorer
 
 
 def test_scorer_matches_q_score(tiny_model):
     encoder, digest, fs = tiny_model
     scorer = Scorer(encoder, digest, fs, device="cpu")
     images = [Image.new("RGB", (48, 40), (i * 40, 255 - i * 30, 90)) for i in range(4)]
-    batch = torch.stack([scorer.preprocess(im) for im in images])
-    assert batch.shape == (4, 3, 32, 32)
-    scores = scorer.score_batch(batch)
+    pixels = [scorer.preprocess(im) for im in images]
+    assert all(p.shape == (32, 32, 3) and p.dtype == np.uint8 for p in pixels)
+    scores = scorer.score(pixels)
+    # The scorer's input is eval_transform's, bit for bit: ToTensor then Normalize of the same pixels.
+    batch = torch.stack([eval_transform(encoder.spec)(im) for im in images])
     with torch.inference_mode():
         h = encoder(batch)
     q = q_score(h, fs.discriminative_indices, fs.eps)

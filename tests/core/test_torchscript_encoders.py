@@ -278,8 +278,9 @@ def test_bad_preprocessing_flags_exit_2(tmp_path, flags, needle):
 
 def test_a_feature_set_is_refused_for_the_same_weights_fed_otherwise(tmp_path, cifar_slice):
     from models.discovery.discover import discover, make_selection
+    from models.scoring.compatibility import FeatureSetMismatch
     from models.scoring.feature_set import EncoderRef
-    from models.scoring.scorer import FeatureSetMismatch, Scorer
+    from models.scoring.scorer import Scorer
 
     path = script(Pooled(), tmp_path / "pooled.pt")
     registry = Registry(tmp_path / "registry")

@@ -22,7 +22,7 @@ class RecordingScorer:
         self.gate = threading.Event()
         self.gate.set()
 
-    def score_prepared(self, images: list[np.ndarray], features: object = True) -> list[tuple[str, float]]:
+    def score(self, images: list[np.ndarray], features: object = True) -> list[tuple[str, float]]:
         self.started.append(len(images))
         self.gate.wait(5)
         time.sleep(self.delay)
@@ -177,7 +177,7 @@ def test_batcher_never_mixes_states_in_one_batch() -> None:
 
 def test_batcher_inference_error_fails_only_its_batch() -> None:
     class Broken(RecordingScorer):
-        def score_prepared(self, images: list[np.ndarray], features: object = True) -> list[tuple[str, float]]:
+        def score(self, images: list[np.ndarray], features: object = True) -> list[tuple[str, float]]:
             raise RuntimeError("device lost")
 
     async def main() -> None:
