@@ -245,7 +245,7 @@ def write_markdown(results: dict[str, Any], args: argparse.Namespace, out: Path)
             f"{b['ratio_on_over_off']:.2f}x (goal >= 0.9x: {verdict}) at a "
             f"{b['bank_vectors']:,}-vector bank, {b['encoder']}, {b['device']} "
             f"({b['images_per_second']['on']:.0f} against {b['images_per_second']['off']:.0f} images/s; "
-            "`python benchmarks/bench_typicality.py`, `benchmarks/results/typicality.json`)"
+            "`python -m benchmarks.bench_typicality`, `benchmarks/results/typicality.json`)"
         )
         if "service" in b:
             sv = b["service"]
