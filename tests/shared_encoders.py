@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-
 SHARED_MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
 RESNET20_TORCHSCRIPT = SHARED_MODELS / "cifar10-resnet20-supervised.pt"
 RESNET20_CHECKPOINT = SHARED_MODELS / "resnet20-12fca82f.th"
