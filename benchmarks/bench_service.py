@@ -12,9 +12,9 @@ with apt when missing), one thread, keep-alive connections. Goals (issue 8), as 
 - /score at 32 connections >= 0.8 x L, L = 1 / (1/raw + 1/bare): two costs sharing the cores;
 - 1 connection: p50 <= the batch-1 forward time + 2 ms.
 
-    python benchmarks/bench_service.py                                   # CPU, demo encoder
-    python benchmarks/bench_service.py --preset cuda-resnet50            # ResNet-50, 224 px, CUDA
-    python benchmarks/bench_service.py --preset cuda-resnet50 --raw-only # torch/torchvision only
+    python -m benchmarks.bench_service                                   # CPU, demo encoder
+    python -m benchmarks.bench_service --preset cuda-resnet50            # ResNet-50, 224 px, CUDA
+    python -m benchmarks.bench_service --preset cuda-resnet50 --raw-only # torch/torchvision only
 
 ``--raw-only`` measures the raw scorer and the decode paths (Pillow on the CPU against batched
 ``torchvision.io.decode_jpeg`` on the device, and pinned against pageable host-to-device copies)
@@ -43,9 +43,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-RESULTS = ROOT / "benchmarks" / "results"
+from benchmarks.common import RESULTS, ROOT, device_name, load_average, pythonpath, rate, write_result
+
 BOUNDARY = "qscore-bench-boundary"
 
 
@@ -102,24 +101,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise SystemExit("this preset needs a CUDA device; none is available here")
     return torch.device(name)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def rate(fn: Any, items_per_call: int, device: torch.device, seconds: float) -> float:
-    """Items per second of ``fn()`` over about ``seconds`` (after two warm-up calls)."""
-    fn()
-    fn()
-    sync(device)
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        fn()
-        n += items_per_call
-    sync(device)
-    return n / (time.perf_counter() - start)
 
 
 # -- raw scorer -------------------------------------------------------------------------------
@@ -425,7 +406,7 @@ class Server:
             "warning",
             "--no-access-log",
         ]
-        self.process = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env, "PYTHONPATH": _pythonpath()})
+        self.process = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env, "PYTHONPATH": pythonpath()})
 
     def wait_ready(self, path: str) -> None:
         import urllib.request
@@ -570,18 +551,14 @@ def run_full(preset: Preset, seconds: float, server_env: dict[str, str]) -> dict
 
 
 def machine(preset: Preset) -> dict[str, Any]:
-    info: dict[str, Any] = {
+    return {
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+        "loadavg_at_start": load_average(),
+        "device": device_name(preset.device) if preset.device == "cuda" and torch.cuda.is_available() else "cpu",
     }
-    if preset.device == "cuda" and torch.cuda.is_available():
-        info["device"] = torch.cuda.get_device_name(0)
-    else:
-        info["device"] = "cpu"
-    return info
 
 
 def main() -> None:
@@ -611,16 +588,9 @@ def main() -> None:
         result["server_env"] = server_env
         result.update(run_full(preset, args.seconds, server_env))
         default_name = "service.json" if preset.name == "cpu-demo" else f"service-{preset.name}.json"
-    result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    out = args.out or RESULTS / default_name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    result["machine"]["loadavg_at_end"] = load_average()
+    write_result(args.out or RESULTS / default_name, result)
     print(json.dumps(result, indent=2))
-
-
-def _pythonpath() -> str:
-    """This checkout first, then whatever the caller had (packages installed beside the image)."""
-    return os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 
 if __name__ == "__main__":
