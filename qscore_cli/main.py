@@ -89,7 +89,7 @@ def _progress_bar(total: int, desc: str) -> Any:
 
 
 def _step_logger(log_path: Path | None, bar: Any) -> Callable[[Any, float], None]:
-    handle = open(log_path, "a") if log_path else None  # noqa: SIM115 - closed at exit
+    handle = open(log_path, "a") if log_path else None  # closed at exit
 
     def on_step(record: Any, progress: float) -> None:
         bar.update(1)
