@@ -36,7 +36,21 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import redis
+import torch
+
 from benchmarks.common import RESULTS, ROOT, celery_worker_command, load_average, worker_env, write_result
+from models.data.datasets import class_slice, ensure_cifar10, image_folder
+from models.data.transforms import eval_transform
+from models.discovery.discover import discover, make_selection
+from models.encoders.resnet import build_encoder
+from models.encoders.spec import EncoderSpec, fingerprint
+from models.registry.versions import Registry
+from models.scoring.feature_set import EncoderRef
+from qscore_config.settings import Settings
+from worker.backend import CeleryBackend
+from worker.params import RegularizeParams, resolve
+from worker.store import RedisJobStore
 
 
 class Worker:
@@ -85,11 +99,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="Default: benchmarks/results/faults.json.")
     args = parser.parse_args()
     rng = random.Random(args.seed)
-
-    import redis
-
-    from qscore_config.settings import Settings
-    from worker.store import RedisJobStore
 
     work = Path(tempfile.mkdtemp(prefix="qscore-bench-faults-"))
     registry, data = _registry(work)
@@ -240,15 +249,6 @@ def main() -> None:
 
 
 def _registry(work: Path) -> tuple[Any, Path]:
-    import torch
-
-    from models.data.datasets import class_slice, ensure_cifar10, image_folder
-    from models.data.transforms import eval_transform
-    from models.discovery.discover import discover, make_selection
-    from models.encoders.resnet import build_encoder
-    from models.encoders.spec import EncoderSpec, fingerprint
-    from models.registry.versions import Registry
-    from models.scoring.feature_set import EncoderRef
 
     data = class_slice(ensure_cifar10() / "train", work / "train", per_class=30, seed=0)
     torch.manual_seed(0)
@@ -278,8 +278,6 @@ def _registry(work: Path) -> tuple[Any, Path]:
 
 def _submit(settings: Any, store: Any, steps: int) -> str:
     """Queue a job as ``POST /jobs/regularize`` does (validated, recorded, sent)."""
-    from worker.backend import CeleryBackend
-    from worker.params import RegularizeParams, resolve
 
     params = RegularizeParams.model_validate(
         {

@@ -28,7 +28,17 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import redis
+import torch
+
 from benchmarks.common import RESULTS, ROOT, celery_worker_command, device_name, load_average, worker_env, write_result
+from models.data.datasets import class_slice, ensure_cifar10
+from models.encoders.resnet import build_encoder
+from models.encoders.spec import EncoderSpec
+from models.registry.versions import Registry
+from qscore_config.settings import Settings
+from worker.backend import CeleryBackend
+from worker.params import DiscoverParams, RegularizeParams, resolve
 
 if TYPE_CHECKING:  # annotations only: _run imports the worker's modules when it runs
     from pydantic import BaseModel
@@ -52,14 +62,6 @@ def main() -> None:
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/6", help="A Redis database it may flush.")
     parser.add_argument("--out", type=Path, default=RESULTS / "jobs.json")
     args = parser.parse_args()
-
-    import redis
-    import torch
-
-    from models.data.datasets import class_slice, ensure_cifar10
-    from models.encoders.resnet import build_encoder
-    from models.encoders.spec import EncoderSpec
-    from models.registry.versions import Registry
 
     work = Path(tempfile.mkdtemp(prefix="qscore-bench-jobs-"))
     data = class_slice(ensure_cifar10() / "train", work / "train", per_class=args.images // 10, seed=0)
@@ -117,9 +119,6 @@ def main() -> None:
 
 def _run(env: dict[str, str], n_workers: int, args: argparse.Namespace, work: Path) -> tuple[float, int]:
     """Seconds from queueing to success of the timed job, and the images it went through."""
-    from qscore_config.settings import Settings
-    from worker.backend import CeleryBackend
-    from worker.params import DiscoverParams, RegularizeParams, resolve
 
     procs = []
     try:

@@ -29,12 +29,14 @@ import io
 import json
 import os
 import platform
+import random
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,8 +86,8 @@ def synthetic_jpegs(n: int, size: int, seed: int = 0, width: int | None = None) 
 
 
 def cifar_jpegs(n: int) -> list[bytes]:
-    import random
 
+    # Lazy: --raw-only runs where only torch, torchvision, numpy and Pillow are installed.
     from models.data.datasets import ensure_cifar10
 
     files = sorted((ensure_cifar10() / "test").rglob("*.jpg"))
@@ -143,6 +145,7 @@ def best_raw_rates(score_batch: Any, inputs: torch.Tensor, device: torch.device,
 def torch_only_resnet50(device: torch.device, image_size: int):
     """A random ResNet-50 (torchvision, nothing downloaded) and a Q-Score on 120 random features:
     the same computation as models.scoring.scorer.Scorer, importable with torch and torchvision alone."""
+    # Lazy: --raw-only runs where only torch, torchvision, numpy and Pillow are installed.
     import torchvision
 
     from models.scoring.qscore import discriminative_mask, q_score_parts
@@ -168,6 +171,7 @@ def torch_only_resnet50(device: torch.device, image_size: int):
 
 def decode_rates(blobs: list[bytes], preset: Preset, device: torch.device, seconds: float) -> dict[str, Any]:
     """Images/s of the decode-and-preprocess paths, batch = max batch size."""
+    # Lazy: --raw-only runs where only torch, torchvision, numpy and Pillow are installed.
     from torchvision import transforms
 
     from service.device_decode import decode_jpegs
@@ -201,6 +205,7 @@ def decode_rates(blobs: list[bytes], preset: Preset, device: torch.device, secon
 
 
 def run_raw_only(preset: Preset, seconds: float) -> dict[str, Any]:
+    # Lazy: --raw-only runs where only torch, torchvision, numpy and Pillow are installed.
     from service.device_decode import decode_jpegs
 
     device = resolve_device(preset.device)
@@ -231,6 +236,7 @@ def run_raw_only(preset: Preset, seconds: float) -> dict[str, Any]:
 
 
 def demo_scorer(preset: Preset):
+    # Lazy: --raw-only runs where only torch, torchvision, numpy and Pillow are installed.
     from models.registry.versions import Registry
     from models.scoring.scorer import Scorer
 
@@ -243,6 +249,7 @@ def demo_scorer(preset: Preset):
 
 def build_registry(root: Path, preset: Preset, blobs: list[bytes]):
     """The demo pair, or a random-initialised ResNet-50 registered with features found on ``blobs``."""
+    # Lazy: --raw-only runs where only torch, torchvision, numpy and Pillow are installed.
     from models.registry.versions import Registry
 
     registry = Registry(root)
@@ -409,7 +416,6 @@ class Server:
         self.process = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env, "PYTHONPATH": pythonpath()})
 
     def wait_ready(self, path: str) -> None:
-        import urllib.request
 
         deadline = time.monotonic() + 300
         while True:
@@ -430,7 +436,6 @@ class Server:
         return float("nan")
 
     def metrics(self) -> str:
-        import urllib.request
 
         with urllib.request.urlopen(self.url + "/metrics", timeout=10) as r:
             return r.read().decode()
@@ -451,6 +456,7 @@ def mean_batch(metrics_text: str) -> float | None:
 
 
 def run_full(preset: Preset, seconds: float, server_env: dict[str, str]) -> dict[str, Any]:
+    # Lazy: --raw-only runs where only torch, torchvision, numpy and Pillow are installed.
     from models.scoring.scorer import Scorer
 
     wrk = ensure_wrk()

@@ -23,6 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+
+matplotlib.use("Agg")  # headless: the backend is chosen before pyplot is imported
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from PIL import Image
@@ -34,6 +38,7 @@ from models.data.transforms import eval_transform
 from models.encoders.loading import load_encoder
 from models.evaluation.metrics import linear_probe
 from models.scoring.dominance import DominanceCounts, default_alpha, select_discriminative
+from models.scoring.feature_set import FeatureSet
 from models.scoring.qscore import q_score_parts
 from models.scoring.risk import fit_risk
 from models.scoring.typicality import fit_typicality, pixel_signals, score_typicality
@@ -58,7 +63,6 @@ class Subject:
 
 
 def subjects() -> list[Subject]:
-    from models.scoring.feature_set import FeatureSet
 
     demo = load_encoder(DEMO_WEIGHTS).encoder.eval()
     fs = FeatureSet.load(DEMO_FEATURES)
@@ -162,11 +166,6 @@ def measure(
 
 
 def reliability_figure(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 4), squeeze=False)
     for ax, (name, res) in zip(axes[0], results.items(), strict=True):
         table = res["risk"]["combined"]["reliability"]
