@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.encoders.runtime import Runtime
 from models.registry.versions import ModelRecord, Registry, RegistryError
 from models.scoring.feature_set import FeatureSet, preprocessing_mismatch
 from models.scoring.scorer import Scorer
@@ -80,6 +81,8 @@ class ServingState:
             loaded_at=self.loaded_at,
             device=str(self.scorer.device),
             precision=self.scorer.precision,
+            runtime=self.scorer.engine.name,
+            providers=list(self.scorer.engine.providers),
             bank_bytes=self.scorer.bank_bytes,
         )
 
@@ -123,7 +126,8 @@ def load_state(registry: Registry, model: str, feature_set: str, settings: Setti
     if mismatch is not None:
         raise PairMismatch(f"feature set {feature_set!r} does not fit model {model!r}: {mismatch}")
     imported = registry.load_model(model)
-    scorer = Scorer(imported.encoder, imported.fingerprint, features, settings.device, settings.precision)
+    runtime = Runtime(settings.runtime, settings.inference_threads, registry.exports_dir)
+    scorer = Scorer(imported.encoder, imported.fingerprint, features, settings.device, settings.precision, runtime)
     if scorer.precision != "float32":
         scorer = _checked_precision(scorer, imported.fingerprint, features)
     _warm_up(scorer)

@@ -184,9 +184,12 @@ def resolve(params: _Params, settings: Settings) -> _Params:
 
 
 def _check_trainable(spec: object, model: str) -> None:
-    """Nothing is queued that cannot run: a TorchScript model is not fine-tuned (issue 9)."""
+    """Nothing is queued that cannot run: TorchScript, ONNX and torch.export models are not fine-tuned."""
+    from models.encoders.export_program import NOT_TRAINABLE as EXPORT_NOT_TRAINABLE
+    from models.encoders.onnx_encoder import NOT_TRAINABLE as ONNX_NOT_TRAINABLE
     from models.encoders.spec import EncoderSpec
     from models.encoders.torchscript_encoder import NOT_TRAINABLE
 
-    if isinstance(spec, EncoderSpec) and spec.source == "torchscript":
-        raise ParamError("model", f"cannot regularize model {model!r}: {NOT_TRAINABLE}")
+    reasons = {"torchscript": NOT_TRAINABLE, "onnx": ONNX_NOT_TRAINABLE, "torch_export": EXPORT_NOT_TRAINABLE}
+    if isinstance(spec, EncoderSpec) and spec.source in reasons:
+        raise ParamError("model", f"cannot regularize model {model!r}: {reasons[spec.source]}")

@@ -12,6 +12,7 @@ from torchvision import transforms
 from models.data.transforms import eval_transform
 from models.encoders.device import resolve_device
 from models.encoders.resnet import ResNetEncoder
+from models.encoders.runtime import Runtime
 from models.scoring.feature_set import FeatureSet, preprocessing_mismatch
 from models.scoring.qscore import QScoreParts, discriminative_mask, q_score_parts
 from models.scoring.result import FeatureValue, ImageScore, reasons_of
@@ -28,7 +29,8 @@ class Scorer:
     """An encoder on a device with its discriminative feature set, ready to score batches.
 
     ``precision`` other than float32 runs the encoder under autocast on a GPU only; the
-    Q-Score itself is always computed in float32.
+    Q-Score itself is always computed in float32. ``runtime`` says what runs the encoder
+    (torch by default; ONNX Runtime: ``models/encoders/runtime.py``).
     """
 
     def __init__(
@@ -38,6 +40,7 @@ class Scorer:
         feature_set: FeatureSet,
         device: str = "auto",
         precision: str = "float32",
+        runtime: Runtime | None = None,
     ) -> None:
         if feature_set.encoder.fingerprint != encoder_fingerprint:
             raise FeatureSetMismatch(
@@ -54,6 +57,7 @@ class Scorer:
             raise ValueError(f"precision {precision} is only supported on a CUDA device")
         self.precision = precision
         self.encoder = encoder.to(self.device).eval()
+        self.engine = (runtime or Runtime()).engine(self.encoder, encoder_fingerprint, self.device, precision)
         self.fingerprint = encoder_fingerprint
         self.feature_set = feature_set
         self.transform = eval_transform(encoder.spec)
@@ -126,9 +130,9 @@ class Scorer:
         with torch.inference_mode():
             x = batch.to(self.device, non_blocking=True)
             if self.precision == "float32":
-                return self.encoder(x).float()
+                return self.engine(x).float()
             with torch.autocast("cuda", dtype=PRECISIONS[self.precision]):
-                return self.encoder(x).float()
+                return self.engine(x).float()
 
     def signals(self, h: torch.Tensor, pixels: torch.Tensor | None, parts: QScoreParts) -> dict[str, np.ndarray]:
         if self.typicality is None and self.feature_set.risk_model is None:
