@@ -131,8 +131,16 @@ def export_onnx(encoder: Encoder) -> bytes:
                 )
             return program.model_proto.SerializeToString()
     except Exception as exc:  # noqa: BLE001 - the exporters raise anything an unsupported model makes them
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise RuntimeUnavailable(f"the encoder does not export to ONNX ({type(exc).__name__}: {first})") from None
+        raise RuntimeUnavailable(f"the encoder does not export to ONNX ({_root_cause(exc)})") from None
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost cause's first line (the exporter wraps it in steps and advice), without colours."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    first = text.splitlines()[0][:300] if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def verify(encoder: Encoder, exported: OnnxEncoder, device: torch.device) -> float:
