@@ -188,6 +188,8 @@ class Runtime:
         """The engine that runs ``encoder`` (already on ``device``) for this runtime."""
         if isinstance(encoder, OnnxEncoder):
             encoder.configure(intra_op_threads=self.intra_op_threads, device=device)
+            if precision != "float32":
+                _log_once(f"precision {precision} is a torch setting: ONNX encoders run as they were exported")
             if device.type == "cuda" and encoder.providers == ["CPUExecutionProvider"]:
                 _log_once(
                     "this onnxruntime has no GPU provider (install onnxruntime-gpu): ONNX encoders run on the CPU"

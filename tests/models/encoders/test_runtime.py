@@ -13,6 +13,7 @@ from torch import nn
 
 from models.encoders.checks import check_inputs
 from models.encoders.errors import OnnxError, RuntimeUnavailable
+from models.encoders.loading import load_encoder
 from models.encoders.onnx_encoder import OnnxEncoder, load_onnx
 from models.encoders.runtime import Runtime, export_onnx, export_path
 from models.encoders.spec import Encoder, EncoderSpec
@@ -157,6 +158,20 @@ def test_onnx_encoders_always_run_on_onnxruntime_with_the_runtimes_threads(tmp_p
         assert engine.forward.session.get_session_options().intra_op_num_threads == threads
     exported = Runtime("onnxruntime", intra_op_threads=2).engine(SmallEncoder(), FINGERPRINT, CPU)
     assert exported.forward.session.get_session_options().intra_op_num_threads == 2
+
+
+def test_a_torch_export_program_is_served_by_onnxruntime(tmp_path: Path) -> None:
+    small = SmallEncoder()
+    x = torch.rand(2, 3, 16, 16)
+    program = torch.export.export(small, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    torch.export.save(program, str(tmp_path / "small.pt2"))
+    imported = load_encoder(tmp_path / "small.pt2", image_size=16)
+    engine = Runtime("onnxruntime", intra_op_threads=1, cache_dir=tmp_path).engine(
+        imported.encoder, imported.fingerprint, CPU
+    )
+    assert (engine.name, engine.onnx_source) == ("onnxruntime", "exported")
+    assert export_path(tmp_path, imported.fingerprint, imported.encoder.spec).name.endswith("-torch_export-16px.onnx")
+    assert relative_gap(engine, small) <= 1e-5
 
 
 def test_unknown_runtime_is_refused() -> None:
