@@ -18,9 +18,7 @@ class ResNetEncoder(Encoder):
     def __init__(self, spec: EncoderSpec) -> None:
         super().__init__()
         if spec.source != "torchvision":
-            raise ValueError(
-                f"ResNetEncoder builds torchvision ResNets; {spec.arch} is loaded by models.encoders.loading"
-            )
+            raise ValueError(f"ResNetEncoder builds torchvision ResNets; {spec.arch} is loaded by models.encoders.loading")
         self.spec = spec
         self.resnet = _build_resnet(spec)
 
