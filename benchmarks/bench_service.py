@@ -6,13 +6,19 @@ Measured in one run, so that the ratios hold even on a shared machine:
   the same multipart body and decoding the images with Pillow, no model) at 1 and 8 images a
   request;
 - /score at 1, 8 and 32 connections with 1 image a request and at 32 with 8 images a request,
-  with p50 and p99 latency and the server's resident memory.
+  with p50 and p99 latency and the server's resident memory;
+- the raw scorer and /score once per inference engine (``--runtime``, default both: torch, and
+  ONNX Runtime on the encoder's ONNX export, QSCORE_RUNTIME=onnxruntime), the bare framework once.
 The load comes from ``wrk`` (a C load generator that leaves the CPU to the servers; installed
 with apt when missing), one thread, keep-alive connections. Goals (issue 8), as ratios:
 - /score at 32 connections >= 0.8 x L, L = 1 / (1/raw + 1/bare): two costs sharing the cores;
 - 1 connection: p50 <= the batch-1 forward time + 2 ms.
+Goals of issue 18, as ratios of the same run: raw scorer at the max batch with ONNX Runtime >= 1.8x
+torch; /score at 32 connections (1 image) with ONNX Runtime >= 1.4x torch's and >= 0.8 x L with L
+computed from the faster raw figure.
 
-    python -m benchmarks.bench_service                                   # CPU, demo encoder
+    python -m benchmarks.bench_service                                   # CPU, demo encoder, both runtimes
+    python -m benchmarks.bench_service --runtime onnxruntime             # one runtime only
     python -m benchmarks.bench_service --preset cuda-resnet50            # ResNet-50, 224 px, CUDA
     python -m benchmarks.bench_service --preset cuda-resnet50 --raw-only # torch/torchvision only
 
@@ -45,7 +51,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.common import RESULTS, ROOT, device_name, load_average, pythonpath, rate, write_result
+from benchmarks.common import RESULTS, ROOT, load_average, pythonpath, rate, write_result
 
 BOUNDARY = "qscore-bench-boundary"
 
@@ -121,15 +127,18 @@ def raw_scorer_rates(score_batch: Any, inputs: torch.Tensor, device: torch.devic
     }
 
 
-def best_raw_rates(score_batch: Any, inputs: torch.Tensor, device: torch.device, max_batch: int, seconds: float):
-    """:func:`raw_scorer_rates` with torch's default threads and with one fewer (the service's
-    inference thread), the faster of each figure: on a CPU shared with other work, threads that
-    wait on each other at every operation can lose 5-30x."""
+def best_raw_rates(
+    score_batch_for: Any, inputs: torch.Tensor, device: torch.device, max_batch: int, seconds: float
+) -> dict[str, Any]:
+    """:func:`raw_scorer_rates` with torch's default threads and with one fewer, the faster of
+    each figure: on a CPU shared with other work, threads that wait on each other at every
+    operation can lose 5-30x. ``score_batch_for(threads)``: the scorer's ``score`` with
+    that many intra-op threads (ONNX Runtime sessions get their count when they are made)."""
     default = torch.get_num_threads()
     runs = {}
     for threads in sorted({default, max(1, (os.cpu_count() or 1) - 1)}):
         torch.set_num_threads(threads)
-        runs[threads] = raw_scorer_rates(score_batch, inputs, device, max_batch, seconds)
+        runs[threads] = raw_scorer_rates(score_batch_for(threads), inputs, device, max_batch, seconds)
     torch.set_num_threads(default)
     key = f"batch_{max_batch}_images_per_s"
     best_1 = max(runs.values(), key=lambda r: r["batch_1_images_per_s"])
@@ -138,7 +147,7 @@ def best_raw_rates(score_batch: Any, inputs: torch.Tensor, device: torch.device,
         "batch_1_images_per_s": best_1["batch_1_images_per_s"],
         "batch_1_ms": best_1["batch_1_ms"],
         key: best_max[key],
-        "by_torch_threads": runs,
+        "by_intra_op_threads": runs,
     }
 
 
@@ -455,8 +464,9 @@ def mean_batch(metrics_text: str) -> float | None:
     return round(total / count, 2) if count else None
 
 
-def run_full(preset: Preset, seconds: float, server_env: dict[str, str]) -> dict[str, Any]:
+def run_full(preset: Preset, seconds: float, server_env: dict[str, str], runtimes: list[str]) -> dict[str, Any]:
     # Lazy: --raw-only runs where only torch, torchvision, numpy and Pillow are installed.
+    from models.encoders.runtime import Runtime
     from models.scoring.scorer import Scorer
 
     wrk = ensure_wrk()
@@ -467,17 +477,29 @@ def run_full(preset: Preset, seconds: float, server_env: dict[str, str]) -> dict
         registry, model = build_registry(tmp / "registry", preset, blobs)
         active = registry.active()
         imported = registry.load_model(active.model)
-        scorer = Scorer(
-            imported.encoder, imported.fingerprint, registry.load_feature_set(active.feature_set), preset.device
-        )
+        feature_set = registry.load_feature_set(active.feature_set)
+
+        def score_batch_for(kind: str) -> Any:
+            def build(threads: int) -> Any:
+                # ONNX Runtime: exported once into the registry's cache, as the service does
+                runtime = Runtime(kind, threads, registry.exports_dir)  # type: ignore[arg-type]
+                return Scorer(imported.encoder, imported.fingerprint, feature_set, preset.device, runtime=runtime)
+
+            scorers: dict[int, Any] = {}
+            return lambda threads: scorers.setdefault(threads, build(threads)).score
+
+        builders = {kind: score_batch_for(kind) for kind in runtimes}
+        reference = Scorer(imported.encoder, imported.fingerprint, feature_set, preset.device)
         inputs = torch.stack(
             [
-                torch.from_numpy(scorer.preprocess(Image.open(io.BytesIO(b)).convert("RGB"))).permute(2, 0, 1)
+                torch.from_numpy(reference.preprocess(Image.open(io.BytesIO(b)).convert("RGB"))).permute(2, 0, 1)
                 for b in blobs[: preset.max_batch_size]
             ]
         )
-        raw_before = best_raw_rates(scorer.score, inputs, device, preset.max_batch_size, seconds / 2)
-        print("raw scorer:", raw_before, flush=True)
+        raw_before = {}
+        for kind in runtimes:
+            raw_before[kind] = best_raw_rates(builders[kind], inputs, device, preset.max_batch_size, seconds / 2)
+            print(f"raw scorer ({kind}):", raw_before[kind], flush=True)
         script = tmp / "score.lua"
         script.write_text(WRK_SCRIPT)
         bodies = {k: write_bodies(tmp, blobs, k) for k in (1, 8)}
@@ -494,66 +516,106 @@ def run_full(preset: Preset, seconds: float, server_env: dict[str, str]) -> dict
         for r in bare_runs:
             print("bare:", r, flush=True)
 
-        env = {
-            "QSCORE_REGISTRY_ROOT": str(registry.root),
-            "QSCORE_DEVICE": preset.device,
-            "QSCORE_MAX_BATCH_SIZE": str(preset.max_batch_size),
-            "PYTHONWARNINGS": "ignore",
-            **server_env,
-        }
-        service = Server("service.app:create_app", env)
-        try:
-            service.wait_ready("/readyz")
-            wrk_run(wrk, script, service.url, bodies[1], 8, 2, 1)  # warm-up
-            rss_before = service.rss_mib()
-            runs = []
-            for c, k in ((1, 1), (8, 1), (32, 1), (32, 8)):
-                runs.append(wrk_run(wrk, script, service.url, bodies[k], c, seconds, k))
-                print("/score:", runs[-1], flush=True)
-            rss_after = service.rss_mib()
-            batch = mean_batch(service.metrics())
-        finally:
-            service.stop()
+        served = {}
+        for kind in runtimes:
+            env = {
+                "QSCORE_REGISTRY_ROOT": str(registry.root),
+                "QSCORE_DEVICE": preset.device,
+                "QSCORE_MAX_BATCH_SIZE": str(preset.max_batch_size),
+                "QSCORE_RUNTIME": kind,
+                "PYTHONWARNINGS": "ignore",
+                **server_env,
+            }
+            served[kind] = serve_and_measure(wrk, script, bodies, env, seconds, kind)
         # The CPU may be shared with other work: measure the scorer again, keep the faster run.
-        raw_after = best_raw_rates(scorer.score, inputs, device, preset.max_batch_size, seconds / 2)
-        print("raw scorer again:", raw_after, flush=True)
-        del scorer, imported
+        raw_after = {}
+        for kind in runtimes:
+            raw_after[kind] = best_raw_rates(builders[kind], inputs, device, preset.max_batch_size, seconds / 2)
+            print(f"raw scorer again ({kind}):", raw_after[kind], flush=True)
+        del reference, builders
 
     max_key = f"batch_{preset.max_batch_size}_images_per_s"
-    best_1 = max(raw_before, raw_after, key=lambda r: r["batch_1_images_per_s"])
-    raw = {
-        "batch_1_images_per_s": best_1["batch_1_images_per_s"],
-        "batch_1_ms": best_1["batch_1_ms"],
-        max_key: max(raw_before[max_key], raw_after[max_key]),
-    }
+    raws = {}
+    for kind in runtimes:
+        best_1 = max(raw_before[kind], raw_after[kind], key=lambda r: r["batch_1_images_per_s"])
+        raws[kind] = {
+            "batch_1_images_per_s": best_1["batch_1_images_per_s"],
+            "batch_1_ms": best_1["batch_1_ms"],
+            max_key: max(raw_before[kind][max_key], raw_after[kind][max_key]),
+        }
+    fastest_raw = max(r[max_key] for r in raws.values())
 
-    raw_max = raw[max_key]
-
-    def ceiling(bare_images_per_s: float) -> float:
+    def ceiling(raw_max: float, bare_images_per_s: float) -> float:
         return 1 / (1 / raw_max + 1 / bare_images_per_s)
 
-    l1, l8 = ceiling(bare_runs[1]["images_per_s"]), ceiling(bare_runs[2]["images_per_s"])
-    score_1, score_32_1, score_32_8 = runs[0], runs[2], runs[3]
-    goals = {
-        "L_1_image_images_per_s": round(l1, 1),
-        "score_32c_1_image_over_L": round(score_32_1["images_per_s"] / l1, 3),
-        "L_8_images_images_per_s": round(l8, 1),
-        "score_32c_8_images_over_L": round(score_32_8["images_per_s"] / l8, 3),
-        "p50_1c_ms": score_1["p50_ms"],
-        "batch_1_forward_plus_2_ms": round(raw["batch_1_ms"] + 2, 2),
-        "p50_1c_goal_met": score_1["p50_ms"] <= raw["batch_1_ms"] + 2,
-        "goal": ">= 0.8 for both ratios; p50 at 1 connection <= batch-1 forward + 2 ms",
-    }
-    return {
-        "model": model,
-        "raw_scorer": raw,
-        "raw_scorer_before_and_after": [raw_before, raw_after],
-        "bare_framework": bare_runs,
-        "service": runs,
-        "goals": goals,
-        "mean_batch_size": batch,
-        "rss_mib": {"before": rss_before, "after": rss_after},
-    }
+    by_runtime = {}
+    for kind in runtimes:
+        raw, runs = raws[kind], served[kind]["service"]
+        l1, l8 = (
+            ceiling(raw[max_key], bare_runs[1]["images_per_s"]),
+            ceiling(raw[max_key], bare_runs[2]["images_per_s"]),
+        )
+        score_1, score_32_1, score_32_8 = runs[0], runs[2], runs[3]
+        l1_fastest = ceiling(fastest_raw, bare_runs[1]["images_per_s"])
+        goals = {
+            "L_1_image_images_per_s": round(l1, 1),
+            "score_32c_1_image_over_L": round(score_32_1["images_per_s"] / l1, 3),
+            "L_8_images_images_per_s": round(l8, 1),
+            "score_32c_8_images_over_L": round(score_32_8["images_per_s"] / l8, 3),
+            "L_1_image_fastest_raw_images_per_s": round(l1_fastest, 1),
+            "score_32c_1_image_over_L_fastest_raw": round(score_32_1["images_per_s"] / l1_fastest, 3),
+            "p50_1c_ms": score_1["p50_ms"],
+            "batch_1_forward_plus_2_ms": round(raw["batch_1_ms"] + 2, 2),
+            "p50_1c_goal_met": score_1["p50_ms"] <= raw["batch_1_ms"] + 2,
+            "goal": ">= 0.8 for both ratios; p50 at 1 connection <= batch-1 forward + 2 ms",
+        }
+        by_runtime[kind] = {
+            "raw_scorer": raw,
+            "raw_scorer_before_and_after": [raw_before[kind], raw_after[kind]],
+            **served[kind],
+            "goals": goals,
+        }
+    result: dict[str, Any] = {"model": model, "bare_framework": bare_runs, "runtimes": by_runtime}
+    if {"torch", "onnxruntime"} <= set(runtimes):
+        torch_run, ort_run = by_runtime["torch"], by_runtime["onnxruntime"]
+        result["onnxruntime_against_torch"] = {
+            f"raw_{max_key}_ratio": round(ort_run["raw_scorer"][max_key] / torch_run["raw_scorer"][max_key], 3),
+            "raw_batch_1_ratio": round(
+                ort_run["raw_scorer"]["batch_1_images_per_s"] / torch_run["raw_scorer"]["batch_1_images_per_s"], 3
+            ),
+            "score_32c_1_image_ratio": round(
+                ort_run["service"][2]["images_per_s"] / torch_run["service"][2]["images_per_s"], 3
+            ),
+            "score_32c_8_images_ratio": round(
+                ort_run["service"][3]["images_per_s"] / torch_run["service"][3]["images_per_s"], 3
+            ),
+            "score_1c_p50_ms": {
+                "torch": torch_run["service"][0]["p50_ms"],
+                "onnxruntime": ort_run["service"][0]["p50_ms"],
+            },
+            "goal": "raw >= 1.8x; /score 32 connections, 1 image >= 1.4x, and >= 0.8 x L of the faster raw figure",
+        }
+    return result
+
+
+def serve_and_measure(
+    wrk: str, script: Path, bodies: dict[int, Path], env: dict[str, str], seconds: float, label: str
+) -> dict[str, Any]:
+    """/score at 1, 8, 32 connections (1 image a request) and 32 (8 images), memory and mean batch."""
+    service = Server("service.app:create_app", env)
+    try:
+        service.wait_ready("/readyz")
+        wrk_run(wrk, script, service.url, bodies[1], 8, 2, 1)  # warm-up
+        rss_before = service.rss_mib()
+        runs = []
+        for c, k in ((1, 1), (8, 1), (32, 1), (32, 8)):
+            runs.append(wrk_run(wrk, script, service.url, bodies[k], c, seconds, k))
+            print(f"/score ({label}):", runs[-1], flush=True)
+        rss_after = service.rss_mib()
+        batch = mean_batch(service.metrics())
+    finally:
+        service.stop()
+    return {"service": runs, "mean_batch_size": batch, "rss_mib": {"before": rss_before, "after": rss_after}}
 
 
 def machine(preset: Preset) -> dict[str, Any]:
@@ -562,8 +624,8 @@ def machine(preset: Preset) -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "loadavg_at_start": load_average(),
-        "device": device_name(preset.device) if preset.device == "cuda" and torch.cuda.is_available() else "cpu",
+        "usable_cores": len(os.sched_getaffinity(0)),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -581,6 +643,13 @@ def main() -> None:
     )
     parser.add_argument("--device", default=None, help="Override the preset's device (e.g. cpu, to try a preset).")
     parser.add_argument("--out", type=Path, default=None, help="Results file (default: by preset).")
+    parser.add_argument(
+        "--runtime",
+        action="append",
+        choices=["torch", "onnxruntime"],
+        default=None,
+        help="Inference engine to measure (repeat for several; default: torch and onnxruntime, in one run).",
+    )
     args = parser.parse_args()
     preset = PRESETS[args.preset]
     if args.device:
@@ -592,7 +661,8 @@ def main() -> None:
     else:
         server_env = dict(item.split("=", 1) for item in args.server_env)
         result["server_env"] = server_env
-        result.update(run_full(preset, args.seconds, server_env))
+        runtimes = args.runtime or ["torch", "onnxruntime"]
+        result.update(run_full(preset, args.seconds, server_env, list(dict.fromkeys(runtimes))))
         default_name = "service.json" if preset.name == "cpu-demo" else f"service-{preset.name}.json"
     result["machine"]["loadavg_at_end"] = load_average()
     write_result(args.out or RESULTS / default_name, result)

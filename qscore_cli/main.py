@@ -43,7 +43,10 @@ app = typer.Typer(
 ModelOpt = Annotated[
     Path,
     typer.Option(
-        "--model", "-m", help="Encoder: a TorchScript file, safetensors, or a checkpoint (ResNet layouts, or --arch)."
+        "--model",
+        "-m",
+        help="Encoder: a TorchScript, ONNX or torch.export (.pt2) file, safetensors, or a checkpoint "
+        "(ResNet layouts, or --arch).",
     ),
 ]
 ArchOpt = Annotated[
@@ -52,10 +55,13 @@ ArchOpt = Annotated[
 ]
 ImageSizeOpt = Annotated[
     int | None,
-    typer.Option(help="Input size S: resize the short side to S, centre-crop SxS (TorchScript default 224)."),
+    typer.Option(
+        help="Input size S: resize the short side to S, centre-crop SxS (TorchScript, ONNX, .pt2 default: "
+        "the file's fixed input size, else 224)."
+    ),
 ]
-MeanOpt = Annotated[str | None, typer.Option(help="Normalisation mean R,G,B (TorchScript default: ImageNet's).")]
-StdOpt = Annotated[str | None, typer.Option(help="Normalisation std R,G,B (TorchScript default: ImageNet's).")]
+MeanOpt = Annotated[str | None, typer.Option(help="Normalisation mean R,G,B (TorchScript, ONNX, .pt2: ImageNet's).")]
+StdOpt = Annotated[str | None, typer.Option(help="Normalisation std R,G,B (TorchScript, ONNX, .pt2: ImageNet's).")]
 FeaturesOpt = Annotated[Path, typer.Option("--features", "-f", help="Feature-set JSON from `qscore discover`.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 
@@ -409,9 +415,14 @@ def convert(
     """Turn a checkpoint plus its architecture into a self-describing safetensors file."""
     with user_errors():
         imported = load_model(checkpoint, arch, image_size, mean, std)
-        if imported.encoder.spec.source == "torchscript":
+        kinds = {
+            "torchscript": "a TorchScript module",
+            "onnx": "an ONNX model",
+            "torch_export": "a torch.export program",
+        }
+        if imported.encoder.spec.source in kinds:
             raise ValueError(
-                f"{checkpoint} is a TorchScript module: use it as it is (--model {checkpoint}); "
+                f"{checkpoint} is {kinds[imported.encoder.spec.source]}: use it as it is (--model {checkpoint}); "
                 "it has no architecture qscore could rebuild from a state dict"
             )
         if out.suffix != ".safetensors":

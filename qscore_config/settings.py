@@ -26,6 +26,18 @@ class Settings(BaseSettings):
     registry_poll_seconds: float = Field(2.0, gt=0, description="How often the registry's active pair is checked.")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     precision: Literal["float32", "float16", "bfloat16"] = "float32"
+    runtime: Literal["torch", "onnxruntime", "auto"] = Field(
+        "torch",
+        description="What runs the encoder: torch; onnxruntime (an ONNX export, made once at load and cached in "
+        "the registry); auto (onnxruntime where it is installed and the encoder exports, else torch). ONNX "
+        "encoders always run on ONNX Runtime.",
+    )
+    intra_op_threads: int | None = Field(
+        None,
+        ge=1,
+        description="Threads of one encoder operator, torch's and ONNX Runtime's alike; default: the cores this "
+        "process may use.",
+    )
 
     # -- continuous batching --------------------------------------------------------------
     max_batch_size: int = Field(64, ge=1, le=4096)
@@ -38,10 +50,7 @@ class Settings(BaseSettings):
     max_queue_images: int = Field(1024, ge=1, description="Images waiting for the encoder; beyond it, 503.")
     decode_threads: int = Field(2, ge=1, description="Threads decoding and preprocessing large uploads.")
     torch_threads: int | None = Field(
-        None,
-        ge=1,
-        description="torch threads of the inference thread; default: CPU cores - 1 (at least 1), leaving "
-        "a core to the event loop.",
+        None, ge=1, description="Deprecated: the old name of QSCORE_INTRA_OP_THREADS, read when that is unset."
     )
     decode_inline_bytes: int = Field(
         65536,
@@ -153,15 +162,32 @@ class Settings(BaseSettings):
         """Hard limit: the process running the job is killed (soft limit + 60 s to clean up)."""
         return self.job_time_limit_s + 60
 
+    @model_validator(mode="after")
+    def _runtime_precision(self) -> Settings:
+        if self.runtime == "onnxruntime" and self.precision != "float32":
+            raise ValueError(
+                f"QSCORE_PRECISION={self.precision} is a torch setting; QSCORE_RUNTIME=onnxruntime serves float32 "
+                "(use QSCORE_RUNTIME=torch for reduced precision)"
+            )
+        return self
+
     @property
-    def inference_torch_threads(self) -> int:
-        """QSCORE_TORCH_THREADS, else one core fewer than the machine has (the event loop's)."""
-        return self.torch_threads or max(1, (os.cpu_count() or 1) - 1)
+    def inference_threads(self) -> int:
+        """QSCORE_INTRA_OP_THREADS (or its old name QSCORE_TORCH_THREADS), else the cores this process may use."""
+        return self.intra_op_threads or self.torch_threads or usable_cores()
 
     @property
     def visibility_timeout_s(self) -> int:
         """Above the longest job (hard limit included), so that no running job is delivered twice."""
         return self.job_visibility_timeout_s or self.job_time_limit_s + 600
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's or taskset's share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no sched_getaffinity (macOS, Windows)
+        return os.cpu_count() or 1
 
 
 @lru_cache

@@ -36,6 +36,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Pillow's decompression-bomb guard stays on, at the service's own pixel cap.
         Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
+        if settings.torch_threads is not None and settings.intra_op_threads is None:
+            log.warning("QSCORE_TORCH_THREADS is deprecated: set QSCORE_INTRA_OP_THREADS (it applies to both runtimes)")
         holder = StateHolder(Registry(settings.registry_root), settings)
         await holder.load_initial()
         batcher = Batcher(
@@ -43,7 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.max_batch_wait_ms / 1000.0,
             settings.max_queue_images,
             app.state.metrics,
-            torch_threads=settings.inference_torch_threads,
+            intra_op_threads=settings.inference_threads,
         )
         batcher.start()
         app.state.holder, app.state.batcher = holder, batcher

@@ -78,10 +78,10 @@ class Batcher:
         max_wait_s: float,
         capacity: int,
         metrics: Metrics | None = None,
-        torch_threads: int | None = None,
+        intra_op_threads: int | None = None,
     ) -> None:
         self.max_batch_size = max_batch_size
-        self.torch_threads = torch_threads
+        self.intra_op_threads = intra_op_threads
         self.max_wait_s = max_wait_s
         self.capacity = capacity
         self.metrics = metrics
@@ -124,10 +124,10 @@ class Batcher:
         executor.shutdown(wait=True)
 
     def _set_threads(self) -> None:
-        # In the inference thread itself: on 2 cores, two torch threads beside the event loop
-        # oversubscribe the CPU (batch-1 latency measured twice as long).
-        if self.torch_threads is not None:
-            torch.set_num_threads(self.torch_threads)
+        # torch's intra-op threads, set in the inference thread itself (OpenMP's count is per
+        # thread). ONNX Runtime sessions got the same count when they were made (state.py).
+        if self.intra_op_threads is not None:
+            torch.set_num_threads(self.intra_op_threads)
 
     def enqueue(
         self, state: ServingState, images: Sequence[np.ndarray | bytes], features: bool = False

@@ -149,6 +149,10 @@ class ServingInfo(BaseModel):
     loaded_at: str
     device: str
     precision: str
+    runtime: str = Field("torch", description="What runs the encoder: torch or onnxruntime (QSCORE_RUNTIME).")
+    providers: list[str] = Field(
+        default_factory=list, description="ONNX Runtime's execution providers in use, best first (empty for torch)."
+    )
     bank_bytes: int = Field(0, description="Memory of the reference bank on the serving device.")
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.encoders.runtime import Runtime
 from models.registry.versions import ModelRecord, Registry, RegistryError
 from models.scoring.compatibility import FeatureSetMismatch, check_fits
 from models.scoring.feature_set import FeatureSet
@@ -81,6 +82,8 @@ class ServingState:
             loaded_at=self.loaded_at,
             device=str(self.scorer.device),
             precision=self.scorer.precision,
+            runtime=self.scorer.engine.name,
+            providers=list(self.scorer.engine.providers),
             bank_bytes=self.scorer.bank_bytes,
         )
 
@@ -120,7 +123,8 @@ def load_state(registry: Registry, model: str, feature_set: str, settings: Setti
     except FeatureSetMismatch as exc:
         raise PairMismatch(str(exc)) from exc
     imported = registry.load_model(model)
-    scorer = Scorer(imported.encoder, imported.fingerprint, features, settings.device, settings.precision)
+    runtime = Runtime(settings.runtime, settings.inference_threads, registry.exports_dir)
+    scorer = Scorer(imported.encoder, imported.fingerprint, features, settings.device, settings.precision, runtime)
     if scorer.precision != "float32":
         scorer = _checked_precision(scorer, imported.fingerprint, features)
     _warm_up(scorer)

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from models.encoders.export_program import NOT_TRAINABLE as EXPORT_NOT_TRAINABLE
+from models.encoders.onnx_encoder import NOT_TRAINABLE as ONNX_NOT_TRAINABLE
 from models.encoders.spec import EncoderSpec
 from models.encoders.torchscript_encoder import NOT_TRAINABLE
 from models.registry.versions import Registry, RegistryError
@@ -185,6 +187,7 @@ def resolve(params: _Params, settings: Settings) -> _Params:
 
 
 def _check_trainable(spec: object, model: str) -> None:
-    """Nothing is queued that cannot run: a TorchScript model is not fine-tuned (issue 9)."""
-    if isinstance(spec, EncoderSpec) and spec.source == "torchscript":
-        raise ParamError("model", f"cannot regularize model {model!r}: {NOT_TRAINABLE}")
+    """Nothing is queued that cannot run: TorchScript, ONNX and torch.export models are not fine-tuned."""
+    reasons = {"torchscript": NOT_TRAINABLE, "onnx": ONNX_NOT_TRAINABLE, "torch_export": EXPORT_NOT_TRAINABLE}
+    if isinstance(spec, EncoderSpec) and spec.source in reasons:
+        raise ParamError("model", f"cannot regularize model {model!r}: {reasons[spec.source]}")

@@ -15,3 +15,15 @@ class TorchScriptError(CheckpointError):
 
 class OutputCheckError(ValueError):
     """An encoder whose output is not a usable (N, r) representation."""
+
+
+class OnnxError(CheckpointError):
+    """A file that is not a usable ONNX encoder, or ONNX Runtime missing."""
+
+
+class ExportProgramError(CheckpointError):
+    """A file that is not a usable ``torch.export`` program (``.pt2``)."""
+
+
+class RuntimeUnavailable(ValueError):
+    """An inference engine that cannot run an encoder here (not installed, no export, outputs differ)."""

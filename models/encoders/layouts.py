@@ -104,11 +104,17 @@ def read_tensors(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
             return load_file(str(path)), metadata
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
-    if is_torchscript(path):
-        raise CheckpointError(
-            f"{path} is a TorchScript module, not a state dict: pass it as the model itself "
-            "(--model, or qscore import), without --arch"
-        )
+    kinds = (
+        (is_torchscript, "a TorchScript module"),
+        (is_export_program, "a torch.export program"),
+        (is_onnx, "an ONNX model"),
+    )
+    for sniff, what in kinds:
+        if sniff(path):
+            raise CheckpointError(
+                f"{path} is {what}, not a state dict: pass it as the model itself (--model, or qscore import), "
+                "without --arch"
+            )
     try:
         with torch.serialization.safe_globals(_harmless_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -274,4 +280,40 @@ def is_torchscript(path: str | Path) -> bool:
         with zipfile.ZipFile(path) as archive:
             return any(name.endswith("/constants.pkl") or name == "constants.pkl" for name in archive.namelist())
     except (zipfile.BadZipFile, OSError):
+        return False
+
+
+#: Tags that follow ``ir_version`` (field 1) in a serialised ONNX ``ModelProto``: producer_name,
+#: producer_version, domain, model_version, doc_string, graph, opset_import, metadata_props,
+#: training_info, functions (protobuf writers emit fields in number order).
+_ONNX_NEXT_TAGS = frozenset({0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42, 0x72, 0xA2, 0xCA})
+
+
+def is_onnx(path: str | Path) -> bool:
+    """Whether ``path`` is an ONNX model: named ``.onnx``, or starting as a serialised ``ModelProto`` does.
+
+    ONNX files have no magic number; a ``ModelProto`` starts with ``ir_version`` (tag 0x08, a small
+    varint) and another of its fields. Safetensors headers, zip archives (``torch.save``,
+    TorchScript, ``.pt2``) and pickles (0x80) start otherwise.
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".onnx":
+        return True
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(3)
+    except OSError:
+        return False
+    if not (len(head) == 3 and head[0] == 0x08 and 1 <= head[1] <= 0x7F and head[2] in _ONNX_NEXT_TAGS):
+        return False
+    return not _looks_like_safetensors(path)  # a safetensors header of 1.2 MB+ can start alike
+
+
+def is_export_program(path: str | Path) -> bool:
+    """Whether ``path`` is a ``torch.export.save`` archive (``.pt2``): a zip whose ``archive_format`` says pt2."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n == "archive_format" or n.endswith("/archive_format")]
+            return any(archive.read(n).strip() == b"pt2" for n in names[:1])
+    except (zipfile.BadZipFile, OSError, KeyError):
         return False

@@ -1,4 +1,9 @@
-"""Load every kind of encoder through one entry point (:func:`load_encoder`), and save ours."""
+"""Load every kind of encoder through one entry point (:func:`load_encoder`), and save ours.
+
+The kind of file is read off its bytes, not its name: a TorchScript archive, a ``torch.export``
+archive (``.pt2``), an ONNX model, else a state dict (safetensors or a pickle read with
+``weights_only=True``) of a timm architecture or a ResNet layout.
+"""
 
 from __future__ import annotations
 
@@ -11,19 +16,26 @@ import torch
 from safetensors.torch import save_file
 
 from models.encoders.errors import CheckpointError
+from models.encoders.export_program import ExportProgramEncoder, load_export_program, save_export_program
 from models.encoders.layouts import (
     OTHER_ARCHITECTURES,
     SPEC_METADATA_KEY,
     describe_key_mismatch,
     infer_spec,
+    is_export_program,
+    is_onnx,
     is_torchscript,
     key_differences,
     read_tensors,
     to_torchvision_layout,
     unwrap_state_dict,
 )
+from models.encoders.onnx_encoder import OnnxEncoder, load_onnx, save_onnx
 from models.encoders.resnet import build_encoder
 from models.encoders.spec import (
+    EXPORT_ARCH,
+    FILE_ARCHS,
+    ONNX_ARCH,
     TIMM_PREFIX,
     TORCHSCRIPT_ARCH,
     Encoder,
@@ -31,7 +43,7 @@ from models.encoders.spec import (
     fingerprint,
 )
 from models.encoders.timm_encoder import build_timm_encoder
-from models.encoders.torchscript_encoder import load_torchscript, save_torchscript
+from models.encoders.torchscript_encoder import TorchScriptEncoder, load_torchscript, save_torchscript
 from models.storage.atomic import atomic_path
 
 
@@ -42,29 +54,47 @@ class ImportedEncoder:
     source_layout: str
 
 
-def load_encoder(path: str | Path, *, arch: str | None = None, **spec_overrides: Any) -> ImportedEncoder:
-    """Build an encoder from a TorchScript file, a timm state dict or a ResNet checkpoint.
+#: The loader of each kind of encoder file kept as it came (TorchScript, ONNX, torch.export).
+_FILE_LOADERS = {TORCHSCRIPT_ARCH: load_torchscript, ONNX_ARCH: load_onnx, EXPORT_ARCH: load_export_program}
 
-    ``arch``: ``"timm:NAME"`` for a timm state dict, ``"torchscript"`` to insist on a TorchScript
-    file, a ResNet name, or None (a TorchScript archive is recognised; a saved spec is read; a
-    ResNet is inferred from its weights). ``spec_overrides`` (``image_size``, ``mean``, ``std``,
-    ...) replace the preprocessing the source would give. Raises :class:`CheckpointError` (or a
-    ``ValueError`` from the probe) saying what is wrong: for weights that do not fit, the missing,
-    unexpected and mis-shaped keys.
+
+def file_kind(path: Path) -> str | None:
+    """``"torchscript"``, ``"torch_export"`` or ``"onnx"`` from the file's bytes; None for a state dict."""
+    if not path.is_file():
+        return None
+    if is_torchscript(path):
+        return TORCHSCRIPT_ARCH
+    if is_export_program(path):
+        return EXPORT_ARCH
+    if is_onnx(path):
+        return ONNX_ARCH
+    return None
+
+
+def load_encoder(path: str | Path, *, arch: str | None = None, **spec_overrides: Any) -> ImportedEncoder:
+    """Build an encoder from a TorchScript, ONNX or ``torch.export`` file, a timm state dict or a ResNet checkpoint.
+
+    ``arch``: ``"timm:NAME"`` for a timm state dict, ``"torchscript"``, ``"onnx"`` or
+    ``"torch_export"`` to insist on that kind of file, a ResNet name, or None (the kind of file
+    is recognised; a saved spec is read; a ResNet is inferred from its weights).
+    ``spec_overrides`` (``image_size``, ``mean``, ``std``, ...) replace the preprocessing the
+    source would give. Raises :class:`CheckpointError` (or a ``ValueError`` from the probe) saying
+    what is wrong: for weights that do not fit, the missing, unexpected and mis-shaped keys.
     """
     path = Path(path)
     overrides = {k: v for k, v in spec_overrides.items() if v is not None}
-    if arch is not None and arch != TORCHSCRIPT_ARCH and not arch.startswith(TIMM_PREFIX):
+    if arch is not None and arch not in FILE_ARCHS and not arch.startswith(TIMM_PREFIX):
         overrides["arch"] = arch
-    if arch == TORCHSCRIPT_ARCH or (arch is None and path.is_file() and is_torchscript(path)):
-        encoder, digest = load_torchscript(
+    kind = arch if arch in FILE_ARCHS else file_kind(path) if arch is None else None
+    if kind is not None:
+        encoder, digest = _FILE_LOADERS[kind](
             path,
             image_size=overrides.get("image_size"),
             mean=overrides.get("mean"),
             std=overrides.get("std"),
             dim=overrides.get("dim"),
         )
-        return ImportedEncoder(encoder, digest, "torchscript")
+        return ImportedEncoder(encoder, digest, kind)
     raw, metadata = read_tensors(path)
     tensors = unwrap_state_dict(raw)
     saved = EncoderSpec.model_validate_json(metadata[SPEC_METADATA_KEY]) if SPEC_METADATA_KEY in metadata else None
@@ -136,11 +166,15 @@ def _mismatch_message(
 def save_encoder(encoder: Encoder, path: str | Path, extra_metadata: Mapping[str, str] | None = None) -> str:
     """Write the encoder's weights and spec as safetensors, atomically; return its fingerprint.
 
-    A TorchScript encoder is written as a TorchScript archive (its spec lives in the registry's
-    record, as a TorchScript file has no metadata qscore reads).
+    TorchScript, ONNX and ``torch.export`` encoders are written in their own format (their spec
+    lives in the registry's record, as those files have no metadata qscore reads).
     """
-    if encoder.spec.source == "torchscript":
-        return save_torchscript(encoder, path)  # type: ignore[arg-type]
+    if isinstance(encoder, TorchScriptEncoder):
+        return save_torchscript(encoder, path)
+    if isinstance(encoder, OnnxEncoder):
+        return save_onnx(encoder, path)
+    if isinstance(encoder, ExportProgramEncoder):
+        return save_export_program(encoder, path)
     state_dict = {k: v.detach().to("cpu").contiguous() for k, v in encoder.backbone_state_dict().items()}
     digest = fingerprint(state_dict)
     metadata = {SPEC_METADATA_KEY: encoder.spec.model_dump_json(), "fingerprint": digest}

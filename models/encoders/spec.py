@@ -9,10 +9,12 @@ Beyond the paper's ResNet-18/50: ``width`` scales the channel counts of ResNet-1
 torchvision's), so the project can ship a demo encoder of a few MB that trains on a CPU.
 
 Encoders people bring are described by the same :class:`EncoderSpec`: ``arch`` is
-``"torchscript"`` (a TorchScript module, ``models/encoders/torchscript_encoder.py``) or ``"timm:NAME"``
-(a timm architecture, ``models/encoders/timm_encoder.py``); their feature dimension ``dim`` is found by a
-probe forward pass (``models/encoders/checks.py``). Every encoder is an :class:`Encoder`: ``forward(x)``
-is ``h`` (N, r), ``spec`` says how to feed it, ``backbone_state_dict()`` is what is fingerprinted.
+``"torchscript"`` (a TorchScript module, ``models/encoders/torchscript_encoder.py``), ``"onnx"`` (an ONNX
+model run by ONNX Runtime, ``models/encoders/onnx_encoder.py``), ``"torch_export"`` (a ``torch.export``
+program, ``models/encoders/export_program.py``) or ``"timm:NAME"`` (a timm architecture,
+``models/encoders/timm_encoder.py``); their feature dimension ``dim`` is found by a probe forward
+pass (``models/encoders/checks.py``). Every encoder is an :class:`Encoder`: ``forward(x)`` is ``h``
+(N, r), ``spec`` says how to feed it, ``backbone_state_dict()`` is what is fingerprinted.
 """
 
 from __future__ import annotations
@@ -32,10 +34,20 @@ BUILTIN_ARCHS = ("resnet18", "resnet50")
 TORCHSCRIPT_ARCH = "torchscript"
 
 
+ONNX_ARCH = "onnx"
+
+
+EXPORT_ARCH = "torch_export"
+
+
+#: Encoders kept as the file they came in (registry: byte for byte), each with its own loader.
+FILE_ARCHS = (TORCHSCRIPT_ARCH, ONNX_ARCH, EXPORT_ARCH)
+
+
 TIMM_PREFIX = "timm:"
 
 
-Source = Literal["torchvision", "torchscript", "timm"]
+Source = Literal["torchvision", "torchscript", "onnx", "torch_export", "timm"]
 
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -90,13 +102,14 @@ class EncoderSpec(BaseModel):
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, value: str) -> str:
-        if value in BUILTIN_ARCHS or value == TORCHSCRIPT_ARCH:
+        if value in BUILTIN_ARCHS or value in FILE_ARCHS:
             return value
         if value.startswith(TIMM_PREFIX) and len(value) > len(TIMM_PREFIX):
             return value
         raise ValueError(
             f"unknown architecture {value!r}: expected one of {', '.join(BUILTIN_ARCHS)}, "
-            f"{TORCHSCRIPT_ARCH!r} or 'timm:NAME' (a timm model name, e.g. timm:vit_small_patch16_224)"
+            f"{', '.join(repr(a) for a in FILE_ARCHS)} or 'timm:NAME' (a timm model name, e.g. "
+            "timm:vit_small_patch16_224)"
         )
 
     @field_validator("std")
@@ -116,8 +129,8 @@ class EncoderSpec(BaseModel):
 
     @property
     def source(self) -> Source:
-        if self.arch == TORCHSCRIPT_ARCH:
-            return "torchscript"
+        if self.arch in FILE_ARCHS:
+            return self.arch  # type: ignore[return-value]
         if self.arch.startswith(TIMM_PREFIX):
             return "timm"
         return "torchvision"

@@ -4,9 +4,12 @@ Layout under the registry root::
 
     models/<version>/encoder.safetensors   weights and spec (ResNets, timm architectures)
     models/<version>/encoder.pt            or the TorchScript module, as it was imported
+    models/<version>/encoder.onnx          or the ONNX model, as it was imported
+    models/<version>/encoder.pt2           or the torch.export program, as it was imported
     models/<version>/model.json            ModelRecord (spec: architecture, preprocessing, dim)
     feature_sets/<version>/feature_set.json
     active.json                            {"model": ..., "feature_set": ...}
+    exports/<fingerprint>-<arch>-<S>px.onnx  ONNX exports of encoders, for QSCORE_RUNTIME=onnxruntime
 
 A version folder is written under a temporary name and renamed into place, and ``active.json``
 is replaced atomically, so readers never see half a version. Versions are never overwritten.
@@ -25,7 +28,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from models.encoders.loading import ImportedEncoder, load_encoder, save_encoder
-from models.encoders.spec import Encoder, EncoderSpec, fingerprint
+from models.encoders.spec import EXPORT_ARCH, FILE_ARCHS, ONNX_ARCH, TORCHSCRIPT_ARCH, Encoder, EncoderSpec, fingerprint
 from models.scoring.compatibility import FeatureSetMismatch, check_fits
 from models.scoring.feature_set import FeatureSet
 from models.storage.atomic import atomic_directory, remove_stale_temporaries, write_json_atomic
@@ -37,6 +40,19 @@ WEIGHTS_FILE = "encoder.safetensors"
 
 
 TORCHSCRIPT_FILE = "encoder.pt"
+
+
+ONNX_FILE = "encoder.onnx"
+
+
+EXPORT_FILE = "encoder.pt2"
+
+
+#: The file of each kind of encoder kept as it was imported.
+FILE_NAMES = {TORCHSCRIPT_ARCH: TORCHSCRIPT_FILE, ONNX_ARCH: ONNX_FILE, EXPORT_ARCH: EXPORT_FILE}
+
+
+EXPORTS_DIR = "exports"
 
 
 MODEL_FILE = "model.json"
@@ -98,6 +114,8 @@ class Registry:
         self.root = Path(root)
         self.models_dir = self.root / "models"
         self.feature_sets_dir = self.root / "feature_sets"
+        #: ONNX exports of the encoders, by fingerprint (models/encoders/runtime.py writes them).
+        self.exports_dir = self.root / EXPORTS_DIR
 
     # -- models ---------------------------------------------------------------------------
     def model_dir(self, version: str) -> Path:
@@ -152,19 +170,19 @@ class Registry:
     def import_model(
         self, path: str | Path, *, version: str | None = None, source_name: str | None = None, **source: Any
     ) -> ModelRecord:
-        """Register an encoder file (TorchScript, timm state dict, ResNet checkpoint) as a version.
+        """Register an encoder file (TorchScript, ONNX, torch.export, timm state dict, ResNet checkpoint).
 
         ``source``: ``arch``, ``image_size``, ``mean``, ``std`` as :func:`load_encoder` takes
         them. The file is loaded and probed first; nothing is written when that fails. A
-        TorchScript file is kept byte for byte; other weights are stored as safetensors with
-        their spec.
+        TorchScript, ONNX or torch.export file is kept byte for byte; other weights are stored as
+        safetensors with their spec.
         """
         if version is not None:
             self._new_dir(self.models_dir, version, "model")  # refuse a taken name before the work
         imported = load_encoder(path, **source)
         version = check_version(version or new_version("model", imported.fingerprint))
         name = source_name or Path(path).name
-        if imported.encoder.spec.source != "torchscript":
+        if imported.encoder.spec.source not in FILE_ARCHS:
             return self.add_model(imported.encoder, version=version, imported_from=name)
         return self.add_model_from_file(Path(path), imported, version, imported_from=name)
 
@@ -227,7 +245,11 @@ class Registry:
     # -- housekeeping ---------------------------------------------------------------------
     def clean(self) -> list[Path]:
         """Remove leftovers of interrupted writes."""
-        return remove_stale_temporaries(self.models_dir) + remove_stale_temporaries(self.feature_sets_dir)
+        return (
+            remove_stale_temporaries(self.models_dir)
+            + remove_stale_temporaries(self.feature_sets_dir)
+            + remove_stale_temporaries(self.exports_dir)
+        )
 
     def seed_demo(self, demo_dir: Path = DEMO_DIR) -> bool:
         """Install the packaged demo encoder and feature set when the registry is empty."""
@@ -272,8 +294,8 @@ class Registry:
 
 
 def weights_file(spec: EncoderSpec) -> str:
-    """The weights file of a version: the TorchScript archive, or safetensors."""
-    return TORCHSCRIPT_FILE if spec.source == "torchscript" else WEIGHTS_FILE
+    """The weights file of a version: the TorchScript, ONNX or torch.export file, or safetensors."""
+    return FILE_NAMES.get(spec.source, WEIGHTS_FILE)
 
 
 def _versions(folder: Path) -> list[Path]:

@@ -18,6 +18,7 @@ from PIL import Image
 from torchvision import transforms
 
 from models.encoders.device import resolve_device
+from models.encoders.runtime import Runtime
 from models.encoders.spec import Encoder
 from models.scoring.compatibility import check_fits
 from models.scoring.feature_set import FeatureSet
@@ -46,7 +47,8 @@ class Scorer:
     """An encoder on a device with its discriminative feature set, ready to score batches.
 
     ``precision`` other than float32 runs the encoder under autocast on a GPU only; the
-    Q-Score itself is always computed in float32.
+    Q-Score itself is always computed in float32. ``runtime`` says what runs the encoder
+    (torch by default; ONNX Runtime: ``models/encoders/runtime.py``).
     """
 
     def __init__(
@@ -56,6 +58,7 @@ class Scorer:
         feature_set: FeatureSet,
         device: str = "auto",
         precision: str = "float32",
+        runtime: Runtime | None = None,
     ) -> None:
         check_fits(feature_set, encoder_fingerprint, encoder.spec)
         if precision not in PRECISIONS:
@@ -65,6 +68,7 @@ class Scorer:
             raise ValueError(f"precision {precision} is only supported on a CUDA device")
         self.precision = precision
         self.encoder = encoder.to(self.device).eval()
+        self.engine = (runtime or Runtime()).engine(self.encoder, encoder_fingerprint, self.device, precision)
         self.fingerprint = encoder_fingerprint
         self.feature_set = feature_set
         spec = encoder.spec
@@ -123,10 +127,11 @@ class Scorer:
             return Inference(self._forward(x), stats)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The inference engine (torch, or an ONNX Runtime session: ``QSCORE_RUNTIME``) on ``x``."""
         if self.precision == "float32":
-            return self.encoder(x).float()
+            return self.engine(x).float()
         with torch.autocast("cuda", dtype=PRECISIONS[self.precision]):
-            return self.encoder(x).float()
+            return self.engine(x).float()
 
     # -- 3. postprocess: representations to verdicts ---------------------------------------
     def postprocess(self, inference: Inference, features: bool | Sequence[bool] = True) -> list[ImageScore]:

@@ -6,6 +6,7 @@ import asyncio
 
 from fastapi import APIRouter, Depends
 
+from models.encoders.errors import RuntimeUnavailable
 from models.registry.versions import RegistryError
 from service.deps import HolderDep, RegistryDep, SettingsDep
 from service.limits import ApiError
@@ -86,6 +87,6 @@ async def switch(body: SwitchRequest, holder: HolderDep) -> ServingInfo:
         raise ApiError(404, "version_not_found", str(exc)) from exc
     except PairMismatch as exc:
         raise ApiError(409, "feature_set_mismatch", str(exc)) from exc
-    except RegistryError as exc:
+    except (RegistryError, RuntimeUnavailable) as exc:  # RuntimeUnavailable: QSCORE_RUNTIME cannot run it
         raise ApiError(422, "invalid_version", str(exc)) from exc
     return state.info()

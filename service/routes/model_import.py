@@ -1,4 +1,4 @@
-"""POST /admin/models: register an encoder file (TorchScript, timm state dict, ResNet checkpoint).
+"""POST /admin/models: register an encoder file (TorchScript, ONNX, torch.export, timm state dict, ResNet checkpoint).
 
 The upload is loaded and probed before anything is written (``Registry.import_model``); a file
 that fails gets 422 ``invalid_model`` with the reason and the registry is unchanged. No path a
@@ -34,7 +34,7 @@ router = APIRouter(
 _NUMBER = r"\s*[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?\s*"
 RGB_PATTERN = f"^{_NUMBER},{_NUMBER},{_NUMBER}$"
 
-_SUFFIXES = {".pt", ".pth", ".th", ".tar", ".ckpt", ".bin", ".safetensors", ".torch"}
+_SUFFIXES = {".pt", ".pth", ".th", ".tar", ".ckpt", ".bin", ".safetensors", ".torch", ".onnx", ".pt2"}
 
 
 class ImportedModel(BaseModel):
@@ -78,7 +78,10 @@ class ImportedModel(BaseModel):
 )
 async def import_model(
     registry: RegistryDep,
-    file: Annotated[UploadFile, File(description="TorchScript file, or a state dict (safetensors or pickle).")],
+    file: Annotated[
+        UploadFile,
+        File(description="TorchScript, ONNX or torch.export (.pt2) file, or a state dict (safetensors or pickle)."),
+    ],
     version: Annotated[str | None, Form(pattern=VERSION_PATTERN.pattern, max_length=80)] = None,
     arch: Annotated[str | None, Form(description="timm:NAME for a timm state dict.", max_length=200)] = None,
     image_size: Annotated[int | None, Form(ge=8, le=4096, description="Input size S.")] = None,
