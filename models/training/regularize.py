@@ -62,7 +62,7 @@ class Regularization:
 
 def prepare_regularization(
     imported: ImportedEncoder,
-    feature_set: FeatureSet,
+    feature_set: FeatureSet | str | Path,
     data: str | Path,
     *,
     name: str,
@@ -77,7 +77,8 @@ def prepare_regularization(
     workers: int = 0,
     checkpoint_every: int = 50,
 ) -> Regularization:
-    """Set up the fine-tuning of ``imported`` on the image folder ``data`` under ``feature_set``.
+    """Set up the fine-tuning of ``imported`` on the image folder ``data`` under ``feature_set``
+    (a feature set, or the path of its JSON file).
 
     ``name`` says which encoder it is in error messages (a path, a registry version). ``alpha``
     defaults to the feature set's. Raises ``ValueError`` when the encoder cannot be trained (a
@@ -88,6 +89,8 @@ def prepare_regularization(
     reason = encoder.not_trainable_reason()
     if reason is not None:
         raise ValueError(f"cannot regularize {name}: {reason}")
+    if not isinstance(feature_set, FeatureSet):  # a path: read only once the encoder is known to be trainable
+        feature_set = FeatureSet.load(feature_set)
     check_fits(feature_set, imported.fingerprint, encoder.spec, model=name)
     config = TrainConfig(
         epochs=epochs,
