@@ -14,6 +14,7 @@ ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL
 ARG PIP_FIND_LINKS
 ARG PIP_CONSTRAINT
+ARG PIP_CERT
 ARG PIP_DEFAULT_TIMEOUT=60
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -33,11 +34,14 @@ WORKDIR /app
 # The dependencies first, read from pyproject.toml: their layer (torch and the CUDA libraries,
 # most of the image) is built again only when they change, not with every change of the code.
 # The pip cache is a build cache mount: reused by the next build, never part of the image.
+# triton (0.9 GB) is torch's compiler for torch.compile, which qscore does not use: eager CUDA
+# and CPU kernels run without it. Install it back to use torch.compile in this image.
 COPY pyproject.toml ./
 RUN --mount=type=cache,target=/root/.cache/pip \
     python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
         > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt \
+    && pip uninstall -y triton \
     && rm /tmp/requirements.txt
 
 COPY README.md ./

@@ -59,7 +59,8 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 if ! "$CACHE/tools/bin/podman-compose" --version 2>/dev/null | grep -q "$PODMAN_COMPOSE_VERSION"; then
   python3 -m venv "$CACHE/tools"
-  "$CACHE/tools/bin/pip" install -q "podman-compose==$PODMAN_COMPOSE_VERSION" "httpx>=0.27"
+  "$CACHE/tools/bin/pip" install -q "podman-compose==$PODMAN_COMPOSE_VERSION" "httpx>=0.27" >"$CACHE/tools.log" 2>&1 \
+    || { cat "$CACHE/tools.log" >&2; exit 1; }
 fi
 # crun (podman's default) refuses this machine's hybrid cgroups; runc works with cgroupfs (no
 # systemd here). No default ulimits: the ones podman sets are above what this machine allows.
@@ -82,7 +83,7 @@ done_step "tools ($(podman --version | cut -d' ' -f3), podman-compose $PODMAN_CO
 teardown() {
   local rc=$?
   trap - EXIT INT TERM
-  if [ "$rc" != 0 ] && podman ps -a --filter "label=io.podman.compose.project=$PROJECT" -q | grep -q .; then
+  if [ "$rc" != 0 ] && [ -n "$(podman ps -a --filter "label=io.podman.compose.project=$PROJECT" -q)" ]; then
     echo "== failed (exit $rc): the last log lines of each container"
     for c in $(podman ps -a --filter "label=io.podman.compose.project=$PROJECT" --format '{{.Names}}'); do
       echo "--- $c ($(podman inspect "$c" --format '{{.State.Status}}'))"
