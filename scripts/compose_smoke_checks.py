@@ -169,7 +169,7 @@ def check_prometheus(stack: Stack, scored: int) -> str:
 
 
 def check_worker_restart(stack: Stack) -> str:
-    steps = 40
+    steps = 20
     job_id = stack.submit(
         "regularize",
         {
@@ -190,16 +190,17 @@ def check_worker_restart(stack: Stack) -> str:
     )
     step = record["metrics"]["step"]
     started = time.monotonic()
-    # SIGKILL at once (no graceful stop): the worker's broker connection drops mid-job.
-    subprocess.run(
-        [*stack.args.podman, "restart", "--time", "0", stack.args.worker_container],
-        check=True,
-        stdout=subprocess.DEVNULL,
+    # SIGKILL at once (no graceful stop): the worker's broker connection drops mid-job, as when
+    # a container is OOM-killed or its host lost. (A graceful stop lets the job finish first, up
+    # to compose's stop_grace_period, then kills it the same way.)
+    restarted = subprocess.run(
+        [*stack.args.podman, "restart", "--time", "0", stack.args.worker_container], capture_output=True, text=True
     )
+    expect(restarted.returncode == 0, f"podman restart: {restarted.stderr[-1000:]}")
     again = poll(
         f"job {job_id} to start again after the restart",
         lambda: stack.job(job_id),
-        lambda r: r["attempts"] >= 2 and r["state"] == "running",
+        lambda r: r["attempts"] >= 2,
         timeout=stack.args.job_timeout,
     )
     resumed_after = time.monotonic() - started
