@@ -106,8 +106,9 @@ trap 'exit 130' INT TERM
 "${COMPOSE[@]}" down -v -t 0 >/dev/null 2>&1 || true  # what a killed earlier run left
 
 # -- base image -------------------------------------------------------------------------------
+# Also the base of the stand-ins, whatever the base of the qscore image.
 BASE_IMAGE=${QSCORE_SMOKE_BASE_IMAGE:-$DEBIAN_BASE}
-if [ "$BASE_IMAGE" = "$DEBIAN_BASE" ] && ! podman image exists "$DEBIAN_BASE"; then
+if ! podman image exists "$DEBIAN_BASE"; then
   step "base image: Debian bookworm with python3 (debootstrap)"
   if [ ! -f "$CACHE/debian-python-bookworm.tar" ]; then
     rm -rf "$CACHE/rootfs"
