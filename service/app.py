@@ -8,12 +8,15 @@ import gc
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.routing import iter_route_contexts
+from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -21,12 +24,16 @@ from models.registry.versions import Registry
 from qscore_config.settings import Settings, get_settings
 from service import openapi
 from service.batcher import Batcher
+from service.explain_worker import ExplainWorker
 from service.limits import BodyLimitMiddleware
 from service.metrics import Metrics, QueueLevel
-from service.routes import admin, health, jobs, model_import, score
+from service.routes import admin, atlas, explain, health, jobs, model_import, score
 from service.state import StateHolder
 
 log = logging.getLogger(__name__)
+
+#: The explorer page (/ui): plain HTML, CSS and JavaScript, no build step, nothing from other hosts.
+STATIC_UI = Path(__file__).resolve().parent / "static" / "ui"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -49,6 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.holder, app.state.batcher = holder, batcher
         app.state.metrics.attach(lambda: holder.current, lambda: QueueLevel(batcher.depth, batcher.capacity))
         app.state.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="qscore-decode")
+        app.state.explain = ExplainWorker(settings.max_explain_queue)
         jobs.start_embedded_jobs(app, settings)
         # Start-up made a few million long-lived objects (torch, the app): move them out of the
         # cyclic collector's sight, or every full collection walks them all and stalls the loop.
@@ -67,8 +75,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await batcher.stop()
             jobs.stop_jobs(app)
             app.state.decode_pool.shutdown(wait=False, cancel_futures=True)
+            app.state.explain.shutdown()
 
-    app = FastAPI(
+    # FastAPIOffline: /docs (Swagger UI) and /redoc (ReDoc) from assets in the fastapi-offline package,
+    # not a CDN, so they work on machines without internet access.
+    app = FastAPIOffline(
         title="qscore",
         summary="Label-free quality scoring of self-supervised image representations (Q-Score).",
         version="0.1.0",
@@ -85,8 +96,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(admin.router)
     app.include_router(model_import.router)
     app.include_router(jobs.router)
+    app.include_router(explain.router)
+    app.include_router(atlas.router)
+    app.mount("/ui", StaticFiles(directory=STATIC_UI, html=True), name="ui")
+    app.add_api_route("/", _to_ui, include_in_schema=False)
     openapi.install(app, settings)
     return app
+
+
+async def _to_ui() -> RedirectResponse:
+    return RedirectResponse("/ui/")
 
 
 #: Codes of the framework's own errors (a string detail).

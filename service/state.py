@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.explanation.explain import Explainer
 from models.registry.versions import ModelRecord, Registry, RegistryError
 from models.scoring.compatibility import FeatureSetMismatch, check_fits
 from models.scoring.feature_set import FeatureSet
@@ -73,6 +74,11 @@ class ServingState:
             "model": self.model_info().model_dump(mode="json"),
             "feature_set": self.feature_set_info().model_dump(mode="json"),
         }
+
+    @cached_property
+    def explainer(self) -> Explainer:
+        """Explanations with this pair (POST /explain), made on first use, in the explain thread."""
+        return Explainer(self.scorer)
 
     def info(self) -> ServingInfo:
         return ServingInfo(
