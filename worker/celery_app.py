@@ -30,6 +30,7 @@ TASK_NAMES = {
     "discover": "qscore.discover",
     "regularize": "qscore.regularize",
     "evaluate": "qscore.evaluate",
+    "atlas": "qscore.atlas",
 }
 
 

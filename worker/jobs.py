@@ -1,4 +1,4 @@
-"""The bodies of the three job types, written against a :class:`JobContext`.
+"""The bodies of the job types, written against a :class:`JobContext` (the atlas's in ``worker/atlas_job.py``).
 
 The same functions run in a Celery worker (``worker/tasks.py``) and in-process in embedded mode
 (``worker/embedded.py``). Everything they write is idempotent: output versions are named after
@@ -689,8 +689,16 @@ def evaluate(ctx: JobContext) -> tuple[dict[str, Any], dict[str, str]]:
     )
 
 
+def atlas(ctx: JobContext) -> tuple[dict[str, Any], dict[str, str]]:
+    """The feature atlas (issue 16): its body is ``worker/atlas_job.py``."""
+    from worker.atlas_job import atlas as body
+
+    return body(ctx)
+
+
 BODIES: dict[str, Callable[[JobContext], tuple[dict[str, Any], dict[str, str]]]] = {
     "discover": discover_local,
     "regularize": regularize,
     "evaluate": evaluate,
+    "atlas": atlas,
 }

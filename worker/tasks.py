@@ -77,6 +77,13 @@ def evaluate(self: Any, job_id: str) -> None:
         _step(ctx, lambda c: jobs.succeed(c, *jobs.evaluate(c)))
 
 
+@app.task(name="qscore.atlas", bind=True)
+def atlas(self: Any, job_id: str) -> None:
+    ctx = _start(self, job_id)
+    if ctx is not None:
+        _step(ctx, lambda c: jobs.succeed(c, *jobs.atlas(c)))
+
+
 @app.task(name="qscore.discover", bind=True)
 def discover(self: Any, job_id: str) -> None:
     ctx = _start(self, job_id)

@@ -1,4 +1,4 @@
-"""Job endpoints: queue discovery, regularised fine-tuning and evaluation; follow and cancel them.
+"""Job endpoints: queue discovery, regularised fine-tuning, evaluation and atlases; follow and cancel them.
 
 Jobs run on Celery workers when ``QSCORE_REDIS_URL`` is set (records in Redis survive a restart
 of the API) and in-process otherwise (embedded mode). Every parameter and every name (data
@@ -21,7 +21,15 @@ from service.deps import get_app_settings
 from service.schemas import ErrorResponse
 from service.security import AdminKey
 from worker.backend import JobBackend, make_backend
-from worker.params import DiscoverParams, EvaluateParams, ParamConflict, ParamError, RegularizeParams, resolve
+from worker.params import (
+    AtlasParams,
+    DiscoverParams,
+    EvaluateParams,
+    ParamConflict,
+    ParamError,
+    RegularizeParams,
+    resolve,
+)
 from worker.store import JobRecord, QueueFull
 
 router = APIRouter(
@@ -138,7 +146,7 @@ def _store_errors() -> Iterator[None]:
 
 
 def _submit(
-    job_type: Literal["discover", "regularize", "evaluate"],
+    job_type: Literal["discover", "regularize", "evaluate", "atlas"],
     params: Any,
     backend: JobBackend,
     settings: Settings,
@@ -207,6 +215,14 @@ def submit_evaluate(
 ) -> JobAccepted:
     """Linear evaluation; writes the calibrated feature set as a new version."""
     return _submit("evaluate", body, backend, settings, request)
+
+
+@router.post("/atlas", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted, responses=_CONFLICT)
+def submit_atlas(
+    body: AtlasParams, backend: Backend, settings: SettingsDep, request: Request, _: AdminKey
+) -> JobAccepted:
+    """The feature atlas of a feature set on a data set; served by GET /atlas."""
+    return _submit("atlas", body, backend, settings, request)
 
 
 @router.get("", response_model=JobList)
