@@ -8,15 +8,12 @@ import gc
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import JSONResponse
 from fastapi.routing import iter_route_contexts
-from fastapi.staticfiles import StaticFiles
-from fastapi_offline import FastAPIOffline
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -27,13 +24,10 @@ from service.batcher import Batcher
 from service.explain_worker import ExplainWorker
 from service.limits import BodyLimitMiddleware
 from service.metrics import Metrics, QueueLevel
-from service.routes import admin, atlas, explain, health, jobs, model_import, score
+from service.routes import admin, atlas, docs, explain, health, jobs, model_import, score
 from service.state import StateHolder
 
 log = logging.getLogger(__name__)
-
-#: The explorer page (/ui): plain HTML, CSS and JavaScript, no build step, nothing from other hosts.
-STATIC_UI = Path(__file__).resolve().parent / "static" / "ui"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -77,13 +71,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.decode_pool.shutdown(wait=False, cancel_futures=True)
             app.state.explain.shutdown()
 
-    # FastAPIOffline: /docs (Swagger UI) and /redoc (ReDoc) from assets in the fastapi-offline package,
-    # not a CDN, so they work on machines without internet access.
-    app = FastAPIOffline(
+    app = FastAPI(
         title="qscore",
         summary="Label-free quality scoring of self-supervised image representations (Q-Score).",
         version="0.1.0",
         lifespan=lifespan,
+        # /docs and /redoc come from service/routes/docs.py: local assets, not a CDN
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = Metrics(settings.max_batch_size)
@@ -98,14 +93,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(explain.router)
     app.include_router(atlas.router)
-    app.mount("/ui", StaticFiles(directory=STATIC_UI, html=True), name="ui")
-    app.add_api_route("/", _to_ui, include_in_schema=False)
+    docs.install(app)
     openapi.install(app, settings)
     return app
-
-
-async def _to_ui() -> RedirectResponse:
-    return RedirectResponse("/ui/")
 
 
 #: Codes of the framework's own errors (a string detail).
