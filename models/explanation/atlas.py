@@ -143,6 +143,9 @@ class Atlas:
     eps: float
     classes: list[str] | None  # None: the data set has no labels (one class folder)
     meta: dict[str, Any] = field(default_factory=dict)
+    #: The sample's (N, r) representations and (N,) class indices, for callers (not written).
+    h: torch.Tensor | None = field(default=None, repr=False)
+    labels: np.ndarray | None = field(default=None, repr=False)
 
     def index_row(self) -> dict[str, Any]:
         return {
@@ -256,6 +259,8 @@ def compute_atlas(
         eps=feature_set.eps,
         classes=list(names) if labelled else None,
         meta={"top_k": config.top_k, "tail_sample": config.tail_sample, "seed": config.seed},
+        h=h_all,
+        labels=labels,
     )
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from models.explanation.decompose import Contribution, Decomposition, decompose, feature_groups, ranked_features
-from models.explanation.heatmaps import Method, feature_maps, heatmap_method
+from models.explanation.heatmaps import FeatureMaps, Method, feature_maps, heatmap_method
 from models.explanation.render import enlarged, overlay, png_base64
 from models.scoring.result import ImageScore
 from models.scoring.scorer import Scorer
@@ -90,6 +90,12 @@ class Explainer:
         self._mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
         self._std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
 
+    def maps_of(self, pixels: np.ndarray, features: list[int]) -> FeatureMaps:
+        """The heatmaps of ``features`` in one image (``pixels``: (S, S, 3) uint8), whatever their rank."""
+        x = torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0).float().div(255)
+        x = ((x - self._mean) / self._std).to(self.scorer.device)
+        return feature_maps(self.scorer.encoder, x, torch.tensor([features], dtype=torch.int64))
+
     def explain(self, pixels: np.ndarray, top: int = DEFAULT_TOP) -> Explanation:
         """``pixels``: (S, S, 3) uint8 from :meth:`Scorer.preprocess`; ``top``: 1..MAX_TOP heatmaps."""
         if not 1 <= top <= MAX_TOP:
@@ -101,9 +107,6 @@ class Explainer:
         h = inference.h.detach().float().cpu()
         decomposition = decompose(h, fs.discriminative_indices, self.groups, fs.eps)[0]
         chosen = ranked_features(decomposition, h[0].numpy(), self.groups, top)
-        x = torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0).float().div(255)
-        x = ((x - self._mean) / self._std).to(scorer.device)
-        index = torch.tensor([[c.index for c in chosen]], dtype=torch.int64)
-        maps = feature_maps(scorer.encoder, x, index)
+        maps = self.maps_of(pixels, [c.index for c in chosen])
         heatmaps = tuple(FeatureHeatmap(c, maps.maps[0, k]) for k, c in enumerate(chosen))
         return Explanation(verdict, decomposition, maps.method, np.asarray(pixels, dtype=np.uint8), heatmaps)
