@@ -17,7 +17,7 @@ leftover temporary, or two attempts that both succeeded; goal 0), and the time f
 to the job running again (a new attempt started; goal at most 120 s), median and max per kind.
 Writes ``benchmarks/results/faults.json``.
 
-    .venv/bin/python benchmarks/bench_faults.py [--jobs 20] [--faults 8] [--freeze-share 0.34]
+    .venv/bin/python -m benchmarks.bench_faults [--jobs 20] [--faults 8] [--freeze-share 0.34]
 """
 
 from __future__ import annotations
@@ -30,16 +30,27 @@ import random
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-CELERY = str(Path(sys.executable).parent / "celery")
+import redis
+import torch
+
+from benchmarks.common import RESULTS, ROOT, celery_worker_command, load_average, worker_env, write_result
+from models.data.datasets import class_slice, ensure_cifar10, image_folder
+from models.data.transforms import eval_transform
+from models.discovery.discover import discover, make_selection
+from models.encoders.resnet import build_encoder
+from models.encoders.spec import EncoderSpec, fingerprint
+from models.registry.versions import Registry
+from models.scoring.feature_set import EncoderRef
+from qscore_config.settings import Settings
+from worker.backend import CeleryBackend
+from worker.params import RegularizeParams, resolve
+from worker.store import RedisJobStore
 
 
 class Worker:
@@ -47,21 +58,8 @@ class Worker:
         self.name = f"bench{uuid.uuid4().hex[:6]}"
         self.log = work / f"{self.name}.log"
         self.proc = subprocess.Popen(
-            [
-                CELERY,
-                "-A",
-                "worker.celery_app",
-                "worker",
-                "--pool=prefork",
-                "--concurrency=1",
-                "--queues=qscore",
-                "-n",
-                f"{self.name}@%h",
-                "--without-gossip",
-                "--without-mingle",
-                "--loglevel=INFO",
-            ],
-            cwd=REPO,
+            celery_worker_command(self.name, "INFO"),
+            cwd=ROOT,
             env=env,
             stdout=self.log.open("wb"),
             stderr=subprocess.STDOUT,
@@ -102,11 +100,6 @@ def main() -> None:
     args = parser.parse_args()
     rng = random.Random(args.seed)
 
-    import redis
-
-    from qscore_config.settings import Settings
-    from worker.store import RedisJobStore
-
     work = Path(tempfile.mkdtemp(prefix="qscore-bench-faults-"))
     registry, data = _registry(work)
     vhost = f"qscore-bench-{uuid.uuid4().hex[:8]}"
@@ -115,19 +108,14 @@ def main() -> None:
         ["rabbitmqctl", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"], check=True, capture_output=True
     )
     redis.Redis.from_url(args.redis).flushdb()
-    env = {
-        **os.environ,
-        "PYTHONWARNINGS": "ignore",
-        "PYTHONPATH": str(REPO),
-        "QSCORE_REDIS_URL": args.redis,
-        "QSCORE_BROKER_URL": f"{args.amqp}/{vhost}",
-        "QSCORE_REGISTRY_ROOT": str(registry.root),
-        "QSCORE_DATASETS": json.dumps({"bench": str(data)}),
-        "QSCORE_DEVICE": "cpu",
-        "QSCORE_JOB_CHECKPOINT_DIR": str(work / "checkpoints"),
-        "QSCORE_WORKER_TORCH_THREADS": "1",
-        "OMP_NUM_THREADS": "1",
-    }
+    env = worker_env(
+        redis_url=args.redis,
+        registry_root=registry.root,
+        datasets={"bench": str(data)},
+        device="cpu",
+        checkpoint_dir=work / "checkpoints",
+        extra={"QSCORE_BROKER_URL": f"{args.amqp}/{vhost}"},
+    )
     if args.heartbeat is not None:
         env["QSCORE_BROKER_HEARTBEAT_S"] = str(args.heartbeat)
     values: dict[str, Any] = {k.removeprefix("QSCORE_").lower(): v for k, v in env.items() if k.startswith("QSCORE_")}
@@ -225,7 +213,7 @@ def main() -> None:
         "fault_log": [{k: v for k, v in f.items() if k != "t"} for f in faults],
         "elapsed_s": round(elapsed, 1),
         "cpu_count": os.cpu_count(),
-        "load_average_at_end": list(os.getloadavg()),
+        "load_average_at_end": load_average(),
         "machine": platform.platform(),
     }
     for kind in ("kill", "freeze"):
@@ -240,9 +228,7 @@ def main() -> None:
                 "median": round(statistics.median(times), 2),
                 "max": round(max(times), 2),
             }
-    out = args.out or REPO / "benchmarks/results/faults.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out or RESULTS / "faults.json", result)
     print(
         json.dumps(
             {
@@ -263,15 +249,6 @@ def main() -> None:
 
 
 def _registry(work: Path) -> tuple[Any, Path]:
-    import torch
-
-    from models.data.datasets import class_slice, ensure_cifar10, image_folder
-    from models.data.transforms import eval_transform
-    from models.discovery.discover import discover, make_selection
-    from models.encoders.resnet import build_encoder
-    from models.encoders.spec import EncoderSpec, fingerprint
-    from models.registry.versions import Registry
-    from models.scoring.feature_set import EncoderRef
 
     data = class_slice(ensure_cifar10() / "train", work / "train", per_class=30, seed=0)
     torch.manual_seed(0)
@@ -301,8 +278,6 @@ def _registry(work: Path) -> tuple[Any, Path]:
 
 def _submit(settings: Any, store: Any, steps: int) -> str:
     """Queue a job as ``POST /jobs/regularize`` does (validated, recorded, sent)."""
-    from worker.backend import CeleryBackend
-    from worker.params import RegularizeParams, resolve
 
     params = RegularizeParams.model_validate(
         {

@@ -5,8 +5,8 @@ dedicated Redis database, N real workers (``celery -A worker.celery_app worker``
 each, one torch thread each), one discover job of ``--shards`` shards submitted as the API does;
 timed from queueing to ``succeeded``. Writes ``benchmarks/results/jobs.json``.
 
-    .venv/bin/python benchmarks/bench_jobs.py [--images 2000] [--shards 8] [--width 16]
-    python benchmarks/bench_jobs.py --device cuda --workers 1 --width 64 --job regularize --out ...
+    .venv/bin/python -m benchmarks.bench_jobs [--images 2000] [--shards 8] [--width 16]
+    python -m benchmarks.bench_jobs --device cuda --workers 1 --width 64 --job regularize --out ...
 
 ``--job regularize`` times a Q-Score-regularised fine-tuning job (``--steps`` steps, then the
 discovery of the new model's features) after a discover job has made the feature set it needs:
@@ -23,14 +23,29 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-REPO = Path(__file__).resolve().parents[1]
+import redis
+import torch
+
+from benchmarks.common import RESULTS, ROOT, celery_worker_command, device_name, load_average, worker_env, write_result
+from models.data.datasets import class_slice, ensure_cifar10
+from models.encoders.resnet import build_encoder
+from models.encoders.spec import EncoderSpec
+from models.registry.versions import Registry
+from qscore_config.settings import Settings
+from worker.backend import CeleryBackend
+from worker.params import DiscoverParams, RegularizeParams, resolve
+
+if TYPE_CHECKING:  # annotations only: _run imports the worker's modules when it runs
+    from pydantic import BaseModel
+
+    from worker.backend import CeleryBackend
+
 JOB_TIMEOUT_S = 600  # a worker that cannot start leaves the job queued: fail instead of waiting forever
-sys.path.insert(0, str(REPO))
 
 
 def main() -> None:
@@ -45,16 +60,8 @@ def main() -> None:
     parser.add_argument("--job", choices=["discover", "regularize"], default="discover")
     parser.add_argument("--steps", type=int, default=20, help="Training steps of a regularize job.")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/6", help="A Redis database it may flush.")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/jobs.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "jobs.json")
     args = parser.parse_args()
-
-    import redis
-    import torch
-
-    from models.data.datasets import class_slice, ensure_cifar10
-    from models.encoders.resnet import build_encoder
-    from models.encoders.spec import EncoderSpec
-    from models.registry.versions import Registry
 
     work = Path(tempfile.mkdtemp(prefix="qscore-bench-jobs-"))
     data = class_slice(ensure_cifar10() / "train", work / "train", per_class=args.images // 10, seed=0)
@@ -66,18 +73,13 @@ def main() -> None:
             registry = Registry(work / f"registry-{n_workers}-{repeat}")
             registry.add_model(encoder, version="bench")
             redis.Redis.from_url(args.redis).flushdb()
-            env = {
-                **os.environ,
-                "PYTHONWARNINGS": "ignore",
-                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-                "QSCORE_REDIS_URL": args.redis,
-                "QSCORE_REGISTRY_ROOT": str(registry.root),
-                "QSCORE_DATASETS": json.dumps({"bench": str(data)}),
-                "QSCORE_DEVICE": args.device,
-                "QSCORE_JOB_CHECKPOINT_DIR": str(work / "checkpoints"),
-                "QSCORE_WORKER_TORCH_THREADS": "1",
-                "OMP_NUM_THREADS": "1",
-            }
+            env = worker_env(
+                redis_url=args.redis,
+                registry_root=registry.root,
+                datasets={"bench": str(data)},
+                device=args.device,
+                checkpoint_dir=work / "checkpoints",
+            )
             seconds, images = _run(env, n_workers, args, work)
             runs.append(
                 {
@@ -101,26 +103,22 @@ def main() -> None:
         "model": f"resnet18 width {args.width}",
         "batch_size": args.batch_size,
         "device": args.device,
-        "device_name": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor(),
+        "device_name": device_name(args.device),
         "torch_threads_per_worker": 1,
         "cpu_count": os.cpu_count(),
-        "load_average_at_end": list(os.getloadavg()),
+        "load_average_at_end": load_average(),
         "machine": platform.platform(),
         "runs": runs,
         "summary": summary,
     }
     if "1" in summary and "2" in summary:
         result["speedup_2_vs_1"] = round(summary["1"]["best_seconds"] / summary["2"]["best_seconds"], 2)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     print(json.dumps(result["summary"]), result.get("speedup_2_vs_1"))
 
 
 def _run(env: dict[str, str], n_workers: int, args: argparse.Namespace, work: Path) -> tuple[float, int]:
     """Seconds from queueing to success of the timed job, and the images it went through."""
-    from qscore_config.settings import Settings
-    from worker.backend import CeleryBackend
-    from worker.params import DiscoverParams, RegularizeParams, resolve
 
     procs = []
     try:
@@ -129,23 +127,8 @@ def _run(env: dict[str, str], n_workers: int, args: argparse.Namespace, work: Pa
             procs.append(
                 (
                     subprocess.Popen(
-                        [
-                            sys.executable,
-                            "-m",
-                            "celery",
-                            "-A",
-                            "worker.celery_app",
-                            "worker",
-                            "--pool=prefork",
-                            "--concurrency=1",
-                            "--queues=qscore",
-                            "-n",
-                            f"bench{i}@%h",
-                            "--without-gossip",
-                            "--without-mingle",
-                            "--loglevel=WARNING",
-                        ],
-                        cwd=REPO,
+                        celery_worker_command(f"bench{i}", "WARNING"),
+                        cwd=ROOT,
                         env=env,
                         stdout=open(log, "wb"),
                         stderr=subprocess.STDOUT,
@@ -181,7 +164,7 @@ def _run(env: dict[str, str], n_workers: int, args: argparse.Namespace, work: Pa
             proc.wait(30)
 
 
-def _time_job(backend, kind: str, params) -> tuple[float, dict]:  # noqa: ANN001 (worker types imported lazily)
+def _time_job(backend: CeleryBackend, kind: str, params: BaseModel) -> tuple[float, dict[str, Any]]:
     started = time.perf_counter()
     record = backend.store.create(kind, params.model_dump(mode="json", by_alias=True))
     backend.enqueue(record)

@@ -8,32 +8,25 @@ For a batch of 256 images, times (median of several repeats, ``torch.inference_m
 Goal: the Q-Score costs under 2% of the forward pass. Writes
 benchmarks/results/qscore_overhead.json with the machine's description.
 
-    .venv/bin/python benchmarks/bench_qscore_overhead.py [--device cuda] [--repeats 5]
+    .venv/bin/python -m benchmarks.bench_qscore_overhead [--device cuda] [--repeats 5]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import sys
-import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
+from benchmarks.common import RESULTS, cpu_model, load_average, seconds_per_call, write_result
 from models.encoders.resnet import build_encoder
 from models.scoring.dominance import DominanceCounts, select_discriminative
 from models.scoring.qscore import q_score_parts
 
-RESULTS = ROOT / "benchmarks" / "results" / "qscore_overhead.json"
 GOAL_SHARE = 0.02
 EPS = 2.0
 CONFIGS = (
@@ -41,24 +34,6 @@ CONFIGS = (
     ("resnet18-imagenet-224", {"arch": "resnet18", "cifar_stem": False, "width": 64}, 224),
     ("resnet50-imagenet-224", {"arch": "resnet50", "cifar_stem": False}, 224),
 )
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_seconds(fn: Callable[[], object], repeats: int, device: torch.device, warmup: int = 1) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def machine_info(device: torch.device) -> dict[str, object]:
@@ -69,17 +44,9 @@ def machine_info(device: torch.device) -> dict[str, object]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
+        "cpu_model": cpu_model(),
+        "load_average_1_5_15": load_average(),
     }
-    try:
-        info["cpu_model"] = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        info["cpu_model"] = platform.processor()
-    if hasattr(os, "getloadavg"):
-        info["load_average_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -94,8 +61,8 @@ def bench_one(name: str, overrides: dict, size: int, args: argparse.Namespace, d
         counts = DominanceCounts.of(h, (EPS,)).for_eps(EPS)
         ever = int((counts > 0).sum())
         d = select_discriminative(counts, size=max(1, min(ever, h.shape[1] // 2))).to(device)
-        forward = median_seconds(lambda: encoder(x), args.repeats, device)
-        q_times = median_seconds(lambda: q_score_parts(h, d, EPS), args.q_repeats, device, warmup=3)
+        forward = seconds_per_call(lambda: encoder(x), args.repeats, device)
+        q_times = seconds_per_call(lambda: q_score_parts(h, d, EPS), args.q_repeats, device, warmup=3)
     fwd, q = statistics.median(forward), statistics.median(q_times)
     row = {
         "config": name,
@@ -128,7 +95,7 @@ def main() -> None:
     parser.add_argument("--q-repeats", type=int, default=50, help="Q-Score computations timed per encoder")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--only", nargs="*", default=None, help="config names to run (default: all)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=RESULTS / "qscore_overhead.json")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -148,8 +115,7 @@ def main() -> None:
         "results": rows,
         "all_under_goal": all(r["under_goal"] for r in rows),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     print(f"wrote {args.out}")
 
 

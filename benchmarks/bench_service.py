@@ -12,9 +12,9 @@ with apt when missing), one thread, keep-alive connections. Goals (issue 8), as 
 - /score at 32 connections >= 0.8 x L, L = 1 / (1/raw + 1/bare): two costs sharing the cores;
 - 1 connection: p50 <= the batch-1 forward time + 2 ms.
 
-    python benchmarks/bench_service.py                                   # CPU, demo encoder
-    python benchmarks/bench_service.py --preset cuda-resnet50            # ResNet-50, 224 px, CUDA
-    python benchmarks/bench_service.py --preset cuda-resnet50 --raw-only # torch/torchvision only
+    python -m benchmarks.bench_service                                   # CPU, demo encoder
+    python -m benchmarks.bench_service --preset cuda-resnet50            # ResNet-50, 224 px, CUDA
+    python -m benchmarks.bench_service --preset cuda-resnet50 --raw-only # torch/torchvision only
 
 ``--raw-only`` measures the raw scorer and the decode paths (Pillow on the CPU against batched
 ``torchvision.io.decode_jpeg`` on the device, and pinned against pageable host-to-device copies)
@@ -29,12 +29,14 @@ import io
 import json
 import os
 import platform
+import random
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,9 +45,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-RESULTS = ROOT / "benchmarks" / "results"
+from benchmarks.common import RESULTS, ROOT, device_name, load_average, pythonpath, rate, write_result
+
 BOUNDARY = "qscore-bench-boundary"
 
 
@@ -85,8 +86,8 @@ def synthetic_jpegs(n: int, size: int, seed: int = 0, width: int | None = None) 
 
 
 def cifar_jpegs(n: int) -> list[bytes]:
-    import random
 
+    # Lazy: --raw-only runs where only torch, torchvision, numpy and Pillow are installed.
     from models.data.datasets import ensure_cifar10
 
     files = sorted((ensure_cifar10() / "test").rglob("*.jpg"))
@@ -102,24 +103,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise SystemExit("this preset needs a CUDA device; none is available here")
     return torch.device(name)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def rate(fn: Any, items_per_call: int, device: torch.device, seconds: float) -> float:
-    """Items per second of ``fn()`` over about ``seconds`` (after two warm-up calls)."""
-    fn()
-    fn()
-    sync(device)
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        fn()
-        n += items_per_call
-    sync(device)
-    return n / (time.perf_counter() - start)
 
 
 # -- raw scorer -------------------------------------------------------------------------------
@@ -162,6 +145,7 @@ def best_raw_rates(score_batch: Any, inputs: torch.Tensor, device: torch.device,
 def torch_only_resnet50(device: torch.device, image_size: int):
     """A random ResNet-50 (torchvision, nothing downloaded) and a Q-Score on 120 random features:
     the same computation as models.scoring.scorer.Scorer, importable with torch and torchvision alone."""
+    # Lazy: --raw-only runs where only torch, torchvision, numpy and Pillow are installed.
     import torchvision
 
     from models.scoring.qscore import discriminative_mask, q_score_parts
@@ -187,6 +171,7 @@ def torch_only_resnet50(device: torch.device, image_size: int):
 
 def decode_rates(blobs: list[bytes], preset: Preset, device: torch.device, seconds: float) -> dict[str, Any]:
     """Images/s of the decode-and-preprocess paths, batch = max batch size."""
+    # Lazy: --raw-only runs where only torch, torchvision, numpy and Pillow are installed.
     from torchvision import transforms
 
     from service.device_decode import decode_jpegs
@@ -220,6 +205,7 @@ def decode_rates(blobs: list[bytes], preset: Preset, device: torch.device, secon
 
 
 def run_raw_only(preset: Preset, seconds: float) -> dict[str, Any]:
+    # Lazy: --raw-only runs where only torch, torchvision, numpy and Pillow are installed.
     from service.device_decode import decode_jpegs
 
     device = resolve_device(preset.device)
@@ -250,6 +236,7 @@ def run_raw_only(preset: Preset, seconds: float) -> dict[str, Any]:
 
 
 def demo_scorer(preset: Preset):
+    # Lazy: --raw-only runs where only torch, torchvision, numpy and Pillow are installed.
     from models.registry.versions import Registry
     from models.scoring.scorer import Scorer
 
@@ -262,6 +249,7 @@ def demo_scorer(preset: Preset):
 
 def build_registry(root: Path, preset: Preset, blobs: list[bytes]):
     """The demo pair, or a random-initialised ResNet-50 registered with features found on ``blobs``."""
+    # Lazy: --raw-only runs where only torch, torchvision, numpy and Pillow are installed.
     from models.registry.versions import Registry
 
     registry = Registry(root)
@@ -425,10 +413,9 @@ class Server:
             "warning",
             "--no-access-log",
         ]
-        self.process = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env, "PYTHONPATH": _pythonpath()})
+        self.process = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env, "PYTHONPATH": pythonpath()})
 
     def wait_ready(self, path: str) -> None:
-        import urllib.request
 
         deadline = time.monotonic() + 300
         while True:
@@ -449,7 +436,6 @@ class Server:
         return float("nan")
 
     def metrics(self) -> str:
-        import urllib.request
 
         with urllib.request.urlopen(self.url + "/metrics", timeout=10) as r:
             return r.read().decode()
@@ -470,6 +456,7 @@ def mean_batch(metrics_text: str) -> float | None:
 
 
 def run_full(preset: Preset, seconds: float, server_env: dict[str, str]) -> dict[str, Any]:
+    # Lazy: --raw-only runs where only torch, torchvision, numpy and Pillow are installed.
     from models.scoring.scorer import Scorer
 
     wrk = ensure_wrk()
@@ -570,18 +557,14 @@ def run_full(preset: Preset, seconds: float, server_env: dict[str, str]) -> dict
 
 
 def machine(preset: Preset) -> dict[str, Any]:
-    info: dict[str, Any] = {
+    return {
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+        "loadavg_at_start": load_average(),
+        "device": device_name(preset.device) if preset.device == "cuda" and torch.cuda.is_available() else "cpu",
     }
-    if preset.device == "cuda" and torch.cuda.is_available():
-        info["device"] = torch.cuda.get_device_name(0)
-    else:
-        info["device"] = "cpu"
-    return info
 
 
 def main() -> None:
@@ -611,16 +594,9 @@ def main() -> None:
         result["server_env"] = server_env
         result.update(run_full(preset, args.seconds, server_env))
         default_name = "service.json" if preset.name == "cpu-demo" else f"service-{preset.name}.json"
-    result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    out = args.out or RESULTS / default_name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    result["machine"]["loadavg_at_end"] = load_average()
+    write_result(args.out or RESULTS / default_name, result)
     print(json.dumps(result, indent=2))
-
-
-def _pythonpath() -> str:
-    """This checkout first, then whatever the caller had (packages installed beside the image)."""
-    return os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ tests' ``LiveServer``) on a registry seeded with the demo, with and without typi
 8 clients posting 8 CIFAR-10 JPEGs a request, alternating twice, the best of each kept.
 Writes benchmarks/results/typicality.json.
 
-    .venv/bin/python benchmarks/bench_typicality.py [--images 2048] [--batch-size 64] [--repeats 5]
+    .venv/bin/python -m benchmarks.bench_typicality [--images 2048] [--batch-size 64] [--repeats 5]
         [--service-seconds 12]
 """
 
@@ -23,24 +23,26 @@ import json
 import os
 import platform
 import statistics
-import sys
+import tempfile
+import threading
 import time
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
+import httpx
 import torch
 from torchvision import transforms
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
+from benchmarks.common import RESULTS, ROOT, seconds_of, write_result
 from models.data.datasets import ensure_cifar10, image_folder, random_sample
 from models.encoders.loading import load_encoder
-from models.scoring.feature_set import FeatureSet
+from models.registry.versions import Registry
+from models.scoring.feature_set import FeatureSet, bank_path
 from models.scoring.scorer import Scorer
+from tests.service.service_helpers import LiveServer, make_settings
 
 WEIGHTS = ROOT / "models" / "weights"
-RESULTS = ROOT / "benchmarks" / "results" / "typicality.json"
 GOAL = 0.9
 
 
@@ -79,11 +81,8 @@ def main() -> None:
         for i, batch in enumerate(batches):
             order = ("on", "off") if (i + repeat) % 2 == 0 else ("off", "on")
             for name in order:
-                start = time.perf_counter()
-                scorers[name].score(batch)
-                if scorers[name].device.type == "cuda":
-                    torch.cuda.synchronize()
-                times[name].append(time.perf_counter() - start)
+                scorer = scorers[name]
+                times[name].append(seconds_of(partial(scorer.score, batch), scorer.device))
     throughput = {name: args.batch_size / statistics.median(t) for name, t in times.items()}
     ratio = throughput["on"] / throughput["off"]
     result = {
@@ -103,24 +102,12 @@ def main() -> None:
     }
     if args.service_seconds > 0:
         result["service"] = service_throughput(args.service_seconds)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))  # noqa: T201
+    write_result(RESULTS / "typicality.json", result)
+    print(json.dumps(result, indent=2))
 
 
 def service_throughput(seconds: float, clients: int = 8, per_request: int = 8) -> dict[str, object]:
     """Images/s of ``/score`` with the demo's typicality and risk, and with the Q-Score alone."""
-    import tempfile
-    import threading
-
-    import httpx
-
-    sys.path.insert(0, str(ROOT / "tests" / "service"))
-    from service_helpers import LiveServer, make_settings
-
-    from models.registry.versions import Registry
-    from models.scoring.feature_set import bank_path
-
     paths = sorted((ensure_cifar10() / "test").glob("*/*.jpg"))[::50][:200]
     blobs = [p.read_bytes() for p in paths]
     tmp = Path(tempfile.mkdtemp())

@@ -12,7 +12,7 @@ encoder, ``../shared/models``), and two random-initialised timm ViTs (no ViT wei
 downloaded or trained here, so the ViT figures describe the geometry of signed features, not a
 trained ViT's ranking quality). Writes benchmarks/results/signed_representations.json.
 
-    .venv/bin/python benchmarks/signed_representations.py [--samples 1000]
+    .venv/bin/python -m benchmarks.signed_representations [--samples 1000]
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -28,9 +27,7 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
+from benchmarks.common import RESULTS, ROOT, write_result
 from models.data.datasets import ensure_cifar10, image_folder, random_sample, subset
 from models.data.transforms import eval_transform
 from models.discovery.discover import discover, make_selection
@@ -41,7 +38,6 @@ from models.scoring.feature_set import EncoderRef
 from models.scoring.qscore import q_score
 from models.scoring.representations import extract_representations
 
-RESULTS = ROOT / "benchmarks" / "results" / "signed_representations.json"
 RESNET20 = ROOT.parent / "shared" / "models" / "cifar10-resnet20-supervised.pt"
 
 
@@ -97,8 +93,7 @@ def main() -> None:
         "samples": args.samples,
         "results": results,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    write_result(RESULTS / "signed_representations.json", report)
     print(json.dumps(report, indent=2))
 
 

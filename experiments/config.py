@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from models.scoring.dominance import AUTO_EPS_GRID
+
 Method = Literal["simclr", "byol"]
 EpsSetting = float | Literal["auto"]
 
@@ -81,7 +83,6 @@ class Config(BaseModel):
     @property
     def all_eps(self) -> tuple[float, ...]:
         """Every eps counted in one pass: the sensitivity grid, the auto grid and the main eps."""
-        from models.scoring.dominance import AUTO_EPS_GRID
 
         values = set(self.eps_grid) | set(AUTO_EPS_GRID) | {4.0}
         if self.eps != "auto":

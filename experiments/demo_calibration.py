@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         "top1": report["top1"],
     }
     (WEIGHTS / "demo-risk-evaluation.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    print(json.dumps(summary, indent=2))  # noqa: T201
+    print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

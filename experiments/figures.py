@@ -8,18 +8,18 @@ from typing import Any
 
 import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+matplotlib.use("Agg")  # headless: the backend is chosen before pyplot is imported
+import matplotlib.pyplot as plt
+import numpy as np
 from sklearn.metrics import (
     average_precision_score,
     precision_recall_curve,
     roc_auc_score,
     roc_curve,
-)  # noqa: E402
+)
 
-from experiments.baselines import SCORE_NAMES  # noqa: E402
-from experiments.config import Config  # noqa: E402
+from experiments.baselines import SCORE_NAMES
+from experiments.config import Config
 from models.scoring.qscore import dominant_mask
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")

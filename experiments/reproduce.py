@@ -14,6 +14,7 @@ regularisation and its control -> figures, ``results.json`` and ``reproduction.m
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import platform
@@ -28,6 +29,8 @@ import torch
 from experiments.baselines import label_free_scores
 from experiments.cache import Stages, clean
 from experiments.config import PRESETS, Config, get_config
+from experiments.figures import make_figures
+from experiments.report import write_report
 from models.data.datasets import ensure_cifar10, image_folder, random_sample, subset
 from models.data.transforms import eval_transform
 from models.discovery.discover import build_feature_set, count_pass, make_selection, q_pass, select_per_eps
@@ -509,7 +512,6 @@ def _cpu_name() -> str:
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    import json
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
@@ -532,8 +534,6 @@ def setup_logging(log_path: Path) -> logging.Handler:
 
 def run(config: Config, out_dir: Path, work_dir: Path, data_root: Path | None = None) -> dict[str, Any]:
     """Run (or resume) the whole reproduction; return the content of ``results.json``."""
-    from experiments.figures import make_figures
-    from experiments.report import write_report
 
     out_dir, work_dir = Path(out_dir), Path(work_dir)
     handler = setup_logging(out_dir / "reproduction.log")

@@ -23,10 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+
+matplotlib.use("Agg")  # headless: the backend is chosen before pyplot is imported
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from PIL import Image
-from torchvision import transforms  # noqa: F401  (Subject's annotation)
+from torchvision import transforms  # for Subject's annotation
 
 from models.data.datasets import ensure_cifar10, random_sample
 from models.data.shifts import GROSS_SHIFTS, HELD_OUT_GROSS_SHIFTS, HELD_OUT_SHIFTS, SHIFTS, apply_shift
@@ -34,6 +38,7 @@ from models.data.transforms import eval_transform
 from models.encoders.loading import load_encoder
 from models.evaluation.metrics import linear_probe
 from models.scoring.dominance import DominanceCounts, default_alpha, select_discriminative
+from models.scoring.feature_set import FeatureSet
 from models.scoring.qscore import q_score_parts
 from models.scoring.risk import fit_risk
 from models.scoring.typicality import fit_typicality, pixel_signals, score_typicality
@@ -58,7 +63,6 @@ class Subject:
 
 
 def subjects() -> list[Subject]:
-    from models.scoring.feature_set import FeatureSet
 
     demo = load_encoder(DEMO_WEIGHTS).encoder.eval()
     fs = FeatureSet.load(DEMO_FEATURES)
@@ -162,11 +166,6 @@ def measure(
 
 
 def reliability_figure(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 4), squeeze=False)
     for ax, (name, res) in zip(axes[0], results.items(), strict=True):
         table = res["risk"]["combined"]["reliability"]
@@ -245,7 +244,7 @@ def write_markdown(results: dict[str, Any], args: argparse.Namespace, out: Path)
             f"{b['ratio_on_over_off']:.2f}x (goal >= 0.9x: {verdict}) at a "
             f"{b['bank_vectors']:,}-vector bank, {b['encoder']}, {b['device']} "
             f"({b['images_per_second']['on']:.0f} against {b['images_per_second']['off']:.0f} images/s; "
-            "`python benchmarks/bench_typicality.py`, `benchmarks/results/typicality.json`)"
+            "`python -m benchmarks.bench_typicality`, `benchmarks/results/typicality.json`)"
         )
         if "service" in b:
             sv = b["service"]
@@ -374,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.markdown_only:
         results = json.loads((args.out / "risk.json").read_text())
         args.reference, args.test = results["demo"]["n_reference"], results["demo"]["n_test"]
-        print(write_markdown(results, args, args.out))  # noqa: T201
+        print(write_markdown(results, args, args.out))
         return
     torch.set_num_threads(args.threads)
     root = ensure_cifar10()
@@ -385,12 +384,12 @@ def main(argv: list[str] | None = None) -> None:
     results = {}
     for subject in subjects():
         results[subject.name] = measure(subject, ref, ref_y, tst, tst_y)
-        print(subject.name, json.dumps(results[subject.name]["shifts"]), flush=True)  # noqa: T201
+        print(subject.name, json.dumps(results[subject.name]["shifts"]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "figures").mkdir(exist_ok=True)
     (args.out / "risk.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     reliability_figure(results, args.out / "figures" / "risk_reliability.png")
-    print(write_markdown(results, args, args.out))  # noqa: T201
+    print(write_markdown(results, args, args.out))
 
 
 if __name__ == "__main__":

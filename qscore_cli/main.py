@@ -4,14 +4,38 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 import typer
+from tqdm.auto import tqdm
+
+from models.data.datasets import image_folder
+from models.data.images import ImageDecodeError, decode_image
+from models.discovery.discover import discover_folder, parse_eps
+from models.encoders.device import resolve_device
+from models.encoders.loading import ImportedEncoder, load_encoder, save_encoder
+from models.encoders.resnet import build_encoder
+from models.encoders.spec import BUILTIN_ARCHS, IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, parse_rgb
+from models.evaluation.linear_eval import run_evaluation
+from models.explanation.explain import MAX_TOP, Explainer
+from models.explanation.render import display_size, enlarged
+from models.registry.versions import Registry
+from models.scoring.feature_set import FeatureSet
+from models.scoring.result import error_row
+from models.scoring.scorer import Scorer
+from models.storage.atomic import write_json_atomic
+from models.training.loop import TrainConfig, seed_everything, train
+from models.training.objectives import METHODS, build_method
+from models.training.regularize import prepare_regularization
+from qscore_config.settings import get_settings
+from service.server import run as run_server
+from worker.runner import run_worker
 
 app = typer.Typer(
     help="Label-free quality scoring of self-supervised image representations (Q-Score).",
@@ -49,36 +73,26 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(2) from None
 
 
-def parse_rgb(text: str | None, name: str) -> tuple[float, float, float] | None:
-    from models.encoders.spec import parse_rgb as parse
-
-    return parse(text, f"--{name}")
-
-
 def preprocessing(image_size: int | None, mean: str | None, std: str | None) -> dict[str, Any]:
     """The ``--image-size``, ``--mean`` and ``--std`` flags, checked, as load_encoder takes them."""
     if image_size is not None and image_size < 8:
         raise ValueError(f"--image-size must be at least 8 pixels, got {image_size}")
-    return {"image_size": image_size, "mean": parse_rgb(mean, "mean"), "std": parse_rgb(std, "std")}
+    return {"image_size": image_size, "mean": parse_rgb(mean, "--mean"), "std": parse_rgb(std, "--std")}
 
 
-def load_model(model: Path, arch: str | None, image_size: int | None, mean: str | None, std: str | None) -> Any:
-    """The encoder behind ``--model`` with the preprocessing flags applied (an ImportedEncoder)."""
-    from models.encoders.loading import load_encoder
-
+def load_model(
+    model: Path, arch: str | None, image_size: int | None, mean: str | None, std: str | None
+) -> ImportedEncoder:
+    """The encoder behind ``--model`` with the preprocessing flags applied."""
     return load_encoder(model, arch=arch, **preprocessing(image_size, mean, std))
 
 
 def _progress_bar(total: int, desc: str) -> Any:
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, unit="step")
 
 
 def _step_logger(log_path: Path | None, bar: Any) -> Callable[[Any, float], None]:
-    from dataclasses import asdict
-
-    handle = open(log_path, "a") if log_path else None  # noqa: SIM115 - closed at exit
+    handle = open(log_path, "a") if log_path else None  # closed at exit
 
     def on_step(record: Any, progress: float) -> None:
         bar.update(1)
@@ -110,14 +124,6 @@ def pretrain(
     log: Annotated[Path | None, typer.Option(help="Append one JSON line per step here.")] = None,
 ) -> None:
     """Pre-train an encoder with a self-supervised objective."""
-    from models.data.datasets import image_folder
-    from models.encoders.device import resolve_device
-    from models.encoders.loading import save_encoder
-    from models.encoders.resnet import build_encoder
-    from models.encoders.spec import BUILTIN_ARCHS, IMAGENET_MEAN, IMAGENET_STD, EncoderSpec
-    from models.training.loop import TrainConfig, seed_everything, train
-    from models.training.objectives import METHODS, build_method
-
     with user_errors():
         spec_kwargs: dict[str, Any] = {"arch": arch, "width": width, "cifar_stem": cifar_stem, "image_size": image_size}
         if not cifar_stem:
@@ -137,9 +143,8 @@ def pretrain(
         encoder = build_encoder(spec)
         ssl = build_method(method, encoder)
         dataset = image_folder(data, transform=ssl.view_transform(spec))
-        total = min(len(dataset) // batch_size * epochs, max_steps or sys.maxsize)
         started = time.time()
-        with _progress_bar(total, f"pretrain {method}") as bar:
+        with _progress_bar(config.total_steps(len(dataset)), f"pretrain {method}") as bar:
             result = train(
                 ssl,
                 dataset,
@@ -181,24 +186,15 @@ def discover(
     std: StdOpt = None,
 ) -> None:
     """Find the discriminative features of an encoder on unlabelled images."""
-    from models.data.datasets import image_folder
-    from models.data.transforms import eval_transform
-    from models.discovery.discover import discover as run_discovery
-    from models.discovery.discover import make_selection, parse_eps
-    from models.encoders.device import resolve_device
-    from models.scoring.feature_set import EncoderRef
-
     with user_errors():
-        imported = load_model(model, arch, image_size, mean, std)
-        spec = imported.encoder.spec
-        dataset = image_folder(data, transform=eval_transform(spec))
-        feature_set = run_discovery(
-            imported.encoder,
-            dataset,
+        feature_set = discover_folder(
+            load_model(model, arch, image_size, mean, std),
+            data,
             dataset_name=str(data),
-            encoder_ref=EncoderRef(fingerprint=imported.fingerprint, arch=spec.arch, feature_dim=spec.feature_dim),
             eps=parse_eps(eps),
-            selection=make_selection(lo, hi, size),
+            lo=lo,
+            hi=hi,
+            size=size,
             sample_size=sample_size,
             seed=seed,
             batch_size=batch_size,
@@ -246,11 +242,6 @@ def score(
     std: StdOpt = None,
 ) -> None:
     """Q-Score images; flag those below the feature set's alpha or unlike its reference (atypical)."""
-    from models.data.images import ImageDecodeError, decode_image
-    from models.scoring.feature_set import FeatureSet
-    from models.scoring.result import error_row
-    from models.scoring.scorer import Scorer
-
     with user_errors():
         imported = load_model(model, arch, image_size, mean, std)
         scorer = Scorer(imported.encoder, imported.fingerprint, FeatureSet.load(features), device=device)
@@ -305,14 +296,6 @@ def explain(
     Per image: ``NAME.json`` (the fields of POST /explain without the pictures), ``NAME.input.png``
     (the image as the encoder saw it) and ``NAME.feature-J.png`` (feature J's heatmap over it).
     """
-    import numpy as np
-
-    from models.data.images import ImageDecodeError, decode_image
-    from models.explanation.explain import MAX_TOP, Explainer
-    from models.explanation.render import display_size, enlarged
-    from models.scoring.feature_set import FeatureSet
-    from models.scoring.scorer import Scorer
-
     with user_errors():
         if not 1 <= top <= MAX_TOP:
             raise ValueError(f"--top must be between 1 and {MAX_TOP}, got {top}")
@@ -383,10 +366,6 @@ def evaluate(
     std: StdOpt = None,
 ) -> None:
     """Linear evaluation: top-1, Q-Score AUROC/AUPRC, compression curve, calibration."""
-    from models.encoders.device import resolve_device
-    from models.evaluation.linear_eval import run_evaluation
-    from models.scoring.feature_set import FeatureSet
-
     with user_errors():
         imported = load_model(model, arch, image_size, mean, std)
         feature_set = FeatureSet.load(features)
@@ -406,8 +385,6 @@ def evaluate(
             progress=True,
         )
         if out:
-            from models.storage.atomic import write_json_atomic
-
             write_json_atomic(out, report)
         if calibrated_out:
             calibrated.save(calibrated_out)
@@ -443,45 +420,25 @@ def regularize(
     std: StdOpt = None,
 ) -> None:
     """Continue training an encoder with the Q-Score regulariser (paper eq. 4)."""
-    from models.data.datasets import image_folder
-    from models.encoders.device import resolve_device
-    from models.encoders.loading import save_encoder
-    from models.scoring.compatibility import preprocessing_mismatch
-    from models.scoring.feature_set import FeatureSet
-    from models.training.loop import Regularizer, TrainConfig, train
-    from models.training.objectives import build_method
-
     with user_errors():
         imported = load_model(model, arch, image_size, mean, std)
-        reason = imported.encoder.not_trainable_reason()
-        if reason is not None:
-            raise ValueError(f"cannot regularize {model}: {reason}")
-        feature_set = FeatureSet.load(features)
-        if feature_set.encoder.fingerprint != imported.fingerprint:
-            raise ValueError("the feature set was not found on this encoder; run `qscore discover` on it first")
-        mismatch = preprocessing_mismatch(imported.encoder.spec, feature_set)
-        if mismatch is not None:
-            raise ValueError(mismatch)
-        ssl = build_method(method, imported.encoder)
-        ssl.train()
-        dataset = image_folder(data, transform=ssl.view_transform(imported.encoder.spec))
-        regularizer = Regularizer(
-            feature_set.discriminative_indices, alpha or feature_set.alpha, lambda_, feature_set.eps
+        run = prepare_regularization(
+            imported,
+            FeatureSet.load(features),
+            data,
+            name=str(model),
+            method=method,
+            lambda_=lambda_,
+            alpha=alpha,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            max_steps=max_steps,
+            seed=seed,
+            workers=workers,
         )
-        config = TrainConfig(
-            epochs=epochs, batch_size=batch_size, lr=lr, max_steps=max_steps, seed=seed, workers=workers
-        )
-        total = min(len(dataset) // batch_size * epochs, max_steps or sys.maxsize)
-        with _progress_bar(total, f"regularize {method}") as bar:
-            result = train(
-                ssl,
-                dataset,
-                config,
-                device=resolve_device(device),
-                regularizer=regularizer,
-                checkpoint=checkpoint,
-                on_step=_step_logger(log, bar),
-            )
+        with _progress_bar(run.total_steps, f"regularize {method}") as bar:
+            result = run.run(device=resolve_device(device), checkpoint=checkpoint, on_step=_step_logger(log, bar))
         digest = save_encoder(
             imported.encoder, out, {"method": method, "lambda": str(lambda_), "parent": imported.fingerprint}
         )
@@ -501,9 +458,6 @@ def import_model(
     std: StdOpt = None,
 ) -> None:
     """Register an encoder file once, so the service and the jobs can name it."""
-    from models.registry.versions import Registry
-    from qscore_config.settings import get_settings
-
     with user_errors():
         root = registry or get_settings().registry_root
         record = Registry(root).import_model(model, version=version, arch=arch, **preprocessing(image_size, mean, std))
@@ -520,8 +474,6 @@ def convert(
     std: StdOpt = None,
 ) -> None:
     """Turn a checkpoint plus its architecture into a self-describing safetensors file."""
-    from models.encoders.loading import save_encoder
-
     with user_errors():
         imported = load_model(checkpoint, arch, image_size, mean, std)
         if imported.encoder.spec.source == "torchscript":
@@ -541,9 +493,7 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
 ) -> None:
     """Start the scoring service (uvicorn), on the embedded demo model unless configured."""
-    from service.server import run
-
-    run(host=host, port=port)
+    run_server(host=host, port=port)
 
 
 @app.command()
@@ -553,8 +503,6 @@ def worker(
     loglevel: str = "INFO",
 ) -> None:
     """Start a Celery worker with the project's settings."""
-    from worker.runner import run_worker
-
     run_worker(concurrency=concurrency, pool=pool, loglevel=loglevel)
 
 

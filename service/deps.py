@@ -53,10 +53,6 @@ async def get_registry(holder: Annotated[StateHolder, Depends(get_holder)]) -> R
     return holder.registry
 
 
-async def get_decode_pool(request: Request) -> ThreadPoolExecutor:
-    return request.app.state.decode_pool
-
-
 @dataclass(frozen=True, slots=True)
 class Scoring:
     """What POST /score needs, in one dependency: FastAPI's cost is per dependency, per request."""
@@ -96,10 +92,8 @@ async def get_explaining(request: Request) -> Explaining:
 
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 HolderDep = Annotated[StateHolder, Depends(get_holder)]
-StateDep = Annotated[ServingState, Depends(get_state)]
 BatcherDep = Annotated[Batcher, Depends(get_batcher)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 RegistryDep = Annotated[Registry, Depends(get_registry)]
-DecodePoolDep = Annotated[ThreadPoolExecutor, Depends(get_decode_pool)]
 ScoringDep = Annotated[Scoring, Depends(get_scoring)]
 ExplainingDep = Annotated[Explaining, Depends(get_explaining)]

@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Protocol
 
 from qscore_config.settings import Settings
+from worker.celery_app import TASK_NAMES, create_celery
+from worker.embedded import EmbeddedRunner
 from worker.store import JobRecord, JobStore, RedisJobStore
 
 
@@ -23,15 +25,11 @@ class JobBackend(Protocol):
 
 class CeleryBackend:
     def __init__(self, settings: Settings) -> None:
-        from worker.celery_app import create_celery
-
         assert settings.redis_url is not None
         self.store = RedisJobStore(settings.redis_url)
         self.celery = create_celery(settings)
 
     def enqueue(self, record: JobRecord) -> None:
-        from worker.celery_app import TASK_NAMES
-
         self.celery.send_task(TASK_NAMES[record.type], args=[record.id], task_id=record.id)
 
     def shutdown(self) -> None:
@@ -41,6 +39,4 @@ class CeleryBackend:
 def make_backend(settings: Settings) -> JobBackend:
     if settings.redis_url:
         return CeleryBackend(settings)
-    from worker.embedded import EmbeddedRunner
-
     return EmbeddedRunner(settings)

@@ -8,7 +8,9 @@ re-delivers the job of a lost worker within the heartbeat timeout, or Redis, whi
 it only after the visibility timeout (above the longest job: hours). Results and job records
 are in Redis either way.
 
-Start a worker with ``qscore worker`` (or ``celery -A worker.celery_app worker``).
+Start a worker with ``qscore worker`` (or ``celery -A worker.celery_app worker``). The worker's
+signal handlers are in ``worker/hooks.py``, which only a worker imports (with the tasks); the
+API imports this module to send tasks.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import time
+import sys
 
 from celery import Celery, signals
 from kombu import Exchange, Queue
@@ -36,7 +38,7 @@ TASK_NAMES = {
 
 def create_celery(settings: Settings) -> Celery:
     broker = settings.broker or "memory://"  # no Redis: embedded mode never sends to this app
-    app = Celery("qscore", broker=broker, backend=settings.redis_url, include=["worker.tasks"])
+    app = Celery("qscore", broker=broker, backend=settings.redis_url, include=["worker.tasks", "worker.hooks"])
     visibility = {"visibility_timeout": settings.visibility_timeout_s}
     if settings.broker_is_amqp:
         # RabbitMQ re-delivers the unacknowledged job of a worker whose connection closes: at once
@@ -94,74 +96,25 @@ def create_celery(settings: Settings) -> Celery:
 app = create_celery(get_settings())
 
 
-@signals.worker_init.connect
-def _worker_init(**_: object) -> None:
-    """In the worker's parent, before the pool forks: metrics, registry leftovers. No CUDA here."""
+@signals.import_modules.connect
+def _prepare_worker_metrics(**_: object) -> None:
+    """In the worker's parent, before the task modules are imported: the metrics folder.
+
+    prometheus_client picks its multiprocess mode when it is first imported, from
+    ``PROMETHEUS_MULTIPROC_DIR``, so the folder is wiped and named here, before the tasks (and
+    through them ``worker.metrics``) are imported; the pool children inherit the variable and
+    write their samples there, which the parent's endpoint sums (``worker.hooks``).
+    """
     settings = get_settings()
-    if settings.redis_url is None:
-        raise RuntimeError("a worker needs QSCORE_REDIS_URL (without Redis, jobs run inside the service)")
-    if settings.broker_is_amqp:
-        log.info("broker RabbitMQ (heartbeat %s s), job store Redis", settings.broker_heartbeat_s)
-    else:
-        log.warning(
-            "broker Redis: the job of a worker that is lost runs again only after the visibility timeout "
-            "(%d s); set QSCORE_BROKER_URL to a RabbitMQ to have it re-delivered within seconds",
-            settings.visibility_timeout_s,
+    folder = str(settings.worker_metrics_dir.resolve())
+    if not settings.worker_metrics_port or os.environ.get("PROMETHEUS_MULTIPROC_DIR") == folder:
+        return  # no metrics, or prepared already (a pool child started afresh imports the tasks again)
+    if "prometheus_client" in sys.modules:
+        raise RuntimeError(
+            "QSCORE_WORKER_METRICS_PORT is set but prometheus_client was imported before the worker "
+            "could set PROMETHEUS_MULTIPROC_DIR; start the worker with `qscore worker` or "
+            "`celery -A worker.celery_app worker`"
         )
-    from models.registry.versions import Registry
-
-    removed = Registry(settings.registry_root).clean()
-    if removed:
-        log.warning("removed %d leftovers of interrupted writes from the registry", len(removed))
-    if settings.worker_metrics_port:
-        # Before prometheus_client is first imported, so that the pool children write their
-        # samples to files the parent's endpoint sums.
-        shutil.rmtree(settings.worker_metrics_dir, ignore_errors=True)
-        settings.worker_metrics_dir.mkdir(parents=True, exist_ok=True)
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(settings.worker_metrics_dir.resolve())
-        from worker.metrics import serve_worker_metrics
-
-        serve_worker_metrics(settings.worker_metrics_port)
-
-
-@signals.worker_process_init.connect
-def _child_init(**_: object) -> None:
-    """In each pool child: no encoder loaded yet (they load lazily here, never in the parent)."""
-    from worker import jobs
-
-    jobs.forget_models()
-    threads = get_settings().worker_torch_threads
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-
-
-@signals.worker_process_shutdown.connect
-def _child_exit(pid: int | None = None, **_: object) -> None:
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from worker.metrics import mark_child_dead
-
-        mark_child_dead(pid or os.getpid())
-
-
-_started: dict[str, float] = {}
-
-
-@signals.task_prerun.connect
-def _task_started(task_id: str | None = None, task: object = None, **_: object) -> None:
-    from worker.metrics import TASKS_RUNNING
-
-    _started[task_id or ""] = time.monotonic()
-    TASKS_RUNNING.labels(getattr(task, "name", "?")).inc()
-
-
-@signals.task_postrun.connect
-def _task_ended(task_id: str | None = None, task: object = None, **_: object) -> None:
-    from worker.metrics import TASK_SECONDS, TASKS_RUNNING
-
-    name = getattr(task, "name", "?")
-    TASKS_RUNNING.labels(name).dec()
-    started = _started.pop(task_id or "", None)
-    if started is not None:
-        TASK_SECONDS.labels(name).observe(time.monotonic() - started)
+    shutil.rmtree(settings.worker_metrics_dir, ignore_errors=True)
+    settings.worker_metrics_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder

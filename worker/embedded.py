@@ -1,12 +1,12 @@
 """Embedded mode: with no Redis configured, jobs run next to the service, one at a time.
 
-The same job bodies as the Celery tasks (``worker.jobs``), with what the workers give them:
+The same job bodies as the Celery tasks (``worker.jobs.BODIES``), with what the workers give them:
 
 - Records in SQLite (``<registry root>/jobs.sqlite3``, :class:`worker.store.SqliteJobStore`):
   they survive a restart. A job that was running when the service stopped (or was killed) is
   queued again at the next start and resumes from its checkpoint (regularize) or starts over
   (the others); its interrupted attempt stays in ``history`` with the reason. A job started more
-  than ``jobs.MAX_ATTEMPTS`` times fails with the reason.
+  than ``MAX_ATTEMPTS`` times (``worker.jobs.lifecycle``) fails with the reason.
 - The workers' time limits: each job runs in a child process (``spawn``: no CUDA state crosses a
   fork), which gets ``SoftTimeLimitExceeded`` at ``QSCORE_JOB_TIME_LIMIT_S`` (the job ends
   ``failed`` with the reason, like on a worker) and is killed at the hard limit (+60 s).
@@ -27,8 +27,14 @@ import threading
 import time
 from pathlib import Path
 
+import torch
+from celery.exceptions import SoftTimeLimitExceeded
+
 from qscore_config.settings import Settings
-from worker import jobs
+from worker import metrics
+from worker.jobs import BODIES
+from worker.jobs.context import JobAlreadyOver, JobContext
+from worker.jobs.lifecycle import run
 from worker.store import TERMINAL, JobRecord, SqliteJobStore
 
 log = logging.getLogger(__name__)
@@ -74,8 +80,6 @@ class EmbeddedRunner:
                 log.exception("embedded job %s", job_id)
 
     def _run(self, job_id: str, job_type: str) -> None:
-        from worker import metrics
-
         record = self.store.get(job_id)
         if record is None or record.state in TERMINAL or self._stopping.is_set():
             return
@@ -149,23 +153,19 @@ def run_job_process(settings: Settings, job_id: str, job_type: str, soft_deadlin
     """The child process of one embedded job: soft time limit by SIGALRM, like Celery's workers."""
     _die_with_parent(parent_pid)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from celery.exceptions import SoftTimeLimitExceeded
 
     def soft_limit(signum: int, frame: object) -> None:
         raise SoftTimeLimitExceeded(f"soft time limit of {settings.job_time_limit_s} s exceeded")
 
     if settings.worker_torch_threads:
-        import torch
-
         torch.set_num_threads(settings.worker_torch_threads)
     signal.signal(signal.SIGALRM, soft_limit)
     signal.setitimer(signal.ITIMER_REAL, max(0.01, soft_deadline - time.time()))
     store = SqliteJobStore(job_db(settings))
-    ctx = jobs.JobContext(job_id=job_id, store=store, settings=settings)
+    ctx = JobContext(job_id=job_id, store=store, settings=settings)
     try:
-        if jobs.start(ctx, f"embedded:{os.getpid()}"):
-            jobs.guarded(ctx, lambda: jobs.succeed(ctx, *jobs.BODIES[job_type](ctx)))
-    except jobs.JobAlreadyOver:
+        run(ctx, BODIES[job_type], f"embedded:{os.getpid()}")
+    except JobAlreadyOver:
         pass
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)

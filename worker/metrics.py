@@ -1,10 +1,9 @@
 """Prometheus metrics of jobs: durations and outcomes (workers), job states (API).
 
 A Celery worker runs tasks in forked children, so its metrics use prometheus_client's
-multiprocess mode: :func:`serve_worker_metrics` (called in the worker's parent before the pool
-forks) wipes ``PROMETHEUS_MULTIPROC_DIR`` and serves a ``MultiProcessCollector``. This module is
-imported lazily for that reason: the environment variable must be set before
-``prometheus_client`` is first imported.
+multiprocess mode: the worker's parent wipes and names ``PROMETHEUS_MULTIPROC_DIR`` before it
+imports the task modules, and with them this one (``worker.celery_app``), and
+:func:`serve_worker_metrics` serves a ``MultiProcessCollector`` over the children's files.
 """
 
 from __future__ import annotations
@@ -13,7 +12,11 @@ import logging
 import os
 from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from worker.store import JOB_TYPES, STATES
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +49,6 @@ def job_finished(job_type: str, outcome: str, seconds: float) -> None:
 
 
 def serve_worker_metrics(port: int) -> None:
-    from prometheus_client import CollectorRegistry, start_http_server
-    from prometheus_client.multiprocess import MultiProcessCollector
-
     registry = CollectorRegistry()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         MultiProcessCollector(registry)
@@ -61,8 +61,6 @@ def serve_worker_metrics(port: int) -> None:
 
 def mark_child_dead(pid: int) -> None:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from prometheus_client import multiprocess
-
         multiprocess.mark_process_dead(pid)
 
 
@@ -76,10 +74,6 @@ class JobStateCollector:
         self.store = store
 
     def collect(self) -> Any:
-        from prometheus_client.core import GaugeMetricFamily
-
-        from worker.store import JOB_TYPES, STATES
-
         family = GaugeMetricFamily(
             "qscore_jobs",
             "Jobs by state: queued and running now; succeeded, failed and cancelled in all.",

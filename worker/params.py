@@ -12,6 +12,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from models.encoders.spec import EncoderSpec
+from models.encoders.torchscript_encoder import NOT_TRAINABLE
+from models.registry.versions import Registry, RegistryError
 from qscore_config.settings import Settings
 
 Method = Literal["simclr", "moco_v2", "byol", "swav"]
@@ -139,8 +142,6 @@ def resolve(params: _Params, settings: Settings) -> _Params:
 
     Returns a copy with ``model`` (and ``feature_set``) set, so the job record says what ran.
     """
-    from models.registry.versions import Registry, RegistryError
-
     registry = Registry(settings.registry_root)
     update: dict[str, object] = {}
     model = params.model
@@ -198,8 +199,5 @@ def resolve(params: _Params, settings: Settings) -> _Params:
 
 def _check_trainable(spec: object, model: str) -> None:
     """Nothing is queued that cannot run: a TorchScript model is not fine-tuned (issue 9)."""
-    from models.encoders.spec import EncoderSpec
-    from models.encoders.torchscript_encoder import NOT_TRAINABLE
-
     if isinstance(spec, EncoderSpec) and spec.source == "torchscript":
         raise ParamError("model", f"cannot regularize model {model!r}: {NOT_TRAINABLE}")

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
+import redis
 from pydantic import BaseModel, Field
 
 JobType = Literal["discover", "regularize", "evaluate", "atlas"]
@@ -70,7 +71,7 @@ class JobRecord(BaseModel):
     finished_at: float | None = None
 
 
-class QueueFull(Exception):
+class TooManyQueuedJobs(Exception):
     """``QSCORE_MAX_QUEUED_JOBS`` jobs are waiting already."""
 
     def __init__(self, queued: int, limit: int) -> None:
@@ -242,10 +243,6 @@ class TransitionStore:
             return None
         return self.get(job_id)
 
-    def cancel_requested(self, job_id: str) -> bool:
-        rec = self._load(job_id)
-        return bool(rec and rec.get("cancel_requested"))
-
     def finish(self, job_id: str, state: JobState, attempt: int | None = None, **fields: Any) -> bool:
         """End the job (once); with ``attempt``, only while that attempt holds it."""
         now = time.time()
@@ -273,8 +270,6 @@ class RedisJobStore(TransitionStore):
     (``<state>|<type>``) and ``qscore:job:<id>:steps`` (steps of a sharded job done once)."""
 
     def __init__(self, url: str, prefix: str = "qscore", ttl_s: int = 30 * 24 * 3600) -> None:
-        import redis
-
         self.client = redis.Redis.from_url(
             url,
             socket_connect_timeout=1.0,
@@ -326,7 +321,7 @@ class RedisJobStore(TransitionStore):
         return self.client.transaction(transaction, key, value_from_callable=True)
 
     def create(self, type: JobType, params: dict[str, Any], max_queued: int | None = None) -> JobRecord:
-        """A queued record; :class:`QueueFull` when ``max_queued`` jobs are queued already."""
+        """A queued record; :class:`TooManyQueuedJobs` when ``max_queued`` jobs are queued already."""
         record = JobRecord(id=new_job_id(), type=type, params=params, created_at=time.time())
         key = self._key(record.id)
 
@@ -334,7 +329,7 @@ class RedisJobStore(TransitionStore):
             if max_queued is not None:
                 queued = sum(int(pipe.hget(self._counts, f"queued|{t}") or 0) for t in JOB_TYPES)
                 if queued >= max_queued:
-                    raise QueueFull(queued, max_queued)
+                    raise TooManyQueuedJobs(queued, max_queued)
             pipe.multi()
             pipe.hset(key, mapping={k: json.dumps(v) for k, v in record.model_dump(mode="json").items()})
             pipe.expire(key, self.ttl_s)
@@ -367,10 +362,6 @@ class RedisJobStore(TransitionStore):
             return False, False
         holds = json.loads(state) == "running" and int(json.loads(attempts or b"0")) == attempt
         return holds, bool(cancel and json.loads(cancel))
-
-    def cancel_requested(self, job_id: str) -> bool:
-        raw = self.client.hget(self._key(job_id), "cancel_requested")
-        return bool(raw and json.loads(raw))
 
     def complete_step(self, job_id: str, attempt: int, step: str) -> bool:
         """Mark a step of ``attempt`` done; False when another execution of it did so first."""
@@ -480,7 +471,7 @@ class SqliteJobStore(TransitionStore):
             if max_queued is not None:
                 queued = conn.execute("SELECT COALESCE(SUM(n), 0) FROM job_states WHERE state = 'queued'").fetchone()[0]
                 if queued >= max_queued:
-                    raise QueueFull(int(queued), max_queued)
+                    raise TooManyQueuedJobs(int(queued), max_queued)
             conn.execute(
                 "INSERT INTO jobs (id, type, state, created_at, record) VALUES (?, ?, ?, ?, ?)",
                 (record.id, type, "queued", record.created_at, record.model_dump_json()),

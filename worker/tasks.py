@@ -1,4 +1,5 @@
-"""Celery tasks: thin wrappers that take a job id (and shard numbers) and call ``worker.jobs``.
+"""Celery tasks: thin wrappers that take a job id (and shard numbers) and call the job bodies in
+``worker.jobs``.
 
 Parameters live in the job record (``worker.store``), written by the API after validation; a
 task reads them by id. Discovery runs as a chain of chords (SPEC section 2)::
@@ -20,8 +21,13 @@ from celery import chord
 from celery.exceptions import Ignore
 
 from qscore_config.settings import get_settings
-from worker import jobs
 from worker.celery_app import app
+from worker.jobs import atlas as atlas_job
+from worker.jobs import discover as discover_job
+from worker.jobs import evaluate as evaluate_job
+from worker.jobs import regularize as regularize_job
+from worker.jobs.context import JobAlreadyOver, JobContext
+from worker.jobs.lifecycle import guarded, start, succeed
 from worker.store import RedisJobStore
 
 
@@ -33,32 +39,32 @@ def _store() -> RedisJobStore:
     return RedisJobStore(url)
 
 
-def _ctx(job_id: str, attempt: int = 0) -> jobs.JobContext:
-    return jobs.JobContext(job_id=job_id, store=_store(), settings=get_settings(), attempt=attempt)
+def _ctx(job_id: str, attempt: int = 0) -> JobContext:
+    return JobContext(job_id=job_id, store=_store(), settings=get_settings(), attempt=attempt)
 
 
-def _step(ctx: jobs.JobContext, fn: Any, *args: Any) -> Any:
+def _step(ctx: JobContext, fn: Any, *args: Any) -> Any:
     """One step of a job; when the job is over (failed, cancelled, superseded), end the chain quietly."""
     try:
-        return jobs.guarded(ctx, lambda: fn(ctx, *args))
-    except jobs.JobAlreadyOver:
+        return guarded(ctx, lambda: fn(ctx, *args))
+    except JobAlreadyOver:
         raise Ignore() from None
 
 
-def _start(task: Any, job_id: str) -> jobs.JobContext | None:
+def _start(task: Any, job_id: str) -> JobContext | None:
     ctx = _ctx(job_id)
     worker = f"{task.request.hostname or 'worker'}:{os.getpid()}"
-    return ctx if jobs.start(ctx, worker) else None
+    return ctx if start(ctx, worker) else None
 
 
-def _once(ctx: jobs.JobContext, step: str) -> None:
+def _once(ctx: JobContext, step: str) -> None:
     """Claim a step of this attempt; a copy of it that already completed (its worker was cut off,
     then came back) makes this one end quietly, so a chord counts every shard once."""
     if not ctx.store.complete_step(ctx.job_id, ctx.attempt, step):
         raise Ignore()
 
 
-def _skip_if_done(ctx: jobs.JobContext, step: str) -> None:
+def _skip_if_done(ctx: JobContext, step: str) -> None:
     if ctx.store.step_done(ctx.job_id, ctx.attempt, step):
         raise Ignore()
 
@@ -67,21 +73,21 @@ def _skip_if_done(ctx: jobs.JobContext, step: str) -> None:
 def regularize(self: Any, job_id: str) -> None:
     ctx = _start(self, job_id)
     if ctx is not None:
-        _step(ctx, lambda c: jobs.succeed(c, *jobs.regularize(c)))
+        _step(ctx, lambda c: succeed(c, *regularize_job.regularize(c)))
 
 
 @app.task(name="qscore.evaluate", bind=True)
 def evaluate(self: Any, job_id: str) -> None:
     ctx = _start(self, job_id)
     if ctx is not None:
-        _step(ctx, lambda c: jobs.succeed(c, *jobs.evaluate(c)))
+        _step(ctx, lambda c: succeed(c, *evaluate_job.evaluate(c)))
 
 
 @app.task(name="qscore.atlas", bind=True)
 def atlas(self: Any, job_id: str) -> None:
     ctx = _start(self, job_id)
     if ctx is not None:
-        _step(ctx, lambda c: jobs.succeed(c, *jobs.atlas(c)))
+        _step(ctx, lambda c: succeed(c, *atlas_job.atlas(c)))
 
 
 @app.task(name="qscore.discover", bind=True)
@@ -89,7 +95,7 @@ def discover(self: Any, job_id: str) -> None:
     ctx = _start(self, job_id)
     if ctx is None:
         return
-    plan = _step(ctx, jobs.discover_plan)
+    plan = _step(ctx, discover_job.discover_plan)
     _step(ctx, lambda c: c.fence())
     _once(ctx, "launch-counting")
     a = ctx.attempt
@@ -101,7 +107,7 @@ def discover(self: Any, job_id: str) -> None:
 def count_shard(job_id: str, n_shards: int, n_available: int, k: int, attempt: int) -> dict[str, Any]:
     ctx = _ctx(job_id, attempt)
     _skip_if_done(ctx, f"count-{k}")
-    counts = _step(ctx, jobs.count_shard, jobs.DiscoverPlan(n_shards, n_available), k)
+    counts = _step(ctx, discover_job.count_shard, discover_job.DiscoverPlan(n_shards, n_available), k)
     _once(ctx, f"count-{k}")
     return counts
 
@@ -112,7 +118,7 @@ def discover_select(
 ) -> None:
     ctx = _ctx(job_id, attempt)
     _skip_if_done(ctx, "launch-scoring")
-    counts, selections = _step(ctx, jobs.discover_select, shard_counts)
+    counts, selections = _step(ctx, discover_job.discover_select, shard_counts)
     _step(ctx, lambda c: c.fence())
     _once(ctx, "launch-scoring")
     header = [q_shard.s(job_id, n_shards, n_available, k, selections, attempt) for k in range(n_shards)]
@@ -125,7 +131,7 @@ def q_shard(
 ) -> dict[str, list[float]]:
     ctx = _ctx(job_id, attempt)
     _skip_if_done(ctx, f"score-{k}")
-    q = _step(ctx, jobs.q_shard, jobs.DiscoverPlan(n_shards, n_available), k, selections)
+    q = _step(ctx, discover_job.q_shard, discover_job.DiscoverPlan(n_shards, n_available), k, selections)
     _once(ctx, f"score-{k}")
     return q
 
@@ -141,8 +147,8 @@ def discover_finalize(
     attempt: int,
 ) -> None:
     ctx = _ctx(job_id, attempt)
-    plan = jobs.DiscoverPlan(n_shards, n_available)
+    plan = discover_job.DiscoverPlan(n_shards, n_available)
     _step(
         ctx,
-        lambda c: jobs.succeed(c, *jobs.discover_finalize(c, plan, counts, selections, q_parts)),
+        lambda c: succeed(c, *discover_job.discover_finalize(c, plan, counts, selections, q_parts)),
     )

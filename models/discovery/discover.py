@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from models.data.datasets import ProgressFn, random_sample, subset
+from models.data.datasets import ProgressFn, image_folder, random_sample, subset
+from models.data.transforms import eval_transform
+from models.encoders.loading import ImportedEncoder
 from models.encoders.resnet import ResNetEncoder
 from models.scoring.dominance import (
     AUTO_COVERAGE_TARGET,
@@ -202,6 +205,52 @@ def discover(
         data=provenance,
     )
     return with_typicality(feature_set, h, pixels) if typicality else feature_set
+
+
+def discover_folder(
+    imported: ImportedEncoder,
+    folder: str | Path,
+    *,
+    dataset_name: str,
+    model_version: str | None = None,
+    eps: EpsChoice = DEFAULT_EPS,
+    lo: float = 0.25,
+    hi: float = 0.75,
+    size: int | None = None,
+    sample_size: int | None = DEFAULT_SAMPLE_SIZE,
+    seed: int = 0,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    on_progress: ProgressFn | None = None,
+) -> FeatureSet:
+    """:func:`discover` on the image folder ``folder``, preprocessed as the encoder's spec says.
+
+    The set-up ``qscore discover`` and the jobs share: the data set, the encoder's reference
+    (``model_version``: its registry version, if any) and the band ``lo``..``hi`` (or ``size``
+    features) of :func:`make_selection`.
+    """
+    encoder = imported.encoder
+    spec = encoder.spec
+    return discover(
+        encoder,
+        image_folder(folder, transform=eval_transform(spec)),
+        dataset_name=dataset_name,
+        encoder_ref=EncoderRef(
+            fingerprint=imported.fingerprint,
+            arch=spec.arch,
+            feature_dim=spec.feature_dim,
+            model_version=model_version,
+        ),
+        eps=eps,
+        selection=make_selection(lo, hi, size),
+        sample_size=sample_size,
+        seed=seed,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+        on_progress=on_progress,
+    )
 
 
 def with_typicality(feature_set: FeatureSet, h: torch.Tensor, pixels: dict[str, torch.Tensor]) -> FeatureSet:

@@ -39,7 +39,7 @@ def check_output_dim(
         try:
             with torch.no_grad():
                 out = forward(x)
-        except Exception as exc:  # noqa: BLE001 - a foreign module raises anything
+        except Exception as exc:  # a foreign module raises anything
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise OutputCheckError(
                 f"{what} fails on a probe batch of shape ({n}, 3, {image_size}, {image_size}): {first}. "

@@ -122,7 +122,7 @@ def read_tensors(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
             f"{path} holds pickled objects other than tensors, plain containers and numpy scalars{what}; "
             f"qscore loads checkpoints with weights_only=True and will not unpickle them.\n{conversion_hint(path)}"
         ) from None
-    except Exception as exc:  # noqa: BLE001 - garbage input makes the unpickler raise anything
+    except Exception as exc:  # garbage input makes the unpickler raise anything
         # (RuntimeError, EOFError, and KeyError/IndexError/struct.error from random bytes).
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {type(exc).__name__}: {exc}") from exc
     if not isinstance(obj, Mapping):

@@ -92,7 +92,7 @@ def load_torchscript(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated"
             module = torch.jit.load(str(path), map_location="cpu")
-    except Exception as exc:  # noqa: BLE001 - a damaged archive raises anything
+    except Exception as exc:  # a damaged archive raises anything
         raise TorchScriptError(f"{path} is not a loadable TorchScript module: {type(exc).__name__}: {exc}") from None
     module.eval()
     try:

@@ -28,9 +28,6 @@ from sklearn.cluster import KMeans
 
 from models.storage.atomic import atomic_path
 
-BANK_FILE = "bank.safetensors"
-
-
 BANK_FORMAT = "qscore.reference_bank/v1"
 
 

@@ -68,6 +68,11 @@ class TrainConfig:
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
 
+    def total_steps(self, n_samples: int) -> int:
+        """Steps of a run from the start on ``n_samples``: whole batches per epoch, capped by max_steps."""
+        total = n_samples // self.batch_size * self.epochs
+        return total if self.max_steps is None else min(total, self.max_steps)
+
 
 @dataclass
 class StepRecord:
@@ -123,9 +128,7 @@ def train(
         raise ValueError(
             f"the data set has {len(dataset)} samples, fewer than one batch of {config.batch_size}"  # type: ignore[arg-type]
         )
-    total = steps_per_epoch * config.epochs
-    if config.max_steps is not None:
-        total = min(total, config.max_steps)
+    total = config.total_steps(len(dataset))  # type: ignore[arg-type]
     params = [p for p in method.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

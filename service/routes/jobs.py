@@ -13,14 +13,18 @@ from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, status
+from kombu.exceptions import OperationalError
 from pydantic import BaseModel
+from redis.exceptions import RedisError
 from starlette.convertors import Convertor, register_url_convertor
 
 from qscore_config.settings import Settings
-from service.deps import get_app_settings
+from service.deps import SettingsDep
 from service.schemas import ErrorResponse
 from service.security import AdminKey
 from worker.backend import JobBackend, make_backend
+from worker.embedded import job_db
+from worker.metrics import export_on
 from worker.params import (
     AtlasParams,
     DiscoverParams,
@@ -30,7 +34,7 @@ from worker.params import (
     RegularizeParams,
     resolve,
 )
-from worker.store import JobRecord, QueueFull
+from worker.store import JobRecord, TooManyQueuedJobs
 
 router = APIRouter(
     prefix="/jobs",
@@ -85,24 +89,19 @@ def job_backend_of(app: Any, settings: Settings) -> JobBackend:
                 backend = make_backend(settings)
                 registry = getattr(getattr(app.state, "metrics", None), "registry", None)
                 if registry is not None:
-                    from worker.metrics import export_on
-
                     export_on(registry, backend.store, embedded=settings.redis_url is None)
                 app.state.job_backend = backend
     return backend
 
 
-def get_job_backend(request: Request, settings: Annotated[Settings, Depends(get_app_settings)]) -> JobBackend:
+def get_job_backend(request: Request, settings: SettingsDep) -> JobBackend:
     return job_backend_of(request.app, settings)
 
 
 def start_embedded_jobs(app: Any, settings: Settings) -> None:
     """Embedded mode, at start-up: resume the jobs a previous run left queued or running."""
-    if settings.redis_url is None:
-        from worker.embedded import job_db
-
-        if job_db(settings).is_file():
-            job_backend_of(app, settings)
+    if settings.redis_url is None and job_db(settings).is_file():
+        job_backend_of(app, settings)
 
 
 def stop_jobs(app: Any) -> None:
@@ -112,7 +111,6 @@ def stop_jobs(app: Any) -> None:
 
 
 Backend = Annotated[JobBackend, Depends(get_job_backend)]
-SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 
 class JobAccepted(BaseModel):
@@ -129,9 +127,6 @@ class JobList(BaseModel):
 @contextlib.contextmanager
 def _store_errors() -> Iterator[None]:
     """Redis or the broker unreachable: 503 with a body that says so (scoring is not affected)."""
-    from kombu.exceptions import OperationalError
-    from redis.exceptions import RedisError
-
     try:
         yield
     except (RedisError, OperationalError, ConnectionError, TimeoutError) as exc:
@@ -170,7 +165,7 @@ def _submit(
             record = backend.store.create(
                 job_type, resolved.model_dump(mode="json", by_alias=True), max_queued=settings.max_queued_jobs
             )
-        except QueueFull as exc:
+        except TooManyQueuedJobs as exc:
             raise HTTPException(
                 status.HTTP_503_SERVICE_UNAVAILABLE,
                 detail={

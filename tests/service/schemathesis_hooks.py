@@ -16,13 +16,13 @@ import schemathesis
 
 
 @schemathesis.hook
-def after_call(context, case, response) -> None:  # noqa: ANN001
+def after_call(context, case, response) -> None:
     if case.method.upper() == "POST" and case.path.startswith("/jobs/") and response.status_code == 202:
         httpx.delete(response.json()["url"], timeout=30)
 
 
 @schemathesis.hook
-def map_case(context, case):  # noqa: ANN001, ANN201
+def map_case(context, case):
     positive = case.meta is not None and case.meta.generation.mode.is_positive
     if positive and case.path.startswith("/jobs/") and isinstance(case.body, dict):
         _ordered_band(case.body)

@@ -54,7 +54,7 @@ class Webhook:
         received = self.received
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
                 self.send_response(200)
                 self.end_headers()
@@ -130,7 +130,7 @@ receivers:
       - url: http://127.0.0.1:{webhook.port}/
 """
     )
-    logs = {name: open(tmp_path / f"{name}.log", "wb") for name in ("qscore", "prometheus", "alertmanager")}  # noqa: SIM115
+    logs = {name: open(tmp_path / f"{name}.log", "wb") for name in ("qscore", "prometheus", "alertmanager")}
     processes = {
         "qscore": subprocess.Popen(
             [sys.executable, "-m", "qscore_cli.main", "serve", "--host", "127.0.0.1", "--port", str(qscore_port)],

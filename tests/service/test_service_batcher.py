@@ -39,7 +39,7 @@ def images(*values: float) -> list[np.ndarray]:
     return [np.full((2, 2, 3), v, dtype=np.uint8) for v in values]
 
 
-def run(coro):  # noqa: ANN001, ANN201
+def run(coro):
     return asyncio.run(coro)
 
 

@@ -47,7 +47,7 @@ async def test_body_limit_declared_length_over_limit_is_413(anyio_backend: str) 
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_body_limit_chunked_body_over_limit_is_413(anyio_backend: str) -> None:
-    async def chunks():  # noqa: ANN202
+    async def chunks():
         for _ in range(10):
             yield b"x" * 300
 

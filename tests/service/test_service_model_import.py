@@ -26,7 +26,7 @@ from tests.shared_encoders import RESNET20_TORCHSCRIPT, shared_file
 R20_FORM = {"version": "r20", "image_size": "32", "mean": "0,0,0", "std": "1,1,1"}
 
 
-def upload(client, path: Path, form: dict[str, str], name: str | None = None):  # noqa: ANN001, ANN201
+def upload(client, path: Path, form: dict[str, str], name: str | None = None):
     with open(path, "rb") as handle:
         return client.post("/admin/models", data=form, files={"file": (name or path.name, handle.read())})
 

@@ -124,7 +124,7 @@ def test_openapi_jobs_document_their_errors_and_names(contract_server: LiveServe
 
 
 @pytest.fixture(autouse=True)
-def _restore_serving_pair(server: LiveServer):  # noqa: ANN202
+def _restore_serving_pair(server: LiveServer):
     yield  # fuzzing may switch versions; put the module's server back on 'tiny'
     with server.client() as client:
         client.post("/admin/switch", json={"model": "tiny", "feature_set": "tiny"})

@@ -154,7 +154,7 @@ class CeleryWorker:
     def start(self, timeout: float = 60.0) -> CeleryWorker:
         name = self.name
         self.log = self.log_dir / f"celery-{name}.log"
-        handle = open(self.log, "wb")  # noqa: SIM115 - owned by the process
+        handle = open(self.log, "wb")  # owned by the process
         self.proc = subprocess.Popen(
             [
                 CELERY,

@@ -2,7 +2,7 @@
 admission (503 beyond QSCORE_MAX_QUEUED_JOBS) and the out-of-memory message.
 
 A CUDA out-of-memory error cannot be produced on a CPU machine: the message is checked on a real
-``torch.OutOfMemoryError`` instance and, end to end through ``jobs.guarded``, on a real
+``torch.OutOfMemoryError`` instance and, end to end through ``lifecycle.guarded``, on a real
 allocation failure of the CPU allocator (the same handling path).
 """
 
@@ -18,8 +18,9 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from tests.worker.conftest import make_settings
-from worker import jobs
-from worker.store import BEGIN_RUN, QueueFull, RedisJobStore, SqliteJobStore
+from worker.jobs import lifecycle
+from worker.jobs.context import JobAlreadyOver, JobContext
+from worker.store import BEGIN_RUN, RedisJobStore, SqliteJobStore, TooManyQueuedJobs
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -59,7 +60,7 @@ def test_a_later_attempt_fences_the_first_which_writes_nothing(store: Any) -> No
 def test_counters_follow_every_state_change_and_bound_admission(store: Any) -> None:
     first = store.create("discover", {}, max_queued=2)
     second = store.create("regularize", {}, max_queued=2)
-    with pytest.raises(QueueFull) as excinfo:
+    with pytest.raises(TooManyQueuedJobs) as excinfo:
         store.create("discover", {}, max_queued=2)
     assert excinfo.value.queued == 2 and excinfo.value.limit == 2
     assert store.state_counts() == {("queued", "discover"): 1, ("queued", "regularize"): 1}
@@ -90,18 +91,18 @@ def test_superseded_attempt_stops_at_its_next_write_and_says_why(tmp_path: Path,
     store = SqliteJobStore(tmp_path / "jobs.sqlite3")
     settings = make_settings(job_env)
     job = store.create("regularize", {"batch_size": 8})
-    late = jobs.JobContext(job_id=job.id, store=store, settings=settings)
-    assert jobs.start(late, "w1@a:1") and late.attempt == 1
-    current = jobs.JobContext(job_id=job.id, store=store, settings=settings)
-    assert jobs.start(current, "w2@b:2") and current.attempt == 2
+    late = JobContext(job_id=job.id, store=store, settings=settings)
+    assert lifecycle.start(late, "w1@a:1") and late.attempt == 1
+    current = JobContext(job_id=job.id, store=store, settings=settings)
+    assert lifecycle.start(current, "w2@b:2") and current.attempt == 2
     checkpoints: list[int] = []
 
     def body() -> None:
         late.progress(0.5, force=True)  # refused: raises JobSuperseded
         checkpoints.append(1)
 
-    with pytest.raises(jobs.JobAlreadyOver):
-        jobs.guarded(late, body)
+    with pytest.raises(JobAlreadyOver):
+        lifecycle.guarded(late, body)
     assert checkpoints == []
     record = store.get(job.id)
     assert record.state == "running" and record.attempts == 2
@@ -110,24 +111,24 @@ def test_superseded_attempt_stops_at_its_next_write_and_says_why(tmp_path: Path,
 
 
 def test_out_of_memory_message_names_the_batch_size() -> None:
-    message = jobs.oom_message(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), 256)
+    message = lifecycle.oom_message(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), 256)
     assert message is not None
     assert "lower batch_size (it was 256; try 128)" in message and "CUDA out of memory" in message
-    assert jobs.oom_message(ValueError("bad value"), 256) is None
-    assert jobs.oom_message(RuntimeError("shape mismatch"), 256) is None
+    assert lifecycle.oom_message(ValueError("bad value"), 256) is None
+    assert lifecycle.oom_message(RuntimeError("shape mismatch"), 256) is None
 
 
 def test_allocation_failure_fails_the_job_with_the_batch_size_to_lower(tmp_path: Path, job_env: dict[str, str]) -> None:
     store = SqliteJobStore(tmp_path / "jobs.sqlite3")
     job = store.create("discover", {"batch_size": 64})
-    ctx = jobs.JobContext(job_id=job.id, store=store, settings=make_settings(job_env))
-    assert jobs.start(ctx, "w")
+    ctx = JobContext(job_id=job.id, store=store, settings=make_settings(job_env))
+    assert lifecycle.start(ctx, "w")
 
     def too_big() -> None:
         torch.empty(1 << 62, dtype=torch.uint8)  # a real allocator failure, 4 EiB
 
-    with pytest.raises(jobs.JobAlreadyOver):
-        jobs.guarded(ctx, too_big)
+    with pytest.raises(JobAlreadyOver):
+        lifecycle.guarded(ctx, too_big)
     record = store.get(job.id)
     assert record.state == "failed"
     assert record.error.startswith("the device ran out of memory: lower batch_size (it was 64; try 32)")

@@ -1,8 +1,8 @@
 """The atlas job (issue 16): a feature set's atlas over a data set, written into the registry.
 
 Runs in a Celery worker (``qscore.atlas``, ``worker/tasks.py``) and in embedded mode
-(``worker.jobs.BODIES``), written against a :class:`worker.jobs.JobContext` like the other
-jobs. Idempotent: the atlas is named after the job (``atlas-<job id>``) and written atomically
+(``worker.jobs.BODIES``), written against a :class:`~worker.jobs.context.JobContext` like the
+other jobs. Idempotent: the atlas is named after the job (``atlas-<job id>``) and written atomically
 beside its feature set (``Registry.add_atlas``), so a job delivered twice writes it once and a
 killed one leaves nothing half written. Progress: the representations of the reference sample,
 then the heatmaps, then the contact sheets; a cancellation is seen between batches.
@@ -12,23 +12,24 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from typing import Any
 
 import numpy as np
 
 from models.data.datasets import image_folder, random_sample
 from models.explanation.atlas import AtlasConfig, compute_atlas, read_atlas
-from worker import jobs
+from worker.jobs.context import JobContext
+from worker.jobs.lifecycle import Outcome, params_of
 from worker.params import AtlasParams, dataset_folder
 
 
-def atlas(ctx: jobs.JobContext) -> tuple[dict[str, Any], dict[str, str]]:
-    p: AtlasParams = jobs.params_of(ctx, AtlasParams)
+def atlas(ctx: JobContext) -> Outcome:
+    """The atlas of ``feature_set`` over ``dataset``, written as ``atlas-<job id>`` beside it."""
+    p = params_of(ctx, AtlasParams)
     assert p.model is not None and p.feature_set is not None  # resolved when the job was queued
     registry = ctx.registry
     name = f"atlas-{ctx.job_id}"
     if not registry.atlas_dir(p.feature_set, name).exists():
-        imported = jobs._cached_model(str(ctx.settings.registry_root), p.model)
+        imported = ctx.cached_model(p.model)
         feature_set = registry.load_feature_set(p.feature_set)
         folder = dataset_folder(ctx.settings, p.dataset)
         sample = random_sample(len(image_folder(folder)), p.sample_size, p.seed)
@@ -48,7 +49,7 @@ def atlas(ctx: jobs.JobContext) -> tuple[dict[str, Any], dict[str, str]]:
             folder,
             sample.indices,
             AtlasConfig(top_k=p.top_k, tail_sample=p.tail_sample, seed=p.seed, batch_size=p.batch_size),
-            device=jobs._device(ctx),
+            device=ctx.device,
             on_progress=on_progress,
         )
         result.meta.update(

@@ -1,4 +1,4 @@
-"""The Scorer (what /score and `qscore score` return) and the data helpers it relies on."""
+"""The Scorer (what /score and `qscore score` return)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import pytest
 import torch
 from PIL import Image
 
-from models.data.datasets import random_sample, shard
 from models.data.transforms import eval_transform
 from models.scoring.compatibility import FeatureSetMismatch
 from models.scoring.qscore import q_score
@@ -44,28 +43,3 @@ def test_scorer_refuses_foreign_feature_set_and_bad_precision(tiny_model):
         Scorer(encoder, digest, fs, device="cpu", precision="int8")
     with pytest.raises(ValueError, match="only supported on a CUDA device"):
         Scorer(encoder, digest, fs, device="cpu", precision="float16")
-
-
-def test_random_sample_is_seeded_and_uniform():
-    a, b = random_sample(1000, 100, seed=4), random_sample(1000, 100, seed=4)
-    assert a.indices == b.indices and a.indices == sorted(a.indices)
-    assert len(set(a.indices)) == 100
-    assert random_sample(1000, 100, seed=5).indices != a.indices
-    # not "the first N": a class-sorted folder would otherwise give one class
-    assert max(a.indices) > 500
-    assert "seed 4" in a.description
-    everything = random_sample(10, None)
-    assert everything.indices == list(range(10)) and everything.description == "all samples"
-    assert random_sample(10, 50).indices == list(range(10))
-    with pytest.raises(ValueError, match="sample size must be positive"):
-        random_sample(10, 0)
-
-
-def test_shard_splits_contiguously():
-    parts = shard(list(range(10)), 3)
-    assert parts == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
-    assert shard([1, 2], 5) == [[1], [2]]
-    assert shard([], 3) == []
-    assert np.concatenate(shard(list(range(97)), 7)).tolist() == list(range(97))
-    with pytest.raises(ValueError, match="n_shards must be at least 1"):
-        shard([1], 0)

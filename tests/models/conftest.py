@@ -1,4 +1,4 @@
-"""Fixtures for the core tests (the shared ones live in tests/conftest.py)."""
+"""Fixtures for the tests of models/ (the shared ones live in tests/conftest.py)."""
 
 from __future__ import annotations
 
