@@ -1,4 +1,4 @@
-"""The ``qscore`` command: pretrain, discover, score, evaluate, regularize, import, convert, serve, worker."""
+"""The ``qscore`` command: pretrain, discover, score, explain, evaluate, regularize, import, convert, serve, worker."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 import typer
 from tqdm.auto import tqdm
 
@@ -22,6 +23,8 @@ from models.encoders.loading import ImportedEncoder, load_encoder, save_encoder
 from models.encoders.resnet import build_encoder
 from models.encoders.spec import BUILTIN_ARCHS, IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, parse_rgb
 from models.evaluation.linear_eval import run_evaluation
+from models.explanation.explain import MAX_TOP, Explainer
+from models.explanation.render import display_size, enlarged
 from models.registry.versions import Registry
 from models.scoring.feature_set import FeatureSet
 from models.scoring.result import error_row
@@ -278,6 +281,70 @@ def _emit(row: dict[str, Any], as_json: bool) -> None:
         extra = "" if row["typicality"] is None else f"\ttypicality={row['typicality']:.3f}"
         extra += "" if row["risk"] is None else f"\trisk={row['risk']:.3f}"
         typer.echo(f"{row['path']}\tq={row['q_score']:.6f}{extra}\t{flag}")
+
+
+@app.command()
+def explain(
+    images: Annotated[list[Path], typer.Argument(help="Image files to explain.")],
+    model: ModelOpt,
+    features: FeaturesOpt,
+    out: Annotated[Path, typer.Option(help="Folder for the reports (JSON) and heatmap overlays (PNG).")],
+    top: Annotated[int, typer.Option(help="Heatmaps of this many features per image (1 to 8).")] = 3,
+    arrays: Annotated[bool, typer.Option(help="Also write each image's maps before upsampling (.maps.npz).")] = False,
+    device: DeviceOpt = "auto",
+    arch: ArchOpt = None,
+    image_size: ImageSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+) -> None:
+    """Explain images' Q-Scores: the decomposition and heatmaps of their top features, as files.
+
+    Per image: ``NAME.json`` (the fields of POST /explain without the pictures), ``NAME.input.png``
+    (the image as the encoder saw it) and ``NAME.feature-J.png`` (feature J's heatmap over it).
+    """
+    with user_errors():
+        if not 1 <= top <= MAX_TOP:
+            raise ValueError(f"--top must be between 1 and {MAX_TOP}, got {top}")
+        imported = load_model(model, arch, image_size, mean, std)
+        explainer = Explainer(Scorer(imported.encoder, imported.fingerprint, FeatureSet.load(features), device=device))
+        out.mkdir(parents=True, exist_ok=True)
+    taken: set[str] = set()
+    failures = 0
+    for path in images:
+        try:
+            pixels = explainer.scorer.preprocess(decode_image(path.read_bytes()))
+        except (ImageDecodeError, OSError) as exc:
+            failures += 1
+            typer.secho(
+                f"{path}\terror {getattr(exc, 'code', 'unreadable_file')}: {exc}", fg=typer.colors.RED, err=True
+            )
+            continue
+        name = path.stem
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        explanation = explainer.explain(pixels, top)
+        size = display_size(pixels.shape[0])
+        enlarged(pixels, size).save(out / f"{name}.input.png")
+        written = [f"{name}.input.png"]
+        for hm, picture in zip(explanation.heatmaps, explanation.overlays(size), strict=True):
+            picture.save(out / f"{name}.feature-{hm.feature.index}.png")
+            written.append(f"{name}.feature-{hm.feature.index}.png")
+        if arrays:
+            np.savez(
+                out / f"{name}.maps.npz",
+                **{f"feature_{hm.feature.index}": hm.map.numpy() for hm in explanation.heatmaps},
+            )
+            written.append(f"{name}.maps.npz")
+        report = {"path": str(path), **explanation.row(pictures=False), "files": written}
+        (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
+        dec = explanation.decomposition
+        typer.echo(
+            f"{path}\tq={dec.q_score:.6f}\tactive={len(dec.active)}\tnoisy_share={dec.noisy_share:.2f}"
+            f"\theatmaps={explanation.method}\t-> {out / (name + '.json')}"
+        )
+    if failures:
+        raise typer.Exit(1)
 
 
 @app.command()

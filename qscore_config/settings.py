@@ -65,6 +65,15 @@ class Settings(BaseSettings):
         "scores, may differ from Pillow's by rounding.",
     )
 
+    # -- explanations (POST /explain) -------------------------------------------------------
+    max_explain_queue: int = Field(
+        4,
+        ge=1,
+        le=1024,
+        description="Explanations waiting or running (one at a time, in their own thread, never in the /score "
+        "batches); beyond it POST /explain answers 503.",
+    )
+
     # -- serving --------------------------------------------------------------------------
     access_log: bool = Field(False, description="Log one INFO line per request (uvicorn's access log).")
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs everything into .venv and runs the whole test suite (what CI runs).
+# Installs everything into .venv (and Chromium, Prometheus, Redis, RabbitMQ where missing) and runs the whole test suite (what CI runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
@@ -9,6 +9,10 @@ cd "$(dirname "$0")/.."
 if { ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus-alertmanager >/dev/null 2>&1; } && [ "$(id -u)" = 0 ]; then
   (apt-get install -y -qq prometheus prometheus-alertmanager >/dev/null 2>&1 \
     || { apt-get update -qq && apt-get install -y -qq prometheus prometheus-alertmanager; }) >/dev/null
+fi
+# Chromium (Debian's package) for the browser tests of /ui and /docs (tests/service/test_service_browser.py).
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get install -y -qq chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium; }) >/dev/null
 fi
 # The integration tests use a real Redis on 127.0.0.1:6379.
 if command -v redis-cli >/dev/null 2>&1 && ! redis-cli -h 127.0.0.1 ping >/dev/null 2>&1; then

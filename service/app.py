@@ -21,9 +21,10 @@ from models.registry.versions import Registry
 from qscore_config.settings import Settings, get_settings
 from service import openapi
 from service.batcher import Batcher
+from service.explain_worker import ExplainWorker
 from service.limits import BodyLimitMiddleware
 from service.metrics import Metrics, QueueLevel
-from service.routes import admin, health, jobs, model_import, score
+from service.routes import admin, atlas, docs, explain, health, jobs, model_import, score
 from service.state import StateHolder
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.holder, app.state.batcher = holder, batcher
         app.state.metrics.attach(lambda: holder.current, lambda: QueueLevel(batcher.depth, batcher.capacity))
         app.state.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="qscore-decode")
+        app.state.explain = ExplainWorker(settings.max_explain_queue)
         jobs.start_embedded_jobs(app, settings)
         # Start-up made a few million long-lived objects (torch, the app): move them out of the
         # cyclic collector's sight, or every full collection walks them all and stalls the loop.
@@ -69,12 +71,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await batcher.stop()
             jobs.stop_jobs(app)
             app.state.decode_pool.shutdown(wait=False, cancel_futures=True)
+            app.state.explain.shutdown()
 
     app = FastAPI(
         title="qscore",
         summary="Label-free quality scoring of self-supervised image representations (Q-Score).",
         version="0.1.0",
         lifespan=lifespan,
+        # /docs and /redoc come from service/routes/docs.py: local assets, not a CDN
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = Metrics(settings.max_batch_size)
@@ -87,6 +93,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(admin.router)
     app.include_router(model_import.router)
     app.include_router(jobs.router)
+    app.include_router(explain.router)
+    app.include_router(atlas.router)
+    docs.install(app)
     openapi.install(app, settings)
     return app
 

@@ -18,6 +18,7 @@ from fastapi import Depends, Request
 from models.registry.versions import Registry
 from qscore_config.settings import Settings
 from service.batcher import Batcher
+from service.explain_worker import ExplainWorker
 from service.limits import ApiError
 from service.metrics import Metrics
 from service.state import ServingState, StateHolder
@@ -74,9 +75,25 @@ async def get_scoring(request: Request) -> Scoring:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Explaining:
+    """What POST /explain needs, in one dependency."""
+
+    settings: Settings
+    state: ServingState
+    worker: ExplainWorker
+    metrics: Metrics
+
+
+async def get_explaining(request: Request) -> Explaining:
+    app_state = request.app.state
+    return Explaining(app_state.settings, await get_state(app_state.holder), app_state.explain, app_state.metrics)
+
+
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 HolderDep = Annotated[StateHolder, Depends(get_holder)]
 BatcherDep = Annotated[Batcher, Depends(get_batcher)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 RegistryDep = Annotated[Registry, Depends(get_registry)]
 ScoringDep = Annotated[Scoring, Depends(get_scoring)]
+ExplainingDep = Annotated[Explaining, Depends(get_explaining)]

@@ -120,12 +120,15 @@ async def _send_error(send: Send, error: ApiError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-async def read_uploads(request: Request, *, max_files: int, max_file_bytes: int) -> list[UploadFile]:
+async def read_uploads(
+    request: Request, *, max_files: int, max_file_bytes: int, files_limit: str = "QSCORE_MAX_FILES"
+) -> list[UploadFile]:
     """The ``files`` parts of a multipart request, checked against the limits.
 
     415 when the body is not multipart/form-data, 413 for more than ``max_files`` files or a
     file over ``max_file_bytes``, 422 when no file was sent, 400 for a malformed body;
-    :class:`ClientGone` when the client hangs up before the body is complete.
+    :class:`ClientGone` when the client hangs up before the body is complete. ``files_limit``
+    names where ``max_files`` comes from, for the 413's message.
     """
     content_type = request.headers.get("content-type", "")
     if content_type.split(";")[0].strip().lower() != "multipart/form-data":
@@ -146,7 +149,7 @@ async def read_uploads(request: Request, *, max_files: int, max_file_bytes: int)
             raise ApiError(
                 413,
                 "too_many_files",
-                f"more than {max_files} files in one request (QSCORE_MAX_FILES); split the upload",
+                f"more than {max_files} files in one request ({files_limit}); split the upload",
                 max_files,
             ) from exc
         if "Too many fields" in text:
@@ -162,7 +165,7 @@ async def read_uploads(request: Request, *, max_files: int, max_file_bytes: int)
         raise ApiError(
             413,
             "too_many_files",
-            f"{len(files)} files in one request; the limit is {max_files} (QSCORE_MAX_FILES)",
+            f"{len(files)} files in one request; the limit is {max_files} ({files_limit})",
             max_files,
         )
     for f in files:

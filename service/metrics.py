@@ -67,6 +67,13 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.explain_duration = Histogram(
+            "qscore_explain_duration_seconds",
+            "Duration of /explain requests (one image), from first byte to answer.",
+            ("model_version",),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.batch_size = Histogram(
             "qscore_batch_size",
             "Images per encoder batch.",

@@ -24,7 +24,7 @@ from qscore_config.settings import Settings
 
 ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
 DATASET_FIELDS = ("dataset", "train_dataset", "test_dataset")
-JOB_PARAMS = ("DiscoverParams", "RegularizeParams", "EvaluateParams")
+JOB_PARAMS = ("DiscoverParams", "RegularizeParams", "EvaluateParams", "AtlasParams")
 
 
 def install(app: FastAPI, settings: Settings) -> None:

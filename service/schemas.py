@@ -166,3 +166,106 @@ class SwitchRequest(BaseModel):
     model: str = Field(pattern=VERSION_REGEX, max_length=80)
     feature_set: str = Field(pattern=VERSION_REGEX, max_length=80)
     persist: bool = Field(True, description="Also make this pair the registry's active pair.")
+
+
+# -- explanations (POST /explain) and the feature atlas (GET /atlas) -------------------------
+FeatureGroup = Literal["discriminative", "upper_tail", "lower_tail", "never_dominant"]
+
+#: One image's verdict, the fields of a /score result (``ImageScore.row``).
+Verdict = create_model(
+    "Verdict",
+    __doc__="The verdict on the image: the fields of a /score result.",
+    **_verdict_fields(),
+)
+
+
+class Contribution(BaseModel):
+    index: int
+    value: float = Field(description="h_j, the feature's value in the image's representation.")
+    group: FeatureGroup = Field(description="The feature's group in the feature set (D, or which tail).")
+    dominant: bool = Field(description="h_j > mu + eps * sigma for this image (eq. 2).")
+    share: float | None = Field(None, description="Share of eq. 3's numerator; dominant discriminative features only.")
+
+
+class DecompositionOut(BaseModel):
+    """The Q-Score taken apart: q_score = numerator / (n_active * l1_norm)."""
+
+    q_score: float
+    numerator: float = Field(description="Sum of the dominant discriminative features.")
+    n_active: int = Field(description="How many features are dominant and discriminative.")
+    mean_active: float
+    l1_norm: float
+    discriminative_mass: float = Field(description="Part of the L1 norm on D.")
+    noisy_mass: float = Field(description="Part of the L1 norm outside D.")
+    noisy_share: float = Field(description="noisy_mass / l1_norm.")
+    noisy_mass_by_group: dict[str, float] = Field(
+        description="noisy_mass split by upper tail, lower tail, never dominant."
+    )
+    active: list[Contribution] = Field(description="Dominant discriminative features, strongest first.")
+    noisy_dominant: list[Contribution] = Field(description="Dominant features outside D, strongest first.")
+
+
+class FeatureHeatmapOut(Contribution):
+    map_shape: list[int] = Field(description="Shape of the map before upsampling.")
+    map_max: float
+    png: str | None = Field(None, description="Base64 PNG: the map over the image the encoder saw.")
+    map: list[list[float]] | None = Field(None, description="The map before upsampling (?arrays=true).")
+
+
+class HeatmapsOut(BaseModel):
+    method: Literal["channel_map", "gradient_x_input"] = Field(
+        description="channel_map: channel j of the final feature map whose mean is h (exact); else gradient x input."
+    )
+    image_size: int
+    png_size: int
+    image_png: str | None = Field(None, description="Base64 PNG of the image as the encoder saw it.")
+    features: list[FeatureHeatmapOut]
+
+
+class ExplainResponse(BaseModel):
+    model: ModelInfo
+    feature_set: FeatureSetInfo
+    filename: str
+    score: Verdict  # type: ignore[valid-type]
+    decomposition: DecompositionOut
+    heatmaps: HeatmapsOut
+
+
+class AtlasImage(BaseModel):
+    rank: int
+    image: str = Field(description="Path of the image inside the data set's folder.")
+    label: str | None = Field(None, description="Its class folder, when the data set has labels.")
+    value: float
+
+
+class AtlasFeatureSummary(BaseModel):
+    index: int
+    group: FeatureGroup
+    n_dominant: int = Field(description="Images of the atlas sample this feature is dominant for.")
+    purity: float | None = Field(None, description="Share of the most common class among them (with labels).")
+    top_class: str | None = None
+    classes_for_80: int | None = Field(None, description="Classes covering 80% of them.")
+
+
+class AtlasFeature(AtlasFeatureSummary):
+    count_reference: int = Field(description="Dominance count in the feature set's own reference sample.")
+    dominant_share: float
+    classes: dict[str, int] | None = Field(None, description="Class distribution of the images it is dominant for.")
+    top: list[AtlasImage] = Field(description="The images where it is dominant, strongest first.")
+    map_shape: list[int]
+    sheet_url: str = Field(description="The contact sheet PNG: each top image above its heatmap.")
+    feature_set: str
+    atlas: str
+
+
+class AtlasIndex(BaseModel):
+    feature_set: str
+    atlas: str
+    created_at: str
+    n_images: int
+    method: Literal["channel_map", "gradient_x_input"]
+    eps: float
+    classes: list[str] | None = Field(None, description="Class names; null when the data set has no labels.")
+    dataset: str | None = None
+    top_k: int
+    features: list[AtlasFeatureSummary]

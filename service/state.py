@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from models.encoders.runtime import Runtime
+from models.explanation.explain import Explainer
 from models.registry.versions import ModelRecord, Registry, RegistryError
 from models.scoring.compatibility import FeatureSetMismatch, check_fits
 from models.scoring.feature_set import FeatureSet
@@ -74,6 +75,11 @@ class ServingState:
             "model": self.model_info().model_dump(mode="json"),
             "feature_set": self.feature_set_info().model_dump(mode="json"),
         }
+
+    @cached_property
+    def explainer(self) -> Explainer:
+        """Explanations with this pair (POST /explain), made on first use, in the explain thread."""
+        return Explainer(self.scorer)
 
     def info(self) -> ServingInfo:
         return ServingInfo(

@@ -32,6 +32,7 @@ TASK_NAMES = {
     "discover": "qscore.discover",
     "regularize": "qscore.regularize",
     "evaluate": "qscore.evaluate",
+    "atlas": "qscore.atlas",
 }
 
 

@@ -110,10 +110,21 @@ class EvaluateParams(_Params):
     batch_size: int = Field(256, ge=1, le=4096)
 
 
+class AtlasParams(_Params):
+    dataset: str = Field(pattern=NAME, description="Reference images (a data set name); labels, if any, for purity.")
+    feature_set: str | None = Field(None, pattern=NAME, description="Default: the model's latest feature set.")
+    sample_size: int | None = Field(5000, ge=10, le=10_000_000, description="Reference images; null = all.")
+    top_k: int = Field(8, ge=1, le=64, description="Images shown per feature.")
+    tail_sample: int = Field(16, ge=0, le=4096, description="Upper- and lower-tail features each, for contrast.")
+    seed: int = Field(0, ge=0)
+    batch_size: int = Field(256, ge=1, le=4096)
+
+
 PARAMS: dict[str, type[_Params]] = {
     "discover": DiscoverParams,
     "regularize": RegularizeParams,
     "evaluate": EvaluateParams,
+    "atlas": AtlasParams,
 }
 
 
@@ -151,8 +162,10 @@ def resolve(params: _Params, settings: Settings) -> _Params:
 
     if isinstance(params, DiscoverParams):
         dataset_folder(settings, params.dataset)
-    elif isinstance(params, RegularizeParams | EvaluateParams):
-        if isinstance(params, RegularizeParams):
+    elif isinstance(params, RegularizeParams | EvaluateParams | AtlasParams):
+        if isinstance(params, AtlasParams):
+            dataset_folder(settings, params.dataset)
+        elif isinstance(params, RegularizeParams):
             _check_trainable(record.spec, model)
             dataset_folder(settings, params.dataset)
             if params.discover is not None:

@@ -33,9 +33,9 @@ from typing import Any, Literal, Protocol, TypeVar
 import redis
 from pydantic import BaseModel, Field
 
-JobType = Literal["discover", "regularize", "evaluate"]
+JobType = Literal["discover", "regularize", "evaluate", "atlas"]
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-JOB_TYPES: tuple[str, ...] = ("discover", "regularize", "evaluate")
+JOB_TYPES: tuple[str, ...] = ("discover", "regularize", "evaluate", "atlas")
 STATES: tuple[str, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 

@@ -22,6 +22,7 @@ from celery.exceptions import Ignore
 
 from qscore_config.settings import get_settings
 from worker.celery_app import app
+from worker.jobs import atlas as atlas_job
 from worker.jobs import discover as discover_job
 from worker.jobs import evaluate as evaluate_job
 from worker.jobs import regularize as regularize_job
@@ -80,6 +81,13 @@ def evaluate(self: Any, job_id: str) -> None:
     ctx = _start(self, job_id)
     if ctx is not None:
         _step(ctx, lambda c: succeed(c, *evaluate_job.evaluate(c)))
+
+
+@app.task(name="qscore.atlas", bind=True)
+def atlas(self: Any, job_id: str) -> None:
+    ctx = _start(self, job_id)
+    if ctx is not None:
+        _step(ctx, lambda c: succeed(c, *atlas_job.atlas(c)))
 
 
 @app.task(name="qscore.discover", bind=True)

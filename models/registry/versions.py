@@ -8,16 +8,20 @@ Layout under the registry root::
     models/<version>/encoder.pt2           or the torch.export program, as it was imported
     models/<version>/model.json            ModelRecord (spec: architecture, preprocessing, dim)
     feature_sets/<version>/feature_set.json
+    feature_sets/<version>/atlases/<name>/ a feature atlas of it (models/explanation/atlas.py)
+    feature_sets/<version>/atlas.json      {"atlas": <name>}: the one GET /atlas serves
     active.json                            {"model": ..., "feature_set": ...}
     exports/<fingerprint>-<arch>-<S>px.onnx  ONNX exports of encoders, for QSCORE_RUNTIME=onnxruntime
 
-A version folder is written under a temporary name and renamed into place, and ``active.json``
-is replaced atomically, so readers never see half a version. Versions are never overwritten.
+A version folder (and an atlas folder) is written under a temporary name and renamed into place,
+and ``active.json`` (and ``atlas.json``) is replaced atomically, so readers never see half a
+version. Versions are never overwritten.
 Names are checked against a strict pattern: no client-supplied path is ever opened.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from datetime import UTC, datetime
@@ -29,6 +33,7 @@ from pydantic import BaseModel, Field
 
 from models.encoders.loading import ImportedEncoder, load_encoder, save_encoder
 from models.encoders.spec import EXPORT_ARCH, FILE_ARCHS, ONNX_ARCH, TORCHSCRIPT_ARCH, Encoder, EncoderSpec, fingerprint
+from models.explanation.atlas import Atlas, write_atlas
 from models.scoring.compatibility import FeatureSetMismatch, check_fits
 from models.scoring.feature_set import FeatureSet
 from models.storage.atomic import atomic_directory, remove_stale_temporaries, write_json_atomic
@@ -62,6 +67,12 @@ FEATURE_SET_FILE = "feature_set.json"
 
 
 ACTIVE_FILE = "active.json"
+
+
+ATLASES_DIR = "atlases"
+
+
+CURRENT_ATLAS_FILE = "atlas.json"
 
 
 #: The demo encoder and its feature set, shipped as package data of ``models``.
@@ -212,6 +223,34 @@ class Registry:
             feature_set.save(tmp / FEATURE_SET_FILE)
         return version
 
+    # -- feature atlases (beside their feature set) ----------------------------------------
+    def atlas_dir(self, feature_set: str, name: str) -> Path:
+        return self.feature_set_dir(feature_set) / ATLASES_DIR / check_version(name)
+
+    def add_atlas(self, feature_set: str, name: str, atlas: Atlas | None = None) -> Path:
+        """Write ``atlas`` as atlas ``name`` of ``feature_set`` (atomically) and make it the one served.
+
+        An atlas that exists already is kept as it is (a job delivered twice writes once); ``atlas``
+        may then be None.
+        """
+        if not (self.feature_set_dir(feature_set) / FEATURE_SET_FILE).is_file():
+            raise RegistryError(f"no feature set version {feature_set!r} in {self.feature_sets_dir}")
+        target = self.atlas_dir(feature_set, name)
+        if not target.exists():
+            if atlas is None:
+                raise RegistryError(f"feature set {feature_set!r} has no atlas {name!r} yet, and none was given")
+            write_atlas(atlas, target)
+        write_json_atomic(self.feature_set_dir(feature_set) / CURRENT_ATLAS_FILE, {"atlas": name})
+        return target
+
+    def current_atlas(self, feature_set: str) -> Path | None:
+        """The folder of the atlas served for ``feature_set`` (the latest written), or None."""
+        pointer = self.feature_set_dir(feature_set) / CURRENT_ATLAS_FILE
+        if not pointer.is_file():
+            return None
+        target = self.atlas_dir(feature_set, json.loads(pointer.read_text())["atlas"])
+        return target if target.is_dir() else None
+
     # -- the active pair ------------------------------------------------------------------
     def active(self) -> ActivePair | None:
         path = self.root / ACTIVE_FILE
@@ -245,11 +284,14 @@ class Registry:
     # -- housekeeping ---------------------------------------------------------------------
     def clean(self) -> list[Path]:
         """Remove leftovers of interrupted writes."""
-        return (
+        removed = (
             remove_stale_temporaries(self.models_dir)
             + remove_stale_temporaries(self.feature_sets_dir)
             + remove_stale_temporaries(self.exports_dir)
         )
+        for folder in _versions(self.feature_sets_dir):
+            removed += remove_stale_temporaries(folder / ATLASES_DIR)
+        return removed
 
     def seed_demo(self, demo_dir: Path = DEMO_DIR) -> bool:
         """Install the packaged demo encoder and feature set when the registry is empty."""

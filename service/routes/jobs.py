@@ -1,4 +1,4 @@
-"""Job endpoints: queue discovery, regularised fine-tuning and evaluation; follow and cancel them.
+"""Job endpoints: queue discovery, regularised fine-tuning, evaluation and atlases; follow and cancel them.
 
 Jobs run on Celery workers when ``QSCORE_REDIS_URL`` is set (records in Redis survive a restart
 of the API) and in-process otherwise (embedded mode). Every parameter and every name (data
@@ -25,7 +25,15 @@ from service.security import AdminKey
 from worker.backend import JobBackend, make_backend
 from worker.embedded import job_db
 from worker.metrics import export_on
-from worker.params import DiscoverParams, EvaluateParams, ParamConflict, ParamError, RegularizeParams, resolve
+from worker.params import (
+    AtlasParams,
+    DiscoverParams,
+    EvaluateParams,
+    ParamConflict,
+    ParamError,
+    RegularizeParams,
+    resolve,
+)
 from worker.store import JobRecord, TooManyQueuedJobs
 
 router = APIRouter(
@@ -133,7 +141,7 @@ def _store_errors() -> Iterator[None]:
 
 
 def _submit(
-    job_type: Literal["discover", "regularize", "evaluate"],
+    job_type: Literal["discover", "regularize", "evaluate", "atlas"],
     params: Any,
     backend: JobBackend,
     settings: Settings,
@@ -202,6 +210,14 @@ def submit_evaluate(
 ) -> JobAccepted:
     """Linear evaluation; writes the calibrated feature set as a new version."""
     return _submit("evaluate", body, backend, settings, request)
+
+
+@router.post("/atlas", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted, responses=_CONFLICT)
+def submit_atlas(
+    body: AtlasParams, backend: Backend, settings: SettingsDep, request: Request, _: AdminKey
+) -> JobAccepted:
+    """The feature atlas of a feature set on a data set; served by GET /atlas."""
+    return _submit("atlas", body, backend, settings, request)
 
 
 @router.get("", response_model=JobList)

@@ -84,7 +84,7 @@ def test_schemathesis_all_checks_every_endpoint_jobs_included(contract_server: L
         assert f"Tested: {operations}" in run.stdout, run.stdout[-3000:]
         jobs = client.get("/jobs", params={"limit": 1000}).json()["jobs"]
         assert client.get("/readyz").json()["status"] == "ready"  # and it still serves
-    assert {j["type"] for j in jobs} == {"discover", "regularize", "evaluate"}  # the fuzzer got jobs accepted
+    assert {j["type"] for j in jobs} == {"discover", "regularize", "evaluate", "atlas"}  # the fuzzer got jobs accepted
     assert all(j["state"] in ("cancelled", "succeeded", "failed", "running") for j in jobs), jobs
 
 

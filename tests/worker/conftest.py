@@ -26,7 +26,8 @@ from models.registry.versions import Registry
 
 REPO = Path(__file__).resolve().parents[2]
 CELERY = str(Path(sys.executable).parent / "celery")
-REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+# QSCORE_TEST_REDIS_PORT: another Redis (e.g. a private one with more than the default 16 databases).
+REDIS_HOST, REDIS_PORT = "127.0.0.1", int(os.environ.get("QSCORE_TEST_REDIS_PORT", "6379"))
 # A database of its own, so that two checkouts can run the job tests side by side.
 REDIS_DB = int(os.environ.get("QSCORE_TEST_REDIS_DB", "5"))
 JOB_TIME_LIMIT_S = 40  # short, so that the visibility timeout (re-delivery after a kill) is short too

@@ -1,9 +1,9 @@
-"""The bodies of the three job types, on one life cycle.
+"""The bodies of the job types, on one life cycle.
 
 - ``context``: :class:`~worker.jobs.context.JobContext` (what a body is given), fencing, the
   exceptions that end a job;
 - ``lifecycle``: start an attempt, run a step guarded, record the outcome;
-- ``discover``, ``regularize``, ``evaluate``: one module per job type.
+- ``discover``, ``regularize``, ``evaluate``, ``atlas``: one module per job type.
 
 The same functions run in a Celery worker (``worker/tasks.py``) and in-process in embedded mode
 (``worker/embedded.py``, through :data:`BODIES`). Everything they write is idempotent: output
@@ -15,11 +15,12 @@ written atomically by the registry, so a killed job leaves no half-written versi
 from __future__ import annotations
 
 # The modules, not their functions: ``worker.jobs.evaluate`` stays the module.
-from worker.jobs import discover, evaluate, regularize
+from worker.jobs import atlas, discover, evaluate, regularize
 from worker.jobs.lifecycle import Body
 
 BODIES: dict[str, Body] = {
     "discover": discover.discover_local,
     "regularize": regularize.regularize,
     "evaluate": evaluate.evaluate,
+    "atlas": atlas.atlas,
 }

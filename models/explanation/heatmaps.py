@@ -1,0 +1,139 @@
+"""Where a feature fires in the image: one spatial map per (image, feature) pair.
+
+Two methods (FIELD-NOTES, "Explaining a score per image"):
+
+- ``channel_map`` (exact, one forward pass): for a CNN whose representation is the spatial mean
+  of its last feature map, ``h_j = mean_{u,v} A_j[u, v]`` with ``A`` the (r, h', w') map, so
+  channel ``j`` of ``A`` *is* feature ``j`` laid out over the image (class activation mapping,
+  Zhou et al., CVPR 2016, without the classifier). Used for :class:`ResNetEncoder` (torchvision:
+  ``avgpool`` of ``layer4``) and for timm models whose ``forward_head(..., pre_logits=True)`` is
+  the plain average of ``forward_features`` (checked once per encoder on a probe input: true for
+  timm ResNets, not for ConvNeXt, whose head normalises after pooling, nor for ViTs).
+- ``gradient_x_input`` for every other encoder (ViTs, TorchScript modules, which are opaque):
+  ``G_j[u, v] = sum_c x_c[u, v] * d h_j / d x_c[u, v]`` over the encoder's input ``x`` (after
+  normalisation), at input resolution. Signed; for ReLU networks without biases its sum is
+  ``h_j`` exactly (Euler's theorem), with biases it is not.
+
+Maps come back before any upsampling (``maps``), so a client can check the exact method
+itself: ``maps.mean((-2, -1))`` is ``h_j``. :func:`upsample` brings them to the image size.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from models.encoders.resnet import ResNetEncoder
+from models.encoders.spec import Encoder
+from models.encoders.timm_encoder import TimmEncoder
+
+Method = Literal["channel_map", "gradient_x_input"]
+
+#: How close timm's pooled head must be to the plain spatial mean for channel maps to be exact.
+_MEAN_RTOL, _MEAN_ATOL = 1e-4, 1e-5
+
+_timm_is_mean: weakref.WeakKeyDictionary[TimmEncoder, bool] = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class FeatureMaps:
+    """``maps`` (N, K, h', w') float32 on the CPU: map of feature ``features[n, k]`` of image
+    ``n``; ``h`` (N, r) the representations of the same forward pass; ``method`` how."""
+
+    maps: torch.Tensor
+    h: torch.Tensor
+    features: torch.Tensor
+    method: Method
+
+
+def heatmap_method(encoder: Encoder) -> Method:
+    """``channel_map`` when ``h`` is the spatial mean of a final feature map, else ``gradient_x_input``."""
+    if isinstance(encoder, ResNetEncoder):
+        return "channel_map"
+    if isinstance(encoder, TimmEncoder):
+        known = _timm_is_mean.get(encoder)
+        if known is None:
+            known = _probe_timm_mean(encoder)
+            _timm_is_mean[encoder] = known
+        return "channel_map" if known else "gradient_x_input"
+    return "gradient_x_input"
+
+
+def final_map(encoder: Encoder, x: torch.Tensor) -> torch.Tensor:
+    """The (N, r, h', w') map whose spatial mean is ``h`` (``channel_map`` encoders only)."""
+    if isinstance(encoder, ResNetEncoder):
+        net = encoder.resnet
+        x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+        return net.layer4(net.layer3(net.layer2(net.layer1(x))))
+    if isinstance(encoder, TimmEncoder) and heatmap_method(encoder) == "channel_map":
+        return encoder.model.forward_features(x)
+    raise ValueError(
+        f"{type(encoder).__name__} has no final feature map whose mean is h; use gradient_x_input heatmaps"
+    )
+
+
+def feature_maps(encoder: Encoder, x: torch.Tensor, features: torch.Tensor) -> FeatureMaps:
+    """Heatmaps of ``features`` (N, K) int64 in images ``x`` (N, 3, S, S), the encoder's input.
+
+    ``channel_map``: one forward pass, no gradient. ``gradient_x_input``: each image repeated K
+    times (one forward and one backward pass of N*K images; the encoder in eval mode, so the
+    copies do not interact). The encoder's parameters are left as they were (no ``.grad``).
+    """
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"x must have shape (N, 3, S, S), got {tuple(x.shape)}")
+    features = torch.as_tensor(features, dtype=torch.int64)
+    if features.dim() != 2 or features.shape[0] != x.shape[0]:
+        raise ValueError(f"features must have shape (N={x.shape[0]}, K), got {tuple(features.shape)}")
+    r = encoder.feature_dim
+    if features.numel() and (int(features.min()) < 0 or int(features.max()) >= r):
+        raise ValueError(f"feature indices must lie in [0, {r}), got {features.min()}..{features.max()}")
+    method = heatmap_method(encoder)
+    features_dev = features.to(x.device)
+    if method == "channel_map":
+        with torch.inference_mode():
+            fmap = final_map(encoder, x).float()
+            h = fmap.mean(dim=(2, 3))
+            n, k = features.shape
+            picked = fmap.gather(1, features_dev.view(n, k, 1, 1).expand(n, k, *fmap.shape[2:]))
+        return FeatureMaps(picked.cpu(), h.cpu(), features, method)
+    n, k = features.shape
+    if k == 0:
+        with torch.inference_mode():
+            h = encoder(x).float()
+        return FeatureMaps(torch.zeros(n, 0, *x.shape[2:]), h.cpu(), features, method)
+    with torch.enable_grad():
+        copies = x.detach().repeat_interleave(k, dim=0).requires_grad_(True)
+        out = encoder(copies).float()
+        chosen = out.gather(1, features_dev.reshape(-1, 1)).sum()
+        (grad,) = torch.autograd.grad(chosen, copies)
+    maps = (grad * copies.detach()).sum(dim=1).view(n, k, *x.shape[2:])
+    h = out.detach()[::k]  # every copy gives the same h; keep the first of each image
+    return FeatureMaps(maps.float().cpu(), h.float().cpu(), features, method)
+
+
+def upsample(maps: torch.Tensor, size: int) -> torch.Tensor:
+    """Maps (..., h', w') bilinearly resized to (..., size, size)."""
+    if maps.shape[-1] == size and maps.shape[-2] == size:
+        return maps
+    lead = maps.shape[:-2]
+    flat = maps.reshape(-1, 1, *maps.shape[-2:]).float()
+    return F.interpolate(flat, size=(size, size), mode="bilinear", align_corners=False).reshape(*lead, size, size)
+
+
+def _probe_timm_mean(encoder: TimmEncoder) -> bool:
+    size = encoder.spec.image_size
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, size, size, generator=generator)
+    device = next(encoder.parameters(), torch.empty(0)).device
+    with torch.inference_mode():
+        fmap = encoder.model.forward_features(x.to(device))
+        if fmap.dim() != 4:  # tokens (ViT) or already pooled
+            return False
+        h = encoder.model.forward_head(fmap, pre_logits=True)
+        if h.dim() != 2 or h.shape[1] != fmap.shape[1]:
+            return False
+        return bool(torch.allclose(h, fmap.mean(dim=(2, 3)), rtol=_MEAN_RTOL, atol=_MEAN_ATOL))
