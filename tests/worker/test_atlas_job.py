@@ -88,7 +88,7 @@ def test_atlas_job_bad_parameters_are_refused_before_queueing(embedded: TestClie
 def test_atlas_job_on_a_celery_worker(
     job_env: dict[str, str],
     redis_url: str,
-    start_worker,  # noqa: ANN001
+    start_worker,
     tiny_registry: Registry,
     cifar_slice: Path,
 ) -> None:
