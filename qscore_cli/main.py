@@ -362,7 +362,7 @@ def regularize(
         imported = load_model(model, arch, image_size, mean, std)
         run = prepare_regularization(
             imported,
-            FeatureSet.load(features),
+            features,
             data,
             name=str(model),
             method=method,

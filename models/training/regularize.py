@@ -61,7 +61,7 @@ class Regularization:
 
 def prepare_regularization(
     imported: ImportedEncoder,
-    feature_set: FeatureSet,
+    feature_set: FeatureSet | str | Path,
     data: str | Path,
     *,
     name: str,
@@ -78,15 +78,19 @@ def prepare_regularization(
 ) -> Regularization:
     """Set up the fine-tuning of ``imported`` on the image folder ``data`` under ``feature_set``.
 
-    ``name`` says which encoder it is in error messages (a path, a registry version). ``alpha``
-    defaults to the feature set's. Raises ``ValueError`` when the encoder cannot be trained (a
-    TorchScript export), when the feature set was found on other weights or other preprocessing,
-    or for an unknown method or a bad training parameter.
+    ``feature_set``: the feature set, or the path of its JSON (read once the encoder is found
+    trainable, so that is what an export is told first). ``name`` says which encoder it is in
+    error messages (a path, a registry version). ``alpha`` defaults to the feature set's. Raises
+    ``ValueError`` when the encoder cannot be trained (a TorchScript export), when the feature set
+    was found on other weights or other preprocessing, or for an unknown method or a bad training
+    parameter.
     """
     encoder = imported.encoder
     reason = encoder.not_trainable_reason()
     if reason is not None:
         raise ValueError(f"cannot regularize {name}: {reason}")
+    if not isinstance(feature_set, FeatureSet):
+        feature_set = FeatureSet.load(feature_set)
     if feature_set.encoder.fingerprint != imported.fingerprint:
         raise ValueError(
             f"the feature set was not found on this encoder (it was found on {feature_set.encoder.fingerprint[:12]}, "
