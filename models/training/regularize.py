@@ -80,10 +80,12 @@ def prepare_regularization(
     """Set up the fine-tuning of ``imported`` on the image folder ``data`` under ``feature_set``
     (a feature set, or the path of its JSON file).
 
-    ``name`` says which encoder it is in error messages (a path, a registry version). ``alpha``
-    defaults to the feature set's. Raises ``ValueError`` when the encoder cannot be trained (a
-    TorchScript export), when the feature set was found on other weights or other preprocessing,
-    or for an unknown method or a bad training parameter.
+    ``feature_set``: the feature set, or the path of its JSON (read once the encoder is found
+    trainable, so that is what an export is told first). ``name`` says which encoder it is in
+    error messages (a path, a registry version). ``alpha`` defaults to the feature set's. Raises
+    ``ValueError`` when the encoder cannot be trained (a TorchScript export), when the feature set
+    was found on other weights or other preprocessing, or for an unknown method or a bad training
+    parameter.
     """
     encoder = imported.encoder
     reason = encoder.not_trainable_reason()

@@ -10,12 +10,15 @@ from torch.utils.data import Dataset
 
 from models.data.datasets import image_folder
 from models.data.transforms import eval_transform
+from models.encoders.loading import ImportedEncoder
 from models.encoders.resnet import build_encoder
 from models.encoders.spec import EncoderSpec
+from models.scoring.feature_set import Preprocessing
 from models.scoring.qscore import q_score
 from models.scoring.representations import extract_representations
 from models.training.loop import Regularizer, TrainConfig, TrainingCancelled, train
 from models.training.objectives import METHODS, build_method
+from models.training.regularize import prepare_regularization
 
 
 class TwoViews(Dataset):
@@ -240,3 +243,40 @@ def test_regularizer_raises_q_of_low_quality_samples(tiny_model, tiny_spec, cifa
     control, regularized = low_q_after(0.0), low_q_after(100.0)
     assert regularized > control * 1.1, (control, regularized)
     assert regularized > float(q0[low].mean())
+
+
+# --- the set-up `qscore regularize` and the regularize job share ------------------------------
+
+
+def test_prepare_regularization_builds_the_run_on_the_feature_set(tiny_model, cifar_slice):
+    encoder, digest, fs = tiny_model
+    imported = ImportedEncoder(copy.deepcopy(encoder), digest, "test")
+    run = prepare_regularization(
+        imported, fs, cifar_slice / "train", name="tiny", lambda_=0.5, epochs=2, batch_size=64, seed=3
+    )
+    assert torch.equal(run.regularizer.discriminative, fs.discriminative_indices)
+    assert (run.regularizer.alpha, run.regularizer.weight, run.regularizer.eps) == (fs.alpha, 0.5, fs.eps)
+    assert run.method.encoder is imported.encoder and run.method.training
+    assert (run.config.epochs, run.config.batch_size, run.config.seed, run.config.lr) == (2, 64, 3, 0.03)
+    assert len(run.dataset) == 300 and run.total_steps == 300 // 64 * 2 == 8
+    views, _ = run.dataset[0]
+    assert len(views) == 2 and views[0].shape == (3, 32, 32)  # SimCLR's two augmented views
+    capped = prepare_regularization(
+        imported, fs, cifar_slice / "train", name="tiny", alpha=0.01, batch_size=64, max_steps=3
+    )
+    assert capped.regularizer.alpha == 0.01 and capped.total_steps == 3
+
+
+def test_prepare_regularization_refuses_what_does_not_fit(tiny_model, cifar_slice):
+    encoder, digest, fs = tiny_model
+    data = cifar_slice / "train"
+    with pytest.raises(ValueError, match=r"not found on this encoder \(it was found on .*other is 000000000000\)"):
+        prepare_regularization(ImportedEncoder(encoder, "0" * 64, "test"), fs, data, name="other")
+    resized = fs.model_copy(deep=True)
+    resized.encoder.preprocessing = Preprocessing(image_size=64, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    with pytest.raises(ValueError, match="found on images preprocessed with --image-size 64"):
+        prepare_regularization(ImportedEncoder(encoder, digest, "test"), resized, data, name="tiny")
+    with pytest.raises(ValueError, match="unknown method 'dino'"):
+        prepare_regularization(ImportedEncoder(encoder, digest, "test"), fs, data, name="tiny", method="dino")
+    with pytest.raises(ValueError, match="lr must be positive"):
+        prepare_regularization(ImportedEncoder(encoder, digest, "test"), fs, data, name="tiny", lr=0.0)
