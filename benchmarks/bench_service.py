@@ -546,6 +546,8 @@ def run_full(preset: Preset, seconds: float, server_env: dict[str, str], runtime
     fastest_raw = max(r[max_key] for r in raws.values())
 
     def ceiling(raw_max: float, bare_images_per_s: float) -> float:
+        if raw_max <= 0 or bare_images_per_s <= 0:
+            return 0.0
         return 1 / (1 / raw_max + 1 / bare_images_per_s)
 
     by_runtime = {}
@@ -559,11 +561,11 @@ def run_full(preset: Preset, seconds: float, server_env: dict[str, str], runtime
         l1_fastest = ceiling(fastest_raw, bare_runs[1]["images_per_s"])
         goals = {
             "L_1_image_images_per_s": round(l1, 1),
-            "score_32c_1_image_over_L": round(score_32_1["images_per_s"] / l1, 3),
+            "score_32c_1_image_over_L": ratio(score_32_1["images_per_s"], l1),
             "L_8_images_images_per_s": round(l8, 1),
-            "score_32c_8_images_over_L": round(score_32_8["images_per_s"] / l8, 3),
+            "score_32c_8_images_over_L": ratio(score_32_8["images_per_s"], l8),
             "L_1_image_fastest_raw_images_per_s": round(l1_fastest, 1),
-            "score_32c_1_image_over_L_fastest_raw": round(score_32_1["images_per_s"] / l1_fastest, 3),
+            "score_32c_1_image_over_L_fastest_raw": ratio(score_32_1["images_per_s"], l1_fastest),
             "p50_1c_ms": score_1["p50_ms"],
             "batch_1_forward_plus_2_ms": round(raw["batch_1_ms"] + 2, 2),
             "p50_1c_goal_met": score_1["p50_ms"] <= raw["batch_1_ms"] + 2,
@@ -579,15 +581,15 @@ def run_full(preset: Preset, seconds: float, server_env: dict[str, str], runtime
     if {"torch", "onnxruntime"} <= set(runtimes):
         torch_run, ort_run = by_runtime["torch"], by_runtime["onnxruntime"]
         result["onnxruntime_against_torch"] = {
-            f"raw_{max_key}_ratio": round(ort_run["raw_scorer"][max_key] / torch_run["raw_scorer"][max_key], 3),
-            "raw_batch_1_ratio": round(
-                ort_run["raw_scorer"]["batch_1_images_per_s"] / torch_run["raw_scorer"]["batch_1_images_per_s"], 3
+            f"raw_{max_key}_ratio": ratio(ort_run["raw_scorer"][max_key], torch_run["raw_scorer"][max_key]),
+            "raw_batch_1_ratio": ratio(
+                ort_run["raw_scorer"]["batch_1_images_per_s"], torch_run["raw_scorer"]["batch_1_images_per_s"]
             ),
-            "score_32c_1_image_ratio": round(
-                ort_run["service"][2]["images_per_s"] / torch_run["service"][2]["images_per_s"], 3
+            "score_32c_1_image_ratio": ratio(
+                ort_run["service"][2]["images_per_s"], torch_run["service"][2]["images_per_s"]
             ),
-            "score_32c_8_images_ratio": round(
-                ort_run["service"][3]["images_per_s"] / torch_run["service"][3]["images_per_s"], 3
+            "score_32c_8_images_ratio": ratio(
+                ort_run["service"][3]["images_per_s"], torch_run["service"][3]["images_per_s"]
             ),
             "score_1c_p50_ms": {
                 "torch": torch_run["service"][0]["p50_ms"],
@@ -596,6 +598,11 @@ def run_full(preset: Preset, seconds: float, server_env: dict[str, str], runtime
             "goal": "raw >= 1.8x; /score 32 connections, 1 image >= 1.4x, and >= 0.8 x L of the faster raw figure",
         }
     return result
+
+
+def ratio(a: float, b: float) -> float | None:
+    """a / b to 3 decimals; None when b is 0 (nothing answered in a run too short or too loaded)."""
+    return round(a / b, 3) if b else None
 
 
 def serve_and_measure(
