@@ -26,6 +26,7 @@ Everything is cached under ``experiments/runs/explain/`` (delete it to start ove
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import shutil
@@ -183,7 +184,19 @@ def atlas_figure(atlas_dir: Path, chosen: list[tuple[int, str]], out: Path, titl
         draw.text((4, y), caption, fill=(40, 40, 120), font=font)
         canvas.paste(sheet, (0, y + 14))
         y += sheet.height + 16
-    canvas.save(out, optimize=True)
+    small_png(canvas, out)
+
+
+def small_png(picture: Image.Image, out: Path) -> None:
+    """A palette PNG (256 colours, no dithering): a third of the RGB file, for docs/figures."""
+    picture.convert("RGB").quantize(256, dither=Image.Dither.NONE).save(out, optimize=True)
+
+
+def save_figure(fig: Any, out: Path, dpi: int = 80) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=dpi, format="png")
+    plt.close(fig)
+    small_png(Image.open(buffer), out)
 
 
 # -- 2. correct against mis-classified ----------------------------------------------------
@@ -222,8 +235,7 @@ def explanation_figure(
         ax.axis("off")
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
+    save_figure(fig, out)
 
 
 def correctness(scorer: Scorer, fs: FeatureSet, groups: np.ndarray, h_test: torch.Tensor, correct: np.ndarray) -> dict:
@@ -314,7 +326,8 @@ def run_subject(subject: Subject, args: argparse.Namespace, root: Path, figures:
     chosen += [(plain[0], f"a D feature drawn at random: {plain[1]['purity']:.0%} (chance {plain[1]['chance']:.0%})")]
     chosen += [(j, f"most frequent upper-tail feature: {f['purity']:.0%} (chance {f['chance']:.0%})") for j, f in upper]
     fig2 = figures / f"explain-{subject.name}-atlas.png"
-    atlas_figure(atlas_dir, chosen, fig2, f"{subject.label.split(',')[0]}: images each feature is dominant for")
+    title = f"{subject.name}: the 8 images with the largest h_j where feature j is dominant"
+    atlas_figure(atlas_dir, chosen, fig2, title)
 
     # figures 5/6: a probe on the reference sample, then test images
     pixels, y_test, classes = test_images(test_dir, args.test, encoder.spec.image_size)
@@ -387,8 +400,7 @@ def before_after_figure(
         ax.axis("off")
     fig.suptitle(f"demo, before and after {steps} regularised steps", fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
+    save_figure(fig, out)
 
 
 def write_markdown(results: dict[str, Any], out: Path, total_s: float) -> None:

@@ -8,7 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from models.encoders.loading import load_encoder
 from models.scoring.feature_set import FeatureSet
@@ -151,6 +153,35 @@ def test_score_json_lines(pipeline, cifar_slice, tmp_path):
             ["atypical"] if row["atypical"] else []
         )
         assert row["risk"] is None  # not calibrated by an evaluation
+
+
+def test_explain_writes_decomposition_and_heatmaps(pipeline, cifar_slice, tmp_path):
+    images = sorted((cifar_slice / "test").glob("*/*"))[:2]
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not an image")
+    out = tmp_path / "explained"
+    common = ["--model", pipeline["model"], "--features", pipeline["features"], "--out", out, "--device", "cpu"]
+    result = run_cli("explain", *images, bad, *common, "--top", "2", "--arrays", check=False)
+    assert result.returncode == 1  # one file was not an image; the others were explained
+    assert "notes.jpg\terror not_an_image" in result.stderr
+    assert len(result.stdout.strip().splitlines()) == 2
+    scores = [json.loads(line) for line in run_cli("score", *images, *common[:4], "--json").stdout.splitlines()]
+    for image, scored in zip(images, scores, strict=True):
+        report = json.loads((out / f"{image.stem}.json").read_text())
+        assert (
+            report["score"]["q_score"] == scored["q_score"] and report["decomposition"]["q_score"] == scored["q_score"]
+        )
+        features = report["heatmaps"]["features"]
+        assert len(features) == 2 and report["heatmaps"]["method"] == "channel_map"
+        maps = np.load(out / f"{image.stem}.maps.npz")
+        for f in features:
+            overlay = Image.open(out / f"{image.stem}.feature-{f['index']}.png")
+            assert overlay.size == (96, 96)  # 32 px images drawn at 3x
+            assert maps[f"feature_{f['index']}"].mean() == pytest.approx(f["value"], rel=1e-4, abs=1e-6)
+        assert Image.open(out / f"{image.stem}.input.png").size == (96, 96)
+        assert sorted(report["files"]) == sorted(p.name for p in out.glob(f"{image.stem}.*") if p.suffix != ".json")
+    too_many = run_cli("explain", images[0], *common, "--top", "9", check=False)
+    assert too_many.returncode == 2 and "--top must be between 1 and 8, got 9" in too_many.stderr
 
 
 def test_score_bad_model_is_one_line_error(pipeline, cifar_slice, tmp_path):

@@ -1,0 +1,171 @@
+"""POST /explain against POST /score for one image (issue 16 goal: /explain p50 <= 3x /score p50),
+and the atlas job over the demo's 5,000 reference images (goal: under 10 minutes on this CPU).
+
+One ``qscore`` service (uvicorn, the app factory, a registry seeded with the packaged demo) in its
+own process; one client with a keep-alive connection posts the same 32x32 CIFAR-10 JPEG, in
+rounds that alternate /score and /explain (default ``?top=3``, PNG overlays in the answer), so
+whatever else the machine does falls on both alike. The figure is the ratio of the two p50s over
+all rounds. With ``--atlas`` the same service (embedded jobs) then runs ``POST /jobs/atlas`` on
+CIFAR-10 train (5,000 images drawn as discovery draws them) and the job's own start and end
+times are reported.
+
+    python -m benchmarks.bench_explain [--rounds 6] [--requests 40] [--top 3] [--atlas]
+
+Results: ``benchmarks/results/explain.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from benchmarks.bench_service import cifar_jpegs, free_port
+from benchmarks.common import RESULTS, ROOT, cpu_model, load_average, pythonpath, write_result
+from models.data.datasets import ensure_cifar10
+
+GOAL_RATIO = 3.0
+GOAL_ATLAS_S = 600.0
+
+
+class Service:
+    """``qscore``'s app factory under uvicorn in its own process, on its own registry."""
+
+    def __init__(self, registry: Path, datasets: dict[str, str]) -> None:
+        self.url = f"http://127.0.0.1:{free_port()}"
+        env = {
+            **os.environ,
+            "PYTHONPATH": pythonpath(),
+            "PYTHONWARNINGS": "ignore",
+            "QSCORE_REGISTRY_ROOT": str(registry),
+            "QSCORE_DEVICE": "cpu",
+            "QSCORE_DATASETS": json.dumps(datasets),
+            "QSCORE_JOB_CHECKPOINT_DIR": str(registry.parent / "checkpoints"),
+        }
+        command = [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app", "--host", "127.0.0.1"]
+        command += ["--port", self.url.rsplit(":", 1)[1], "--log-level", "warning", "--no-access-log"]
+        self.process = subprocess.Popen(command, cwd=ROOT, env=env)
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise SystemExit(f"the service at {self.url} did not start")
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+
+
+def latencies(client: httpx.Client, path: str, blob: bytes, n: int) -> list[float]:
+    """Milliseconds of ``n`` sequential posts of ``blob`` to ``path`` (each answer checked)."""
+    out = []
+    for _ in range(n):
+        start = time.perf_counter()
+        response = client.post(path, files={"files": ("cat.jpg", blob, "image/jpeg")})
+        out.append(1000 * (time.perf_counter() - start))
+        if response.status_code != 200:
+            raise SystemExit(f"{path} answered {response.status_code}: {response.text[:300]}")
+    return out
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def atlas_job(service: Service, sample_size: int) -> dict[str, Any]:
+    with httpx.Client(base_url=service.url, timeout=60) as client:
+        started = time.perf_counter()
+        accepted = client.post("/jobs/atlas", json={"dataset": "cifar10-train", "sample_size": sample_size})
+        if accepted.status_code != 202:
+            raise SystemExit(f"POST /jobs/atlas answered {accepted.status_code}: {accepted.text[:300]}")
+        job = accepted.json()["job_id"]
+        while True:
+            record = client.get(f"/jobs/{job}").json()
+            if record["state"] in ("succeeded", "failed", "cancelled"):
+                break
+            time.sleep(1.0)
+        wall = time.perf_counter() - started
+    if record["state"] != "succeeded":
+        raise SystemExit(f"the atlas job ended {record['state']}: {record['error']}")
+    return {
+        "images": record["result"]["n_images"],
+        "features": record["result"]["features"],
+        "method": record["result"]["method"],
+        "job_seconds": round(record["finished_at"] - record["started_at"], 1),
+        "wall_seconds_with_queueing": round(wall, 1),
+        "goal_seconds": GOAL_ATLAS_S,
+        "goal_met": record["finished_at"] - record["started_at"] < GOAL_ATLAS_S,
+        "groups": record["result"]["groups"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--requests", type=int, default=40, help="requests per endpoint per round")
+    parser.add_argument("--top", type=int, default=3, help="heatmaps per /explain answer")
+    parser.add_argument("--atlas", action="store_true", help="also time POST /jobs/atlas over --atlas-images")
+    parser.add_argument("--atlas-images", type=int, default=5000)
+    args = parser.parse_args()
+    blob = cifar_jpegs(1)[0]
+    runs: dict[str, list[float]] = {"score": [], "explain": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        service = Service(Path(tmp) / "registry", {"cifar10-train": str(ensure_cifar10() / "train")})
+        try:
+            paths = {"score": "/score", "explain": f"/explain?top={args.top}"}
+            with httpx.Client(base_url=service.url, timeout=60) as client:
+                for name in runs:
+                    latencies(client, paths[name], blob, 10)  # warm-up (the explainer is made on first use)
+                for r in range(args.rounds):
+                    order = list(runs) if r % 2 == 0 else list(reversed(runs))
+                    for name in order:
+                        runs[name] += latencies(client, paths[name], blob, args.requests)
+                    print(
+                        f"round {r}: /score p50 {statistics.median(runs['score']):.2f} ms, "
+                        f"/explain p50 {statistics.median(runs['explain']):.2f} ms",
+                        flush=True,
+                    )
+            atlas = atlas_job(service, args.atlas_images) if args.atlas else None
+        finally:
+            service.stop()
+    p50 = {name: statistics.median(v) for name, v in runs.items()}
+    ratio = p50["explain"] / p50["score"]
+    result: dict[str, Any] = {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "load_average_at_end": load_average()},
+        "model": "demo (packaged SimCLR ResNet-18, width 16, 32x32)",
+        "image": "one CIFAR-10 test JPEG, 32x32",
+        "top": args.top,
+        "rounds": args.rounds,
+        "requests_per_round": args.requests,
+        "score": {"p50_ms": round(p50["score"], 2), "p99_ms": round(percentile(runs["score"], 99), 2)},
+        "explain": {"p50_ms": round(p50["explain"], 2), "p99_ms": round(percentile(runs["explain"], 99), 2)},
+        "ratio_p50_explain_over_score": round(ratio, 2),
+        "goal_ratio": GOAL_RATIO,
+        "goal_met": ratio <= GOAL_RATIO,
+        "atlas_job": atlas,
+    }
+    write_result(RESULTS / "explain.json", result)
+    print(json.dumps({k: result[k] for k in ("score", "explain", "ratio_p50_explain_over_score", "goal_met")}))
+    if atlas is not None:
+        print(json.dumps({"atlas_job": atlas}))
+
+
+if __name__ == "__main__":
+    main()
