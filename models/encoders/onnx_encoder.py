@@ -103,6 +103,9 @@ def make_session(
     options.inter_op_num_threads = 1
     if intra_op_threads is not None:
         options.intra_op_num_threads = intra_op_threads
+    # Idle pool threads sleep instead of spinning: the service's event loop needs the cores they
+    # would burn (2 threads on a busy 2-core machine: 185 against 111 batch-1 forwards/s).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = providers_for(device)
     try:
         return ort.InferenceSession(
