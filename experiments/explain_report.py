@@ -301,7 +301,10 @@ def run_subject(subject: Subject, args: argparse.Namespace, root: Path, figures:
     groups = explainer.groups
     atlas_dir = RUNS / subject.name / f"atlas-{args.reference}"
     reference_file = RUNS / subject.name / f"reference-{args.reference}.pt"
-    if not (atlas_dir.is_dir() and reference_file.is_file()):
+    cached: list[str] = []
+    if atlas_dir.is_dir() and reference_file.is_file():
+        cached.append("atlas")
+    else:
         sample = random_sample(len(image_folder(train_dir)), args.reference, 0)
         atlas = compute_atlas(
             encoder, fs, train_dir, sample.indices, AtlasConfig(top_k=8, tail_sample=encoder.feature_dim, seed=0)
@@ -359,6 +362,8 @@ def run_subject(subject: Subject, args: argparse.Namespace, root: Path, figures:
     }
 
     if subject.name == "demo" and args.steps > 0:
+        if (RUNS / "demo" / f"regularized-{args.steps}.safetensors").is_file():
+            cached.append("regularize run")
         tuned = regularized_demo(fs, train_dir, args.steps)
         # the regularizer keeps D and alpha of the original feature set: measure the tuned encoder with them
         tuned_fs = fs.model_copy(deep=True)
@@ -378,6 +383,7 @@ def run_subject(subject: Subject, args: argparse.Namespace, root: Path, figures:
             "figure": fig8.name,
         }
     result["seconds"] = round(time.time() - started, 1)
+    result["cached"] = cached
     return result
 
 
@@ -411,7 +417,14 @@ def write_markdown(results: dict[str, Any], out: Path, total_s: float) -> None:
         "claims on CIFAR-10 with the project's own code: the feature atlas (`models/explanation/atlas.py`, what "
         "`POST /jobs/atlas` runs), the per-image decomposition and heatmaps (`models/explanation/decompose.py`, "
         "`heatmaps.py`: what `POST /explain` returns).",
-        f"Run time {total_s:.0f} s on a 2-core CPU shared with other work.",
+        f"Run time {total_s:.0f} s on a 2-core CPU shared with other work"
+        + (
+            "; read from the cache (`experiments/runs/explain/`): "
+            + "; ".join(f"{name}: {', '.join(r['cached'])}" for name, r in results.items() if r["cached"])
+            if any(r["cached"] for r in results.values())
+            else ""
+        )
+        + ".",
         "",
     ]
     for r in results.values():
