@@ -37,7 +37,7 @@ from models.data.datasets import image_folder, make_loader, subset
 from models.data.transforms import eval_transform
 from models.encoders.spec import Encoder
 from models.explanation.decompose import feature_groups
-from models.explanation.heatmaps import Method, feature_maps, heatmap_method
+from models.explanation.heatmaps import Method, feature_maps, for_display, heatmap_method
 from models.explanation.render import Tile, contact_sheet, png_bytes
 from models.scoring.feature_set import FeatureSet
 from models.scoring.qscore import dominant_mask
@@ -246,7 +246,7 @@ def compute_atlas(
             f"; {entry.top_class} {entry.purity:.0%}" if entry.purity is not None else ""
         )
         tiles = [
-            Tile(pixels[position[int(i)]], maps[j][rank], f"{t['label'] or ''}\n{t['value']:.2f}")
+            Tile(pixels[position[int(i)]], for_display(maps[j][rank], method), f"{t['label'] or ''}\n{t['value']:.2f}")
             for rank, (i, t) in enumerate(zip(rows, entry.top, strict=True))
         ]
         entry.sheet = png_bytes(contact_sheet(title, tiles, columns=config.top_k, tile=config.sheet_tile), 6)

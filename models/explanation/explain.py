@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from models.explanation.decompose import Contribution, Decomposition, decompose, feature_groups, ranked_features
-from models.explanation.heatmaps import FeatureMaps, Method, feature_maps, heatmap_method
+from models.explanation.heatmaps import FeatureMaps, Method, feature_maps, for_display, heatmap_method
 from models.explanation.render import enlarged, overlay, png_base64
 from models.scoring.result import ImageScore
 from models.scoring.scorer import Scorer
@@ -44,7 +44,8 @@ class Explanation:
 
     def overlays(self, size: int | None = None) -> list[Any]:
         """One PIL overlay per heatmap, ``size`` pixels wide (default: the encoder's input size)."""
-        return [overlay(self.image, hm.map, size or self.image.shape[0]) for hm in self.heatmaps]
+        size = size or self.image.shape[0]
+        return [overlay(self.image, for_display(hm.map, self.method), size) for hm in self.heatmaps]
 
     def row(self, *, arrays: bool = False, pictures: bool = True, size: int | None = None) -> dict[str, Any]:
         """The JSON form: ``score`` (the fields of a /score result), ``decomposition``, ``heatmaps``.

@@ -15,7 +15,8 @@ Two methods (FIELD-NOTES, "Explaining a score per image"):
   ``h_j`` exactly (Euler's theorem), with biases it is not.
 
 Maps come back before any upsampling (``maps``), so a client can check the exact method
-itself: ``maps.mean((-2, -1))`` is ``h_j``. :func:`upsample` brings them to the image size.
+itself: ``maps.mean((-2, -1))`` is ``h_j``. :func:`upsample` brings them to the image size;
+:func:`for_display` is what the overlays draw (gradient maps pooled into blocks).
 """
 
 from __future__ import annotations
@@ -113,6 +114,23 @@ def feature_maps(encoder: Encoder, x: torch.Tensor, features: torch.Tensor) -> F
     maps = (grad * copies.detach()).sum(dim=1).view(n, k, *x.shape[2:])
     h = out.detach()[::k]  # every copy gives the same h; keep the first of each image
     return FeatureMaps(maps.float().cpu(), h.float().cpu(), features, method)
+
+
+#: Gradient maps are shown pooled to about this many blocks a side: raw gradient x input is
+#: speckled at the pixel level (strided convolutions), which hides where a feature fires.
+DISPLAY_BLOCKS = 8
+
+
+def for_display(maps: torch.Tensor, method: Method) -> torch.Tensor:
+    """What overlays draw: channel maps as they are; gradient maps' positive part averaged over
+    blocks of ``S // DISPLAY_BLOCKS`` pixels (the arrays a client gets stay as computed)."""
+    if method == "channel_map" or maps.shape[-1] < 2 * DISPLAY_BLOCKS:
+        return maps
+    k = max(1, maps.shape[-1] // DISPLAY_BLOCKS)
+    lead = maps.shape[:-2]
+    flat = maps.reshape(-1, 1, *maps.shape[-2:]).float().clamp(min=0)
+    pooled = F.avg_pool2d(flat, kernel_size=k, stride=k, ceil_mode=True)
+    return pooled.reshape(*lead, *pooled.shape[-2:])
 
 
 def upsample(maps: torch.Tensor, size: int) -> torch.Tensor:

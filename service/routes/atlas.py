@@ -17,7 +17,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 
 from models.explanation.atlas import SHEETS_DIR, read_atlas
-from models.registry.versions import Registry, RegistryError
+from models.registry.versions import FEATURE_SET_FILE, Registry, RegistryError
 from service.deps import HolderDep
 from service.limits import ApiError
 from service.schemas import VERSION_REGEX, AtlasFeature, AtlasIndex, ErrorResponse
@@ -84,7 +84,7 @@ async def _atlas(holder: Any, feature_set: str | None) -> tuple[str, Path]:
             raise ApiError(503, "not_ready", "no model is loaded yet; retry shortly", headers={"Retry-After": "1"})
         feature_set = state.feature_set_version
     try:
-        exists = await asyncio.to_thread(lambda: (registry.feature_set_dir(feature_set) / "feature_set.json").is_file())
+        exists = await asyncio.to_thread(lambda: (registry.feature_set_dir(feature_set) / FEATURE_SET_FILE).is_file())
     except RegistryError as exc:
         raise ApiError(404, "version_not_found", str(exc)) from None
     if not exists:

@@ -13,7 +13,7 @@ from models.encoders.resnet import build_encoder
 from models.encoders.spec import EncoderSpec
 from models.encoders.timm_encoder import build_timm_encoder
 from models.encoders.torchscript_encoder import load_torchscript
-from models.explanation.heatmaps import feature_maps, heatmap_method, upsample
+from models.explanation.heatmaps import feature_maps, for_display, heatmap_method, upsample
 from models.registry.versions import DEMO_DIR
 
 
@@ -121,3 +121,13 @@ def test_upsample_keeps_constant_maps_and_shapes() -> None:
     torch.testing.assert_close(up, torch.full((2, 3, 32, 32), 2.5))
     same = torch.rand(5, 5)
     assert upsample(same, 5) is same
+
+
+def test_for_display_pools_the_positive_part_of_gradient_maps_only() -> None:
+    maps = torch.arange(2 * 32 * 32, dtype=torch.float32).view(2, 32, 32) - 1000
+    shown = for_display(maps, "gradient_x_input")
+    assert shown.shape == (2, 8, 8)  # blocks of 32 // DISPLAY_BLOCKS = 4 pixels
+    torch.testing.assert_close(shown[1, 2, 3], maps[1, 8:12, 12:16].clamp(min=0).mean())
+    assert float(shown[0, 0, 0]) == 0.0  # all negative there
+    channel = torch.rand(3, 4, 4)
+    assert for_display(channel, "channel_map") is channel
