@@ -36,7 +36,7 @@ class Settings(BaseSettings):
         None,
         ge=1,
         description="Threads of one encoder operator, torch's and ONNX Runtime's alike; default: the cores this "
-        "process may use.",
+        "process may use less one (at least 1), left to the event loop.",
     )
 
     # -- continuous batching --------------------------------------------------------------
@@ -182,8 +182,11 @@ class Settings(BaseSettings):
 
     @property
     def inference_threads(self) -> int:
-        """QSCORE_INTRA_OP_THREADS (or its old name QSCORE_TORCH_THREADS), else the cores this process may use."""
-        return self.intra_op_threads or self.torch_threads or usable_cores()
+        """QSCORE_INTRA_OP_THREADS (or its old name QSCORE_TORCH_THREADS), else the cores this process may use
+        less one, at least 1: the event loop keeps a core (benchmarks/results/ab-issue14.json: with both
+        cores to the encoder, /score at one connection ran at 0.5x the earlier default's on this 2-core
+        machine, 0.8x with one)."""
+        return self.intra_op_threads or self.torch_threads or max(1, usable_cores() - 1)
 
     @property
     def visibility_timeout_s(self) -> int:
