@@ -239,7 +239,7 @@ def explanation_figure(
     save_figure(fig, out)
 
 
-def correctness(scorer: Scorer, fs: FeatureSet, groups: np.ndarray, h_test: torch.Tensor, correct: np.ndarray) -> dict:
+def correctness(fs: FeatureSet, groups: np.ndarray, h_test: torch.Tensor, correct: np.ndarray) -> dict:
     decs = decompose(h_test, fs.discriminative_indices, groups, fs.eps)
     signals = {
         "q_score": np.array([d.q_score for d in decs]),
@@ -338,7 +338,7 @@ def run_subject(subject: Subject, args: argparse.Namespace, root: Path, figures:
     h_test = representations(scorer, pixels)
     probe = linear_probe(h_ref, y_ref, h_test, y_test)
     correct = probe.correct
-    stats = correctness(scorer, fs, groups, h_test, correct)
+    stats = correctness(fs, groups, h_test, correct)
     rng = np.random.default_rng(3)
     right = rng.choice(np.flatnonzero(correct), size=4, replace=False)
     wrong = rng.choice(np.flatnonzero(~correct), size=4, replace=False)
