@@ -270,7 +270,7 @@ def test_prepare_regularization_builds_the_run_on_the_feature_set(tiny_model, ci
 def test_prepare_regularization_refuses_what_does_not_fit(tiny_model, cifar_slice):
     encoder, digest, fs = tiny_model
     data = cifar_slice / "train"
-    with pytest.raises(ValueError, match=r"not found on this encoder \(it was found on .*other is 000000000000\)"):
+    with pytest.raises(ValueError, match=r"was found on encoder .*, but model .other. is 000000000000"):
         prepare_regularization(ImportedEncoder(encoder, "0" * 64, "test"), fs, data, name="other")
     resized = fs.model_copy(deep=True)
     resized.encoder.preprocessing = Preprocessing(image_size=64, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
