@@ -21,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 
 from models.scoring.bank import ReferenceBank
 from models.scoring.dominance import ALPHA_PERCENTILE
+from models.scoring.error_estimate import ErrorEstimator
+from models.scoring.probe import Head, HeadInfo, check_head, head_path, load_head
 from models.scoring.risk import RiskModel
 from models.scoring.typicality import TypicalityModel
 from models.storage.atomic import write_json_atomic
@@ -126,8 +128,14 @@ class FeatureSet(BaseModel):
     negative_share: float | None = Field(
         None, ge=0.0, le=1.0, description="Share of negative entries of h over the reference sample."
     )
+    head: HeadInfo | None = Field(None, description="The classifier head served beside it (weights beside the JSON).")
+    error_estimator: ErrorEstimator | None = Field(
+        None, description="How the error rate of recent traffic is estimated (GET /monitor)."
+    )
     _bank: ReferenceBank | None = PrivateAttr(default=None)
     _bank_file: Path | None = PrivateAttr(default=None)  # loaded on first use (listings stay cheap)
+    _head: Head | None = PrivateAttr(default=None)
+    _head_file: Path | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _one_notion_of_risk(self) -> FeatureSet:
@@ -210,6 +218,27 @@ class FeatureSet(BaseModel):
         return copy
 
     @property
+    def classifier(self) -> Head | None:
+        """The classifier head (CPU), when the feature set records one; read on first use."""
+        if self._head is None and self._head_file is not None and self.head is not None:
+            head = load_head(self._head_file, self.head)
+            check_head(head, self.encoder.feature_dim)
+            self._head = head
+        return self._head
+
+    def with_head(self, head: Head, info: HeadInfo) -> FeatureSet:
+        """A copy carrying ``head`` (saved beside the JSON), checked against the encoder's dimension."""
+        if head.kind != info.kind or head.classes != info.classes:
+            raise ValueError(
+                f"the head is a {head.kind} head over {head.classes}; its record says {info.kind} over {info.classes}"
+            )
+        check_head(head, self.encoder.feature_dim)
+        copy = self.model_copy(update={"head": info})
+        copy._bank, copy._bank_file = self._bank, self._bank_file
+        copy._head, copy._head_file = head, None
+        return copy
+
+    @property
     def calibrated(self) -> bool:
         return self.risk_model is not None
 
@@ -224,9 +253,11 @@ class FeatureSet(BaseModel):
         return self.risk_model.predict(signals)
 
     def save(self, path: str | Path) -> None:
-        """Write the JSON and, when there is one, the bank beside it (both atomically, bank first)."""
+        """Write the JSON and, when there are, the bank and the head beside it (each atomically, JSON last)."""
         if self.bank is not None:
             self.bank.save(bank_path(path))
+        if self.head is not None and self.classifier is not None:
+            self.classifier.save(head_path(path, self.head.kind))
         write_json_atomic(path, self.model_dump(mode="json"))
 
     @classmethod
@@ -237,4 +268,8 @@ class FeatureSet(BaseModel):
             if not bank_path(path).is_file():
                 raise FileNotFoundError(f"the feature set's reference bank is missing: {bank_path(path)}")
             fs._bank_file = bank_path(path)
+        if fs.head is not None:
+            if not head_path(path, fs.head.kind).is_file():
+                raise FileNotFoundError(f"the feature set's head is missing: {head_path(path, fs.head.kind)}")
+            fs._head_file = head_path(path, fs.head.kind)
         return fs

@@ -42,6 +42,12 @@ class ImageScore:
     )
     atypical: bool | None = field(default=None, metadata=_doc("typicality above 1; null without typicality."))
     reasons: tuple[str, ...] = field(default=(), metadata=_doc('Why flagged: "q_below_alpha", "atypical".'))
+    predicted_class: str | None = field(
+        default=None, metadata=_doc("The served head's class for the image; null unless asked for (?predict=true).")
+    )
+    confidence: float | None = field(
+        default=None, metadata=_doc("The head's maximum softmax probability; null unless asked for (?predict=true).")
+    )
 
     def row(self) -> dict[str, Any]:
         """The JSON form (plain types, in :data:`SCORE_FIELDS` order)."""
@@ -52,6 +58,8 @@ class ImageScore:
             "atypical": self.atypical,
             "risk": self.risk,
             "reasons": list(self.reasons),
+            "predicted_class": self.predicted_class,
+            "confidence": self.confidence,
             "l1_norm": self.l1_norm,
             "dominant": _values(self.dominant),
             "discriminative_active": _values(self.discriminative_active),
@@ -66,6 +74,8 @@ SCORE_FIELDS: tuple[str, ...] = (
     "atypical",
     "risk",
     "reasons",
+    "predicted_class",
+    "confidence",
     "l1_norm",
     "dominant",
     "discriminative_active",

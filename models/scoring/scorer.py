@@ -22,6 +22,7 @@ from models.encoders.runtime import Runtime
 from models.encoders.spec import Encoder
 from models.scoring.compatibility import check_fits
 from models.scoring.feature_set import FeatureSet
+from models.scoring.probe import head_signals
 from models.scoring.qscore import discriminative_mask, q_score_parts
 from models.scoring.result import FeatureValue, ImageScore, reasons_of
 from models.scoring.signals import label_free_signals
@@ -91,6 +92,8 @@ class Scorer:
         elif self.typicality is not None and self.typicality.needs_bank:
             raise ValueError("the feature set's typicality needs its reference bank, which was not loaded")
         self._needs_pixels = self.typicality is not None and self.typicality.needs_pixels
+        head = feature_set.classifier
+        self.head = None if head is None else head.to(self.device)
         # Without typicality or a risk model nothing reads the other signals: the Q-Score's alone.
         self._q_only = self.typicality is None and feature_set.risk_model is None
 
@@ -147,11 +150,18 @@ class Scorer:
             sig = {"q_score": parts.q_score.cpu().numpy(), "mean_active": parts.mean_active.cpu().numpy()}
         else:
             sig = label_free_signals(h, inference.pixel_stats, parts, self.typicality, self.bank)
+        predicted = None
+        if self.head is not None:
+            logits = self.head.logits(h)
+            sig |= head_signals(logits)
+            predicted = logits.argmax(dim=1).cpu().numpy()
         q = sig["q_score"]
         risk = fs.risk(sig)
         if risk is not None:
             risk = np.clip(risk, 0.0, 1.0)  # once for the batch: per image it costs more than the forward
         typ = sig.get("typicality")
+        confidence = sig.get("probe_max_softmax")
+        classes = self.head.classes if self.head is not None else []
         l1 = parts.l1_norm.cpu().numpy()
         if any(wanted):
             h_cpu, dominant, active = h.cpu(), parts.dominant.cpu(), parts.active.cpu()
@@ -170,6 +180,8 @@ class Scorer:
                     typicality=None if typ is None else float(typ[i]),
                     atypical=atypical,
                     reasons=reasons_of(low, atypical),
+                    predicted_class=None if predicted is None else classes[predicted[i]],
+                    confidence=None if confidence is None else float(confidence[i]),
                 )
             )
         return out

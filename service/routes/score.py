@@ -77,6 +77,10 @@ async def score(
     features: Annotated[
         bool, Query(description="Also list each image's dominant and active discriminative features.")
     ] = False,
+    predict: Annotated[
+        bool,
+        Query(description="Also give each image's predicted_class and confidence from the served head (if any)."),
+    ] = False,
 ) -> Response:
     """Q-Score of each uploaded image; files that are not usable images get an ``error`` entry."""
     settings, state, batcher, metrics = scoring.settings, scoring.state, scoring.batcher, scoring.metrics
@@ -117,7 +121,10 @@ async def score(
                 results.append(_error_result(name, outcome))
             else:
                 verdicts.append(outcome)
-                results.append({"filename": name, **outcome.row(), "error": None})
+                row = outcome.row()
+                if not predict:
+                    row["predicted_class"] = row["confidence"] = None
+                results.append({"filename": name, **row, "error": None})
         metrics.observe_scores(state.model_version, state.feature_set_version, verdicts)
         status = 200
         return Response(orjson.dumps({**state.response_header, "results": results}), media_type="application/json")

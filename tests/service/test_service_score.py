@@ -96,6 +96,8 @@ def test_score_without_features_answers_lean_results_with_the_same_scores(
             "atypical",
             "risk",
             "reasons",
+            "predicted_class",
+            "confidence",
             "l1_norm",
             "dominant",
             "discriminative_active",
