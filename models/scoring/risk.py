@@ -7,6 +7,12 @@ scaling by default (a 1-D logistic fit: strictly monotone, so it keeps the ranki
 tie many images and cost AUROC) or isotonic. Stored as JSON (means, scales, coefficients, the
 calibration's parameters or step points), never pickled.
 
+Under shift (issue 15) the model is fitted on clean *and* shifted held-out images, and two
+guards keep it from extrapolating downwards on inputs unlike anything it saw: every signal is
+clipped to the range it was fitted on, except the ``monotone`` ones (``log_typicality``), whose
+coefficients are constrained to be >= 0 and which are left unclipped, so the risk can only rise
+as an image gets more atypical, however far beyond the reference's range it lies.
+
 The report of :func:`fit_risk` is cross-validated: the AUROC/AUPRC of the combination from
 out-of-fold decision values, the calibration (ECE, reliability) from an outer cross-validation in
 which every sample's probability comes from a regression and a calibration that never saw it.
@@ -19,11 +25,14 @@ from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from scipy.optimize import minimize
+from scipy.special import expit, log_expit
+from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score, roc_auc_score
-from sklearn.model_selection import StratifiedKFold, cross_val_predict
-from sklearn.pipeline import make_pipeline
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 #: Signals the risk model may use, all label-free (see models.scoring.typicality and models.scoring.qscore).
@@ -34,12 +43,24 @@ RISK_SIGNALS = (
     "hoyer",
     "log_max",
     "knn",
-    "typicality",
+    "log_typicality",
     "proto_conf_8",
     "proto_conf_16",
     "proto_conf_32",
     "proto_conf_64",
+    # the served head's confidence (models/scoring/probe.py), when the feature set has one
+    "probe_max_softmax",
+    "probe_entropy",
+    "probe_margin",
 )
+
+
+#: Signals whose coefficient must be >= 0 and which are never clipped: the more atypical, the riskier.
+MONOTONE_SIGNALS = ("log_typicality",)
+
+
+#: The L2 penalty of the logistic regression, as scikit-learn's C.
+PENALTY_C = 0.1
 
 
 DEFAULT_FOLDS = 5
@@ -70,6 +91,10 @@ class RiskModel(BaseModel):
     platt_b: float = 0.0
     iso_x: list[float] = Field(default_factory=list)
     iso_y: list[float] = Field(default_factory=list)
+    #: Clip bounds per signal (the fitted range; None: unbounded). Empty in models made before issue 15.
+    lower: list[float | None] = Field(default_factory=list)
+    upper: list[float | None] = Field(default_factory=list)
+    monotone: list[str] = Field(default_factory=list)
     source: str
     n_train: int = Field(ge=0)
     metrics: dict[str, Any] = Field(default_factory=dict)
@@ -85,6 +110,15 @@ class RiskModel(BaseModel):
             raise ValueError("isotonic calibration needs as many (non-zero) x points as y points")
         if any(b < a for a, b in zip(self.iso_x, self.iso_x[1:], strict=False)):
             raise ValueError("calibration x points must be sorted")
+        if len(self.lower) not in (0, n) or len(self.upper) != len(self.lower):
+            raise ValueError("a risk model needs no clip bounds or one lower and one upper per signal")
+        if not set(self.monotone) <= set(self.signals):
+            raise ValueError(f"monotone signals {self.monotone} must be among the signals {self.signals}")
+        for name in self.monotone:
+            if self.coef[self.signals.index(name)] < 0:
+                raise ValueError(f"the coefficient of monotone signal {name!r} must be >= 0")
+        if self.calibration == "platt" and self.platt_a < 0:
+            raise ValueError("Platt's slope must be >= 0 (the calibration keeps the ranking)")
         return self
 
     def decision(self, sig: dict[str, np.ndarray]) -> np.ndarray:
@@ -92,6 +126,10 @@ class RiskModel(BaseModel):
         if missing:
             raise ValueError(f"the risk model needs the signals {missing}; got {sorted(sig)}")
         x = np.stack([np.asarray(sig[s], dtype=np.float64) for s in self.signals], axis=1)
+        if self.lower:
+            lo = np.array([-np.inf if v is None else v for v in self.lower])
+            hi = np.array([np.inf if v is None else v for v in self.upper])
+            x = np.clip(x, lo, hi)
         z = (x - np.asarray(self.mean)) / np.asarray(self.scale)
         return z @ np.asarray(self.coef) + self.intercept
 
@@ -130,20 +168,57 @@ def _matrix(sig: dict[str, np.ndarray], names: Sequence[str]) -> np.ndarray:
     return x
 
 
-def _pipeline(seed: int) -> Any:
-    return make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=1000, random_state=seed))
+class SignConstrainedLogistic(ClassifierMixin, BaseEstimator):
+    """L2-penalised binary logistic regression whose coefficients in ``nonnegative`` are >= 0.
+
+    Hand-written (a few lines over scipy's L-BFGS-B) because scikit-learn's LogisticRegression
+    takes no sign constraints. Same objective as scikit-learn's:
+    ``0.5 ||w||^2 + C * sum_i s_i * logloss_i`` (the intercept unpenalised).
+    """
+
+    def __init__(self, C: float = PENALTY_C, nonnegative: tuple[int, ...] = ()) -> None:
+        self.C = C
+        self.nonnegative = nonnegative
+
+    def fit(self, x: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None) -> SignConstrainedLogistic:
+        x, y = np.asarray(x, dtype=np.float64), np.asarray(y).astype(bool)
+        self.classes_ = np.array([False, True])
+        w = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+        sign = np.where(y, 1.0, -1.0)
+        d = x.shape[1]
+
+        def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
+            margin = sign * (x @ theta[:d] + theta[d])
+            loss = -(w * log_expit(margin)).sum()
+            g = -w * sign * expit(-margin)  # d loss / d decision
+            grad = np.append(x.T @ g * self.C + theta[:d], g.sum() * self.C)
+            return 0.5 * theta[:d] @ theta[:d] + self.C * loss, grad
+
+        bounds = [(0.0, None) if j in self.nonnegative else (None, None) for j in range(d)] + [(None, None)]
+        result = minimize(objective, np.zeros(d + 1), jac=True, method="L-BFGS-B", bounds=bounds)
+        self.coef_ = result.x[:d].reshape(1, -1)
+        self.intercept_ = result.x[d:]
+        return self
+
+    def decision_function(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(x, dtype=np.float64) @ self.coef_[0] + self.intercept_[0]
+
+
+def _pipeline(nonnegative: tuple[int, ...] = ()) -> Pipeline:
+    return Pipeline([("scale", StandardScaler()), ("logistic", SignConstrainedLogistic(PENALTY_C, nonnegative))])
 
 
 class _Calibrator:
     """Platt or isotonic, fitted on 1-D decision values."""
 
-    def __init__(self, method: str, d: np.ndarray, miss: np.ndarray) -> None:
+    def __init__(self, method: str, d: np.ndarray, miss: np.ndarray, weight: np.ndarray | None = None) -> None:
         self.method = method
         if method == "isotonic":
-            self.iso = IsotonicRegression(increasing=True, out_of_bounds="clip", y_min=0.0, y_max=1.0).fit(d, miss)
+            self.iso = IsotonicRegression(increasing=True, out_of_bounds="clip", y_min=0.0, y_max=1.0)
+            self.iso.fit(d, miss, sample_weight=weight)
         elif method == "platt":
-            lr = LogisticRegression(C=1e6, max_iter=1000).fit(d.reshape(-1, 1), miss)
-            self.a, self.b = float(lr.coef_[0, 0]), float(lr.intercept_[0])
+            lr = LogisticRegression(C=1e6, max_iter=1000).fit(d.reshape(-1, 1), miss, sample_weight=weight)
+            self.a, self.b = max(0.0, float(lr.coef_[0, 0])), float(lr.intercept_[0])
         else:
             raise ValueError(f"calibration must be 'platt' or 'isotonic', got {method!r}")
 
@@ -153,10 +228,48 @@ class _Calibrator:
         return 1.0 / (1.0 + np.exp(-(self.a * d + self.b)))
 
 
-def _fit_once(x: np.ndarray, miss: np.ndarray, folds: int, seed: int, method: str) -> tuple[Any, _Calibrator]:
-    cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
-    oof = cross_val_predict(_pipeline(seed), x, miss, cv=cv, method="decision_function")
-    return _pipeline(seed).fit(x, miss), _Calibrator(method, oof, miss)
+def _splitter(folds: int, seed: int, groups: np.ndarray | None) -> Any:
+    """Stratified folds; with ``groups`` (e.g. the source image of shifted copies) a group never straddles two."""
+    if groups is None:
+        return StratifiedKFold(folds, shuffle=True, random_state=seed)
+    return StratifiedGroupKFold(folds, shuffle=True, random_state=seed)
+
+
+def _decisions_out_of_fold(
+    x: np.ndarray, miss: np.ndarray, fold: _Fold, cv: Any, groups: np.ndarray | None
+) -> np.ndarray:
+    oof = np.zeros(len(miss))
+    for train, test in cv.split(x, miss, groups):
+        oof[test] = fold.fitted(train).decision_function(x[test])
+    return oof
+
+
+class _Fold:
+    """Fits of the regression on subsets of one data set (weights and constraints held)."""
+
+    def __init__(
+        self, x: np.ndarray, miss: np.ndarray, weight: np.ndarray | None, nonnegative: tuple[int, ...]
+    ) -> None:
+        self.x, self.miss, self.weight, self.nonnegative = x, miss, weight, nonnegative
+
+    def fitted(self, rows: np.ndarray) -> Pipeline:
+        weight = None if self.weight is None else self.weight[rows]
+        return _pipeline(self.nonnegative).fit(self.x[rows], self.miss[rows], logistic__sample_weight=weight)
+
+
+def _fit_once(
+    x: np.ndarray,
+    miss: np.ndarray,
+    folds: int,
+    seed: int,
+    method: str,
+    weight: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
+    nonnegative: tuple[int, ...] = (),
+) -> tuple[Pipeline, _Calibrator]:
+    fold = _Fold(x, miss, weight, nonnegative)
+    oof = _decisions_out_of_fold(x, miss, fold, _splitter(folds, seed, groups), groups)
+    return fold.fitted(np.arange(len(miss))), _Calibrator(method, oof, miss, weight)
 
 
 def expected_calibration_error(p: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> tuple[float, list[dict]]:
@@ -200,13 +313,20 @@ def fit_risk(
     seed: int = 0,
     calibration: str = "platt",
     extra_scores: dict[str, np.ndarray] | None = None,
+    monotone: Sequence[str] = MONOTONE_SIGNALS,
+    sample_weight: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
+    subsets: dict[str, np.ndarray] | None = None,
 ) -> tuple[RiskModel, dict[str, Any]]:
     """Fit the risk model on labelled held-out samples; return it and its cross-validated report.
 
     ``sig``: (N,) arrays by name; ``misclassified``: (N,) bool, True where the probe was wrong.
-    ``signals`` present in ``sig`` are used (others are skipped; at least one is needed).
-    ``extra_scores`` (e.g. ``{"probe_max_softmax": -p_max}``) are reported beside, oriented
-    "higher = mis-classified".
+    ``signals`` present in ``sig`` are used (others are skipped; at least one is needed);
+    those in ``monotone`` get coefficients >= 0 and no clipping. ``sample_weight`` weighs the
+    samples (e.g. clean against shifted copies); ``groups`` keeps samples of one group (the
+    shifted copies of one image) in one fold. ``subsets`` (name -> (N,) bool mask) are reported
+    apart (AUROC and ECE of the out-of-fold values on each). ``extra_scores`` (e.g.
+    ``{"probe_max_softmax": -p_max}``) are reported beside, oriented "higher = mis-classified".
     """
     miss = np.asarray(misclassified, dtype=bool)
     names = [s for s in signals if s in sig]
@@ -221,49 +341,72 @@ def fit_risk(
             f"the risk model needs at least {folds} correct and {folds} mis-classified samples "
             f"(one per fold); got {int((~miss).sum())} and {int(miss.sum())}"
         )
+    weight = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    if weight is not None and (weight.shape != miss.shape or (weight < 0).any()):
+        raise ValueError(f"sample_weight must be (N,) non-negative, got shape {weight.shape}")
+    nonnegative = tuple(i for i, name in enumerate(names) if name in monotone)
+    fold = _Fold(x, miss, weight, nonnegative)
     # Ranking: out-of-fold decision values of one cross-validation (pooling calibrated
     # probabilities of different folds would reorder images by each fold's calibration).
-    cv = StratifiedKFold(folds, shuffle=True, random_state=seed + 1)
-    d_oof = cross_val_predict(_pipeline(seed), x, miss, cv=cv, method="decision_function")
+    cv = _splitter(folds, seed + 1, groups)
+    d_oof = _decisions_out_of_fold(x, miss, fold, cv, groups)
     # Calibration: an outer cross-validation, every probability from a regression and a
     # calibration that never saw the image.
     p_oof = np.zeros(len(miss))
-    for train, test in cv.split(x, miss):
-        probe, cal = _fit_once(x[train], miss[train], folds, seed, calibration)
+    for train, test in cv.split(x, miss, groups):
+        sub_groups = None if groups is None else groups[train]
+        sub_weight = None if weight is None else weight[train]
+        probe, cal = _fit_once(x[train], miss[train], folds, seed, calibration, sub_weight, sub_groups, nonnegative)
         p_oof[test] = cal.predict(probe.decision_function(x[test]))
     ece, reliability = expected_calibration_error(p_oof, miss)
     report: dict[str, Any] = {
         "n": int(len(miss)),
         "base_rate_misclassified": float(miss.mean()),
         "signals": names,
+        "monotone": [names[i] for i in nonnegative],
         "per_signal": {name: signal_power(x[:, i], miss) for i, name in enumerate(names)},
         "combined": {**signal_power(d_oof, miss), "ece": ece, "reliability": reliability},
         "folds": folds,
     }
+    for name, mask in (subsets or {}).items():
+        mask = np.asarray(mask, dtype=bool)
+        both = 0 < miss[mask].sum() < mask.sum()
+        report.setdefault("subsets", {})[name] = {
+            "n": int(mask.sum()),
+            "error": float(miss[mask].mean()) if mask.any() else None,
+            "mean_risk": float(p_oof[mask].mean()) if mask.any() else None,
+            "auroc": float(roc_auc_score(miss[mask], d_oof[mask])) if both else None,
+            "ece": expected_calibration_error(p_oof[mask], miss[mask])[0] if mask.any() else None,
+        }
     for name, score in (extra_scores or {}).items():
-        p = np.asarray(score, dtype=float)
-        report[name] = signal_power(p, miss)
-    probe, cal = _fit_once(x, miss, folds, seed, calibration)
-    scaler, lr = probe.named_steps["standardscaler"], probe.named_steps["logisticregression"]
+        report[name] = signal_power(np.asarray(score, dtype=float), miss)
+    probe, cal = _fit_once(x, miss, folds, seed, calibration, weight, groups, nonnegative)
+    scaler, lr = probe.named_steps["scale"], probe.named_steps["logistic"]
     xs, ys = np.zeros(0), np.zeros(0)
     if calibration == "isotonic":
         xs, ys = cal.iso.X_thresholds_, cal.iso.y_thresholds_
         if len(xs) > MAX_ISOTONIC_POINTS:
             keep = np.unique(np.linspace(0, len(xs) - 1, MAX_ISOTONIC_POINTS).round().astype(int))
             xs, ys = xs[keep], ys[keep]
+    lower = [None if i in nonnegative else float(x[:, i].min()) for i in range(len(names))]
+    upper = [None if i in nonnegative else float(x[:, i].max()) for i in range(len(names))]
     model = RiskModel(
         signals=names,
         mean=scaler.mean_.tolist(),
-        scale=scaler.scale_.tolist(),
-        coef=lr.coef_[0].tolist(),
+        scale=[float(v) if v > 0 else 1.0 for v in scaler.scale_],
+        coef=[max(0.0, c) if i in nonnegative else c for i, c in enumerate(lr.coef_[0].tolist())],
         intercept=float(lr.intercept_[0]),
         calibration=calibration,  # type: ignore[arg-type]
         platt_a=getattr(cal, "a", 1.0),
         platt_b=getattr(cal, "b", 0.0),
         iso_x=xs.tolist(),
         iso_y=ys.tolist(),
-        source=f"logistic regression on {', '.join(names)}, {calibration} calibration on {folds}-fold out-of-fold "
-        f"decisions, {len(miss)} labelled samples",
+        lower=lower,
+        upper=upper,
+        monotone=[names[i] for i in nonnegative],
+        source=f"logistic regression on {', '.join(names)} (coefficients >= 0 and unclipped: "
+        f"{', '.join(names[i] for i in nonnegative) or 'none'}), {calibration} calibration on {folds}-fold "
+        f"out-of-fold decisions, {len(miss)} labelled samples",
         n_train=int(len(miss)),
         metrics={"auroc": report["combined"]["auroc"], "auprc": report["combined"]["auprc"], "ece": ece},
     )
