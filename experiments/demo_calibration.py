@@ -4,8 +4,11 @@
 
 Discovery is not redone (eps, D, alpha stay as shipped): the demo's own reference sample
 (5,000 CIFAR-10 train images, seed 0, as recorded in the feature set) becomes the bank and
-calibrates typicality; then the evaluation pipeline fits the risk model on CIFAR-10 test images.
-Writes ``models/weights/demo-feature-set.json`` and ``demo-feature-set.bank.safetensors``.
+calibrates typicality; then the evaluation pipeline trains the linear probe (the head) on
+CIFAR-10 train images and fits the risk model and the error estimator on CIFAR-10 test images
+and shifted copies of ``--shift-samples`` of them (models/evaluation/shift_fit.py).
+Writes ``models/weights/demo-feature-set.json``, ``demo-feature-set.bank.safetensors`` and
+``demo-feature-set.head.safetensors``.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from models.data.datasets import ensure_cifar10, image_folder, random_sample, su
 from models.data.transforms import eval_transform
 from models.discovery.discover import with_typicality
 from models.encoders.loading import load_encoder
-from models.evaluation.linear_eval import run_evaluation
+from models.evaluation.linear_eval import DEFAULT_SHIFT_SAMPLES, run_evaluation
 from models.scoring.feature_set import FeatureSet
 from models.scoring.representations import extract_with_pixels
 
@@ -31,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train-samples", type=int, default=5000)
     parser.add_argument("--test-samples", type=int, default=2000)
+    parser.add_argument("--shift-samples", type=int, default=DEFAULT_SHIFT_SAMPLES)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -51,16 +55,20 @@ def main(argv: list[str] | None = None) -> None:
         train_samples=args.train_samples,
         test_samples=args.test_samples,
         compression=False,
+        shift_samples=args.shift_samples,
     )
-    # alpha stays the discovery default (see models/weights/README.md); only the risk model is taken.
-    fs = fs.model_copy(update={"risk_model": calibrated.risk_model})
+    # alpha stays the discovery default (see models/weights/README.md); the head, the risk model
+    # and the error estimator are taken.
+    fs = calibrated.model_copy(update={"alpha": fs.alpha, "alpha_source": fs.alpha_source})
     fs.save(path)
     summary = {
         "bank_vectors": fs.bank.size if fs.bank else 0,
         "typicality_threshold": fs.typicality.threshold if fs.typicality else None,
         "atypical_share_test": report.get("atypical_share_test"),
-        "risk": {k: v for k, v in report["risk"].items() if k != "combined"}
-        | {"combined": {k: v for k, v in report["risk"]["combined"].items() if k != "reliability"}},
+        "risk": {k: v for k, v in report["risk"].items() if k not in ("combined", "subsets")}
+        | {"combined": {k: v for k, v in report["risk"]["combined"].items() if k != "reliability"}}
+        | {"subsets": {k: report["risk"]["subsets"][k] for k in ("clean", "shifted", "gross")}},
+        "error_estimate": {k: v for k, v in report["error_estimate"].items() if k != "sets"},
         "top1": report["top1"],
     }
     (WEIGHTS / "demo-risk-evaluation.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")

@@ -22,7 +22,7 @@ from models.encoders.device import resolve_device
 from models.encoders.loading import ImportedEncoder, load_encoder, save_encoder
 from models.encoders.resnet import build_encoder
 from models.encoders.spec import BUILTIN_ARCHS, IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, parse_rgb
-from models.evaluation.linear_eval import run_evaluation
+from models.evaluation.linear_eval import DEFAULT_SHIFT_SAMPLES, run_evaluation
 from models.explanation.explain import MAX_TOP, Explainer
 from models.explanation.render import display_size, enlarged
 from models.registry.versions import Registry
@@ -363,6 +363,10 @@ def evaluate(
         float | None, typer.Option(help="Calibrate alpha at this mis-classification precision.")
     ] = None,
     compression: Annotated[bool, typer.Option(help="Also run the compression probes.")] = True,
+    shift_samples: Annotated[
+        int,
+        typer.Option(help="Test images whose shifted copies (87 sets) the risk model also sees; 0: clean only."),
+    ] = DEFAULT_SHIFT_SAMPLES,
     seed: int = 0,
     batch_size: int = 256,
     device: DeviceOpt = "auto",
@@ -371,7 +375,7 @@ def evaluate(
     mean: MeanOpt = None,
     std: StdOpt = None,
 ) -> None:
-    """Linear evaluation: top-1, Q-Score AUROC/AUPRC, compression curve, calibration."""
+    """Linear evaluation: top-1, Q-Score AUROC/AUPRC, compression curve; the head, risk and error estimator."""
     with user_errors():
         imported = load_model(model, arch, image_size, mean, std)
         feature_set = FeatureSet.load(features)
@@ -388,6 +392,7 @@ def evaluate(
             device=resolve_device(device),
             target_precision=target_precision,
             compression=compression,
+            shift_samples=shift_samples,
             progress=True,
         )
         if out:
@@ -399,6 +404,12 @@ def evaluate(
             combined = report["risk"]["combined"]
             summary["risk"] = {k: combined[k] for k in ("auroc", "auprc", "ece")}
             summary["risk"]["probe_max_softmax_auroc"] = report["risk"]["probe_max_softmax"]["auroc"]
+            summary["risk"]["subsets"] = {
+                k: {m: v[m] for m in ("n", "error", "mean_risk", "auroc", "ece")}
+                for k, v in report["risk"].get("subsets", {}).items()
+                if k in ("clean", "shifted", "gross")
+            }
+            summary["error_estimator"] = report["error_estimate"]["method"]
         typer.echo(json.dumps(summary))
 
 
@@ -449,6 +460,27 @@ def regularize(
             imported.encoder, out, {"method": method, "lambda": str(lambda_), "parent": imported.fingerprint}
         )
         typer.echo(json.dumps({"out": str(out), "fingerprint": digest, "steps": result.steps}))
+
+
+@app.command("attach-head")
+def attach_head(
+    feature_set: Annotated[str, typer.Argument(help="Feature-set version in the registry.")],
+    head: Annotated[
+        Path, typer.Argument(help="Head file: linear .safetensors (weight, bias, classes) or TorchScript.")
+    ],
+    classes: Annotated[str | None, typer.Option(help="Comma-separated class names (required for TorchScript).")] = None,
+    version: Annotated[str | None, typer.Option(help="New feature-set version name.")] = None,
+    registry: Annotated[
+        Path | None, typer.Option(help="Registry root (default: QSCORE_REGISTRY_ROOT, .qscore/registry).")
+    ] = None,
+) -> None:
+    """Serve your own classifier head with a feature set (a new version); re-run evaluate to fit its risk."""
+    with user_errors():
+        root = registry or get_settings().registry_root
+        names = [c.strip() for c in classes.split(",")] if classes else None
+        typer.echo(
+            json.dumps({"feature_set": Registry(root).attach_head(feature_set, head, classes=names, version=version)})
+        )
 
 
 @app.command("import")

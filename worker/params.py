@@ -16,6 +16,7 @@ from models.encoders.export_program import NOT_TRAINABLE as EXPORT_NOT_TRAINABLE
 from models.encoders.onnx_encoder import NOT_TRAINABLE as ONNX_NOT_TRAINABLE
 from models.encoders.spec import EncoderSpec
 from models.encoders.torchscript_encoder import NOT_TRAINABLE
+from models.evaluation.linear_eval import DEFAULT_SHIFT_SAMPLES
 from models.registry.versions import Registry, RegistryError
 from qscore_config.settings import Settings
 
@@ -106,6 +107,12 @@ class EvaluateParams(_Params):
     test_samples: int | None = Field(None, ge=10, le=10_000_000)
     target_precision: float | None = Field(None, gt=0.0, lt=1.0)
     compression: bool = True
+    shift_samples: int = Field(
+        DEFAULT_SHIFT_SAMPLES,
+        ge=0,
+        le=10_000,
+        description="Test images whose shifted copies (87 sets) the risk model also sees; 0: clean only.",
+    )
     seed: int = Field(0, ge=0)
     batch_size: int = Field(256, ge=1, le=4096)
 

@@ -7,7 +7,8 @@ photograph (solid colours, uniform noise, glyphs drawn with Pillow on plain back
 
 ``HELD_OUT_SHIFTS`` were added after the typicality method and its thresholds were fixed, and were
 never used to choose anything: gratings, checkerboards and smooth random colour fields (gross, of
-a kind the design sets do not contain), pixelation and upside-down images (corruptions).
+a kind the design sets do not contain), pixelation and upside-down images (corruptions); and, after
+issue 15's risk and estimator were fixed, MNIST-like ``digits``.
 """
 
 from __future__ import annotations
@@ -131,6 +132,20 @@ def pixelate(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     return image.resize((8, 8), Image.BOX).resize(image.size, Image.NEAREST)
 
 
+def digits(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """MNIST-like: one white digit, thick and softened, slightly rotated, on black (no CIFAR-10 class)."""
+    width, height = image.size
+    canvas = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+    text = str(int(rng.integers(0, 10)))
+    font = ImageFont.load_default(size=max(8, int(height * 0.85)))
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font, stroke_width=max(1, height // 16))
+    xy = ((width - (right - left)) / 2 - left, (height - (bottom - top)) / 2 - top)
+    draw.text(xy, text, font=font, fill=255, stroke_width=max(1, height // 16), stroke_fill=255)
+    canvas = canvas.rotate(float(rng.uniform(-15, 15)), resample=Image.BILINEAR).filter(ImageFilter.GaussianBlur(0.6))
+    return canvas.convert("RGB")
+
+
 def rotate_180(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Upside down: the pixels' statistics unchanged, the content unlike the training data."""
     return image.rotate(180)
@@ -153,16 +168,18 @@ SHIFTS: dict[str, Shift] = {
     "smooth_field": smooth_field,
     "pixelate": pixelate,
     "rotate_180": rotate_180,
+    # held out of issue 15's method choice (added after it was fixed)
+    "digits": digits,
 }
 
 
 GROSS_SHIFTS = ("solid_colour", "uniform_noise", "glyphs")
 
 
-HELD_OUT_SHIFTS = ("gratings", "checkerboard", "smooth_field", "pixelate", "rotate_180")
+HELD_OUT_SHIFTS = ("gratings", "checkerboard", "smooth_field", "pixelate", "rotate_180", "digits")
 
 
-HELD_OUT_GROSS_SHIFTS = ("gratings", "checkerboard", "smooth_field")
+HELD_OUT_GROSS_SHIFTS = ("gratings", "checkerboard", "smooth_field", "digits")
 
 
 def apply_shift(name: str, images: Iterable[Image.Image], seed: int = 0) -> Iterator[Image.Image]:

@@ -5,22 +5,32 @@ Shared by ``qscore evaluate`` and the ``evaluate`` job.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
+from models.data.corruptions import DESIGN_FAMILIES
 from models.data.datasets import ProgressFn, image_folder, random_sample, subset
 from models.data.transforms import eval_transform
 from models.encoders.resnet import ResNetEncoder
 from models.evaluation.metrics import calibrate_alpha, compression_curve, linear_probe, score_power
+from models.evaluation.shift_fit import FIT_SEVERITIES, SignalSet, measure, pool, signal_sets
 from models.scoring.compatibility import check_fits
+from models.scoring.error_estimate import ErrorEstimator, fit_atc
 from models.scoring.feature_set import FeatureSet
+from models.scoring.probe import HeadInfo, LinearHead
 from models.scoring.qscore import q_score_parts
-from models.scoring.representations import extract_representations, extract_with_pixels
-from models.scoring.risk import fit_risk
-from models.scoring.signals import label_free_signals
+from models.scoring.representations import extract_representations
+from models.scoring.risk import RiskModel, fit_risk
+from models.scoring.scorer import Scorer
+
+#: Held-out images whose shifted copies the risk model also sees (x 87 sets: 17,400 images).
+DEFAULT_SHIFT_SAMPLES = 200
 
 
 def run_evaluation(
@@ -37,14 +47,21 @@ def run_evaluation(
     device: str | torch.device = "cpu",
     target_precision: float | None = None,
     compression: bool = True,
+    shift_samples: int = DEFAULT_SHIFT_SAMPLES,
+    shift_families: Sequence[str] = DESIGN_FAMILIES,
+    shift_severities: Sequence[int] = FIT_SEVERITIES,
     progress: bool = False,
     on_progress: ProgressFn | None = None,
 ) -> tuple[dict[str, Any], FeatureSet]:
     """Probe, Q-Score power, compression curve, the risk model; return the report and the calibrated feature set.
 
-    The risk model (models/scoring/risk.py) is fitted on the test sample's label-free signals against the
-    probe's mistakes, cross-validated; the report gives each signal's AUROC/AUPRC, the
-    combination's, the probe's maximum softmax's and the calibration (ECE, reliability table).
+    The linear probe (trained on the train sample) becomes the feature set's head. The risk
+    model (models/scoring/risk.py) is fitted against the head's mistakes on the test sample and,
+    with ``shift_samples`` > 0, on shifted copies of that many of its images
+    (models/evaluation/shift_fit.py), cross-validated; the report gives each signal's
+    AUROC/AUPRC, the combination's, the calibration (ECE, reliability table) on clean, shifted
+    and gross images, and the error estimate of each shifted set by the mean risk and by ATC;
+    the better of the two on them becomes the feature set's error estimator.
     """
     check_fits(feature_set, encoder_fingerprint, encoder.spec)
     transform = eval_transform(encoder.spec)
@@ -56,19 +73,37 @@ def run_evaluation(
         batch_size=batch_size,
         device=device,
         progress=progress,
-        on_progress=lambda f: report_progress(0.4 * f),
+        on_progress=lambda f: report_progress(0.3 * f),
         desc="train representations",
     )
-    test = image_folder(test_dir, transform)
-    test_h, test_y, test_pixels = extract_with_pixels(
-        encoder,
-        subset(test, random_sample(len(test), test_samples, seed).indices),
-        batch_size=batch_size,
-        device=device,
-        on_progress=lambda f: report_progress(0.4 + 0.4 * f),
-    )
-    probe = linear_probe(train_h, train_y, test_h, test_y, seed=seed)
-    report_progress(0.85)
+    test = image_folder(test_dir)
+    test_idx = random_sample(len(test), test_samples, seed).indices
+    images, labels = _load(test, test_idx)
+    plain = Scorer(encoder, encoder_fingerprint, feature_set.model_copy(update={"head": None}), str(device))
+    _, _, test_h_np = measure(plain, images, None, batch_size=batch_size, keep_h=True)
+    test_h = torch.from_numpy(test_h_np)
+    report_progress(0.4)
+    probe = linear_probe(train_h, train_y, test_h, labels, seed=seed)
+    registered = feature_set.head is not None and feature_set.head.registered
+    if registered:  # a user's own head: its mistakes are what the risk model must predict
+        head = feature_set.classifier
+        names = list(test.classes)
+        if head.classes != names:  # the folder's sorted class names, in the head's logit order
+            raise ValueError(
+                f"the registered head's classes {head.classes} must be the test folder's, in order: {names}"
+            )
+        predicted = head.logits(test_h).argmax(dim=1).numpy()
+        info = feature_set.head.model_copy(update={"top1": float((predicted == labels).mean())})
+    else:
+        head = LinearHead.from_sklearn(probe.model, list(test.classes))
+        info = HeadInfo(
+            kind="linear",
+            classes=head.classes,
+            top1=probe.top1,
+            source=f"linear probe (standardised logistic regression) on {len(train_y)} train representations",
+        )
+    with_head = feature_set.with_head(head, info)
+    report_progress(0.45)
     parts = q_score_parts(test_h, feature_set.discriminative_indices, feature_set.eps)
     q = parts.q_score.numpy()
     alpha, alpha_source = calibrate_alpha(q, probe.correct, target_precision)
@@ -87,17 +122,111 @@ def run_evaluation(
         "alpha_source": alpha_source,
         "flagged_share": float((q < alpha).mean()),
     }
-    signals = label_free_signals(test_h, test_pixels, parts, feature_set.typicality, feature_set.bank)
-    risk_model, report["risk"] = fit_risk(
-        signals, ~probe.correct, seed=seed, extra_scores={"probe_max_softmax": -probe.max_probability}
-    )
-    if "typicality" in signals:
-        report["atypical_share_test"] = float((signals["typicality"] > 1).mean())
+    scorer = Scorer(encoder, encoder_fingerprint, with_head, str(device))
+    clean = signal_sets(scorer, images, labels, families=(), extra_shifts=(), gross=(), batch_size=batch_size)
+    rng = np.random.default_rng(seed)
+    shifted_idx = np.sort(rng.choice(len(images), min(shift_samples, len(images)), replace=False))
+    shifted = []
+    if shift_samples > 0:
+        shifted = signal_sets(
+            scorer,
+            [images[i] for i in shifted_idx],
+            labels[shifted_idx],
+            families=shift_families,
+            severities=shift_severities,
+            seed=seed,
+            batch_size=batch_size,
+            on_progress=lambda f: report_progress(0.45 + 0.4 * f),
+        )[1:]  # its clean set is part of ``clean``
+        for s in shifted:  # groups: the held-out image's index in ``images``
+            s.source = s.source + len(images) if s.kind == "gross" else shifted_idx[s.source]
+    sets = clean + shifted
+    risk_model, estimator, report["risk"], report["error_estimate"] = fit_under_shift(sets, seed=seed)
+    if "typicality" in clean[0].signals:
+        report["atypical_share_test"] = float((clean[0].signals["typicality"] > 1).mean())
     if compression:
-        points = compression_curve(train_h, train_y, test_h, test_y, feature_set.counts)
+        points = compression_curve(train_h, train_y, test_h, labels, feature_set.counts)
         report["compression"] = [asdict(p) for p in points]
     report_progress(1.0)
-    calibrated = feature_set.model_copy(
-        update={"alpha": alpha, "alpha_source": alpha_source, "risk_model": risk_model, "risk_curve": None}
+    calibrated = with_head.model_copy(
+        update={
+            "alpha": alpha,
+            "alpha_source": alpha_source,
+            "risk_model": risk_model,
+            "risk_curve": None,
+            "error_estimator": estimator,
+        }
     )
     return report, calibrated
+
+
+def fit_under_shift(
+    sets: Sequence[SignalSet], *, seed: int = 0
+) -> tuple[RiskModel, ErrorEstimator, dict[str, Any], dict[str, Any]]:
+    """The risk model and the error estimator from measured sets (the clean one first), with their reports.
+
+    The risk model is fitted on all sets pooled (models/evaluation/shift_fit.py), each set also
+    reported apart; ATC's threshold comes from the clean set; the estimator is the better of
+    the two on the shifted sets.
+    """
+    if not sets or sets[0].kind != "clean":
+        raise ValueError("the first set must be the clean held-out set")
+    pooled = pool(sets)
+    offsets = np.cumsum([0] + [len(s.misclassified) for s in sets])
+    per_set = {s.name: _mask(offsets[i], offsets[i + 1], offsets[-1]) for i, s in enumerate(sets)}
+    risk_model, risk_report = fit_risk(
+        pooled.signals,
+        pooled.misclassified,
+        seed=seed,
+        sample_weight=pooled.weight,
+        groups=pooled.groups,
+        subsets=pooled.subsets | per_set,
+        no_class=pooled.no_class,
+        extra_scores={"probe_max_softmax": -pooled.signals["probe_max_softmax"]},
+    )
+    atc = fit_atc(sets[0].signals["probe_max_softmax"], ~sets[0].misclassified)
+    estimator, estimate_report = choose_estimator(sets, risk_report["subsets"], atc)
+    return risk_model, estimator, risk_report, estimate_report
+
+
+def choose_estimator(
+    sets: Sequence[SignalSet], subsets: dict[str, dict[str, Any]], atc: ErrorEstimator
+) -> tuple[ErrorEstimator, dict[str, Any]]:
+    """The mean risk (out of fold) or ATC, whichever estimates the shifted sets' errors better.
+
+    Without shifted sets, the mean risk (calibrated in distribution, it is CBPE's estimate there).
+    """
+    rows = []
+    for s in sets:
+        if s.kind == "clean":
+            continue
+        est_atc = atc.estimate(None, s.signals["probe_max_softmax"])
+        rows.append({"set": s.name, "error": s.error, "mean_risk": subsets[s.name]["mean_risk"], "atc": est_atc})
+    mae = {m: float(np.mean([abs(r[m] - r["error"]) for r in rows])) if rows else None for m in ("mean_risk", "atc")}
+    method = "atc" if rows and mae["atc"] < mae["mean_risk"] else "mean_risk"
+    chosen = atc if method == "atc" else ErrorEstimator(method="mean_risk")
+    chosen = chosen.model_copy(
+        update={
+            "source": f"{method}: mean |estimate - error| over {len(rows)} shifted sets "
+            f"{mae[method]} (mean risk {mae['mean_risk']}, ATC {mae['atc']})"
+            if rows
+            else "mean risk (no shifted sets)"
+        }
+    )
+    return chosen, {"method": method, "mean_abs_error": mae, "sets": rows, "atc_threshold": atc.threshold}
+
+
+def _mask(lo: int, hi: int, n: int) -> np.ndarray:
+    mask = np.zeros(n, dtype=bool)
+    mask[lo:hi] = True
+    return mask
+
+
+def _load(folder: Any, indices: Sequence[int]) -> tuple[list[Image.Image], np.ndarray]:
+    """Decoded RGB images and labels of an image folder (no transform) at ``indices``."""
+    images, labels = [], []
+    for i in indices:
+        image, label = folder[i]
+        images.append(image.convert("RGB"))
+        labels.append(label)
+    return images, np.asarray(labels)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ class ProbeResult:
     correct: np.ndarray  # (N_test,) bool
     predictions: np.ndarray  # (N_test,) int
     max_probability: np.ndarray  # (N_test,) float: the probe's maximum softmax probability
+    model: Any = None  # the fitted scikit-learn pipeline (standardise, logistic regression)
 
 
 def _numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -67,7 +69,7 @@ def linear_probe(
     proba = probe.predict_proba(xte)
     predictions = probe.classes_[proba.argmax(axis=1)]
     correct = predictions == yte
-    return ProbeResult(float(correct.mean()), correct, predictions, proba.max(axis=1))
+    return ProbeResult(float(correct.mean()), correct, predictions, proba.max(axis=1), probe)
 
 
 def score_power(scores: np.ndarray, correct: np.ndarray) -> dict[str, float]:

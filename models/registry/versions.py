@@ -36,6 +36,7 @@ from models.encoders.spec import EXPORT_ARCH, FILE_ARCHS, ONNX_ARCH, TORCHSCRIPT
 from models.explanation.atlas import Atlas, write_atlas
 from models.scoring.compatibility import FeatureSetMismatch, check_fits
 from models.scoring.feature_set import FeatureSet
+from models.scoring.probe import HeadError, HeadInfo, read_head_file
 from models.storage.atomic import atomic_directory, remove_stale_temporaries, write_json_atomic
 
 VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
@@ -222,6 +223,31 @@ class Registry:
         with atomic_directory(self._new_dir(self.feature_sets_dir, version, "feature set")) as tmp:
             feature_set.save(tmp / FEATURE_SET_FILE)
         return version
+
+    def attach_head(
+        self, feature_set: str, path: str | Path, *, classes: list[str] | None = None, version: str | None = None
+    ) -> str:
+        """A new feature-set version: ``feature_set`` with a user's head (linear safetensors or TorchScript).
+
+        Versions are immutable, so the head goes to a copy. A risk model or error estimator that
+        reads the old head's signals no longer holds and is dropped (run the evaluation again:
+        it keeps a registered head and refits them on its mistakes).
+        """
+        fs = self.load_feature_set(feature_set)
+        head = read_head_file(path, classes)
+        info = HeadInfo(
+            kind=head.kind, classes=head.classes, source=f"registered from {Path(path).name}", registered=True
+        )
+        try:
+            copy = fs.with_head(head, info)
+        except HeadError as exc:
+            raise RegistryError(f"the head does not fit feature set {feature_set!r}: {exc}") from exc
+        reads_head = fs.risk_model is not None and any(s.startswith("probe_") for s in fs.risk_model.signals)
+        if reads_head or (fs.error_estimator is not None and fs.error_estimator.method == "atc"):
+            copy = copy.model_copy(
+                update={"risk_model": None, "error_estimator": None} if reads_head else {"error_estimator": None}
+            )
+        return self.add_feature_set(copy, version=version)
 
     # -- feature atlases (beside their feature set) ----------------------------------------
     def atlas_dir(self, feature_set: str, name: str) -> Path:

@@ -18,6 +18,7 @@ Two kinds, both without pickle:
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,6 +49,8 @@ class HeadInfo(BaseModel):
     classes: list[str] = Field(min_length=2)
     source: str
     top1: float | None = Field(None, ge=0.0, le=1.0, description="Accuracy on the labelled held-out sample.")
+    #: A user's own head (registered), which the evaluation keeps instead of training its probe.
+    registered: bool = False
 
 
 def head_path(feature_set_path: str | Path, kind: str) -> Path:
@@ -124,6 +127,7 @@ class LinearHead(Head):
         metadata = {"format": HEAD_FORMAT, "classes": json.dumps(self.classes)}
         with atomic_path(path) as tmp:
             save_file({"weight": self.weight.cpu().contiguous(), "bias": self.bias.cpu().contiguous()}, tmp, metadata)
+            os.chmod(tmp, 0o644)  # safetensors re-creates the file 0600; the api and workers read it
 
     @classmethod
     def load(cls, path: str | Path) -> LinearHead:
@@ -176,6 +180,19 @@ def load_head(path: str | Path, info: HeadInfo) -> Head:
             raise HeadError(f"{path} holds classes {head.classes}; the feature set records {info.classes}")
         return head
     return TorchScriptHead.load(path, info.classes)
+
+
+def read_head_file(path: str | Path, classes: list[str] | None) -> Head:
+    """A user's head file: linear safetensors (class names inside; ``classes``, if given, must match) or TorchScript."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        head: Head = LinearHead.load(path)
+        if classes is not None and classes != head.classes:
+            raise HeadError(f"{path} holds classes {head.classes}, not the {classes} given")
+        return head
+    if not classes:
+        raise HeadError(f"a TorchScript head ({path.name}) needs its class names (--classes a,b,...)")
+    return TorchScriptHead.load(path, classes)
 
 
 def check_head(head: Head, dim: int) -> None:

@@ -95,6 +95,11 @@ class RiskModel(BaseModel):
     lower: list[float | None] = Field(default_factory=list)
     upper: list[float | None] = Field(default_factory=list)
     monotone: list[str] = Field(default_factory=list)
+    #: P(the image is of no class at all | signal), an increasing step curve (issue 15): such an
+    #: image is wrong whatever the classifier says, so risk = 1 - (1 - P(wrong | of a class)) * (1 - P(no class)).
+    no_class_signal: str | None = None
+    no_class_x: list[float] = Field(default_factory=list)
+    no_class_y: list[float] = Field(default_factory=list)
     source: str
     n_train: int = Field(ge=0)
     metrics: dict[str, Any] = Field(default_factory=dict)
@@ -117,6 +122,10 @@ class RiskModel(BaseModel):
         for name in self.monotone:
             if self.coef[self.signals.index(name)] < 0:
                 raise ValueError(f"the coefficient of monotone signal {name!r} must be >= 0")
+        if (self.no_class_signal is None) != (not self.no_class_x) or len(self.no_class_x) != len(self.no_class_y):
+            raise ValueError("a no-class curve needs its signal and as many (non-zero) x points as y points")
+        if any(b < a for a, b in zip(self.no_class_y, self.no_class_y[1:], strict=False)):
+            raise ValueError("the no-class curve must be non-decreasing")
         if self.calibration == "platt" and self.platt_a < 0:
             raise ValueError("Platt's slope must be >= 0 (the calibration keeps the ranking)")
         return self
@@ -135,6 +144,18 @@ class RiskModel(BaseModel):
 
     def predict(self, sig: dict[str, np.ndarray]) -> np.ndarray:
         """(N,) calibrated probabilities of mis-classification, in [0, 1]."""
+        p = self.predict_of_a_class(sig)
+        if self.no_class_signal is None:
+            return p
+        if self.no_class_signal not in sig:
+            raise ValueError(f"the risk model needs the signal {self.no_class_signal!r}; got {sorted(sig)}")
+        none = np.clip(
+            np.interp(np.asarray(sig[self.no_class_signal], dtype=np.float64), self.no_class_x, self.no_class_y), 0, 1
+        )
+        return 1.0 - (1.0 - p) * (1.0 - none)
+
+    def predict_of_a_class(self, sig: dict[str, np.ndarray]) -> np.ndarray:
+        """P(mis-classified) of an image that is of one of the head's classes (no no-class term)."""
         d = self.decision(sig)
         if self.calibration == "isotonic":
             return np.clip(np.interp(d, self.iso_x, self.iso_y), 0.0, 1.0)
@@ -272,6 +293,23 @@ def _fit_once(
     return fold.fitted(np.arange(len(miss))), _Calibrator(method, oof, miss, weight)
 
 
+def _subset_report(
+    subsets: dict[str, np.ndarray], miss: np.ndarray, ranking: np.ndarray, p: np.ndarray
+) -> dict[str, dict[str, Any]]:
+    out = {}
+    for name, mask in subsets.items():
+        mask = np.asarray(mask, dtype=bool)
+        both = 0 < miss[mask].sum() < mask.sum()
+        out[name] = {
+            "n": int(mask.sum()),
+            "error": float(miss[mask].mean()) if mask.any() else None,
+            "mean_risk": float(p[mask].mean()) if mask.any() else None,
+            "auroc": float(roc_auc_score(miss[mask], ranking[mask])) if both else None,
+            "ece": expected_calibration_error(p[mask], miss[mask])[0] if mask.any() else None,
+        }
+    return out
+
+
 def expected_calibration_error(p: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> tuple[float, list[dict]]:
     """ECE over ``bins`` equal-width bins of ``p``, and the reliability table (non-empty bins)."""
     p, y = np.asarray(p, dtype=float), np.asarray(y, dtype=float)
@@ -317,6 +355,8 @@ def fit_risk(
     sample_weight: np.ndarray | None = None,
     groups: np.ndarray | None = None,
     subsets: dict[str, np.ndarray] | None = None,
+    no_class: np.ndarray | None = None,
+    no_class_signal: str = "log_typicality",
 ) -> tuple[RiskModel, dict[str, Any]]:
     """Fit the risk model on labelled held-out samples; return it and its cross-validated report.
 
@@ -327,7 +367,39 @@ def fit_risk(
     shifted copies of one image) in one fold. ``subsets`` (name -> (N,) bool mask) are reported
     apart (AUROC and ECE of the out-of-fold values on each). ``extra_scores`` (e.g.
     ``{"probe_max_softmax": -p_max}``) are reported beside, oriented "higher = mis-classified".
+    ``no_class`` (N,) bool marks images of no class at all (mis-classified by definition): the
+    regression and its calibration are fitted on the others, and an increasing isotonic curve of
+    ``no_class`` on ``no_class_signal`` (over all samples, weighted) gives P(no class), joined as
+    a noisy OR. The no-class images' out-of-fold values come from the regression fitted on all the
+    others (which never saw them).
     """
+    common = {"folds": folds, "seed": seed, "calibration": calibration, "monotone": monotone}
+    if no_class is not None and np.asarray(no_class).any():
+        return _fit_with_no_class(
+            sig, misclassified, signals, np.asarray(no_class, dtype=bool), no_class_signal,
+            sample_weight=sample_weight, groups=groups, subsets=subsets, extra_scores=extra_scores, **common,
+        )  # fmt: skip
+    model, report, d_oof, p_oof = _fit_core(sig, misclassified, signals, sample_weight=sample_weight, groups=groups,
+                                            extra_scores=extra_scores, **common)  # fmt: skip
+    if subsets:
+        report["subsets"] = _subset_report(subsets, np.asarray(misclassified, dtype=bool), d_oof, p_oof)
+    return model, report
+
+
+def _fit_core(
+    sig: dict[str, np.ndarray],
+    misclassified: np.ndarray,
+    signals: Sequence[str],
+    *,
+    folds: int,
+    seed: int,
+    calibration: str,
+    monotone: Sequence[str],
+    sample_weight: np.ndarray | None,
+    groups: np.ndarray | None,
+    extra_scores: dict[str, np.ndarray] | None,
+) -> tuple[RiskModel, dict[str, Any], np.ndarray, np.ndarray]:
+    """The regression and its calibration, with the report and the out-of-fold decisions and probabilities."""
     miss = np.asarray(misclassified, dtype=bool)
     names = [s for s in signals if s in sig]
     if not names:
@@ -368,16 +440,6 @@ def fit_risk(
         "combined": {**signal_power(d_oof, miss), "ece": ece, "reliability": reliability},
         "folds": folds,
     }
-    for name, mask in (subsets or {}).items():
-        mask = np.asarray(mask, dtype=bool)
-        both = 0 < miss[mask].sum() < mask.sum()
-        report.setdefault("subsets", {})[name] = {
-            "n": int(mask.sum()),
-            "error": float(miss[mask].mean()) if mask.any() else None,
-            "mean_risk": float(p_oof[mask].mean()) if mask.any() else None,
-            "auroc": float(roc_auc_score(miss[mask], d_oof[mask])) if both else None,
-            "ece": expected_calibration_error(p_oof[mask], miss[mask])[0] if mask.any() else None,
-        }
     for name, score in (extra_scores or {}).items():
         report[name] = signal_power(np.asarray(score, dtype=float), miss)
     probe, cal = _fit_once(x, miss, folds, seed, calibration, weight, groups, nonnegative)
@@ -410,4 +472,70 @@ def fit_risk(
         n_train=int(len(miss)),
         metrics={"auroc": report["combined"]["auroc"], "auprc": report["combined"]["auprc"], "ece": ece},
     )
+    return model, report, d_oof, p_oof
+
+
+def _fit_with_no_class(
+    sig: dict[str, np.ndarray],
+    misclassified: np.ndarray,
+    signals: Sequence[str],
+    no_class: np.ndarray,
+    no_class_signal: str,
+    *,
+    sample_weight: np.ndarray | None,
+    groups: np.ndarray | None,
+    subsets: dict[str, np.ndarray] | None,
+    extra_scores: dict[str, np.ndarray] | None,
+    **kwargs: Any,
+) -> tuple[RiskModel, dict[str, Any]]:
+    """:func:`fit_risk` on the images of a class, joined with P(no class) by a noisy OR."""
+    miss = np.asarray(misclassified, dtype=bool)
+    if no_class.shape != miss.shape:
+        raise ValueError(f"no_class must be (N,) like the labels, got {no_class.shape}")
+    if no_class_signal not in sig:
+        raise ValueError(f"the no-class curve needs the signal {no_class_signal!r}; got {sorted(sig)}")
+    core = ~no_class
+    weight = np.ones(len(miss)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    model, report, _, p_core = _fit_core(
+        {k: np.asarray(v)[core] for k, v in sig.items()},
+        miss[core],
+        signals,
+        sample_weight=weight[core],
+        groups=None if groups is None else groups[core],
+        extra_scores=None,
+        **kwargs,
+    )
+    t = np.asarray(sig[no_class_signal], dtype=np.float64)
+    iso = IsotonicRegression(increasing=True, out_of_bounds="clip", y_min=0.0, y_max=1.0)
+    iso.fit(t, no_class, sample_weight=weight)
+    xs, ys = iso.X_thresholds_, iso.y_thresholds_
+    if len(xs) > MAX_ISOTONIC_POINTS:
+        keep = np.unique(np.linspace(0, len(xs) - 1, MAX_ISOTONIC_POINTS).round().astype(int))
+        xs, ys = xs[keep], ys[keep]
+    model = model.model_copy(
+        update={
+            "no_class_signal": no_class_signal,
+            "no_class_x": xs.tolist(),
+            "no_class_y": ys.tolist(),
+            "source": model.source + f"; P(no class) an isotonic curve on {no_class_signal} over "
+            f"{int(no_class.sum())} images of no class among {len(miss)}, joined by a noisy OR",
+            "n_train": len(miss),
+        }
+    )
+    # out-of-fold: the class part from the cross-validation (core) or the regression that never saw them (no class)
+    p_class = np.empty(len(miss))
+    p_class[core] = p_core
+    p_class[no_class] = model.predict_of_a_class({k: np.asarray(v)[no_class] for k, v in sig.items()})
+    none = np.clip(np.interp(t, model.no_class_x, model.no_class_y), 0, 1)
+    p_all = 1.0 - (1.0 - p_class) * (1.0 - none)
+    ece, reliability = expected_calibration_error(p_all, miss)
+    report["n"], report["base_rate_misclassified"] = int(len(miss)), float(miss.mean())
+    report["no_class"] = {"n": int(no_class.sum()), "signal": no_class_signal}
+    report["combined_of_a_class"] = report.pop("combined")
+    report["combined"] = {**signal_power(p_all, miss), "ece": ece, "reliability": reliability}
+    if subsets:
+        report["subsets"] = _subset_report(subsets, miss, p_all, p_all)
+    for name, score in (extra_scores or {}).items():
+        report[name] = signal_power(np.asarray(score, dtype=float), miss)
+    model.metrics = {"auroc": report["combined"]["auroc"], "auprc": report["combined"]["auprc"], "ece": ece}
     return model, report

@@ -23,7 +23,7 @@ from models.encoders.spec import Encoder
 from models.scoring.compatibility import check_fits
 from models.scoring.feature_set import FeatureSet
 from models.scoring.probe import head_signals
-from models.scoring.qscore import discriminative_mask, q_score_parts
+from models.scoring.qscore import QScoreParts, discriminative_mask, q_score_parts
 from models.scoring.result import FeatureValue, ImageScore, reasons_of
 from models.scoring.signals import label_free_signals
 from models.scoring.typicality import pixel_signals
@@ -145,16 +145,8 @@ class Scorer:
         """
         h, fs = inference.h, self.feature_set
         wanted = [features] * h.shape[0] if isinstance(features, bool) else list(features)
-        parts = q_score_parts(h, self.discriminative, fs.eps)
-        if self._q_only:
-            sig = {"q_score": parts.q_score.cpu().numpy(), "mean_active": parts.mean_active.cpu().numpy()}
-        else:
-            sig = label_free_signals(h, inference.pixel_stats, parts, self.typicality, self.bank)
-        predicted = None
-        if self.head is not None:
-            logits = self.head.logits(h)
-            sig |= head_signals(logits)
-            predicted = logits.argmax(dim=1).cpu().numpy()
+        parts, sig = self.signals(inference)
+        predicted = sig.get("probe_prediction")
         q = sig["q_score"]
         risk = fs.risk(sig)
         if risk is not None:
@@ -185,6 +177,22 @@ class Scorer:
                 )
             )
         return out
+
+    def signals(self, inference: Inference) -> tuple[QScoreParts, dict[str, np.ndarray]]:
+        """The Q-Score's parts and every signal the risk model may read, each (B,).
+
+        With a head, also its confidence signals and ``probe_prediction`` (the class index).
+        """
+        parts = q_score_parts(inference.h, self.discriminative, self.feature_set.eps)
+        if self._q_only:
+            sig = {"q_score": parts.q_score.cpu().numpy(), "mean_active": parts.mean_active.cpu().numpy()}
+        else:
+            sig = label_free_signals(inference.h, inference.pixel_stats, parts, self.typicality, self.bank)
+        if self.head is not None:
+            logits = self.head.logits(inference.h)
+            sig |= head_signals(logits)
+            sig["probe_prediction"] = logits.argmax(dim=1).cpu().numpy()
+        return parts, sig
 
     def score(self, images: Pixels, features: bool | Sequence[bool] = True) -> list[ImageScore]:
         """:meth:`infer` then :meth:`postprocess`: the verdicts on a batch of uint8 pixels."""

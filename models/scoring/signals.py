@@ -33,4 +33,6 @@ def label_free_signals(
     out["mean_active"] = parts.mean_active.cpu().numpy()
     if typicality is not None and set(typicality.components) <= set(out):
         out["typicality"] = typicality.typicality(out)
+        # The risk model reads it on a log scale: gross inputs reach typicalities of thousands.
+        out["log_typicality"] = np.log1p(np.maximum(out["typicality"], 0.0))
     return out

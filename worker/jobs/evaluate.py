@@ -34,6 +34,7 @@ def evaluate(ctx: JobContext) -> Outcome:
         device=ctx.device,
         target_precision=p.target_precision,
         compression=p.compression,
+        shift_samples=p.shift_samples,
         on_progress=on_progress,
     )
     ctx.check_cancelled()
@@ -46,6 +47,7 @@ def evaluate(ctx: JobContext) -> Outcome:
             "auprc": report["q_score"]["auprc"],
             "risk_auroc": report["risk"]["combined"]["auroc"],
             "risk_ece": report["risk"]["combined"]["ece"],
+            "error_estimator": report["error_estimate"]["method"],
         }
     )
     activated = activate(ctx, p.activate, p.model, version)

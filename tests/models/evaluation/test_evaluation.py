@@ -177,6 +177,9 @@ def test_run_evaluation_keeps_encoder_frozen(tiny_model, cifar_slice):
         test_samples=60,
         batch_size=64,
         compression=False,
+        shift_samples=12,
+        shift_families=("contrast", "gaussian_noise"),
+        shift_severities=(1, 5),
         on_progress=progress.append,
     )
     after = encoder.state_dict()
@@ -188,7 +191,19 @@ def test_run_evaluation_keeps_encoder_frozen(tiny_model, cifar_slice):
     assert report["alpha"] > 0 and calibrated.alpha == report["alpha"]
     # one notion of risk: the calibrated model of models/scoring/risk.py, over the label-free signals
     assert calibrated.risk_model is not None and calibrated.risk_curve is None
-    assert {"q_score", "knn", "typicality"} <= set(calibrated.risk_model.signals)
+    assert {"q_score", "knn", "log_typicality", "probe_max_softmax"} <= set(calibrated.risk_model.signals)
+    assert calibrated.risk_model.monotone == ["log_typicality"]
+    # the probe is the head: its accuracy on the test sample is the report's top-1
+    assert calibrated.head is not None and calibrated.head.top1 == report["top1"]
+    assert calibrated.head.classes == sorted(p.name for p in (cifar_slice / "test").iterdir())
+    # shifted copies: 2 families x 2 severities, inversion, grayscale, 3 gross sets of 12 images each
+    subsets = report["risk"]["subsets"]
+    assert subsets["clean"]["n"] == 60 and subsets["shifted"]["n"] == 12 * 6 and subsets["gross"]["n"] == 36
+    assert subsets["gross/glyphs"]["error"] == 1.0  # images of no class count as mis-classified
+    assert report["risk"]["n"] == 60 + 12 * 9
+    assert calibrated.error_estimator is not None
+    assert calibrated.error_estimator.method == report["error_estimate"]["method"]
+    assert {r["set"] for r in report["error_estimate"]["sets"]} == set(subsets) - {"clean", "shifted", "gross"}
     assert set(report["risk"]["per_signal"]) == set(calibrated.risk_model.signals)
     assert 0.0 <= report["risk"]["combined"]["ece"] <= 1.0
     assert set(report["risk"]["probe_max_softmax"]) == {"auroc", "auprc"}

@@ -1,0 +1,391 @@
+"""Verdicts under shift, measured: writes ``docs/shift.md`` and ``docs/shift.json`` (issue 15).
+
+    python -m experiments.shift_report [--fit 2000] [--shift-fit 200] [--per-set 500] [--out docs]
+
+For each encoder (the demo SimCLR ResNet-18 of ``models/weights``, self-supervised, and the shared
+*supervised* TorchScript ResNet-20 of ``../shared/models``):
+
+- the head: a linear probe on 5,000 CIFAR-10 train representations (as ``qscore evaluate``);
+- the fit: ``--fit`` seeded CIFAR-10 test images and shifted copies of ``--shift-fit`` of them
+  (every design corruption family at severities 1-5, inversion, grayscale, the gross sets),
+  exactly what ``run_evaluation`` fits the risk model and the error estimator on;
+- the report, on other CIFAR-10 test images (``--per-set`` per set): clean; every corruption family
+  at severities 1, 3 and 5; inversion, grayscale, upside-down; the gross sets; and, *apart*, the
+  families and sets added after the method was fixed (``HELD_OUT_FAMILIES``, ``HELD_OUT_SHIFTS``).
+  Per set: the head's true error, the mean risk, the window estimate, the drift p-value of the
+  window against the reference bank, the atypical share; for every design family, **leave one
+  family out**: the risk model and estimator refitted without it, reported on it;
+- ten windows of clean test images, for the drift test's false alarms;
+- "today": the risk model as fitted before issue 15 (clean held-out images only, no head signals).
+
+The sets are measured once and cached under ``.cache/shift_report`` (``--fresh`` re-measures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+from models.data.corruptions import DESIGN_FAMILIES, HELD_OUT_FAMILIES
+from models.data.datasets import ensure_cifar10, image_folder, random_sample, subset
+from models.data.shifts import GROSS_SHIFTS, HELD_OUT_GROSS_SHIFTS
+from models.data.transforms import eval_transform
+from models.discovery.discover import discover, make_selection, with_typicality
+from models.encoders.loading import load_encoder
+from models.evaluation.linear_eval import _load, fit_under_shift
+from models.evaluation.metrics import linear_probe
+from models.evaluation.shift_fit import SignalSet, measure, signal_sets
+from models.monitoring.drift import DriftReference
+from models.scoring.bank import normalise
+from models.scoring.error_estimate import fit_atc
+from models.scoring.feature_set import EncoderRef, FeatureSet
+from models.scoring.probe import HeadInfo, LinearHead
+from models.scoring.representations import extract_representations, extract_with_pixels
+from models.scoring.risk import RiskModel, expected_calibration_error, fit_risk
+from models.scoring.scorer import Scorer
+
+REPO = Path(__file__).resolve().parent.parent
+SUPERVISED = REPO.parent / "shared" / "models" / "cifar10-resnet20-supervised.pt"
+DEMO_WEIGHTS = REPO / "models" / "weights" / "demo-encoder.safetensors"
+DEMO_FEATURES = REPO / "models" / "weights" / "demo-feature-set.json"
+CACHE = REPO / ".cache" / "shift_report"
+
+REPORT_SEVERITIES = (1, 3, 5)
+REPORT_EXTRAS = ("invert", "grayscale", "rotate_180")
+#: The signals of the risk model before issue 15 (no head, raw typicality, nothing monotone).
+TODAY_SIGNALS = (
+    "q_score", "mean_active", "log_l1", "hoyer", "log_max", "knn", "typicality",
+    "proto_conf_8", "proto_conf_16", "proto_conf_32", "proto_conf_64",
+)  # fmt: skip
+CLEAN_WINDOWS = 10
+DRIFT_ALPHA = 0.01
+
+
+# -- subjects ---------------------------------------------------------------------------------
+def subject(name: str, root: Path, train_samples: int) -> tuple[str, Any, str, FeatureSet]:
+    """(label, encoder, fingerprint, feature set with bank and typicality, no head or risk)."""
+    if name == "demo":
+        imported = load_encoder(DEMO_WEIGHTS)
+        fs = FeatureSet.load(DEMO_FEATURES)
+        fs = fs.model_copy(update={"head": None, "risk_model": None, "error_estimator": None})
+        return "demo SimCLR ResNet-18 (self-supervised, models/weights)", imported.encoder, imported.fingerprint, fs
+    imported = load_encoder(SUPERVISED, image_size=32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    encoder = imported.encoder.eval()
+    train = image_folder(root / "train", eval_transform(encoder.spec))
+    sample = subset(train, random_sample(len(train), train_samples, 0).indices)
+    ref = EncoderRef(fingerprint=imported.fingerprint, arch=encoder.spec.arch, feature_dim=encoder.feature_dim)
+    fs = discover(encoder, sample, dataset_name="cifar10-train", encoder_ref=ref, eps="auto",
+                  selection=make_selection(), sample_size=None, batch_size=250, typicality=False)  # fmt: skip
+    h, _, pixels = extract_with_pixels(encoder, sample, batch_size=250)
+    fs = with_typicality(fs, h, pixels)
+    label = "supervised CIFAR ResNet-20 (TorchScript, ../shared/models; trained WITH labels)"
+    return label, encoder, imported.fingerprint, fs
+
+
+# -- measuring (cached) -----------------------------------------------------------------------
+def _save_sets(path: Path, sets: list[SignalSet]) -> None:
+    arrays: dict[str, np.ndarray] = {}
+    meta = []
+    for i, s in enumerate(sets):
+        meta.append({"name": s.name, "kind": s.kind, "family": s.family, "severity": s.severity,
+                     "signals": sorted(s.signals)})  # fmt: skip
+        arrays[f"{i}/miss"], arrays[f"{i}/source"] = s.misclassified, s.source
+        for k, v in s.signals.items():
+            arrays[f"{i}/sig/{k}"] = v
+        if s.h is not None:
+            arrays[f"{i}/h"] = s.h.astype(np.float16)
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+
+
+def _load_sets(path: Path) -> list[SignalSet]:
+    z = np.load(path)
+    meta = json.loads(z["meta"].tobytes())
+    out = []
+    for i, m in enumerate(meta):
+        h = z[f"{i}/h"].astype(np.float32) if f"{i}/h" in z else None
+        sig = {k: z[f"{i}/sig/{k}"] for k in m["signals"]}
+        out.append(
+            SignalSet(m["name"], m["kind"], m["family"], m["severity"], sig, z[f"{i}/miss"], z[f"{i}/source"], h)
+        )
+    return out
+
+
+def measure_subject(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    root = ensure_cifar10()
+    cached = CACHE / f"{name}-{args.fit}-{args.shift_fit}-{args.per_set}"
+    fit_path, report_path, info_path = cached / "fit.npz", cached / "report.npz", cached / "info.json"
+    if not args.fresh and fit_path.is_file() and report_path.is_file() and info_path.is_file():
+        info = json.loads(info_path.read_text())
+        return {"info": info, "fit": _load_sets(fit_path), "report": _load_sets(report_path)}
+    started = time.perf_counter()
+    label, encoder, digest, fs = subject(name, root, args.train_samples)
+    train = image_folder(root / "train", eval_transform(encoder.spec))
+    train_h, train_y = extract_representations(
+        encoder, subset(train, random_sample(len(train), args.train_samples, 0).indices), batch_size=250
+    )
+    test = image_folder(root / "test")
+    order = np.random.default_rng(0).permutation(len(test))
+    fit_idx = order[: args.fit]
+    report_idx = order[args.fit : args.fit + args.per_set]
+    window_idx = order[args.fit + args.per_set : args.fit + args.per_set * (1 + CLEAN_WINDOWS)]
+    fit_images, fit_labels = _load(test, fit_idx)
+    plain = Scorer(encoder, digest, fs, "cpu")
+    _, _, fit_h = measure(plain, fit_images, None, keep_h=True)
+    probe = linear_probe(train_h, train_y, torch.from_numpy(fit_h), fit_labels)
+    head = LinearHead.from_sklearn(probe.model, list(test.classes))
+    fs = fs.with_head(head, HeadInfo(kind="linear", classes=head.classes, top1=probe.top1, source="linear probe"))
+    scorer = Scorer(encoder, digest, fs, "cpu")
+    shift_idx = np.sort(np.random.default_rng(0).choice(len(fit_images), args.shift_fit, replace=False))
+    fit_sets = signal_sets(scorer, fit_images, fit_labels, families=(), extra_shifts=(), gross=())
+    shifted = signal_sets(scorer, [fit_images[i] for i in shift_idx], fit_labels[shift_idx])[1:]
+    for s in shifted:
+        s.source = s.source + len(fit_images) if s.kind == "gross" else shift_idx[s.source]
+    fit_sets += shifted
+    report_images, report_labels = _load(test, report_idx)
+    report_sets = signal_sets(
+        scorer,
+        report_images,
+        report_labels,
+        families=(*DESIGN_FAMILIES, *HELD_OUT_FAMILIES),
+        severities=REPORT_SEVERITIES,
+        extra_shifts=REPORT_EXTRAS,
+        gross=(*GROSS_SHIFTS, *HELD_OUT_GROSS_SHIFTS),
+        keep_h=True,
+    )
+    for w in range(CLEAN_WINDOWS):
+        images, labels = _load(test, window_idx[w * args.per_set : (w + 1) * args.per_set])
+        sig, miss, h = measure(scorer, images, labels, keep_h=True)
+        report_sets.append(SignalSet(f"clean-window/{w}", "window", None, None, sig, miss, np.arange(len(miss)), h))
+    bank = fs.bank.vectors.float().numpy()
+    info = {"label": label, "top1": probe.top1, "eps": fs.eps, "coverage": fs.coverage,
+            "measure_seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+    _save_sets(fit_path, fit_sets)
+    _save_sets(report_path, report_sets)
+    np.save(cached / "bank.npy", bank)
+    info_path.write_text(json.dumps(info))
+    return {"info": info, "fit": fit_sets, "report": report_sets}
+
+
+# -- analysis ---------------------------------------------------------------------------------
+def _risk(model: RiskModel, s: SignalSet) -> np.ndarray:
+    return np.clip(model.predict(s.signals), 0.0, 1.0)
+
+
+def _estimate(estimator: Any, risk: np.ndarray, s: SignalSet) -> float:
+    return float(estimator.estimate(risk, s.signals.get("probe_max_softmax")))
+
+
+def analyse(name: str, measured: dict[str, Any]) -> dict[str, Any]:
+    fit_sets: list[SignalSet] = measured["fit"]
+    report_sets: list[SignalSet] = measured["report"]
+    bank = np.load(CACHE / measured["cache"] / "bank.npy")
+    reference = DriftReference(bank)
+    model, estimator, fit_report, estimate_report = fit_under_shift(fit_sets)
+    clean_fit = fit_sets[0]
+    today, _ = fit_risk(clean_fit.signals, clean_fit.misclassified, TODAY_SIGNALS, monotone=())
+    lofo: dict[str, tuple[RiskModel, Any]] = {}
+    for family in (*DESIGN_FAMILIES, "invert", "grayscale"):
+        kept = [s for s in fit_sets if s.family != family]
+        m, e, _, _ = fit_under_shift(kept)
+        lofo[family] = (m, e)
+    rows = []
+    for s in report_sets:
+        if s.kind == "window":
+            continue
+        held = s.family in lofo
+        m, e = lofo[s.family] if held else (model, estimator)
+        risk = _risk(m, s)
+        window = normalise(torch.from_numpy(s.h)).numpy()
+        drift = reference.test(window, seed=1)
+        rows.append(
+            {
+                "set": s.name,
+                "kind": s.kind,
+                "family": s.family,
+                "severity": s.severity,
+                "added_after": s.family in HELD_OUT_FAMILIES
+                or s.family in ("rotate_180", "digits")
+                or (s.kind == "gross" and s.family in HELD_OUT_GROSS_SHIFTS),
+                "left_out": held,
+                "error": s.error,
+                "mean_risk": float(risk.mean()),
+                "mean_risk_today": float(_risk(today, s).mean()),
+                "estimate": _estimate(e, risk, s),
+                "atc": _atc(clean_fit, s),
+                "drift_p": drift.p_value,
+                "atypical": float((s.signals["typicality"] > 1).mean()),
+                "_risk": risk,
+                "_today": _risk(today, s),
+                "_miss": s.misclassified,
+            }
+        )
+    windows = [s for s in report_sets if s.kind == "window"]
+    window_p = [reference.test(normalise(torch.from_numpy(w.h)).numpy(), seed=1).p_value for w in windows]
+    window_est = [abs(_estimate(estimator, _risk(model, w), w) - w.error) for w in windows]
+    return {
+        "info": measured["info"],
+        "estimator": estimator.model_dump(),
+        "fit": {k: fit_report[k] for k in ("n", "signals", "monotone", "combined", "subsets") if k in fit_report},
+        "estimate_fit": {k: v for k, v in estimate_report.items() if k != "sets"},
+        "risk_model": {"signals": model.signals, "coef": model.coef},
+        "rows": rows,
+        "clean_windows": {"p_values": window_p, "abs_estimate_error": window_est},
+    }
+
+
+def _atc(clean: SignalSet, s: SignalSet) -> float:
+    atc = fit_atc(clean.signals["probe_max_softmax"], ~clean.misclassified)
+    return float(atc.estimate(None, s.signals["probe_max_softmax"]))
+
+
+def goals(result: dict[str, Any]) -> dict[str, Any]:
+    rows = result["rows"]
+    clean = next(r for r in rows if r["kind"] == "clean")
+    shifted = [r for r in rows if r["kind"] in ("corruption", "extra")]
+    design = [r for r in shifted if not r["added_after"]]
+    after = [r for r in shifted if r["added_after"]]
+
+    def mae(rs: list[dict[str, Any]], key: str) -> float | None:
+        return float(np.mean([abs(r[key] - r["error"]) for r in rs])) if rs else None
+
+    def pooled_auroc(rs: list[dict[str, Any]], key: str) -> float:
+        y = np.concatenate([r["_miss"] for r in rs])
+        return float(roc_auc_score(y, np.concatenate([r[key] for r in rs])))
+
+    def ece(rs: list[dict[str, Any]]) -> float:
+        return expected_calibration_error(
+            np.concatenate([r["_risk"] for r in rs]), np.concatenate([r["_miss"] for r in rs])
+        )[0]
+
+    below = [r["set"] for r in shifted if r["mean_risk"] < clean["mean_risk"] and r["error"] > clean["error"]]
+    sev3 = [r for r in shifted if r["severity"] == 3 or r["kind"] == "extra"]
+    no_class = [r for r in rows if r["kind"] == "gross"]
+    windows = result["clean_windows"]
+    return {
+        "window_mae_all_shifted": mae(shifted, "estimate"),
+        "window_mae_design_left_out": mae(design, "estimate"),
+        "window_mae_added_after": mae(after, "estimate"),
+        "window_mae_today_mean_risk": mae(shifted, "mean_risk_today"),
+        "window_mae_atc": mae(shifted, "atc"),
+        "auroc_pooled": pooled_auroc([clean, *shifted], "_risk"),
+        "auroc_pooled_today": pooled_auroc([clean, *shifted], "_today"),
+        "auroc_clean": pooled_auroc([clean], "_risk"),
+        "auroc_clean_today": pooled_auroc([clean], "_today"),
+        "ece_clean": ece([clean]),
+        "ece_shifted": ece(shifted),
+        "sets_below_clean_risk_with_higher_error": below,
+        "drift_detected_sev3_and_extras": f"{sum(r['drift_p'] < DRIFT_ALPHA for r in sev3)}/{len(sev3)}",
+        "drift_missed": [r["set"] for r in sev3 if r["drift_p"] >= DRIFT_ALPHA],
+        "clean_window_false_alarms": f"{sum(p < DRIFT_ALPHA for p in windows['p_values'])}/{len(windows['p_values'])}",
+        "no_class_mean_risk": {r["set"]: r["mean_risk"] for r in no_class},
+    }
+
+
+# -- writing ----------------------------------------------------------------------------------
+def _f(x: Any, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def write_markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
+    lines = [
+        "# Verdicts under shift",
+        "",
+        f"Made by `python -m experiments.shift_report --fit {args.fit} --shift-fit {args.shift_fit} "
+        f"--per-set {args.per_set}` (all numbers below; raw in `docs/shift.json`). CPU only.",
+        "",
+        "What is fitted, on what: the head is a linear probe on 5,000 CIFAR-10 train representations. The risk "
+        f"model and the error estimator are fitted on {args.fit} CIFAR-10 test images and shifted copies of "
+        f"{args.shift_fit} of them (16 design corruption families x severities 1-5, inversion, grayscale, 3 gross "
+        "sets), as `qscore evaluate` does. Everything reported is on *other* test images "
+        f"({args.per_set} per set). For every design family (and inversion, grayscale) the row is **left out**: "
+        "the risk model and estimator were refitted without that family and scored on it. Sets marked "
+        "*added after* were made after the method was fixed and never used to choose anything.",
+        "",
+        "Columns: `error` the head's true error; `risk` the mean per-image risk; `estimate` the window "
+        "estimate of the error (the chosen estimator over the set's window); `today` the mean risk of the "
+        "risk model as fitted before issue 15 (clean only); `ATC` average thresholded confidence; `drift p` "
+        "the MMD permutation test of the window against the reference bank; `atypical` the share with "
+        "typicality > 1.",
+        "",
+    ]
+    for name, result in results.items():
+        g = result["goals"]
+        info = result["info"]
+        lines += [
+            f"## {info['label']}",
+            "",
+            f"Head top-1 on clean test images: {info['top1']:.3f}. Estimator chosen on the fit's sets: "
+            f"`{result['estimator']['method']}` ({result['estimator']['source']}).",
+            "",
+            "| goal | value |",
+            "| --- | --- |",
+            f"| window estimate: mean abs error, all shifted sets (goal <= 0.05) | {_f(g['window_mae_all_shifted'], 3)} |",
+            f"| ... design families, left out | {_f(g['window_mae_design_left_out'], 3)} |",
+            f"| ... sets added after | {_f(g['window_mae_added_after'], 3)} |",
+            f"| ... today's mean risk as the estimate | {_f(g['window_mae_today_mean_risk'], 3)} |",
+            f"| ... ATC | {_f(g['window_mae_atc'], 3)} |",
+            f"| per-image risk AUROC, clean + shifted pooled (goal >= 0.80 on the strong encoder) | "
+            f"{_f(g['auroc_pooled'], 3)} (today {_f(g['auroc_pooled_today'], 3)}) |",
+            f"| AUROC in distribution (goal: within 0.03 of today's) | {_f(g['auroc_clean'], 3)} "
+            f"(today {_f(g['auroc_clean_today'], 3)}) |",
+            f"| ECE clean (goal <= 0.03) / shifted (goal <= 0.08) | {_f(g['ece_clean'], 3)} / {_f(g['ece_shifted'], 3)} |",
+            f"| shifted sets with mean risk below clean while the error is higher (goal: none) | "
+            f"{', '.join(g['sets_below_clean_risk_with_higher_error']) or 'none'} |",
+            f"| drift at window {args.per_set}, p < 0.01: severity-3 sets, inversion, grayscale, upside-down | "
+            f"{g['drift_detected_sev3_and_extras']} (missed: {', '.join(g['drift_missed']) or 'none'}) |",
+            f"| drift false alarms on clean windows (goal <= 1%) | {g['clean_window_false_alarms']} |",
+            "| mean risk on images of no class (goal >= 0.8 for MNIST-like) | "
+            + ", ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in g["no_class_mean_risk"].items())
+            + " |",
+            "",
+            "| set | left out | added after | error | risk | estimate | today | ATC | drift p | atypical |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in result["rows"]:
+            lines.append(
+                f"| {r['set']} | {'yes' if r['left_out'] else ''} | {'yes' if r['added_after'] else ''} | "
+                f"{_f(r['error'])} | {_f(r['mean_risk'])} | {_f(r['estimate'])} | {_f(r['mean_risk_today'])} | "
+                f"{_f(r['atc'])} | {r['drift_p']:.3f} | {r['atypical']:.0%} |"
+            )
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fit", type=int, default=2000)
+    parser.add_argument("--shift-fit", type=int, default=200)
+    parser.add_argument("--per-set", type=int, default=500)
+    parser.add_argument("--train-samples", type=int, default=5000)
+    parser.add_argument("--subjects", nargs="+", default=["demo", "resnet20"])
+    parser.add_argument("--fresh", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=REPO / "docs")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results = {}
+    for name in args.subjects:
+        measured = measure_subject(name, args)
+        measured["cache"] = f"{name}-{args.fit}-{args.shift_fit}-{args.per_set}"
+        result = analyse(name, measured)
+        result["goals"] = goals(result)
+        results[name] = result
+        print(name, json.dumps(result["goals"], indent=1))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "shift.md").write_text(write_markdown(results, args))
+    clean = {n: {**r, "rows": [{k: v for k, v in row.items() if not k.startswith("_")} for row in r["rows"]]}
+             for n, r in results.items()}  # fmt: skip
+    (args.out / "shift.json").write_text(json.dumps(clean, indent=1, default=float) + "\n")
+
+
+if __name__ == "__main__":
+    main()

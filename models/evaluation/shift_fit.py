@@ -1,0 +1,158 @@
+"""Labelled held-out images and their shifted copies, as the risk model's training data (issue 15).
+
+A risk model fitted on clean held-out images only extrapolates under shift, and often
+downwards (Ovadia et al., NeurIPS 2019): corrupted images look "safe" exactly where the
+classifier fails. So the fit also sees shifted copies of its held-out images: every design
+corruption family (models/data/corruptions.py) at several severities, the inversion and
+grayscale shifts, each labelled by the head's own errors on it; and images of no class at all
+(the gross sets of models/data/shifts.py: solid colours, noise, glyphs), which count as
+mis-classified whatever the head says.
+
+Signals come from :meth:`models.scoring.scorer.Scorer.signals`, the serving path itself, so the
+risk model is fitted on exactly what ``/score`` computes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from models.data.corruptions import DESIGN_FAMILIES, apply_corruption
+from models.data.shifts import GROSS_SHIFTS, apply_shift
+from models.scoring.scorer import Inference, Scorer
+
+#: The severities the fit sees (all five: the traffic's are unknown).
+FIT_SEVERITIES = (1, 2, 3, 4, 5)
+
+#: Shifts of models/data/shifts.py the fit sees too (one severity each).
+FIT_EXTRA_SHIFTS = ("invert", "grayscale")
+
+#: The clean images' and the gross images' shares of the fit's total weight (the shifted copies
+#: have the rest): shifted copies outnumber the clean images many times, gross ones are few.
+CLEAN_WEIGHT = 0.5
+GROSS_WEIGHT = 0.05  # chosen on the fit's own cross-validation (experiments/shift_report.py)
+
+
+@dataclass
+class SignalSet:
+    """One set of images (clean, one family at one severity, or a gross set) and what was measured on it."""
+
+    name: str
+    kind: str  # "clean", "corruption", "extra" or "gross"
+    family: str | None
+    severity: int | None
+    signals: dict[str, np.ndarray]  # each (n,)
+    misclassified: np.ndarray  # (n,) bool
+    source: np.ndarray  # (n,) int: the held-out image it was made from (the fit's groups)
+    h: np.ndarray | None = None  # (n, r) float32, when kept (the drift test reads it)
+
+    @property
+    def error(self) -> float:
+        return float(self.misclassified.mean())
+
+
+def measure(
+    scorer: Scorer,
+    images: Sequence[Image.Image],
+    labels: np.ndarray | None,
+    *,
+    batch_size: int = 250,
+    keep_h: bool = False,
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray | None]:
+    """Signals of ``images`` on the serving path, whether the head got each wrong, and (optionally) h.
+
+    ``labels`` None means the images are of no class: all mis-classified. With labels the
+    scorer needs a head.
+    """
+    parts: list[dict[str, np.ndarray]] = []
+    hs = []
+    for start in range(0, len(images), batch_size):
+        batch = [scorer.preprocess(im.convert("RGB")) for im in images[start : start + batch_size]]
+        inference: Inference = scorer.infer(batch)
+        parts.append(scorer.signals(inference)[1])
+        if keep_h:
+            hs.append(inference.h.cpu().numpy())
+    sig = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    if labels is None:
+        miss = np.ones(len(images), dtype=bool)
+    else:
+        if "probe_prediction" not in sig:
+            raise ValueError("labelled sets need a scorer with a head (the feature set's classifier)")
+        miss = sig["probe_prediction"] != np.asarray(labels)
+    return sig, miss, (np.concatenate(hs) if keep_h else None)
+
+
+def signal_sets(
+    scorer: Scorer,
+    images: Sequence[Image.Image],
+    labels: np.ndarray,
+    *,
+    families: Sequence[str] = DESIGN_FAMILIES,
+    severities: Sequence[int] = FIT_SEVERITIES,
+    extra_shifts: Sequence[str] = FIT_EXTRA_SHIFTS,
+    gross: Sequence[str] = GROSS_SHIFTS,
+    seed: int = 0,
+    batch_size: int = 250,
+    keep_h: bool = False,
+    on_progress: Callable[[float], None] | None = None,
+) -> list[SignalSet]:
+    """The clean set and every shifted copy of ``images`` (seeded), measured: the fit's data."""
+    source = np.arange(len(images))
+    jobs: list[tuple[str, str, str | None, int | None]] = [("clean", "clean", None, None)]
+    jobs += [(f"{f}/s{s}", "corruption", f, s) for f in families for s in severities]
+    jobs += [(name, "extra", name, None) for name in extra_shifts]
+    jobs += [(f"gross/{name}", "gross", name, None) for name in gross]
+    out = []
+    for i, (name, kind, family, severity) in enumerate(jobs):
+        if kind == "clean":
+            shifted: Sequence[Image.Image] = images
+        elif kind == "corruption":
+            shifted = list(apply_corruption(family, images, severity, seed))  # type: ignore[arg-type]
+        else:
+            shifted = list(apply_shift(family, images, seed))  # type: ignore[arg-type]
+        sig, miss, h = measure(
+            scorer, shifted, None if kind == "gross" else labels, batch_size=batch_size, keep_h=keep_h
+        )
+        # gross images are not copies of a held-out image: a group of their own each
+        src = source + (i + 1) * len(images) if kind == "gross" else source
+        out.append(SignalSet(name, kind, family, severity, sig, miss, src, h))
+        if on_progress is not None:
+            on_progress((i + 1) / len(jobs))
+    return out
+
+
+@dataclass(frozen=True)
+class Pooled:
+    """Sets pooled for :func:`models.scoring.risk.fit_risk`."""
+
+    signals: dict[str, np.ndarray]
+    misclassified: np.ndarray
+    groups: np.ndarray
+    weight: np.ndarray
+    subsets: dict[str, np.ndarray]
+    no_class: np.ndarray  # (N,) bool: the gross images
+
+
+def pool(sets: Sequence[SignalSet], clean_weight: float = CLEAN_WEIGHT, gross_weight: float = GROSS_WEIGHT) -> Pooled:
+    """Concatenate ``sets``; clean images carry ``clean_weight`` of the total weight (when there are
+    shifted ones), gross images ``gross_weight`` (0: their count's share of the non-clean weight)."""
+    names = set.intersection(*(set(s.signals) for s in sets))
+    sig = {k: np.concatenate([s.signals[k] for s in sets]) for k in names}
+    miss = np.concatenate([s.misclassified for s in sets])
+    groups = np.concatenate([s.source for s in sets])
+    kinds = np.concatenate([np.full(len(s.misclassified), s.kind) for s in sets])
+    clean = kinds == "clean"
+    weight = np.ones(len(miss))
+    gross = kinds == "gross"
+    if clean.any() and (~clean).any():
+        weight[clean] = clean_weight / clean.sum()
+        weight[~clean] = (1 - clean_weight) / (~clean).sum()
+        if gross_weight > 0 and gross.any() and (~clean & ~gross).any():
+            weight[gross] = gross_weight / gross.sum()
+            weight[~clean & ~gross] = (1 - clean_weight - gross_weight) / (~clean & ~gross).sum()
+        weight *= len(miss)  # mean weight 1: the penalty keeps its meaning
+    subsets = {"clean": clean, "shifted": ~clean & ~gross, "gross": gross}
+    return Pooled(sig, miss, groups, weight, {k: v for k, v in subsets.items() if v.any()}, gross)

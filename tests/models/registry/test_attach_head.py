@@ -1,0 +1,42 @@
+"""A user's own head, registered with a feature set (a new version); bad heads are refused, nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.registry.versions import Registry, RegistryError
+from models.scoring.probe import HeadError, LinearHead
+
+CLASSES = [f"c{i}" for i in range(10)]
+
+
+def test_linear_and_torchscript_heads_become_new_versions(tiny_registry: Registry, tmp_path: Path) -> None:
+    dim = tiny_registry.load_feature_set("tiny").encoder.feature_dim
+    linear = LinearHead(torch.randn(10, dim), torch.zeros(10), CLASSES)
+    linear.save(tmp_path / "mine.safetensors")
+    version = tiny_registry.attach_head("tiny", tmp_path / "mine.safetensors", version="tiny-mine")
+    fs = tiny_registry.load_feature_set(version)
+    assert fs.head is not None and fs.head.registered and fs.head.kind == "linear" and fs.head.classes == CLASSES
+    h = torch.rand(3, dim)
+    assert torch.equal(fs.classifier.logits(h), linear.logits(h))
+    assert tiny_registry.load_feature_set("tiny").head is None  # the version attached to is unchanged
+    scripted = torch.jit.script(torch.nn.Linear(dim, 10))
+    torch.jit.save(scripted, str(tmp_path / "mine.pt"))
+    version = tiny_registry.attach_head("tiny", tmp_path / "mine.pt", classes=CLASSES)
+    assert tiny_registry.load_feature_set(version).classifier.logits(h).shape == (3, 10)
+
+
+def test_bad_heads_are_refused_and_nothing_is_written(tiny_registry: Registry, tmp_path: Path) -> None:
+    before = {p.name for p in tiny_registry.feature_sets_dir.iterdir()}
+    LinearHead(torch.randn(10, 7), torch.zeros(10), CLASSES).save(tmp_path / "wrong-dim.safetensors")
+    with pytest.raises(RegistryError, match="does not fit feature set 'tiny'.*takes \\(B, 7\\)"):
+        tiny_registry.attach_head("tiny", tmp_path / "wrong-dim.safetensors")
+    torch.jit.save(torch.jit.script(torch.nn.Linear(4, 2)), str(tmp_path / "h.pt"))
+    with pytest.raises(HeadError, match="needs its class names"):
+        tiny_registry.attach_head("tiny", tmp_path / "h.pt")
+    with pytest.raises(HeadError, match="not the \\['a', 'b'\\] given"):
+        tiny_registry.attach_head("tiny", tmp_path / "wrong-dim.safetensors", classes=["a", "b"])
+    assert {p.name for p in tiny_registry.feature_sets_dir.iterdir()} == before
