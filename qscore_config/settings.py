@@ -74,6 +74,31 @@ class Settings(BaseSettings):
         "batches); beyond it POST /explain answers 503.",
     )
 
+    # -- traffic monitor (GET /monitor, issue 15) ---------------------------------------------
+    monitor: bool = Field(
+        True,
+        description="Keep a window of the recent images of the served model: their estimated error and the "
+        "drift of their representations (GET /monitor, /metrics).",
+    )
+    monitor_window: int = Field(500, ge=10, le=100_000, description="Images in the window, per served model.")
+    drift_every: int = Field(100, ge=1, description="New images between two drift tests of the window.")
+    drift_min_interval_s: float = Field(
+        10.0,
+        ge=0,
+        description="Least seconds between two drift tests (a test takes tens of ms of one core; at 1,000 "
+        "images/s one every 100 images would cost a core, and Prometheus reads them once a scrape).",
+    )
+    drift_permutations: int = Field(
+        200,
+        ge=100,
+        le=10_000,
+        description="Permutations of the drift test; its p-value is at least 1 / (1 + this), so 100 or more "
+        "can go below 0.01.",
+    )
+    drift_reference_size: int = Field(
+        1000, ge=10, le=20_000, description="Reference-bank vectors the window is tested against (a fixed sample)."
+    )
+
     # -- serving --------------------------------------------------------------------------
     access_log: bool = Field(False, description="Log one INFO line per request (uvicorn's access log).")
 
@@ -134,6 +159,15 @@ class Settings(BaseSettings):
     def _pairing(self) -> Settings:
         if self.feature_set_version and not self.model_version:
             raise ValueError("QSCORE_FEATURE_SET_VERSION needs QSCORE_MODEL_VERSION too")
+        return self
+
+    @model_validator(mode="after")
+    def _drift_cadence(self) -> Settings:
+        if self.drift_every > self.monitor_window:
+            raise ValueError(
+                f"QSCORE_DRIFT_EVERY ({self.drift_every}) must not exceed QSCORE_MONITOR_WINDOW "
+                f"({self.monitor_window}), or images pass between tests without being in any tested window"
+            )
         return self
 
     @model_validator(mode="after")

@@ -17,6 +17,7 @@ from fastapi.routing import iter_route_contexts
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from models.monitoring.monitor import TrafficMonitor
 from models.registry.versions import Registry
 from qscore_config.settings import Settings, get_settings
 from service import openapi
@@ -24,7 +25,7 @@ from service.batcher import Batcher
 from service.explain_worker import ExplainWorker
 from service.limits import BodyLimitMiddleware
 from service.metrics import Metrics, QueueLevel
-from service.routes import admin, atlas, docs, explain, health, jobs, model_import, score
+from service.routes import admin, atlas, docs, explain, health, jobs, model_import, monitor, score
 from service.state import StateHolder
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
         if settings.torch_threads is not None and settings.intra_op_threads is None:
             log.warning("QSCORE_TORCH_THREADS is deprecated: set QSCORE_INTRA_OP_THREADS (it applies to both runtimes)")
-        holder = StateHolder(Registry(settings.registry_root), settings)
+        traffic = _traffic_monitor(settings)
+        holder = StateHolder(Registry(settings.registry_root), settings, traffic)
         await holder.load_initial()
         batcher = Batcher(
             settings.max_batch_size,
@@ -47,10 +49,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.max_queue_images,
             app.state.metrics,
             intra_op_threads=settings.inference_threads,
+            monitor=traffic,
         )
         batcher.start()
-        app.state.holder, app.state.batcher = holder, batcher
+        app.state.holder, app.state.batcher, app.state.monitor = holder, batcher, traffic
         app.state.metrics.attach(lambda: holder.current, lambda: QueueLevel(batcher.depth, batcher.capacity))
+        if traffic is not None:
+            app.state.metrics.attach_monitor(traffic.snapshot)
         app.state.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="qscore-decode")
         app.state.explain = ExplainWorker(settings.max_explain_queue)
         jobs.start_embedded_jobs(app, settings)
@@ -69,6 +74,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
             await batcher.stop()
+            if traffic is not None:
+                traffic.close()
             jobs.stop_jobs(app)
             app.state.decode_pool.shutdown(wait=False, cancel_futures=True)
             app.state.explain.shutdown()
@@ -84,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = Metrics(settings.max_batch_size)
+    app.state.monitor = None
     # The routes read the settings off app.state (service.deps): no dependency_overrides outside tests.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -95,9 +103,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(explain.router)
     app.include_router(atlas.router)
+    app.include_router(monitor.router)
     docs.install(app)
     openapi.install(app, settings)
     return app
+
+
+def _traffic_monitor(settings: Settings) -> TrafficMonitor | None:
+    """The traffic monitor of GET /monitor (QSCORE_MONITOR), or None when it is off."""
+    if not settings.monitor:
+        return None
+    return TrafficMonitor(
+        settings.monitor_window,
+        settings.drift_every,
+        settings.drift_min_interval_s,
+        settings.drift_permutations,
+        settings.drift_reference_size,
+    )
 
 
 #: Codes of the framework's own errors (a string detail).

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from models.data.images import ImageDecodeError
+from models.monitoring.monitor import TrafficMonitor
 from models.scoring.result import ImageScore
 from service.device_decode import batch_pixels
 from service.metrics import Metrics
@@ -79,8 +80,10 @@ class Batcher:
         capacity: int,
         metrics: Metrics | None = None,
         intra_op_threads: int | None = None,
+        monitor: TrafficMonitor | None = None,
     ) -> None:
         self.max_batch_size = max_batch_size
+        self.monitor = monitor
         self.intra_op_threads = intra_op_threads
         self.max_wait_s = max_wait_s
         self.capacity = capacity
@@ -189,7 +192,7 @@ class Batcher:
         state = batch[0].request.state
         features = [i.request.features for i in batch]
         job = self._loop.run_in_executor(  # type: ignore[union-attr]
-            self._executor, _score, state, [i.image for i in batch], features
+            self._executor, _score, state, [i.image for i in batch], features, self.monitor
         )
         job.add_done_callback(lambda f: self._finish(batch, started, f))
 
@@ -266,16 +269,29 @@ class Batcher:
 
 
 def _score(
-    state: ServingState, images: list[np.ndarray | bytes], features: list[bool]
+    state: ServingState,
+    images: list[np.ndarray | bytes],
+    features: list[bool],
+    monitor: TrafficMonitor | None = None,
 ) -> list[ImageScore | ImageDecodeError]:
-    """In the inference thread: the scorer's infer and postprocess steps on one batch.
+    """In the inference thread: the scorer's infer and postprocess steps on one batch, then the
+    monitor's record of it (its representations and verdicts).
 
     ``bytes`` are JPEG files to decode on the device (QSCORE_DEVICE_DECODE); one that fails to
     decode gets its :class:`ImageDecodeError` in place of a score.
     """
     if all(isinstance(x, np.ndarray) for x in images):
-        return state.scorer.score(images, features=features)
+        return _scored(state, images, features, monitor)
     pixels, errors = batch_pixels(state.scorer, images)
     kept = [f for f, e in zip(features, errors, strict=True) if e is None]
-    scores = iter(state.scorer.score(pixels, features=kept) if pixels is not None else [])
+    scores = iter(_scored(state, pixels, kept, monitor) if pixels is not None else [])
     return [e if e is not None else next(scores) for e in errors]
+
+
+def _scored(state: ServingState, pixels: Any, features: list[bool], monitor: TrafficMonitor | None) -> list[ImageScore]:
+    if monitor is None:
+        return state.scorer.score(pixels, features=features)
+    inference = state.scorer.infer(pixels)  # the steps of Scorer.score, keeping the representations
+    scores = state.scorer.postprocess(inference, features)
+    monitor.observe(state.model_version, inference.h, scores, state.feature_set_version)
+    return scores

@@ -15,6 +15,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from models.monitoring.monitor import TrafficMonitor
 from models.registry.versions import Registry
 from qscore_config.settings import Settings
 from service.batcher import Batcher
@@ -47,6 +48,11 @@ async def get_batcher(request: Request) -> Batcher:
 
 async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
+
+
+async def get_monitor(request: Request) -> TrafficMonitor | None:
+    """The traffic monitor; None when QSCORE_MONITOR is off."""
+    return request.app.state.monitor
 
 
 async def get_registry(holder: Annotated[StateHolder, Depends(get_holder)]) -> Registry:
@@ -95,5 +101,6 @@ HolderDep = Annotated[StateHolder, Depends(get_holder)]
 BatcherDep = Annotated[Batcher, Depends(get_batcher)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 RegistryDep = Annotated[Registry, Depends(get_registry)]
+MonitorDep = Annotated[TrafficMonitor | None, Depends(get_monitor)]
 ScoringDep = Annotated[Scoring, Depends(get_scoring)]
 ExplainingDep = Annotated[Explaining, Depends(get_explaining)]

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from models.monitoring.monitor import ModelSnapshot
 from models.scoring.feature_set import FeatureSet
 from models.scoring.result import ImageScore
 
@@ -105,6 +106,10 @@ class Metrics:
     def attach(self, served: Callable[[], ServedPair | None], queue: Callable[[], QueueLevel]) -> None:
         """Gauges read at scrape time: the served pair (``served()``) and the queue (``queue()``)."""
         self.registry.register(_LiveCollector(served, queue))
+
+    def attach_monitor(self, snapshots: Callable[[], list[ModelSnapshot]]) -> None:
+        """Gauges of the traffic monitor's windows (``snapshots()``), read at scrape time."""
+        self.registry.register(_MonitorCollector(snapshots))
 
     def error(self, model_version: str | None, code: str, n: int = 1) -> None:
         self.errors.labels(model_version or "none", code).inc(n)
@@ -223,3 +228,44 @@ class _LiveCollector(Collector):
             family = GaugeMetricFamily(name, doc, labels=list(PAIR))
             family.add_metric(pair, float(value))
             yield family
+
+
+#: The traffic monitor's gauges: (name, help, the snapshot's field).
+MONITOR_GAUGES = (
+    (
+        "qscore_estimated_error_ratio",
+        "Estimated error rate of the head over the window of recent images (GET /monitor).",
+        "estimated_error",
+    ),
+    (
+        "qscore_reference_error_ratio",
+        "Error rate of the head on the feature set's labelled held-out sample.",
+        "reference_error",
+    ),
+    (
+        "qscore_drift_p_value",
+        "p-value of the MMD permutation test of the window's representations against the reference bank.",
+        "drift_p_value",
+    ),
+    ("qscore_monitor_window_images", "Images in the monitor's window.", "count"),
+    ("qscore_window_atypical_ratio", "Share of atypical images in the monitor's window.", "atypical_share"),
+)
+
+
+class _MonitorCollector(Collector):
+    def __init__(self, snapshots: Callable[[], list[ModelSnapshot]]) -> None:
+        self._snapshots = snapshots
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        snapshots = self._snapshots()
+        for name, doc, field in MONITOR_GAUGES:
+            family = GaugeMetricFamily(name, doc, labels=list(PAIR))
+            for snap in snapshots:
+                value = getattr(snap, field)
+                if value is not None:
+                    family.add_metric([snap.model_version, snap.feature_set_version], float(value))
+            if family.samples:
+                yield family

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal, get_type_hints
 
-from pydantic import BaseModel, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from models.registry.versions import VERSION_PATTERN, ModelRecord
 from models.scoring.feature_set import FeatureSet
@@ -166,6 +166,55 @@ class SwitchRequest(BaseModel):
     model: str = Field(pattern=VERSION_REGEX, max_length=80)
     feature_set: str = Field(pattern=VERSION_REGEX, max_length=80)
     persist: bool = Field(True, description="Also make this pair the registry's active pair.")
+
+
+# -- the traffic monitor (GET /monitor) -----------------------------------------------------
+class ModelMonitor(BaseModel):
+    """The window of one served model's recent images (fields of ``models.monitoring.ModelSnapshot``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_version: str
+    feature_set_version: str
+    window_size: int = Field(ge=1, description="Images the window holds when full (QSCORE_MONITOR_WINDOW).")
+    count: int = Field(ge=0, description="Images in the window now.")
+    images_seen: int = Field(ge=0, description="Images scored since this pair was served.")
+    estimator_method: Literal["mean_risk", "atc"] = Field(
+        description="How the error is estimated: mean calibrated risk, or ATC on the head's confidence."
+    )
+    estimated_error: float | None = Field(
+        None, ge=0.0, le=1.0, description="Estimated error rate of the head over the window; null without its input."
+    )
+    estimated_error_last_batch: float | None = Field(
+        None, ge=0.0, le=1.0, description="The same estimate over the last encoder batch alone."
+    )
+    last_batch_images: int = Field(ge=0, description="Images in that batch.")
+    reference_error: float | None = Field(
+        None, ge=0.0, le=1.0, description="The head's error on the feature set's labelled held-out sample."
+    )
+    drift_p_value: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="p-value of the MMD permutation test of the window's representations against the reference "
+        "bank; null until the first test (or without a bank).",
+    )
+    drift_mmd2: float | None = Field(None, description="The test's unbiased MMD^2 (can be slightly negative).")
+    drift_computed_at: int | None = Field(None, ge=0, description="images_seen when the tested window was taken.")
+    drift_window_count: int | None = Field(None, ge=0, description="Images in the tested window.")
+    atypical_share: float | None = Field(None, ge=0.0, le=1.0, description="Share of atypical images in the window.")
+    low_quality_share: float | None = Field(
+        None, ge=0.0, le=1.0, description="Share of images below alpha in the window."
+    )
+    mean_risk: float | None = Field(None, ge=0.0, le=1.0, description="Mean calibrated risk over the window.")
+    mean_confidence: float | None = Field(
+        None, ge=0.0, le=1.0, description="Mean maximum softmax of the head over the window."
+    )
+
+
+class MonitorResponse(BaseModel):
+    enabled: bool = Field(description="Whether the monitor runs (QSCORE_MONITOR).")
+    models: list[ModelMonitor] = Field(description="One entry per served model; empty when disabled.")
 
 
 # -- explanations (POST /explain) and the feature atlas (GET /atlas) -------------------------

@@ -20,6 +20,7 @@ import torch
 
 from models.encoders.runtime import Runtime
 from models.explanation.explain import Explainer
+from models.monitoring.monitor import TrafficMonitor
 from models.registry.versions import ModelRecord, Registry, RegistryError
 from models.scoring.compatibility import FeatureSetMismatch, check_fits
 from models.scoring.feature_set import FeatureSet
@@ -174,11 +175,15 @@ def _checked_precision(scorer: Scorer, fingerprint: str, features: FeatureSet) -
 
 
 class StateHolder:
-    """The one reference to the current :class:`ServingState`, and the lock that serialises switches."""
+    """The one reference to the current :class:`ServingState`, and the lock that serialises switches.
 
-    def __init__(self, registry: Registry, settings: Settings) -> None:
+    ``monitor``: the traffic monitor, restarted from an empty window whenever the served pair changes.
+    """
+
+    def __init__(self, registry: Registry, settings: Settings, monitor: TrafficMonitor | None = None) -> None:
         self.registry = registry
         self.settings = settings
+        self.monitor = monitor
         self.current: ServingState | None = None
         self._lock = asyncio.Lock()
 
@@ -195,6 +200,9 @@ class StateHolder:
                 new = await asyncio.to_thread(load_state, self.registry, model, feature_set, self.settings)
             if persist:
                 await asyncio.to_thread(self.registry.set_active, model, feature_set)
+            if new is not current and self.monitor is not None:
+                # before the swap: batches of the old pair that finish later are dropped, not mixed in
+                self.monitor.activate(new.model_version, new.feature_set_version, new.feature_set)
             self.current = new  # the atomic swap: one reference
             if new is not current:
                 log.info("serving model %s with feature set %s", model, feature_set)

@@ -3,8 +3,10 @@
 Prometheus (Debian's `prometheus`) scrapes a real `qscore serve` every second and evaluates a
 test copy of deploy/prometheus/alerts.yml whose windows are 20 s and whose `for:` is 2 s;
 Alertmanager (`prometheus-alertmanager`) delivers to a webhook receiver in this test. In
-distribution traffic (CIFAR-10 test images) must leave it silent; shifted traffic (solid colours
-and uniform noise) must get `QScoreInputShift` delivered.
+distribution traffic (CIFAR-10 test images) must leave it silent; inverted copies of the same
+images, which typicality passes, must get `QScoreRepresentationDrift` delivered (the monitor's
+window shortened to 64 images, tested every 16); grossly shifted traffic (solid colours and
+uniform noise) must get `QScoreInputShift` delivered.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import numpy as np
 import pytest
 from PIL import Image
 from service_helpers import build_registry, free_port
+
+from models.data.shifts import apply_shift
 
 REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "deploy" / "prometheus" / "alerts.yml"
@@ -100,6 +104,9 @@ def stack(tmp_path: Path, tiny_model: tuple) -> Iterator[dict]:
         "QSCORE_REGISTRY_ROOT": str(registry.root),
         "QSCORE_DEVICE": "cpu",
         "QSCORE_MAX_FILES": "64",
+        "QSCORE_MONITOR_WINDOW": "64",
+        "QSCORE_DRIFT_EVERY": "16",
+        "QSCORE_DRIFT_MIN_INTERVAL_S": "0.5",
     }
     (tmp_path / "alerts.yml").write_text(shortened_rules(RULES.read_text()))
     (tmp_path / "prometheus.yml").write_text(
@@ -208,15 +215,36 @@ def _prometheus_alerts(url: str) -> list[str]:
     return [a["labels"]["alertname"] for a in data]
 
 
-def test_input_shift_alert_is_delivered_for_shifted_images_only(stack: dict, cifar_slice: Path) -> None:
+def _drift_p_value(url: str) -> float | None:
+    return httpx.get(f"{url}/monitor", timeout=10).json()["models"][0]["drift_p_value"]
+
+
+def test_shift_alerts_are_delivered_for_shifted_images_only(stack: dict, cifar_slice: Path) -> None:
     webhook: Webhook = stack["webhook"]
-    cifar = [p.read_bytes() for p in sorted((cifar_slice / "test").rglob("*.jpg"))[:64]]
+    paths = sorted((cifar_slice / "test").rglob("*.jpg"))[:64]
+    cifar = [p.read_bytes() for p in paths]
     # In distribution for longer than window + for: silent.
     scored, atypical = _post_for(stack["qscore"], cifar, 28)
     assert scored >= 64 and atypical / scored < 0.1
+    assert _drift_p_value(stack["qscore"]) >= 0.01
     time.sleep(3)
+    for alert in ("QScoreInputShift", "QScoreRepresentationDrift"):
+        assert alert not in _prometheus_alerts(stack["prometheus"])
+        assert webhook.alerts(alert) == []
+
+    # Inverted images: few atypical ones, but the window's representations drift.
+    inverted = [_png(np.asarray(image)) for image in apply_shift("invert", (Image.open(p) for p in paths))]
+    deadline = time.monotonic() + 60
+    inverted_scored = inverted_atypical = 0
+    while time.monotonic() < deadline and not webhook.alerts("QScoreRepresentationDrift"):
+        n, a = _post_for(stack["qscore"], inverted, 2)
+        inverted_scored, inverted_atypical = inverted_scored + n, inverted_atypical + a
+    assert inverted_atypical / inverted_scored < 0.1
+    delivered = webhook.alerts("QScoreRepresentationDrift")
+    assert delivered, f"no QScoreRepresentationDrift in 60 s; Prometheus has {_prometheus_alerts(stack['prometheus'])}"
+    assert delivered[0]["labels"]["model_version"] == "tiny"
+    assert _drift_p_value(stack["qscore"]) < 0.01
     assert "QScoreInputShift" not in _prometheus_alerts(stack["prometheus"])
-    assert webhook.alerts("QScoreInputShift") == []
 
     rng = np.random.default_rng(0)
     shifted = [_png(np.full((32, 32, 3), rng.integers(0, 256, 3))) for _ in range(16)]

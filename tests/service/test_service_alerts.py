@@ -41,6 +41,8 @@ def test_alert_rules_cover_every_required_alert() -> None:
         "QScoreErrorBurst",
         "QScoreQueueSaturated",
         "QScoreInputShift",
+        "QScoreEstimatedAccuracyDrop",
+        "QScoreRepresentationDrift",
     }
     tested = (RULES_DIR / "alerts_test.yml").read_text()
     for alert in alerts:

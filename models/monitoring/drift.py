@@ -1,0 +1,157 @@
+"""Drift of the representation distribution: the window against the reference bank (issue 15, item 4).
+
+The kernel two-sample test of Gretton et al. (JMLR 2012): the unbiased MMD^2 (their eq. 3) with a
+Gaussian kernel ``k(x, y) = exp(-|x - y|^2 / (2 s^2))``, ``s`` the median distance between
+reference vectors (their median heuristic), and a p-value from a permutation test: the two
+samples are pooled and split again at random ``P`` times, ``p = (1 + #{MMD^2_perm >= MMD^2}) /
+(1 + P)`` (the +1 counts the observed split, so p is never 0 and the test is exact under
+exchangeability). Resampling only the reference, as Evidently's bootstrap does, ignores the
+window's own variance and alarms far too often (FIELD-NOTES).
+
+The reference is a fixed, seeded subsample of the bank (``size`` vectors), its kernel block
+computed once, so a test costs ``O((n + m)^2 (r + P))`` whatever the bank's size; the ``P``
+splits are one matrix product (:func:`split_statistics`).
+
+Written here rather than taken from a library: torchdrift 0.1.0.post1 (unmaintained since 2021)
+gives p = count / P (0 possible), draws its permutations from torch's global RNG and takes the
+bandwidth from the pooled sample, and it and any torch code would set torch's intra-op threads,
+which are process-wide (the encoder's); Alibi Detect's MMDDrift pins numpy < 2, Pillow < 11 and
+pulls in transformers, numba and opencv. numpy's BLAS, limited to one thread by the caller, leaves
+the encoder alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Permutations of the test: p can go down to 1 / 201, well below the alerting level of 0.01.
+DEFAULT_PERMUTATIONS = 200
+
+#: Reference vectors drawn from the bank: the test's cost is bounded by it, not by the bank.
+DEFAULT_REFERENCE_SIZE = 1000
+
+
+def squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(n, m) squared Euclidean distances between the rows of ``a`` (n, r) and ``b`` (m, r), float64."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    d = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
+    return np.maximum(d, 0.0, out=d)  # rounding can leave tiny negatives
+
+
+def median_bandwidth(x: np.ndarray) -> float:
+    """The median heuristic: the median Euclidean distance between distinct rows of ``x`` (n, r).
+
+    1.0 when every row is the same (no scale to read).
+    """
+    if x.shape[0] < 2:
+        raise ValueError(f"the median heuristic needs at least 2 vectors, got {x.shape[0]}")
+    d = squared_distances(x, x)[np.triu_indices(x.shape[0], k=1)]
+    positive = d[d > 0]
+    return float(np.sqrt(np.median(positive))) if positive.size else 1.0
+
+
+def gaussian_kernel(sq_distances: np.ndarray, bandwidth: float) -> np.ndarray:
+    """``exp(-d^2 / (2 s^2))`` of squared distances, in place."""
+    sq_distances *= -0.5 / bandwidth**2
+    return np.exp(sq_distances, out=sq_distances)
+
+
+def mmd2_unbiased(x: np.ndarray, y: np.ndarray, bandwidth: float) -> float:
+    """The unbiased MMD^2 (Gretton et al. 2012, eq. 3) of samples ``x`` (n, r) and ``y`` (m, r), n, m >= 2."""
+    n, m = x.shape[0], y.shape[0]
+    if n < 2 or m < 2:
+        raise ValueError(f"the unbiased MMD^2 needs at least 2 vectors in each sample, got {n} and {m}")
+    kxx = gaussian_kernel(squared_distances(x, x), bandwidth)
+    kyy = gaussian_kernel(squared_distances(y, y), bandwidth)
+    kxy = gaussian_kernel(squared_distances(x, y), bandwidth)
+    return float(
+        (kxx.sum() - np.trace(kxx)) / (n * (n - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean()
+    )
+
+
+def split_statistics(kernel: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """The unbiased MMD^2 of several splits of one pooled sample, with one matrix product.
+
+    ``kernel``: (N, N) pooled kernel matrix with a zero diagonal; ``masks``: (N, S) 0/1, column s
+    marking the n members of the first sample of split s (the same n in every column). With
+    ``u`` a column and ``v = 1 - u``: ``Sxx = u'Ku``, ``Sxy = 1'Ku - Sxx``, ``Syy = 1'K1 - 2 1'Ku + Sxx``.
+    """
+    total = kernel.shape[0]
+    n = int(masks[:, 0].sum())
+    m = total - n
+    ku = kernel @ masks
+    sxx = (masks * ku).sum(axis=0)
+    column = ku.sum(axis=0)
+    sxy = column - sxx
+    syy = kernel.sum() - 2.0 * column + sxx
+    return sxx / (n * (n - 1)) + syy / (m * (m - 1)) - 2.0 * sxy / (n * m)
+
+
+def permutation_test(kernel: np.ndarray, n: int, permutations: int, rng: np.random.Generator) -> tuple[float, float]:
+    """(MMD^2, p-value) of the first ``n`` pooled rows against the rest, ``kernel`` (N, N), zero diagonal."""
+    total = kernel.shape[0]
+    if n < 2 or total - n < 2:
+        raise ValueError(f"the test needs at least 2 vectors in each sample, got {n} and {total - n}")
+    if permutations < 1:
+        raise ValueError(f"permutations must be positive, got {permutations}")
+    observed = np.zeros(total)
+    observed[:n] = 1.0
+    shuffled = rng.permuted(np.broadcast_to(observed, (permutations, total)), axis=1)
+    stats = split_statistics(kernel, np.column_stack([observed, shuffled.T]))
+    p_value = (1 + int((stats[1:] >= stats[0]).sum())) / (1 + permutations)
+    return float(stats[0]), p_value
+
+
+@dataclass(frozen=True)
+class DriftResult:
+    """One test of a window: ``computed_at`` is how many images the model had seen when it was taken."""
+
+    p_value: float
+    mmd2: float
+    window_count: int
+    reference_count: int
+    bandwidth: float
+    permutations: int
+    computed_at: int
+
+
+class DriftReference:
+    """A fixed seeded subsample of the reference bank, its bandwidth and its kernel block.
+
+    ``vectors``: (N, r) unit-norm bank vectors; ``size`` of them are drawn (all when N is smaller).
+    """
+
+    def __init__(self, vectors: np.ndarray, size: int = DEFAULT_REFERENCE_SIZE, seed: int = 0) -> None:
+        vectors = np.asarray(vectors, dtype=np.float64)
+        if vectors.ndim != 2 or vectors.shape[0] < 2:
+            raise ValueError(f"a drift reference needs (N, r) vectors with N >= 2, got shape {vectors.shape}")
+        if size < 2:
+            raise ValueError(f"the reference sample needs at least 2 vectors, got size={size}")
+        rng = np.random.default_rng(seed)
+        if vectors.shape[0] > size:
+            vectors = vectors[np.sort(rng.choice(vectors.shape[0], size, replace=False))]
+        self.vectors = vectors
+        self.bandwidth = median_bandwidth(vectors)
+        self._kernel = gaussian_kernel(squared_distances(vectors, vectors), self.bandwidth)
+        np.fill_diagonal(self._kernel, 0.0)
+
+    @property
+    def size(self) -> int:
+        return int(self.vectors.shape[0])
+
+    def test(
+        self, window: np.ndarray, permutations: int = DEFAULT_PERMUTATIONS, seed: int = 0, computed_at: int = 0
+    ) -> DriftResult:
+        """The permutation test of ``window`` (n, r) against the reference."""
+        n, m = window.shape[0], self.size
+        if window.ndim != 2 or window.shape[1] != self.vectors.shape[1]:
+            raise ValueError(f"the window must be (n, {self.vectors.shape[1]}), got shape {window.shape}")
+        pooled = np.empty((n + m, n + m))
+        pooled[:n, :n] = gaussian_kernel(squared_distances(window, window), self.bandwidth)
+        np.fill_diagonal(pooled[:n, :n], 0.0)
+        cross = gaussian_kernel(squared_distances(window, self.vectors), self.bandwidth)
+        pooled[:n, n:], pooled[n:, :n], pooled[n:, n:] = cross, cross.T, self._kernel
+        mmd2, p_value = permutation_test(pooled, n, permutations, np.random.default_rng(seed))
+        return DriftResult(p_value, mmd2, n, m, self.bandwidth, permutations, computed_at)

@@ -1,0 +1,267 @@
+"""The traffic monitor: per served model, the window of recent images, its estimated error and its drift.
+
+:meth:`TrafficMonitor.observe` runs in the batcher's inference thread after every batch: it
+normalises the batch's representations, writes them and the verdicts' signals into the model's
+:class:`~models.monitoring.window.RingWindow` and, every ``drift_every`` images (and no more often
+than ``drift_min_interval_s``), hands a drift test to one background thread. Nothing heavier
+happens on the request path; a test offered while one runs is skipped, not queued.
+
+:meth:`TrafficMonitor.activate` starts a served pair from an empty window (the service calls it
+where it switches pairs); batches of the previous pair that finish afterwards are dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from threadpoolctl import ThreadpoolController
+
+from models.monitoring.drift import DEFAULT_PERMUTATIONS, DEFAULT_REFERENCE_SIZE, DriftReference, DriftResult
+from models.monitoring.window import SIGNALS, RingWindow
+from models.scoring.bank import normalise
+from models.scoring.error_estimate import ErrorEstimator
+from models.scoring.feature_set import FeatureSet
+from models.scoring.result import ImageScore
+
+log = logging.getLogger(__name__)
+
+#: The estimator of a feature set that records none: the mean calibrated risk (CBPE's form).
+MEAN_RISK = ErrorEstimator(method="mean_risk", source="mean of the calibrated risk (the feature set records none)")
+
+
+def reference_error(fs: FeatureSet) -> float | None:
+    """The probe's error on the feature set's labelled held-out sample, when it was recorded."""
+    if fs.head is not None and fs.head.top1 is not None:
+        return 1.0 - fs.head.top1
+    if fs.risk_model is not None and "base_rate_misclassified" in fs.risk_model.metrics:
+        return float(fs.risk_model.metrics["base_rate_misclassified"])
+    return None
+
+
+@dataclass(frozen=True)
+class ModelSnapshot:
+    """What ``GET /monitor`` and ``/metrics`` report of one served model (None: not known yet)."""
+
+    model_version: str
+    feature_set_version: str
+    window_size: int
+    count: int
+    images_seen: int
+    estimator_method: str
+    estimated_error: float | None
+    estimated_error_last_batch: float | None
+    last_batch_images: int
+    reference_error: float | None
+    drift_p_value: float | None
+    drift_mmd2: float | None
+    drift_computed_at: int | None
+    drift_window_count: int | None
+    atypical_share: float | None
+    low_quality_share: float | None
+    mean_risk: float | None
+    mean_confidence: float | None
+
+
+class _ModelState:
+    def __init__(self, model_version: str, feature_set_version: str, fs: FeatureSet, window: int) -> None:
+        self.model_version, self.feature_set_version = model_version, feature_set_version
+        self.estimator = fs.error_estimator or MEAN_RISK
+        self.reference_error = reference_error(fs)
+        self.bank = fs.bank
+        self.window = RingWindow(window, fs.encoder.feature_dim)
+        self.last_batch_error: float | None = None
+        self.last_batch_images = 0
+        self.drift: DriftResult | None = None
+        self.drift_reference: DriftReference | None = None  # built by the first test, in its thread
+        self.drift_requested_at = 0  # images seen when the last test was handed over
+        self.drift_started = -float("inf")  # time.monotonic() of that hand-over
+
+
+class BackgroundRunner:
+    """One daemon thread running one job at a time; a job offered while another runs or waits is refused."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._cond = threading.Condition()
+        self._job: Callable[[], None] | None = None
+        self._busy = self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def offer(self, job: Callable[[], None]) -> bool:
+        with self._cond:
+            if self._closed or self._busy or self._job is not None:
+                return False
+            self._job = job
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self._thread.start()
+            self._cond.notify()
+            return True
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._job is None and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                job, self._job, self._busy = self._job, None, True
+            try:
+                job()
+            except Exception:  # a failed test must not end the thread: the next one may succeed
+                log.exception("a background monitoring job failed")
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no job runs or waits; False if ``timeout`` passed first."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._busy and self._job is None, timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+
+class TrafficMonitor:
+    """Windows of the last ``window`` images per served model, and their drift tests.
+
+    ``drift_every``: images between two tests; ``drift_min_interval_s``: least seconds between two;
+    ``permutations`` and ``reference_size``: see :class:`~models.monitoring.drift.DriftReference`.
+    """
+
+    def __init__(
+        self,
+        window: int = 500,
+        drift_every: int = 100,
+        drift_min_interval_s: float = 0.0,
+        permutations: int = DEFAULT_PERMUTATIONS,
+        reference_size: int = DEFAULT_REFERENCE_SIZE,
+    ) -> None:
+        if window < 2 or drift_every < 1 or drift_min_interval_s < 0 or permutations < 1 or reference_size < 2:
+            raise ValueError(
+                "the monitor needs window >= 2, drift_every >= 1, drift_min_interval_s >= 0, permutations >= 1 and "
+                f"reference_size >= 2; got {window}, {drift_every}, {drift_min_interval_s}, {permutations}, "
+                f"{reference_size}"
+            )
+        self.window, self.drift_every, self.drift_min_interval_s = window, drift_every, drift_min_interval_s
+        self.permutations, self.reference_size = permutations, reference_size
+        self._lock = threading.Lock()
+        self._models: dict[str, _ModelState] = {}
+        self._runner = BackgroundRunner("qscore-drift")
+        self._blas = ThreadpoolController()
+
+    def activate(self, model_version: str, feature_set_version: str, feature_set: FeatureSet) -> None:
+        """Serve this pair from now on: its window starts empty; other models' states are dropped."""
+        state = _ModelState(model_version, feature_set_version, feature_set, self.window)
+        with self._lock:
+            self._models = {model_version: state}
+
+    def observe(
+        self,
+        model_version: str,
+        h: torch.Tensor | np.ndarray,
+        scores: Sequence[ImageScore],
+        feature_set_version: str | None = None,
+    ) -> None:
+        """Record one batch: representations ``h`` (B, r) and their B verdicts. Thread-safe.
+
+        A batch of a model (or, when given, a feature set) not served any more is ignored.
+        """
+        if not scores:
+            return
+        state = self._models.get(model_version)
+        if state is None or (feature_set_version is not None and feature_set_version != state.feature_set_version):
+            return
+        vectors = _unit_rows(h)
+        signals = np.array([[s.risk, s.confidence, s.atypical, s.low_quality] for s in scores], dtype=np.float32).T
+        risk, confidence = signals[0], signals[1]
+        batch_error = state.estimator.estimate(risk[~np.isnan(risk)], confidence[~np.isnan(confidence)])
+        with self._lock:
+            if self._models.get(model_version) is not state:  # switched meanwhile
+                return
+            state.window.append(vectors, signals)
+            state.last_batch_error, state.last_batch_images = batch_error, len(scores)
+            if state.bank is None or state.window.seen - state.drift_requested_at < self.drift_every:
+                return
+            now = time.monotonic()
+            if now - state.drift_started < self.drift_min_interval_s:
+                return
+            if self._runner.offer(lambda: self._test_drift(state)):
+                state.drift_requested_at, state.drift_started = state.window.seen, now
+
+    def _test_drift(self, state: _ModelState) -> None:
+        """In the drift thread: the window's representations against the reference, one BLAS thread."""
+        with self._lock:
+            vectors, seen = state.window.contents().vectors, state.window.seen
+        if vectors.shape[0] < 2 or state.bank is None:
+            return
+        # numpy's BLAS pool is process-wide: one thread for the length of the test leaves the
+        # cores to the encoder (torch's own pool, untouched).
+        with self._blas.limit(limits=1, user_api="blas"):
+            if state.drift_reference is None:
+                bank = state.bank.vectors.float().cpu().numpy()
+                state.drift_reference = DriftReference(bank, self.reference_size)
+            result = state.drift_reference.test(vectors, self.permutations, seed=seen, computed_at=seen)
+        with self._lock:
+            state.drift = result
+
+    def wait_for_drift(self, timeout: float | None = None) -> bool:
+        """Wait until no drift test runs (tests and experiments); False on timeout."""
+        return self._runner.wait_idle(timeout)
+
+    def snapshot(self) -> list[ModelSnapshot]:
+        """Every served model's window figures, now."""
+        with self._lock:
+            return [_snapshot(state) for state in self._models.values()]
+
+    def close(self) -> None:
+        self._runner.close()
+
+
+def _unit_rows(h: torch.Tensor | np.ndarray) -> np.ndarray:
+    """(B, r) float32 rows of unit L2 norm, on the host (the bank's normalisation)."""
+    if isinstance(h, torch.Tensor):
+        return normalise(h.detach()).cpu().numpy()
+    return normalise(torch.from_numpy(np.asarray(h, dtype=np.float32))).numpy()
+
+
+def _mean(values: np.ndarray) -> float | None:
+    return float(values.mean(dtype=np.float64)) if values.size else None
+
+
+def _snapshot(state: _ModelState) -> ModelSnapshot:
+    window, drift = state.window, state.drift
+    values = {name: window.values(name) for name in SIGNALS}
+    return ModelSnapshot(
+        model_version=state.model_version,
+        feature_set_version=state.feature_set_version,
+        window_size=window.capacity,
+        count=window.count,
+        images_seen=window.seen,
+        estimator_method=state.estimator.method,
+        estimated_error=state.estimator.estimate(values["risk"], values["confidence"]),
+        estimated_error_last_batch=state.last_batch_error,
+        last_batch_images=state.last_batch_images,
+        reference_error=state.reference_error,
+        drift_p_value=None if drift is None else drift.p_value,
+        drift_mmd2=None if drift is None else drift.mmd2,
+        drift_computed_at=None if drift is None else drift.computed_at,
+        drift_window_count=None if drift is None else drift.window_count,
+        atypical_share=_mean(values["atypical"]),
+        low_quality_share=_mean(values["low_quality"]),
+        mean_risk=_mean(values["risk"]),
+        mean_confidence=_mean(values["confidence"]),
+    )

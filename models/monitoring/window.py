@@ -1,0 +1,80 @@
+"""The last N scored images of one served model: a bounded ring buffer (issue 15, item 6).
+
+Preallocated numpy arrays, written in place: an append of B images is a handful of vectorised
+assignments at ``(next + arange(B)) % N``, whatever N; memory is ``N * (r + 4)`` float32 values
+for the model's whole life. Unknown signals (no risk model, no head, no typicality) are NaN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+#: The per-image signals a window keeps, in the row order of :attr:`RingWindow.signals`.
+SIGNALS = ("risk", "confidence", "atypical", "low_quality")
+
+
+@dataclass(frozen=True)
+class WindowContents:
+    """A copy of a window's images, oldest first: ``vectors`` (n, r) float32, the rest (n,) float32."""
+
+    vectors: np.ndarray
+    risk: np.ndarray
+    confidence: np.ndarray
+    atypical: np.ndarray
+    low_quality: np.ndarray
+
+
+class RingWindow:
+    """The last ``capacity`` images' L2-normalised representations (``dim`` features) and signals.
+
+    Not thread-safe on its own: :class:`models.monitoring.monitor.TrafficMonitor` holds the lock.
+    """
+
+    def __init__(self, capacity: int, dim: int) -> None:
+        if capacity < 1 or dim < 1:
+            raise ValueError(f"a window needs capacity >= 1 and dim >= 1, got {capacity} and {dim}")
+        self.capacity, self.dim = capacity, dim
+        self.vectors = np.zeros((capacity, dim), dtype=np.float32)
+        # one row per name of SIGNALS (atypical and low_quality as 1/0), NaN where unknown
+        self.signals = np.full((4, capacity), np.nan, dtype=np.float32)
+        self.seen = 0  # images ever appended; the next write goes to seen % capacity
+
+    @property
+    def count(self) -> int:
+        """Images in the window (at most ``capacity``)."""
+        return min(self.seen, self.capacity)
+
+    def append(self, vectors: np.ndarray, signals: np.ndarray) -> None:
+        """Add B images: ``vectors`` (B, dim), ``signals`` (4, B) as in :attr:`signals` rows.
+
+        Of a batch larger than the window only its last ``capacity`` images are kept.
+        """
+        b = vectors.shape[0]
+        if vectors.shape != (b, self.dim) or signals.shape != (4, b):
+            raise ValueError(
+                f"expected vectors ({b}, {self.dim}) and signals (4, {b}), got {vectors.shape} and {signals.shape}"
+            )
+        skip = max(0, b - self.capacity)
+        slots = (self.seen + np.arange(skip, b)) % self.capacity
+        self.vectors[slots] = vectors[skip:]
+        self.signals[:, slots] = signals[:, skip:]
+        self.seen += b
+
+    def _order(self) -> np.ndarray:
+        """Slots from the oldest image to the newest."""
+        if self.seen <= self.capacity:
+            return np.arange(self.seen)
+        return (self.seen + np.arange(self.capacity)) % self.capacity
+
+    def contents(self) -> WindowContents:
+        """A copy of the window, oldest first (the drift test reads it while appends go on)."""
+        order = self._order()
+        signals = self.signals[:, order]
+        return WindowContents(self.vectors[order], signals[0], signals[1], signals[2], signals[3])
+
+    def values(self, name: str) -> np.ndarray:
+        """The known values of signal ``name`` over the window (in slot order, not arrival order)."""
+        row = self.signals[SIGNALS.index(name), : self.count]
+        return row[~np.isnan(row)]

@@ -1,0 +1,103 @@
+"""The MMD permutation test: an exact small case, calibration under the null, power under a shift."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from models.monitoring.drift import (
+    DriftReference,
+    gaussian_kernel,
+    median_bandwidth,
+    mmd2_unbiased,
+    permutation_test,
+    split_statistics,
+    squared_distances,
+)
+
+
+def _pooled_kernel(x: np.ndarray, y: np.ndarray, bandwidth: float) -> np.ndarray:
+    z = np.concatenate([x, y])
+    kernel = gaussian_kernel(squared_distances(z, z), bandwidth)
+    np.fill_diagonal(kernel, 0.0)
+    return kernel
+
+
+def test_mmd2_of_three_against_three_points_by_hand() -> None:
+    x, y = np.array([[0.0], [1.0], [2.0]]), np.array([[0.0], [0.0], [3.0]])
+    e = math.exp
+    # s = 1: k(d) = exp(-d^2 / 2). X pairs at 1, 2, 1; Y pairs at 0, 3, 3; X-Y: 0 0 3 / 1 1 2 / 2 2 1.
+    kxx = 2 * (2 * e(-0.5) + e(-2)) / 6
+    kyy = 2 * (1 + 2 * e(-4.5)) / 6
+    kxy = (2 + e(-4.5) + 3 * e(-0.5) + 3 * e(-2)) / 9
+    expected = kxx + kyy - 2 * kxy
+    assert mmd2_unbiased(x, y, 1.0) == pytest.approx(expected, rel=1e-12)
+    mask = np.array([[1.0], [1.0], [1.0], [0.0], [0.0], [0.0]])
+    assert split_statistics(_pooled_kernel(x, y, 1.0), mask)[0] == pytest.approx(expected, rel=1e-12)
+
+
+def test_split_statistics_equal_the_direct_mmd2_of_every_split() -> None:
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        n, m = int(rng.integers(2, 8)), int(rng.integers(2, 8))
+        z = rng.normal(size=(n + m, 3))
+        bandwidth = float(rng.uniform(0.5, 2.0))
+        kernel = _pooled_kernel(z[:n], z[n:], bandwidth)
+        masks = np.zeros((n + m, 5))
+        splits = [rng.permutation(n + m)[:n] for _ in range(5)]
+        for s, members in enumerate(splits):
+            masks[members, s] = 1.0
+        stats = split_statistics(kernel, masks)
+        for s, members in enumerate(splits):
+            rest = np.setdiff1d(np.arange(n + m), members)
+            assert stats[s] == pytest.approx(mmd2_unbiased(z[members], z[rest], bandwidth), abs=1e-12), trial
+
+
+def test_median_bandwidth_is_the_median_pairwise_distance() -> None:
+    assert median_bandwidth(np.array([[0.0], [1.0], [3.0]])) == pytest.approx(2.0)  # distances 1, 3, 2
+    assert median_bandwidth(np.ones((4, 2))) == 1.0  # no scale to read
+
+
+def test_p_values_are_roughly_uniform_when_both_samples_share_a_distribution() -> None:
+    p = []
+    for seed in range(50):
+        rng = np.random.default_rng(seed)
+        reference = DriftReference(rng.normal(size=(60, 4)), size=60)
+        p.append(reference.test(rng.normal(size=(40, 4)), permutations=200, seed=seed).p_value)
+    p = np.array(p)
+    assert (p < 0.05).mean() <= 0.1  # about 0.05 expected: an exact test
+    assert 0.3 <= (p < 0.5).mean() <= 0.7
+    assert p.min() >= 1 / 201
+
+
+def test_a_shifted_gaussian_is_detected() -> None:
+    rng = np.random.default_rng(1)
+    reference = DriftReference(rng.normal(size=(200, 4)), size=200)
+    result = reference.test(rng.normal(size=(100, 4)) + 0.5, permutations=200)
+    assert result.p_value == pytest.approx(1 / 201)  # no permutation reaches the observed MMD^2
+    assert result.mmd2 > 0 and result.window_count == 100 and result.reference_count == 200
+
+
+def test_reference_is_a_fixed_seeded_subsample_of_the_bank() -> None:
+    bank = np.random.default_rng(2).normal(size=(500, 3))
+    a, b = DriftReference(bank, size=100, seed=0), DriftReference(bank, size=100, seed=0)
+    assert a.size == 100
+    np.testing.assert_array_equal(a.vectors, b.vectors)
+    assert {tuple(v) for v in a.vectors} <= {tuple(v) for v in bank}
+    assert DriftReference(bank[:50], size=100).size == 50  # a smaller bank is used whole
+    window = np.random.default_rng(3).normal(size=(30, 3))
+    assert a.test(window, seed=4) == b.test(window, seed=4)  # seeded: the same p-value twice
+
+
+def test_bad_inputs_say_what_is_wrong() -> None:
+    reference = DriftReference(np.random.default_rng(0).normal(size=(10, 3)))
+    with pytest.raises(ValueError, match=r"the window must be \(n, 3\)"):
+        reference.test(np.zeros((5, 2)))
+    with pytest.raises(ValueError, match="at least 2 vectors in each sample, got 1 and 10"):
+        reference.test(np.zeros((1, 3)))
+    with pytest.raises(ValueError, match="N >= 2"):
+        DriftReference(np.zeros((1, 3)))
+    with pytest.raises(ValueError, match="permutations must be positive"):
+        permutation_test(np.zeros((4, 4)), 2, 0, np.random.default_rng(0))

@@ -1,0 +1,147 @@
+"""The traffic monitor: window figures from hand-made batches, reset, drift off the request path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.monitoring.monitor import TrafficMonitor, reference_error
+from models.scoring.error_estimate import ErrorEstimator
+from models.scoring.feature_set import FeatureSet
+from models.scoring.result import ImageScore
+
+DEMO = Path(__file__).resolve().parents[3] / "models" / "weights" / "demo-feature-set.json"
+
+
+@pytest.fixture(scope="module")
+def demo_features() -> FeatureSet:
+    """The packaged demo feature set, with its 5,000-vector reference bank (128 features)."""
+    fs = FeatureSet.load(DEMO)
+    assert fs.bank is not None
+    return fs
+
+
+def _score(risk: float | None, confidence: float | None = None, atypical: bool | None = False, low: bool = False):
+    return ImageScore(
+        q_score=0.1,
+        low_quality=low,
+        risk=risk,
+        l1_norm=1.0,
+        dominant=None,
+        discriminative_active=None,
+        atypical=atypical,
+        confidence=confidence,
+    )
+
+
+def _h(b: int, seed: int = 0, dim: int = 128) -> torch.Tensor:
+    return torch.rand(b, dim, generator=torch.Generator().manual_seed(seed))
+
+
+def test_estimate_is_the_mean_risk_of_a_hand_made_batch(demo_features: FeatureSet) -> None:
+    monitor = TrafficMonitor(window=8, drift_every=8)
+    monitor.activate("m", "f", demo_features)
+    scores = [_score(0.2, atypical=True), _score(0.4, low=True), _score(0.9), _score(None, atypical=None)]
+    monitor.observe("m", _h(4), scores)
+    (snap,) = monitor.snapshot()
+    assert snap.estimator_method == "mean_risk"
+    assert snap.estimated_error == pytest.approx(0.5)  # (0.2 + 0.4 + 0.9) / 3: the unknown risk is left out
+    assert snap.estimated_error_last_batch == pytest.approx(0.5) and snap.last_batch_images == 4
+    assert snap.mean_risk == pytest.approx(0.5)
+    assert snap.atypical_share == pytest.approx(1 / 3) and snap.low_quality_share == pytest.approx(1 / 4)
+    assert snap.mean_confidence is None
+    assert (snap.window_size, snap.count, snap.images_seen) == (8, 4, 4)
+    monitor.observe("m", _h(2, 1), [_score(0.0), _score(0.0)])
+    (snap,) = monitor.snapshot()
+    assert snap.estimated_error == pytest.approx(1.5 / 5) and snap.estimated_error_last_batch == 0.0
+    monitor.close()
+
+
+def test_window_estimate_uses_the_feature_sets_atc_estimator(demo_features: FeatureSet) -> None:
+    atc = demo_features.model_copy(update={"error_estimator": ErrorEstimator(method="atc", threshold=0.5)})
+    monitor = TrafficMonitor(window=8, drift_every=8)
+    monitor.activate("m", "f", atc)
+    monitor.observe("m", _h(4), [_score(0.1, c) for c in (0.3, 0.6, 0.9, 0.4)])
+    (snap,) = monitor.snapshot()
+    assert snap.estimator_method == "atc"
+    assert snap.estimated_error == 0.5  # two of four confidences below 0.5
+    assert snap.mean_confidence == pytest.approx(0.55)
+    monitor.close()
+
+
+def test_activate_starts_from_an_empty_window_and_drops_the_old_pairs_batches(demo_features: FeatureSet) -> None:
+    monitor = TrafficMonitor(window=8, drift_every=8)
+    monitor.activate("a", "fa", demo_features)
+    monitor.observe("a", _h(3), [_score(0.5)] * 3)
+    monitor.activate("b", "fb", demo_features)
+    monitor.observe("a", _h(3), [_score(0.5)] * 3)  # a batch of the old model, finished after the switch
+    monitor.observe("b", _h(3), [_score(0.5)] * 3, feature_set_version="other")  # not the served feature set
+    (snap,) = monitor.snapshot()
+    assert (snap.model_version, snap.count, snap.images_seen, snap.estimated_error) == ("b", 0, 0, None)
+    monitor.activate("b", "fb", demo_features)
+    monitor.observe("b", _h(2), [_score(0.25)] * 2, feature_set_version="fb")
+    assert monitor.snapshot()[0].count == 2
+    monitor.close()
+
+
+def test_drift_is_tested_every_k_images_in_the_background(demo_features: FeatureSet) -> None:
+    monitor = TrafficMonitor(window=40, drift_every=20, permutations=100, reference_size=200)
+    monitor.activate("m", "f", demo_features)
+    bank = demo_features.bank.vectors[torch.randperm(5000, generator=torch.Generator().manual_seed(0))]  # type: ignore[union-attr]
+    for start in range(0, 18, 6):  # 18 images: no test yet
+        monitor.observe("m", bank[start : start + 6], [_score(0.5)] * 6)
+    assert monitor.wait_for_drift(30)
+    assert monitor.snapshot()[0].drift_p_value is None
+    monitor.observe("m", bank[18:24], [_score(0.5)] * 6)  # 24 images: a test of the window as it was
+    assert monitor.wait_for_drift(30)
+    snap = monitor.snapshot()[0]
+    assert snap.drift_computed_at == 24 and snap.drift_window_count == 24
+    assert 1 / 101 <= snap.drift_p_value <= 1  # type: ignore[operator]
+    monitor.observe("m", bank[24:30], [_score(0.5)] * 6)  # 30: under 20 since the last test
+    assert monitor.wait_for_drift(30)
+    assert monitor.snapshot()[0].drift_computed_at == 24
+    monitor.close()
+
+
+def test_drift_of_shifted_representations_is_significant(demo_features: FeatureSet) -> None:
+    monitor = TrafficMonitor(window=100, drift_every=100, permutations=100, reference_size=300)
+    monitor.activate("m", "f", demo_features)
+    monitor.observe("m", torch.rand(100, 128, generator=torch.Generator().manual_seed(0)), [_score(0.5)] * 100)
+    assert monitor.wait_for_drift(30)
+    assert monitor.snapshot()[0].drift_p_value == pytest.approx(1 / 101)
+    monitor.close()
+
+
+def test_drift_waits_for_the_minimum_interval(demo_features: FeatureSet) -> None:
+    monitor = TrafficMonitor(window=20, drift_every=10, drift_min_interval_s=3600, permutations=100, reference_size=50)
+    monitor.activate("m", "f", demo_features)
+    for seed in range(3):
+        monitor.observe("m", _h(10, seed), [_score(0.5)] * 10)
+        assert monitor.wait_for_drift(30)
+    assert monitor.snapshot()[0].drift_computed_at == 10  # the first test only
+    monitor.close()
+
+
+def test_without_a_bank_there_is_no_drift_test(demo_features: FeatureSet) -> None:
+    bankless = FeatureSet.model_validate_json(DEMO.read_text())  # JSON only: its bank was never attached
+    assert bankless.bank is None
+    monitor = TrafficMonitor(window=10, drift_every=2)
+    monitor.activate("m", "f", bankless)
+    monitor.observe("m", np.ones((4, 128), dtype=np.float32), [_score(0.5)] * 4)
+    assert monitor.wait_for_drift(5)
+    assert monitor.snapshot()[0].drift_p_value is None and monitor.snapshot()[0].count == 4
+    monitor.close()
+
+
+def test_reference_error_comes_from_the_head_or_the_risk_fit(demo_features: FeatureSet) -> None:
+    assert reference_error(demo_features) is None  # the demo records neither
+    risk = demo_features.risk_model.model_copy(update={"metrics": {"base_rate_misclassified": 0.57}})  # type: ignore[union-attr]
+    assert reference_error(demo_features.model_copy(update={"risk_model": risk})) == 0.57
+
+
+def test_bad_monitor_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="window >= 2"):
+        TrafficMonitor(window=1)

@@ -1,0 +1,65 @@
+"""The ring buffer of recent images: exact contents after wrap-around, bounded, shape errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.monitoring.window import SIGNALS, RingWindow
+
+
+def _batch(first: int, b: int, dim: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Image i has vector (i, -i, ...) and signals risk i/10, confidence NaN, atypical i % 2, low 0."""
+    ids = np.arange(first, first + b, dtype=np.float32)
+    vectors = np.stack([ids * (-1) ** j for j in range(dim)], axis=1)
+    signals = np.stack([ids / 10, np.full(b, np.nan), ids % 2, np.zeros(b)]).astype(np.float32)
+    return vectors, signals
+
+
+def test_window_wraps_around_keeping_the_last_images_oldest_first() -> None:
+    window = RingWindow(capacity=4, dim=2)
+    window.append(*_batch(0, 3))
+    assert window.count == 3 and window.seen == 3
+    np.testing.assert_array_equal(window.contents().vectors[:, 0], [0, 1, 2])
+    window.append(*_batch(3, 3))  # images 3, 4, 5: 0 and 1 fall out
+    contents = window.contents()
+    assert window.count == 4 and window.seen == 6
+    np.testing.assert_array_equal(contents.vectors, [[2, -2], [3, -3], [4, -4], [5, -5]])
+    np.testing.assert_allclose(contents.risk, [0.2, 0.3, 0.4, 0.5], rtol=1e-6)
+    np.testing.assert_array_equal(contents.atypical, [0, 1, 0, 1])
+    assert np.isnan(contents.confidence).all()
+    # slots 0 and 1 now hold images 4 and 5
+    np.testing.assert_array_equal(window.vectors[:, 0], [4, 5, 2, 3])
+
+
+def test_window_keeps_the_tail_of_a_batch_larger_than_itself() -> None:
+    window = RingWindow(capacity=3, dim=2)
+    window.append(*_batch(0, 1))
+    window.append(*_batch(1, 7))  # images 1..7: only 5, 6, 7 stay
+    assert window.count == 3 and window.seen == 8
+    np.testing.assert_array_equal(window.contents().vectors[:, 0], [5, 6, 7])
+
+
+def test_window_values_skip_unknown_signals() -> None:
+    window = RingWindow(capacity=8, dim=2)
+    window.append(*_batch(0, 5))
+    np.testing.assert_allclose(np.sort(window.values("risk")), [0.0, 0.1, 0.2, 0.3, 0.4], rtol=1e-6)
+    assert window.values("confidence").size == 0
+    assert window.values("atypical").mean() == pytest.approx(2 / 5)
+    assert SIGNALS == ("risk", "confidence", "atypical", "low_quality")
+
+
+def test_window_contents_are_a_copy() -> None:
+    window = RingWindow(capacity=2, dim=2)
+    window.append(*_batch(0, 2))
+    contents = window.contents()
+    window.append(*_batch(2, 2))
+    np.testing.assert_array_equal(contents.vectors[:, 0], [0, 1])
+
+
+def test_window_rejects_mismatched_shapes() -> None:
+    window = RingWindow(capacity=4, dim=3)
+    with pytest.raises(ValueError, match=r"expected vectors \(2, 3\) and signals \(4, 2\)"):
+        window.append(*_batch(0, 2, dim=2))
+    with pytest.raises(ValueError, match="capacity >= 1"):
+        RingWindow(capacity=0, dim=3)

@@ -1,0 +1,129 @@
+"""GET /monitor and the monitor's gauges through the real service: the window of scored images,
+its estimated error (the mean of the risks /score returned), drift, and the reset on a switch."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+from service_helpers import LiveServer, build_registry, sum_samples
+from test_service_score import cifar_files, upload
+
+from models.monitoring.monitor import TrafficMonitor
+from models.scoring.risk import RiskModel
+from qscore_config.settings import Settings
+
+MONITOR_GAUGES = (
+    "qscore_estimated_error_ratio",
+    "qscore_drift_p_value",
+    "qscore_monitor_window_images",
+    "qscore_window_atypical_ratio",
+)
+
+
+@pytest.fixture()
+def monitored(make_server: Callable[..., LiveServer], tmp_path: Path, tiny_model: tuple) -> LiveServer:
+    """The tiny model served with feature set 'tiny-risk' (a risk on the Q-Score), a window of 16."""
+    registry = build_registry(tmp_path / "registry", tiny_model)
+    risk = RiskModel.from_q_curve([0.0, 0.05, 1.0], [0.9, 0.4, 0.1], "test: risk falls with Q")
+    registry.add_feature_set(
+        registry.load_feature_set("tiny").model_copy(update={"risk_model": risk}), version="tiny-risk"
+    )
+    registry.set_active("tiny", "tiny-risk")
+    return make_server(registry_root=registry.root, monitor_window=16, drift_every=8, drift_min_interval_s=0)
+
+
+def _score(live: LiveServer, paths: list[Path]) -> list[dict]:
+    results = []
+    with live.client() as client:
+        for start in range(0, len(paths), 6):
+            r = client.post("/score", files=upload(paths[start : start + 6]))
+            assert r.status_code == 200, r.text
+            results += r.json()["results"]
+    return results
+
+
+def _monitor(live: LiveServer) -> dict:
+    traffic: TrafficMonitor = live.app.state.monitor
+    assert traffic.wait_for_drift(30)
+    with live.client() as client:
+        body = client.get("/monitor").json()
+    assert body["enabled"] is True and len(body["models"]) == 1
+    return body["models"][0]
+
+
+def test_monitor_reports_the_window_of_scored_images(monitored: LiveServer, cifar_slice: Path) -> None:
+    paths = cifar_files(cifar_slice, 20)
+    first = _score(monitored, paths[:12])
+    window = _monitor(monitored)
+    risks = [r["risk"] for r in first]
+    assert (window["model_version"], window["feature_set_version"]) == ("tiny", "tiny-risk")
+    assert (window["window_size"], window["count"], window["images_seen"]) == (16, 12, 12)
+    assert window["estimator_method"] == "mean_risk" and window["reference_error"] is None
+    assert window["estimated_error"] == pytest.approx(np.mean(risks), rel=1e-5)
+    assert window["mean_risk"] == pytest.approx(np.mean(risks), rel=1e-5)
+    assert window["atypical_share"] == pytest.approx(np.mean([r["atypical"] for r in first]))
+    assert window["low_quality_share"] == pytest.approx(np.mean([r["low_quality"] for r in first]))
+    assert window["mean_confidence"] is None  # no head
+    assert 1 / 201 <= window["drift_p_value"] <= 1
+    assert window["drift_window_count"] == window["drift_computed_at"] <= 12
+
+    second = _score(monitored, paths[12:20])  # 20 seen: the window keeps the last 16
+    window = _monitor(monitored)
+    last = [r["risk"] for r in (first + second)[-16:]]
+    assert (window["count"], window["images_seen"]) == (16, 20)
+    assert window["estimated_error"] == pytest.approx(np.mean(last), rel=1e-5)
+    assert window["drift_computed_at"] > 12
+
+
+def test_monitor_restarts_from_an_empty_window_on_a_switch(monitored: LiveServer, cifar_slice: Path) -> None:
+    paths = cifar_files(cifar_slice, 10)
+    _score(monitored, paths)
+    assert _monitor(monitored)["count"] == 10
+    with monitored.client() as client:
+        r = client.post("/admin/switch", json={"model": "tiny-b", "feature_set": "tiny-b", "persist": False})
+        assert r.status_code == 200, r.text
+    window = _monitor(monitored)
+    assert (window["model_version"], window["count"], window["images_seen"]) == ("tiny-b", 0, 0)
+    assert window["estimated_error"] is None and window["drift_p_value"] is None
+    _score(monitored, paths[:3])
+    with monitored.client() as client:  # the pair already served: no restart
+        client.post("/admin/switch", json={"model": "tiny-b", "feature_set": "tiny-b", "persist": False})
+    assert _monitor(monitored)["count"] == 3
+
+
+def test_metrics_expose_the_monitor_gauges(monitored: LiveServer, cifar_slice: Path) -> None:
+    _score(monitored, cifar_files(cifar_slice, 12))
+    window = _monitor(monitored)
+    text = monitored.client().get("/metrics").text
+    pair = {"model_version": "tiny", "feature_set_version": "tiny-risk"}
+    assert sum_samples(text, "qscore_estimated_error_ratio", **pair) == pytest.approx(window["estimated_error"])
+    assert sum_samples(text, "qscore_drift_p_value", **pair) == pytest.approx(window["drift_p_value"])
+    assert sum_samples(text, "qscore_monitor_window_images", **pair) == 12
+    assert sum_samples(text, "qscore_window_atypical_ratio", **pair) == pytest.approx(window["atypical_share"])
+    assert "qscore_reference_error_ratio" not in text  # the feature set records no held-out error
+
+
+def test_monitor_off_reports_nothing_and_scoring_goes_on(
+    make_server: Callable[..., LiveServer], cifar_slice: Path
+) -> None:
+    live = make_server(monitor=False)
+    assert live.app.state.monitor is None
+    assert len(_score(live, cifar_files(cifar_slice, 4))) == 4
+    with live.client() as client:
+        assert client.get("/monitor").json() == {"enabled": False, "models": []}
+        text = client.get("/metrics").text
+    assert not any(name in text for name in MONITOR_GAUGES)
+
+
+def test_monitor_settings_fail_fast_with_the_reason() -> None:
+    defaults = Settings(_env_file=None)
+    assert (defaults.monitor, defaults.monitor_window, defaults.drift_every) == (True, 500, 100)
+    assert (defaults.drift_permutations, defaults.drift_reference_size) == (200, 1000)
+    with pytest.raises(ValidationError, match=r"QSCORE_DRIFT_EVERY \(600\) must not exceed QSCORE_MONITOR_WINDOW"):
+        Settings(_env_file=None, drift_every=600)
+    with pytest.raises(ValidationError, match="greater than or equal to 100"):
+        Settings(_env_file=None, drift_permutations=50)  # p could never go below 0.01
