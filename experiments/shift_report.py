@@ -317,7 +317,7 @@ def write_markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
         "typicality > 1.",
         "",
     ]
-    for name, result in results.items():
+    for result in results.values():
         g = result["goals"]
         info = result["info"]
         lines += [
@@ -328,7 +328,8 @@ def write_markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
             "",
             "| goal | value |",
             "| --- | --- |",
-            f"| window estimate: mean abs error, all shifted sets (goal <= 0.05) | {_f(g['window_mae_all_shifted'], 3)} |",
+            f"| window estimate: mean abs error, all shifted sets (goal <= 0.05) | "
+            f"{_f(g['window_mae_all_shifted'], 3)} |",
             f"| ... design families, left out | {_f(g['window_mae_design_left_out'], 3)} |",
             f"| ... sets added after | {_f(g['window_mae_added_after'], 3)} |",
             f"| ... today's mean risk as the estimate | {_f(g['window_mae_today_mean_risk'], 3)} |",
@@ -337,7 +338,8 @@ def write_markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
             f"{_f(g['auroc_pooled'], 3)} (today {_f(g['auroc_pooled_today'], 3)}) |",
             f"| AUROC in distribution (goal: within 0.03 of today's) | {_f(g['auroc_clean'], 3)} "
             f"(today {_f(g['auroc_clean_today'], 3)}) |",
-            f"| ECE clean (goal <= 0.03) / shifted (goal <= 0.08) | {_f(g['ece_clean'], 3)} / {_f(g['ece_shifted'], 3)} |",
+            f"| ECE clean (goal <= 0.03) / shifted (goal <= 0.08) | {_f(g['ece_clean'], 3)} / "
+            f"{_f(g['ece_shifted'], 3)} |",
             f"| shifted sets with mean risk below clean while the error is higher (goal: none) | "
             f"{', '.join(g['sets_below_clean_risk_with_higher_error']) or 'none'} |",
             f"| drift at window {args.per_set}, p < 0.01: severity-3 sets, inversion, grayscale, upside-down | "

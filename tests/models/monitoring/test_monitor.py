@@ -137,9 +137,11 @@ def test_without_a_bank_there_is_no_drift_test(demo_features: FeatureSet) -> Non
 
 
 def test_reference_error_comes_from_the_head_or_the_risk_fit(demo_features: FeatureSet) -> None:
-    assert reference_error(demo_features) is None  # the demo records neither
+    assert reference_error(demo_features) == pytest.approx(1.0 - demo_features.head.top1)  # type: ignore[union-attr]
+    headless = demo_features.model_copy(update={"head": None})
     risk = demo_features.risk_model.model_copy(update={"metrics": {"base_rate_misclassified": 0.57}})  # type: ignore[union-attr]
-    assert reference_error(demo_features.model_copy(update={"risk_model": risk})) == 0.57
+    assert reference_error(headless.model_copy(update={"risk_model": risk})) == 0.57
+    assert reference_error(headless.model_copy(update={"risk_model": None})) is None
 
 
 def test_bad_monitor_settings_are_refused() -> None:

@@ -48,7 +48,8 @@ def test_demo_scores_equal_those_before_the_restructuring(tmp_path: Path) -> Non
         assert got.q_score == pytest.approx(w["q_score"], rel=1e-6, abs=1e-9)
         assert got.l1_norm == pytest.approx(w["l1_norm"], rel=1e-6)
         assert got.typicality == pytest.approx(w["typicality"], rel=1e-5)
-        assert got.risk == pytest.approx(w["risk"], rel=1e-5, abs=1e-7)
+        # risk is not compared: issue 15 re-fitted the demo risk model on shifted images by design
+        assert got.risk is not None and 0.0 <= got.risk <= 1.0
         assert (got.low_quality, got.atypical, list(got.reasons)) == (w["low_quality"], w["atypical"], w["reasons"])
         assert [f.index for f in got.dominant] == [i for i, _ in w["dominant"]]
         np.testing.assert_allclose([f.value for f in got.dominant], [v for _, v in w["dominant"]], rtol=1e-6)
