@@ -8,6 +8,10 @@ medians (this / other) at each concurrency.
     git worktree add /tmp/before <commit>
     python -m benchmarks.bench_ab --other /tmp/before --label after-issue-14
 
+Or this checkout against itself under other settings (``--other-env``, ``--this-env``):
+
+    python -m benchmarks.bench_ab --other . --other-env QSCORE_MONITOR=false --label monitor
+
 Results: ``benchmarks/results/ab-<label>.json``.
 """
 
@@ -34,7 +38,7 @@ CONNECTIONS = (1, 32)
 class CheckoutServer:
     """``qscore``'s app factory served by uvicorn with the code of ``checkout`` and its own registry."""
 
-    def __init__(self, checkout: Path, registry: Path) -> None:
+    def __init__(self, checkout: Path, registry: Path, extra_env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {
@@ -43,6 +47,7 @@ class CheckoutServer:
             "QSCORE_REGISTRY_ROOT": str(registry),
             "QSCORE_DEVICE": "cpu",
             "PYTHONWARNINGS": "ignore",
+            **(extra_env or {}),
         }
         cmd = [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app", "--host", "127.0.0.1"]
         cmd += ["--port", str(self.port), "--log-level", "warning", "--no-access-log"]
@@ -72,7 +77,10 @@ def main() -> None:
     parser.add_argument("--label", default="ab", help="results file: benchmarks/results/ab-<label>.json")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=8.0, help="wrk run length per server and concurrency")
+    parser.add_argument("--this-env", action="append", default=[], metavar="KEY=VALUE", help="setting of this one")
+    parser.add_argument("--other-env", action="append", default=[], metavar="KEY=VALUE", help="setting of the other")
     args = parser.parse_args()
+    envs = {"this": _env(args.this_env), "other": _env(args.other_env)}
     if not (args.other / "service" / "app.py").is_file():
         raise SystemExit(f"{args.other} is not a qscore checkout (no service/app.py)")
     wrk = ensure_wrk()
@@ -83,7 +91,7 @@ def main() -> None:
         script = tmp / "score.lua"
         script.write_text(WRK_SCRIPT)
         bodies = write_bodies(tmp, cifar_jpegs(256), 1)
-        servers = {name: CheckoutServer(path, tmp / f"registry-{name}") for name, path in checkouts.items()}
+        servers = {name: CheckoutServer(path, tmp / f"registry-{name}", envs[name]) for name, path in checkouts.items()}
         try:
             for server in servers.values():
                 server.wait_ready()
@@ -115,6 +123,8 @@ def main() -> None:
         "other": str(args.other),
         "other_commit": _commit(args.other),
         "this_commit": _commit(ROOT),
+        "this_env": envs["this"],
+        "other_env": envs["other"],
         "rounds": args.rounds,
         "seconds_per_run": args.seconds,
         "summary": summary,
@@ -126,6 +136,14 @@ def main() -> None:
             f"{c}: this {s['this_requests_per_s']} req/s, other {s['other_requests_per_s']} req/s, "
             f"ratio {s['ratio_this_over_other']}"
         )
+
+
+def _env(pairs: list[str]) -> dict[str, str]:
+    """``["KEY=VALUE", ...]`` as a dict; a pair without ``=`` is refused."""
+    bad = [p for p in pairs if "=" not in p]
+    if bad:
+        raise SystemExit(f"settings must be KEY=VALUE, got {bad}")
+    return dict(p.split("=", 1) for p in pairs)
 
 
 def _commit(checkout: Path) -> str | None:
