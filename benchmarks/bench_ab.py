@@ -3,7 +3,9 @@
 Two services, each from its own checkout and its own registry seeded with the packaged demo, take
 turns under the same wrk load (1 image a request; 1 and 32 connections), round after round, so
 that whatever else the machine does falls on both alike. The figure is the ratio of the two
-medians (this / other) at each concurrency.
+medians (this / other) at each concurrency; beside it, the ratio of the servers' CPU time per
+request (other / this, from /proc: less swayed by other tenants of a shared machine than the
+request rate, as a server that waits for a core spends no CPU time meanwhile).
 
     git worktree add /tmp/before <commit>
     python -m benchmarks.bench_ab --other /tmp/before --label after-issue-14
@@ -66,6 +68,11 @@ class CheckoutServer:
                 raise SystemExit(f"the server {self.url} did not start")
             time.sleep(0.2)
 
+    def cpu_seconds(self) -> float:
+        """User and system CPU time of the server process so far (Linux /proc)."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(30)
@@ -100,7 +107,10 @@ def main() -> None:
                 order = list(servers) if r % 2 == 0 else list(reversed(servers))
                 for c in CONNECTIONS:
                     for name in order:
+                        cpu = servers[name].cpu_seconds()
                         result = wrk_run(wrk, script, servers[name].url, bodies, c, args.seconds, 1)
+                        cpu = servers[name].cpu_seconds() - cpu
+                        result["server_cpu_ms_per_request"] = round(1000 * cpu / max(1, result["requests"]), 4)
                         runs[name][c].append(result)
                         print(f"round {r} {name} c={c}: {result['requests_per_s']} req/s", flush=True)
         finally:
@@ -110,12 +120,16 @@ def main() -> None:
     for c in CONNECTIONS:
         median = {name: statistics.median(x["requests_per_s"] for x in runs[name][c]) for name in checkouts}
         p50 = {name: statistics.median(x["p50_ms"] for x in runs[name][c]) for name in checkouts}
+        cpu = {name: statistics.median(x["server_cpu_ms_per_request"] for x in runs[name][c]) for name in checkouts}
         summary[f"c{c}"] = {
             "this_requests_per_s": median["this"],
             "other_requests_per_s": median["other"],
             "ratio_this_over_other": round(median["this"] / median["other"], 3),
             "this_p50_ms": p50["this"],
             "other_p50_ms": p50["other"],
+            "this_cpu_ms_per_request": cpu["this"],
+            "other_cpu_ms_per_request": cpu["other"],
+            "cpu_ratio_other_over_this": round(cpu["other"] / cpu["this"], 3),
         }
     result = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -134,7 +148,8 @@ def main() -> None:
     for c, s in summary.items():
         print(
             f"{c}: this {s['this_requests_per_s']} req/s, other {s['other_requests_per_s']} req/s, "
-            f"ratio {s['ratio_this_over_other']}"
+            f"ratio {s['ratio_this_over_other']}; CPU ms/request this {s['this_cpu_ms_per_request']}, other "
+            f"{s['other_cpu_ms_per_request']}, ratio other/this {s['cpu_ratio_other_over_this']}"
         )
 
 
