@@ -1,7 +1,7 @@
 """The last N scored images of one served model: a bounded ring buffer (issue 15, item 6).
 
-Preallocated numpy arrays, written in place: an append of B images is a handful of vectorised
-assignments at ``(next + arange(B)) % N``, whatever N; memory is ``N * (r + 4)`` float32 values
+Preallocated numpy arrays, written in place: an append of B images is a few vectorised slice
+assignments (at ``(next + arange(B)) % N`` when it wraps), whatever N; memory is ``N * (r + 4)`` float32 values
 for the model's whole life. Unknown signals (no risk model, no head, no typicality) are NaN.
 """
 
@@ -57,9 +57,15 @@ class RingWindow:
                 f"expected vectors ({b}, {self.dim}) and signals (4, {b}), got {vectors.shape} and {signals.shape}"
             )
         skip = max(0, b - self.capacity)
-        slots = (self.seen + np.arange(skip, b)) % self.capacity
-        self.vectors[slots] = vectors[skip:]
-        self.signals[:, slots] = signals[:, skip:]
+        start = (self.seen + skip) % self.capacity
+        end = start + b - skip
+        if end <= self.capacity:  # one slice (the usual case: a batch is far smaller than the window)
+            self.vectors[start:end] = vectors[skip:]
+            self.signals[:, start:end] = signals[:, skip:]
+        else:
+            slots = (start + np.arange(b - skip)) % self.capacity
+            self.vectors[slots] = vectors[skip:]
+            self.signals[:, slots] = signals[:, skip:]
         self.seen += b
 
     def _order(self) -> np.ndarray:

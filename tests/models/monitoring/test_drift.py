@@ -80,15 +80,19 @@ def test_a_shifted_gaussian_is_detected() -> None:
     assert result.mmd2 > 0 and result.window_count == 100 and result.reference_count == 200
 
 
-def test_reference_is_a_fixed_seeded_subsample_of_the_bank() -> None:
+def test_each_test_draws_its_own_seeded_sample_of_the_bank() -> None:
     bank = np.random.default_rng(2).normal(size=(500, 3))
-    a, b = DriftReference(bank, size=100, seed=0), DriftReference(bank, size=100, seed=0)
-    assert a.size == 100
-    np.testing.assert_array_equal(a.vectors, b.vectors)
-    assert {tuple(v) for v in a.vectors} <= {tuple(v) for v in bank}
-    assert DriftReference(bank[:50], size=100).size == 50  # a smaller bank is used whole
+    reference = DriftReference(bank, size=100, seed=0)
+    a, b = reference.sample(1), reference.sample(2)
+    assert a.shape == (100, 3) and not np.array_equal(a, b)
+    np.testing.assert_array_equal(a, reference.sample(1))
+    assert {tuple(v) for v in a} <= {tuple(v) for v in bank}
+    assert reference.bandwidth == median_bandwidth(reference.sample(0))
+    small = DriftReference(bank[:50], size=100)  # a smaller bank is used whole, every time
+    assert small.size == 50 and small.sample(7) is small.bank
     window = np.random.default_rng(3).normal(size=(30, 3))
-    assert a.test(window, seed=4) == b.test(window, seed=4)  # seeded: the same p-value twice
+    assert reference.test(window, seed=4) == reference.test(window, seed=4)  # seeded: the same p-value twice
+    assert small.test(window, seed=4) == small.test(window, seed=4)  # the whole bank's kernel is kept
 
 
 def test_bad_inputs_say_what_is_wrong() -> None:
