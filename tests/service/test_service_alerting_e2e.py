@@ -6,7 +6,8 @@ Alertmanager (`prometheus-alertmanager`) delivers to a webhook receiver in this 
 distribution traffic (CIFAR-10 test images) must leave it silent; inverted copies of the same
 images, which typicality passes, must get `QScoreRepresentationDrift` delivered (the monitor's
 window shortened to 64 images, tested every 16); grossly shifted traffic (solid colours and
-uniform noise) must get `QScoreInputShift` delivered.
+uniform noise) must get `QScoreInputShift` and, as the served feature set's risk rises with
+typicality above its held-out error, `QScoreEstimatedAccuracyDrop` delivered.
 """
 
 from __future__ import annotations
@@ -27,10 +28,15 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from service_helpers import build_registry, free_port
 
 from models.data.shifts import apply_shift
+from models.registry.versions import Registry
+from models.scoring.error_estimate import ErrorEstimator
+from models.scoring.probe import HeadInfo, LinearHead
+from models.scoring.risk import RiskModel
 
 REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "deploy" / "prometheus" / "alerts.yml"
@@ -93,9 +99,28 @@ def _wait_http(url: str, process: subprocess.Popen, timeout: float = 90) -> None
     raise RuntimeError(f"{url} did not answer in {timeout} s")
 
 
+def with_risk_and_head(registry: Registry, encoder_dim: int, classes: int = 10) -> str:
+    """A copy of the tiny feature set with a head (held-out error 0.1) and a risk that rises with typicality.
+
+    risk = sigmoid(4 log(1 + typicality) - 4): about 0.06 for typical images, near 1 for gross
+    ones, so the estimated error (the mean risk) crosses the reference error + 0.1 only for those.
+    """
+    fs = registry.load_feature_set("tiny")
+    names = [f"c{i}" for i in range(classes)]
+    head = LinearHead(
+        torch.randn(classes, encoder_dim, generator=torch.Generator().manual_seed(0)), torch.zeros(classes), names
+    )
+    fs = fs.with_head(head, HeadInfo(kind="linear", classes=names, source="test", top1=0.9))
+    risk = RiskModel(signals=["log_typicality"], mean=[0.0], scale=[1.0], coef=[4.0], intercept=-4.0,
+                     monotone=["log_typicality"], source="test", n_train=0)  # fmt: skip
+    fs = fs.model_copy(update={"risk_model": risk, "error_estimator": ErrorEstimator(method="mean_risk")})
+    return registry.add_feature_set(fs, version="tiny-risk")
+
+
 @pytest.fixture()
 def stack(tmp_path: Path, tiny_model: tuple) -> Iterator[dict]:
     registry = build_registry(tmp_path / "registry", tiny_model)
+    registry.set_active("tiny", with_risk_and_head(registry, tiny_model[0].feature_dim))
     webhook = Webhook()
     qscore_port, prom_port, am_port = free_port(), free_port(), free_port()
     env = {
@@ -228,7 +253,7 @@ def test_shift_alerts_are_delivered_for_shifted_images_only(stack: dict, cifar_s
     assert scored >= 64 and atypical / scored < 0.1
     assert _drift_p_value(stack["qscore"]) >= 0.01
     time.sleep(3)
-    for alert in ("QScoreInputShift", "QScoreRepresentationDrift"):
+    for alert in ("QScoreInputShift", "QScoreRepresentationDrift", "QScoreEstimatedAccuracyDrop"):
         assert alert not in _prometheus_alerts(stack["prometheus"])
         assert webhook.alerts(alert) == []
 
@@ -245,13 +270,16 @@ def test_shift_alerts_are_delivered_for_shifted_images_only(stack: dict, cifar_s
     assert delivered[0]["labels"]["model_version"] == "tiny"
     assert _drift_p_value(stack["qscore"]) < 0.01
     assert "QScoreInputShift" not in _prometheus_alerts(stack["prometheus"])
+    assert webhook.alerts("QScoreEstimatedAccuracyDrop") == []  # inverted images are typical: risk stays low
 
     rng = np.random.default_rng(0)
     shifted = [_png(np.full((32, 32, 3), rng.integers(0, 256, 3))) for _ in range(16)]
     shifted += [_png(rng.integers(0, 256, (32, 32, 3))) for _ in range(16)]
     deadline = time.monotonic() + 90
     shifted_scored = shifted_atypical = 0
-    while time.monotonic() < deadline and not webhook.alerts("QScoreInputShift"):
+    while time.monotonic() < deadline and not (
+        webhook.alerts("QScoreInputShift") and webhook.alerts("QScoreEstimatedAccuracyDrop")
+    ):
         n, a = _post_for(stack["qscore"], shifted, 2)
         shifted_scored, shifted_atypical = shifted_scored + n, shifted_atypical + a
     assert shifted_atypical / shifted_scored > 0.9
@@ -259,3 +287,6 @@ def test_shift_alerts_are_delivered_for_shifted_images_only(stack: dict, cifar_s
     assert delivered, f"no QScoreInputShift delivered in 90 s; Prometheus has {_prometheus_alerts(stack['prometheus'])}"
     assert delivered[0]["labels"]["model_version"] == "tiny"
     assert delivered[0]["labels"]["severity"] == "warning"
+    dropped = webhook.alerts("QScoreEstimatedAccuracyDrop")
+    assert dropped, f"no QScoreEstimatedAccuracyDrop in 90 s; Prometheus has {_prometheus_alerts(stack['prometheus'])}"
+    assert dropped[0]["labels"]["model_version"] == "tiny"
