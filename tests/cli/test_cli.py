@@ -225,6 +225,8 @@ def test_evaluate_writes_report(pipeline, cifar_slice):
             "--calibrated-out",
             calibrated_path,
             "--no-compression",
+            "--shift-samples",
+            "20",
             "--batch-size",
             "100",
             "--device",

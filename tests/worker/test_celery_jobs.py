@@ -165,11 +165,16 @@ def test_regularize_writes_a_new_model_and_evaluate_reports(
             "train_dataset": "slice-train",
             "test_dataset": "slice-test",
             "batch_size": 100,
+            "shift_samples": 20,
         },
     )
     assert response.status_code == 202, response.text
     record = wait_for(client, response.json()["job_id"])
     assert record["state"] == "succeeded", record
+    calibrated = tiny_registry.load_feature_set(record["artifacts"]["feature_set"])
+    # the evaluation's probe is served as the head; the risk saw shifted copies of 20 test images
+    assert calibrated.head is not None and calibrated.error_estimator is not None
+    assert record["result"]["report"]["risk"]["subsets"]["shifted"]["n"] == 20 * 82
     report = record["result"]["report"]
     assert 0.0 <= report["top1"] <= 1.0 and report["n_test"] == 100
     assert 0.0 <= report["q_score"]["auroc"] <= 1.0 and 0.0 <= report["q_score"]["auprc"] <= 1.0

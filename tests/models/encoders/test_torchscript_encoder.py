@@ -253,7 +253,8 @@ def test_shared_resnet20_evaluates_on_the_command_line(resnet20, cifar_slice, tm
             "--eps", "auto", "--device", "cpu")  # fmt: skip
     report = last_json(
         run_cli("evaluate", "--model", resnet20, *RESNET20_FLAGS, "--features", features, "--train",
-                cifar_slice / "train", "--test", cifar_slice / "test", "--no-compression", "--device", "cpu").stdout
+                cifar_slice / "train", "--test", cifar_slice / "test", "--no-compression", "--shift-samples", "20",
+                "--device", "cpu").stdout
     )  # fmt: skip
     # a strong (supervised) encoder: a linear probe on 300 images is far above chance (10%)
     assert report["top1"] > 0.6
