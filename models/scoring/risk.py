@@ -95,11 +95,11 @@ class RiskModel(BaseModel):
     lower: list[float | None] = Field(default_factory=list)
     upper: list[float | None] = Field(default_factory=list)
     monotone: list[str] = Field(default_factory=list)
-    #: P(the image is of no class at all | signal), an increasing step curve (issue 15): such an
-    #: image is wrong whatever the classifier says, so risk = 1 - (1 - P(wrong | of a class)) * (1 - P(no class)).
-    no_class_signal: str | None = None
-    no_class_x: list[float] = Field(default_factory=list)
-    no_class_y: list[float] = Field(default_factory=list)
+    #: P(the image is of no class at all) = sigmoid(no_class_coef . z + no_class_intercept) over the
+    #: same clipped, standardised signals z (issue 15): such an image is wrong whatever the classifier
+    #: says, so risk = 1 - (1 - P(wrong | of a class)) * (1 - P(no class)). Empty: no such term.
+    no_class_coef: list[float] = Field(default_factory=list)
+    no_class_intercept: float = 0.0
     source: str
     n_train: int = Field(ge=0)
     metrics: dict[str, Any] = Field(default_factory=dict)
@@ -122,15 +122,20 @@ class RiskModel(BaseModel):
         for name in self.monotone:
             if self.coef[self.signals.index(name)] < 0:
                 raise ValueError(f"the coefficient of monotone signal {name!r} must be >= 0")
-        if (self.no_class_signal is None) != (not self.no_class_x) or len(self.no_class_x) != len(self.no_class_y):
-            raise ValueError("a no-class curve needs its signal and as many (non-zero) x points as y points")
-        if any(b < a for a, b in zip(self.no_class_y, self.no_class_y[1:], strict=False)):
-            raise ValueError("the no-class curve must be non-decreasing")
+        if len(self.no_class_coef) not in (0, n):
+            raise ValueError("a no-class term needs one coefficient per signal")
+        for name in self.monotone if self.no_class_coef else ():
+            if self.no_class_coef[self.signals.index(name)] < 0:
+                raise ValueError(f"the no-class coefficient of monotone signal {name!r} must be >= 0")
         if self.calibration == "platt" and self.platt_a < 0:
             raise ValueError("Platt's slope must be >= 0 (the calibration keeps the ranking)")
         return self
 
     def decision(self, sig: dict[str, np.ndarray]) -> np.ndarray:
+        return self.standardised(sig) @ np.asarray(self.coef) + self.intercept
+
+    def standardised(self, sig: dict[str, np.ndarray]) -> np.ndarray:
+        """(N, len(signals)): the signals clipped to their fitted range (monotone ones not), standardised."""
         missing = [s for s in self.signals if s not in sig]
         if missing:
             raise ValueError(f"the risk model needs the signals {missing}; got {sorted(sig)}")
@@ -139,20 +144,21 @@ class RiskModel(BaseModel):
             lo = np.array([-np.inf if v is None else v for v in self.lower])
             hi = np.array([np.inf if v is None else v for v in self.upper])
             x = np.clip(x, lo, hi)
-        z = (x - np.asarray(self.mean)) / np.asarray(self.scale)
-        return z @ np.asarray(self.coef) + self.intercept
+        return (x - np.asarray(self.mean)) / np.asarray(self.scale)
 
     def predict(self, sig: dict[str, np.ndarray]) -> np.ndarray:
         """(N,) calibrated probabilities of mis-classification, in [0, 1]."""
         p = self.predict_of_a_class(sig)
-        if self.no_class_signal is None:
+        if not self.no_class_coef:
             return p
-        if self.no_class_signal not in sig:
-            raise ValueError(f"the risk model needs the signal {self.no_class_signal!r}; got {sorted(sig)}")
-        none = np.clip(
-            np.interp(np.asarray(sig[self.no_class_signal], dtype=np.float64), self.no_class_x, self.no_class_y), 0, 1
-        )
-        return 1.0 - (1.0 - p) * (1.0 - none)
+        return 1.0 - (1.0 - p) * (1.0 - self.predict_no_class(sig))
+
+    def predict_no_class(self, sig: dict[str, np.ndarray]) -> np.ndarray:
+        """P(the image is of none of the head's classes); zeros without a no-class term."""
+        z = self.standardised(sig)
+        if not self.no_class_coef:
+            return np.zeros(len(z))
+        return expit(z @ np.asarray(self.no_class_coef) + self.no_class_intercept)
 
     def predict_of_a_class(self, sig: dict[str, np.ndarray]) -> np.ndarray:
         """P(mis-classified) of an image that is of one of the head's classes (no no-class term)."""
@@ -356,7 +362,6 @@ def fit_risk(
     groups: np.ndarray | None = None,
     subsets: dict[str, np.ndarray] | None = None,
     no_class: np.ndarray | None = None,
-    no_class_signal: str = "log_typicality",
 ) -> tuple[RiskModel, dict[str, Any]]:
     """Fit the risk model on labelled held-out samples; return it and its cross-validated report.
 
@@ -368,15 +373,15 @@ def fit_risk(
     apart (AUROC and ECE of the out-of-fold values on each). ``extra_scores`` (e.g.
     ``{"probe_max_softmax": -p_max}``) are reported beside, oriented "higher = mis-classified".
     ``no_class`` (N,) bool marks images of no class at all (mis-classified by definition): the
-    regression and its calibration are fitted on the others, and an increasing isotonic curve of
-    ``no_class`` on ``no_class_signal`` (over all samples, weighted) gives P(no class), joined as
-    a noisy OR. The no-class images' out-of-fold values come from the regression fitted on all the
-    others (which never saw them).
+    regression and its calibration are fitted on the others, and a second sign-constrained
+    logistic regression of ``no_class`` on the same standardised signals (all samples, weighted)
+    gives P(no class), joined as a noisy OR. The no-class images' out-of-fold values come from the
+    regression fitted on all the others (which never saw them).
     """
     common = {"folds": folds, "seed": seed, "calibration": calibration, "monotone": monotone}
     if no_class is not None and np.asarray(no_class).any():
         return _fit_with_no_class(
-            sig, misclassified, signals, np.asarray(no_class, dtype=bool), no_class_signal,
+            sig, misclassified, signals, np.asarray(no_class, dtype=bool),
             sample_weight=sample_weight, groups=groups, subsets=subsets, extra_scores=extra_scores, **common,
         )  # fmt: skip
     model, report, d_oof, p_oof = _fit_core(sig, misclassified, signals, sample_weight=sample_weight, groups=groups,
@@ -480,7 +485,6 @@ def _fit_with_no_class(
     misclassified: np.ndarray,
     signals: Sequence[str],
     no_class: np.ndarray,
-    no_class_signal: str,
     *,
     sample_weight: np.ndarray | None,
     groups: np.ndarray | None,
@@ -492,8 +496,6 @@ def _fit_with_no_class(
     miss = np.asarray(misclassified, dtype=bool)
     if no_class.shape != miss.shape:
         raise ValueError(f"no_class must be (N,) like the labels, got {no_class.shape}")
-    if no_class_signal not in sig:
-        raise ValueError(f"the no-class curve needs the signal {no_class_signal!r}; got {sorted(sig)}")
     core = ~no_class
     weight = np.ones(len(miss)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
     model, report, _, p_core = _fit_core(
@@ -505,20 +507,24 @@ def _fit_with_no_class(
         extra_scores=None,
         **kwargs,
     )
-    t = np.asarray(sig[no_class_signal], dtype=np.float64)
-    iso = IsotonicRegression(increasing=True, out_of_bounds="clip", y_min=0.0, y_max=1.0)
-    iso.fit(t, no_class, sample_weight=weight)
-    xs, ys = iso.X_thresholds_, iso.y_thresholds_
-    if len(xs) > MAX_ISOTONIC_POINTS:
-        keep = np.unique(np.linspace(0, len(xs) - 1, MAX_ISOTONIC_POINTS).round().astype(int))
-        xs, ys = xs[keep], ys[keep]
+    # clip bounds over all the images both parts were fitted on (the no-class ones lie outside the others' range)
+    x = _matrix(sig, model.signals)
     model = model.model_copy(
         update={
-            "no_class_signal": no_class_signal,
-            "no_class_x": xs.tolist(),
-            "no_class_y": ys.tolist(),
-            "source": model.source + f"; P(no class) an isotonic curve on {no_class_signal} over "
-            f"{int(no_class.sum())} images of no class among {len(miss)}, joined by a noisy OR",
+            "lower": [None if v is None else float(x[:, i].min()) for i, v in enumerate(model.lower)],
+            "upper": [None if v is None else float(x[:, i].max()) for i, v in enumerate(model.upper)],
+        }
+    )
+    z = model.standardised(sig)
+    nonnegative = tuple(model.signals.index(name) for name in model.monotone)
+    none_fit = SignConstrainedLogistic(PENALTY_C, nonnegative).fit(z, no_class, sample_weight=weight)
+    model = model.model_copy(
+        update={
+            "no_class_coef": [max(0.0, c) if i in nonnegative else c for i, c in enumerate(none_fit.coef_[0].tolist())],
+            "no_class_intercept": float(none_fit.intercept_[0]),
+            "source": model.source + f"; P(no class) a logistic regression over the same signals (coefficients "
+            f">= 0: {', '.join(model.monotone) or 'none'}) on {int(no_class.sum())} images of no class among "
+            f"{len(miss)}, joined by a noisy OR",
             "n_train": len(miss),
         }
     )
@@ -526,11 +532,11 @@ def _fit_with_no_class(
     p_class = np.empty(len(miss))
     p_class[core] = p_core
     p_class[no_class] = model.predict_of_a_class({k: np.asarray(v)[no_class] for k, v in sig.items()})
-    none = np.clip(np.interp(t, model.no_class_x, model.no_class_y), 0, 1)
+    none = model.predict_no_class(sig)  # in-sample: one small regression, the class part is the held-out one
     p_all = 1.0 - (1.0 - p_class) * (1.0 - none)
     ece, reliability = expected_calibration_error(p_all, miss)
     report["n"], report["base_rate_misclassified"] = int(len(miss)), float(miss.mean())
-    report["no_class"] = {"n": int(no_class.sum()), "signal": no_class_signal}
+    report["no_class"] = {"n": int(no_class.sum()), "auroc": signal_power(none, no_class)["auroc"]}
     report["combined_of_a_class"] = report.pop("combined")
     report["combined"] = {**signal_power(p_all, miss), "ece": ece, "reliability": reliability}
     if subsets:
