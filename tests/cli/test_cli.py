@@ -272,10 +272,9 @@ def test_regularize_produces_a_new_model(pipeline, cifar_slice):
     assert load_encoder(out).fingerprint == info["fingerprint"]
 
 
-def test_attach_head_makes_a_new_feature_set_version_and_refuses_a_bad_one(tiny_registry, tmp_path):
+def test_attach_head_makes_a_new_feature_set_version(tiny_registry, tmp_path):
+    """The command's success path (its errors: tests/models/registry/test_attach_head.py)."""
     import torch
-
-    from models.scoring.probe import LinearHead
 
     dim = tiny_registry.load_feature_set("tiny").encoder.feature_dim
     names = [f"c{i}" for i in range(10)]
@@ -285,7 +284,3 @@ def test_attach_head_makes_a_new_feature_set_version_and_refuses_a_bad_one(tiny_
     assert last_json(out.stdout) == {"feature_set": "tiny-mine"}
     fs = tiny_registry.load_feature_set("tiny-mine")
     assert fs.head.kind == "torchscript" and fs.head.registered and fs.head.classes == names
-    LinearHead(torch.randn(10, dim + 1), torch.zeros(10), names).save(tmp_path / "wrong.safetensors")
-    bad = run_cli("attach-head", "tiny", tmp_path / "wrong.safetensors", "--registry", tiny_registry.root, check=False)
-    assert bad.returncode != 0 and "does not fit feature set 'tiny'" in bad.stderr
-    assert "Traceback" not in bad.stderr
