@@ -41,7 +41,7 @@ from models.discovery.discover import discover, make_selection, with_typicality
 from models.encoders.loading import load_encoder
 from models.evaluation.linear_eval import _load, fit_under_shift
 from models.evaluation.metrics import linear_probe
-from models.evaluation.shift_fit import SignalSet, measure, signal_sets
+from models.evaluation.shift_fit import SignalSet, labelled_clean_set, measure, signal_sets
 from models.monitoring.drift import DriftReference
 from models.scoring.bank import normalise
 from models.scoring.error_estimate import fit_atc
@@ -139,17 +139,16 @@ def measure_subject(name: str, args: argparse.Namespace) -> dict[str, Any]:
     window_idx = order[args.fit + args.per_set : args.fit + args.per_set * (1 + CLEAN_WINDOWS)]
     fit_images, fit_labels = _load(test, fit_idx)
     plain = Scorer(encoder, digest, fs, "cpu")
-    _, _, fit_h = measure(plain, fit_images, None, keep_h=True)
+    plain_signals, _, fit_h = measure(plain, fit_images, None, keep_h=True)
     probe = linear_probe(train_h, train_y, torch.from_numpy(fit_h), fit_labels)
     head = LinearHead.from_sklearn(probe.model, list(test.classes))
     fs = fs.with_head(head, HeadInfo(kind="linear", classes=head.classes, top1=probe.top1, source="linear probe"))
     scorer = Scorer(encoder, digest, fs, "cpu")
     shift_idx = np.sort(np.random.default_rng(0).choice(len(fit_images), args.shift_fit, replace=False))
-    fit_sets = signal_sets(scorer, fit_images, fit_labels, families=(), extra_shifts=(), gross=())
-    shifted = signal_sets(scorer, [fit_images[i] for i in shift_idx], fit_labels[shift_idx])[1:]
-    for s in shifted:
-        s.source = s.source + len(fit_images) if s.kind == "gross" else shift_idx[s.source]
-    fit_sets += shifted
+    fit_sets = [labelled_clean_set(plain_signals, fit_h, head, fit_labels)]
+    fit_sets += signal_sets(
+        scorer, [fit_images[i] for i in shift_idx], fit_labels[shift_idx], clean=False, source=shift_idx
+    )
     report_images, report_labels = _load(test, report_idx)
     report_sets = signal_sets(
         scorer,

@@ -19,7 +19,7 @@ from models.data.datasets import ProgressFn, image_folder, random_sample, subset
 from models.data.transforms import eval_transform
 from models.encoders.resnet import ResNetEncoder
 from models.evaluation.metrics import calibrate_alpha, compression_curve, linear_probe, score_power
-from models.evaluation.shift_fit import FIT_SEVERITIES, SignalSet, measure, pool, signal_sets
+from models.evaluation.shift_fit import FIT_SEVERITIES, SignalSet, labelled_clean_set, measure, pool, signal_sets
 from models.scoring.compatibility import check_fits
 from models.scoring.error_estimate import ErrorEstimator, fit_atc
 from models.scoring.feature_set import FeatureSet
@@ -80,7 +80,7 @@ def run_evaluation(
     test_idx = random_sample(len(test), test_samples, seed).indices
     images, labels = _load(test, test_idx)
     plain = Scorer(encoder, encoder_fingerprint, feature_set.model_copy(update={"head": None}), str(device))
-    _, _, test_h_np = measure(plain, images, None, batch_size=batch_size, keep_h=True)
+    plain_signals, _, test_h_np = measure(plain, images, None, batch_size=batch_size, keep_h=True)
     test_h = torch.from_numpy(test_h_np)
     report_progress(0.4)
     probe = linear_probe(train_h, train_y, test_h, labels, seed=seed)
@@ -122,28 +122,26 @@ def run_evaluation(
         "alpha_source": alpha_source,
         "flagged_share": float((q < alpha).mean()),
     }
-    scorer = Scorer(encoder, encoder_fingerprint, with_head, str(device))
-    clean = signal_sets(scorer, images, labels, families=(), extra_shifts=(), gross=(), batch_size=batch_size)
-    rng = np.random.default_rng(seed)
-    shifted_idx = np.sort(rng.choice(len(images), min(shift_samples, len(images)), replace=False))
+    clean = labelled_clean_set(plain_signals, test_h_np, head, labels)
     shifted = []
     if shift_samples > 0:
+        shifted_idx = np.sort(np.random.default_rng(seed).choice(len(images), min(shift_samples, len(images)), False))
         shifted = signal_sets(
-            scorer,
+            Scorer(encoder, encoder_fingerprint, with_head, str(device)),
             [images[i] for i in shifted_idx],
             labels[shifted_idx],
             families=shift_families,
             severities=shift_severities,
             seed=seed,
             batch_size=batch_size,
+            clean=False,
+            source=shifted_idx,  # groups: the held-out image each copy was made from
             on_progress=lambda f: report_progress(0.45 + 0.4 * f),
-        )[1:]  # its clean set is part of ``clean``
-        for s in shifted:  # groups: the held-out image's index in ``images``
-            s.source = s.source + len(images) if s.kind == "gross" else shifted_idx[s.source]
-    sets = clean + shifted
+        )
+    sets = [clean, *shifted]
     risk_model, estimator, report["risk"], report["error_estimate"] = fit_under_shift(sets, seed=seed)
-    if "typicality" in clean[0].signals:
-        report["atypical_share_test"] = float((clean[0].signals["typicality"] > 1).mean())
+    if "typicality" in clean.signals:
+        report["atypical_share_test"] = float((clean.signals["typicality"] > 1).mean())
     if compression:
         points = compression_curve(train_h, train_y, test_h, labels, feature_set.counts)
         report["compression"] = [asdict(p) for p in points]
@@ -172,15 +170,13 @@ def fit_under_shift(
     if not sets or sets[0].kind != "clean":
         raise ValueError("the first set must be the clean held-out set")
     pooled = pool(sets)
-    offsets = np.cumsum([0] + [len(s.misclassified) for s in sets])
-    per_set = {s.name: _mask(offsets[i], offsets[i + 1], offsets[-1]) for i, s in enumerate(sets)}
     risk_model, risk_report = fit_risk(
         pooled.signals,
         pooled.misclassified,
         seed=seed,
         sample_weight=pooled.weight,
         groups=pooled.groups,
-        subsets=pooled.subsets | per_set,
+        subsets=pooled.subsets,
         no_class=pooled.no_class,
         extra_scores={"probe_max_softmax": -pooled.signals["probe_max_softmax"]},
     )
@@ -214,12 +210,6 @@ def choose_estimator(
         }
     )
     return chosen, {"method": method, "mean_abs_error": mae, "sets": rows, "atc_threshold": atc.threshold}
-
-
-def _mask(lo: int, hi: int, n: int) -> np.ndarray:
-    mask = np.zeros(n, dtype=bool)
-    mask[lo:hi] = True
-    return mask
 
 
 def _load(folder: Any, indices: Sequence[int]) -> tuple[list[Image.Image], np.ndarray]:

@@ -18,10 +18,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from PIL import Image
 
 from models.data.corruptions import DESIGN_FAMILIES, apply_corruption
 from models.data.shifts import GROSS_SHIFTS, apply_shift
+from models.scoring.probe import Head, head_outputs
 from models.scoring.scorer import Inference, Scorer
 
 #: The severities the fit sees (all five: the traffic's are unknown).
@@ -97,11 +99,17 @@ def signal_sets(
     seed: int = 0,
     batch_size: int = 250,
     keep_h: bool = False,
+    clean: bool = True,
+    source: np.ndarray | None = None,
     on_progress: Callable[[float], None] | None = None,
 ) -> list[SignalSet]:
-    """The clean set and every shifted copy of ``images`` (seeded), measured: the fit's data."""
-    source = np.arange(len(images))
-    jobs: list[tuple[str, str, str | None, int | None]] = [("clean", "clean", None, None)]
+    """The clean set (with ``clean``) and every shifted copy of ``images`` (seeded), measured: the fit's data.
+
+    ``source``: the images' ids (their groups in the fit; default 0..n-1). Gross images are no
+    copies of any: each gets a negative id of its own.
+    """
+    source = np.arange(len(images)) if source is None else np.asarray(source)
+    jobs: list[tuple[str, str, str | None, int | None]] = [("clean", "clean", None, None)] if clean else []
     jobs += [(f"{f}/s{s}", "corruption", f, s) for f in families for s in severities]
     jobs += [(name, "extra", name, None) for name in extra_shifts]
     jobs += [(f"gross/{name}", "gross", name, None) for name in gross]
@@ -116,8 +124,7 @@ def signal_sets(
         sig, miss, h = measure(
             scorer, shifted, None if kind == "gross" else labels, batch_size=batch_size, keep_h=keep_h
         )
-        # gross images are not copies of a held-out image: a group of their own each
-        src = source + (i + 1) * len(images) if kind == "gross" else source
+        src = -(i * len(images) + np.arange(len(images)) + 1) if kind == "gross" else source
         out.append(SignalSet(name, kind, family, severity, sig, miss, src, h))
         if on_progress is not None:
             on_progress((i + 1) / len(jobs))
@@ -132,7 +139,7 @@ class Pooled:
     misclassified: np.ndarray
     groups: np.ndarray
     weight: np.ndarray
-    subsets: dict[str, np.ndarray]
+    subsets: dict[str, np.ndarray]  # "clean", "shifted", "gross" and each set by name: (N,) bool masks
     no_class: np.ndarray  # (N,) bool: the gross images
 
 
@@ -155,4 +162,14 @@ def pool(sets: Sequence[SignalSet], clean_weight: float = CLEAN_WEIGHT, gross_we
             weight[~clean & ~gross] = (1 - clean_weight - gross_weight) / (~clean & ~gross).sum()
         weight *= len(miss)  # mean weight 1: the penalty keeps its meaning
     subsets = {"clean": clean, "shifted": ~clean & ~gross, "gross": gross}
-    return Pooled(sig, miss, groups, weight, {k: v for k, v in subsets.items() if v.any()}, gross)
+    subsets = {k: v for k, v in subsets.items() if v.any()}
+    which = np.concatenate([np.full(len(s.misclassified), i) for i, s in enumerate(sets)])
+    subsets |= {s.name: which == i for i, s in enumerate(sets)}
+    return Pooled(sig, miss, groups, weight, subsets, gross)
+
+
+def labelled_clean_set(signals: dict[str, np.ndarray], h: np.ndarray, head: Head, labels: np.ndarray) -> SignalSet:
+    """The clean held-out set from signals measured without a head, the head's outputs added from ``h``."""
+    sig = signals | head_outputs(head, torch.from_numpy(h))
+    miss = sig["probe_prediction"] != np.asarray(labels)
+    return SignalSet("clean", "clean", None, None, sig, miss, np.arange(len(labels)), h)

@@ -208,6 +208,12 @@ def check_head(head: Head, dim: int) -> None:
         raise HeadError("the head gives non-finite logits")
 
 
+def head_outputs(head: Head, h: torch.Tensor) -> dict[str, np.ndarray]:
+    """What a head adds to a batch's signals: :func:`head_signals` and ``probe_prediction`` (class index)."""
+    logits = head.logits(h)
+    return head_signals(logits) | {"probe_prediction": logits.argmax(dim=1).cpu().numpy()}
+
+
 def head_signals(logits: torch.Tensor) -> dict[str, np.ndarray]:
     """Softmax confidence signals of (B, C) logits, each (B,): max probability, entropy, margin."""
     p = torch.softmax(logits.float(), dim=1)

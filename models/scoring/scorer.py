@@ -22,7 +22,7 @@ from models.encoders.runtime import Runtime
 from models.encoders.spec import Encoder
 from models.scoring.compatibility import check_fits
 from models.scoring.feature_set import FeatureSet
-from models.scoring.probe import head_signals
+from models.scoring.probe import head_outputs
 from models.scoring.qscore import QScoreParts, discriminative_mask, q_score_parts
 from models.scoring.result import FeatureValue, ImageScore, reasons_of
 from models.scoring.signals import label_free_signals
@@ -189,9 +189,7 @@ class Scorer:
         else:
             sig = label_free_signals(inference.h, inference.pixel_stats, parts, self.typicality, self.bank)
         if self.head is not None:
-            logits = self.head.logits(inference.h)
-            sig |= head_signals(logits)
-            sig["probe_prediction"] = logits.argmax(dim=1).cpu().numpy()
+            sig |= head_outputs(self.head, inference.h)
         return parts, sig
 
     def score(self, images: Pixels, features: bool | Sequence[bool] = True) -> list[ImageScore]:
