@@ -31,7 +31,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score, roc_auc_score
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, cross_val_predict
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -230,6 +230,9 @@ class SignConstrainedLogistic(ClassifierMixin, BaseEstimator):
     def decision_function(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(x, dtype=np.float64) @ self.coef_[0] + self.intercept_[0]
 
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.classes_[(self.decision_function(x) > 0).astype(int)]
+
 
 def _pipeline(nonnegative: tuple[int, ...] = ()) -> Pipeline:
     return Pipeline([("scale", StandardScaler()), ("logistic", SignConstrainedLogistic(PENALTY_C, nonnegative))])
@@ -263,25 +266,22 @@ def _splitter(folds: int, seed: int, groups: np.ndarray | None) -> Any:
 
 
 def _decisions_out_of_fold(
-    x: np.ndarray, miss: np.ndarray, fold: _Fold, cv: Any, groups: np.ndarray | None
+    x: np.ndarray,
+    miss: np.ndarray,
+    cv: Any,
+    groups: np.ndarray | None,
+    weight: np.ndarray | None,
+    nonnegative: tuple[int, ...],
 ) -> np.ndarray:
-    oof = np.zeros(len(miss))
-    for train, test in cv.split(x, miss, groups):
-        oof[test] = fold.fitted(train).decision_function(x[test])
-    return oof
+    """Each sample's decision value from the regression fitted on the other folds."""
+    params = {} if weight is None else {"logistic__sample_weight": weight}
+    return cross_val_predict(
+        _pipeline(nonnegative), x, miss, groups=groups, cv=cv, method="decision_function", params=params
+    )
 
 
-class _Fold:
-    """Fits of the regression on subsets of one data set (weights and constraints held)."""
-
-    def __init__(
-        self, x: np.ndarray, miss: np.ndarray, weight: np.ndarray | None, nonnegative: tuple[int, ...]
-    ) -> None:
-        self.x, self.miss, self.weight, self.nonnegative = x, miss, weight, nonnegative
-
-    def fitted(self, rows: np.ndarray) -> Pipeline:
-        weight = None if self.weight is None else self.weight[rows]
-        return _pipeline(self.nonnegative).fit(self.x[rows], self.miss[rows], logistic__sample_weight=weight)
+def _fitted(x: np.ndarray, miss: np.ndarray, weight: np.ndarray | None, nonnegative: tuple[int, ...]) -> Pipeline:
+    return _pipeline(nonnegative).fit(x, miss, logistic__sample_weight=weight)
 
 
 def _fit_once(
@@ -294,9 +294,8 @@ def _fit_once(
     groups: np.ndarray | None = None,
     nonnegative: tuple[int, ...] = (),
 ) -> tuple[Pipeline, _Calibrator]:
-    fold = _Fold(x, miss, weight, nonnegative)
-    oof = _decisions_out_of_fold(x, miss, fold, _splitter(folds, seed, groups), groups)
-    return fold.fitted(np.arange(len(miss))), _Calibrator(method, oof, miss, weight)
+    oof = _decisions_out_of_fold(x, miss, _splitter(folds, seed, groups), groups, weight, nonnegative)
+    return _fitted(x, miss, weight, nonnegative), _Calibrator(method, oof, miss, weight)
 
 
 def _subset_report(
@@ -422,11 +421,10 @@ def _fit_core(
     if weight is not None and (weight.shape != miss.shape or (weight < 0).any()):
         raise ValueError(f"sample_weight must be (N,) non-negative, got shape {weight.shape}")
     nonnegative = tuple(i for i, name in enumerate(names) if name in monotone)
-    fold = _Fold(x, miss, weight, nonnegative)
     # Ranking: out-of-fold decision values of one cross-validation (pooling calibrated
     # probabilities of different folds would reorder images by each fold's calibration).
     cv = _splitter(folds, seed + 1, groups)
-    d_oof = _decisions_out_of_fold(x, miss, fold, cv, groups)
+    d_oof = _decisions_out_of_fold(x, miss, cv, groups, weight, nonnegative)
     # Calibration: an outer cross-validation, every probability from a regression and a
     # calibration that never saw the image.
     p_oof = np.zeros(len(miss))
