@@ -200,15 +200,13 @@ def choose_estimator(
         rows.append({"set": s.name, "error": s.error, "mean_risk": subsets[s.name]["mean_risk"], "atc": est_atc})
     mae = {m: float(np.mean([abs(r[m] - r["error"]) for r in rows])) if rows else None for m in ("mean_risk", "atc")}
     method = "atc" if rows and mae["atc"] < mae["mean_risk"] else "mean_risk"
-    chosen = atc if method == "atc" else ErrorEstimator(method="mean_risk")
-    chosen = chosen.model_copy(
-        update={
-            "source": f"{method}: mean |estimate - error| over {len(rows)} shifted sets "
-            f"{mae[method]} (mean risk {mae['mean_risk']}, ATC {mae['atc']})"
-            if rows
-            else "mean risk (no shifted sets)"
-        }
-    )
+    source = "mean risk (no shifted sets)"
+    if rows:
+        source = (
+            f"{method}: mean |estimate - error| over {len(rows)} shifted sets {mae[method]} "
+            f"(mean risk {mae['mean_risk']}, ATC {mae['atc']})"
+        )
+    chosen = (atc if method == "atc" else ErrorEstimator(method="mean_risk")).model_copy(update={"source": source})
     return chosen, {"method": method, "mean_abs_error": mae, "sets": rows, "atc_threshold": atc.threshold}
 
 

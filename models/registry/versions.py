@@ -243,11 +243,13 @@ class Registry:
         except HeadError as exc:
             raise RegistryError(f"the head does not fit feature set {feature_set!r}: {exc}") from exc
         reads_head = fs.risk_model is not None and any(s.startswith("probe_") for s in fs.risk_model.signals)
-        if reads_head or (fs.error_estimator is not None and fs.error_estimator.method == "atc"):
-            copy = copy.model_copy(
-                update={"risk_model": None, "error_estimator": None} if reads_head else {"error_estimator": None}
-            )
-        return self.add_feature_set(copy, version=version)
+        atc = fs.error_estimator is not None and fs.error_estimator.method == "atc"  # a threshold on the old head
+        stale: dict[str, None] = {}
+        if reads_head:
+            stale["risk_model"] = None
+        if reads_head or atc:
+            stale["error_estimator"] = None
+        return self.add_feature_set(copy.model_copy(update=stale), version=version)
 
     # -- feature atlases (beside their feature set) ----------------------------------------
     def atlas_dir(self, feature_set: str, name: str) -> Path:
