@@ -31,6 +31,7 @@ benchmarks/results/ (service.json, service-cuda-resnet50.json, ...-raw.json).
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import os
@@ -128,25 +129,34 @@ def raw_scorer_rates(score_batch: Any, inputs: torch.Tensor, device: torch.devic
 
 
 def best_raw_rates(
-    score_batch_for: Any, inputs: torch.Tensor, device: torch.device, max_batch: int, seconds: float
+    scorer_for: Any, inputs: torch.Tensor, device: torch.device, max_batch: int, seconds: float
 ) -> dict[str, Any]:
     """:func:`raw_scorer_rates` with torch's default threads and with one fewer, the faster of
     each figure: on a CPU shared with other work, threads that wait on each other at every
-    operation can lose 5-30x. ``score_batch_for(threads)``: the scorer's ``score`` with
-    that many intra-op threads (ONNX Runtime sessions get their count when they are made)."""
+    operation can lose 5-30x. ``scorer_for(threads)``: a :class:`Scorer` with that many intra-op
+    threads (ONNX Runtime sessions get their count when they are made). Also, per thread count,
+    the engine alone at ``max_batch`` (normalised float input): the ceiling the scorer's own
+    work (normalisation, Q-Score, typicality, head) takes its share of."""
     default = torch.get_num_threads()
     runs = {}
     for threads in sorted({default, max(1, (os.cpu_count() or 1) - 1)}):
         torch.set_num_threads(threads)
-        runs[threads] = raw_scorer_rates(score_batch_for(threads), inputs, device, max_batch, seconds)
+        scorer = scorer_for(threads)
+        runs[threads] = raw_scorer_rates(scorer.score, inputs, device, max_batch, seconds)
+        x = inputs[:max_batch].to(device).float().div(255)
+        with torch.inference_mode():
+            engine = rate(functools.partial(scorer.engine, x), max_batch, device, seconds)
+        runs[threads][f"engine_only_batch_{max_batch}_images_per_s"] = round(engine, 1)
     torch.set_num_threads(default)
     key = f"batch_{max_batch}_images_per_s"
     best_1 = max(runs.values(), key=lambda r: r["batch_1_images_per_s"])
     best_max = max(runs.values(), key=lambda r: r[key])
+    engine_key = f"engine_only_{key}"
     return {
         "batch_1_images_per_s": best_1["batch_1_images_per_s"],
         "batch_1_ms": best_1["batch_1_ms"],
         key: best_max[key],
+        engine_key: max(r[engine_key] for r in runs.values()),
         "by_intra_op_threads": runs,
     }
 
@@ -479,16 +489,22 @@ def run_full(preset: Preset, seconds: float, server_env: dict[str, str], runtime
         imported = registry.load_model(active.model)
         feature_set = registry.load_feature_set(active.feature_set)
 
-        def score_batch_for(kind: str) -> Any:
+        def scorer_for(kind: str) -> Any:
             def build(threads: int) -> Any:
                 # ONNX Runtime: exported once into the registry's cache, as the service does
                 runtime = Runtime(kind, threads, registry.exports_dir)  # type: ignore[arg-type]
                 return Scorer(imported.encoder, imported.fingerprint, feature_set, preset.device, runtime=runtime)
 
             scorers: dict[int, Any] = {}
-            return lambda threads: scorers.setdefault(threads, build(threads)).score
 
-        builders = {kind: score_batch_for(kind) for kind in runtimes}
+            def scorer(threads: int) -> Any:
+                if threads not in scorers:
+                    scorers[threads] = build(threads)
+                return scorers[threads]
+
+            return scorer
+
+        builders = {kind: scorer_for(kind) for kind in runtimes}
         reference = Scorer(imported.encoder, imported.fingerprint, feature_set, preset.device)
         inputs = torch.stack(
             [
@@ -542,6 +558,7 @@ def run_full(preset: Preset, seconds: float, server_env: dict[str, str], runtime
             "batch_1_images_per_s": best_1["batch_1_images_per_s"],
             "batch_1_ms": best_1["batch_1_ms"],
             max_key: max(raw_before[kind][max_key], raw_after[kind][max_key]),
+            f"engine_only_{max_key}": max(r[f"engine_only_{max_key}"] for r in (raw_before[kind], raw_after[kind])),
         }
     fastest_raw = max(r[max_key] for r in raws.values())
 
@@ -582,6 +599,9 @@ def run_full(preset: Preset, seconds: float, server_env: dict[str, str], runtime
         torch_run, ort_run = by_runtime["torch"], by_runtime["onnxruntime"]
         result["onnxruntime_against_torch"] = {
             f"raw_{max_key}_ratio": ratio(ort_run["raw_scorer"][max_key], torch_run["raw_scorer"][max_key]),
+            f"engine_only_{max_key}_ratio": ratio(
+                ort_run["raw_scorer"][f"engine_only_{max_key}"], torch_run["raw_scorer"][f"engine_only_{max_key}"]
+            ),
             "raw_batch_1_ratio": ratio(
                 ort_run["raw_scorer"]["batch_1_images_per_s"], torch_run["raw_scorer"]["batch_1_images_per_s"]
             ),

@@ -18,7 +18,7 @@ from PIL import Image
 from torchvision import transforms
 
 from models.encoders.device import resolve_device
-from models.encoders.runtime import Runtime
+from models.encoders.runtime import Runtime, torch_threads
 from models.encoders.spec import Encoder
 from models.scoring.compatibility import check_fits
 from models.scoring.feature_set import FeatureSet
@@ -123,7 +123,7 @@ class Scorer:
                 batch = batch.pin_memory()
         if batch.dtype != torch.uint8 or batch.dim() != 4 or batch.shape[1] != 3:
             raise ValueError(f"expected (B, 3, H, W) uint8 pixels, got {tuple(batch.shape)} {batch.dtype}")
-        with torch.inference_mode():
+        with torch.inference_mode(), torch_threads(self.engine.torch_threads):
             x = batch.to(self.device, non_blocking=True).contiguous().to(dtype=torch.float32).div_(255)
             stats = pixel_signals(x) if self._needs_pixels else None
             x = x.sub_(self._mean).div_(self._std)
@@ -145,7 +145,8 @@ class Scorer:
         """
         h, fs = inference.h, self.feature_set
         wanted = [features] * h.shape[0] if isinstance(features, bool) else list(features)
-        parts, sig = self.signals(inference)
+        with torch_threads(self.engine.torch_threads):
+            parts, sig = self.signals(inference)
         predicted = sig.get("probe_prediction")
         q = sig["q_score"]
         risk = fs.risk(sig)

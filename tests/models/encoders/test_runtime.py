@@ -15,7 +15,7 @@ from models.encoders.checks import check_inputs
 from models.encoders.errors import OnnxError, RuntimeUnavailable
 from models.encoders.loading import load_encoder
 from models.encoders.onnx_encoder import OnnxEncoder, load_onnx
-from models.encoders.runtime import Runtime, export_onnx, export_path
+from models.encoders.runtime import Runtime, export_onnx, export_path, torch_threads
 from models.encoders.spec import Encoder, EncoderSpec
 from models.registry.versions import Registry
 from models.storage.atomic import TEMP_PREFIX
@@ -177,3 +177,27 @@ def test_a_torch_export_program_is_served_by_onnxruntime(tmp_path: Path) -> None
 def test_unknown_runtime_is_refused() -> None:
     with pytest.raises(ValueError, match="runtime must be one of torch, onnxruntime, auto, got 'tensorrt'"):
         Runtime("tensorrt")  # type: ignore[arg-type]
+
+
+def test_torch_threads_sets_the_count_for_the_block_and_restores_it() -> None:
+    torch.set_num_threads(2)
+    try:
+        with torch_threads(1):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with torch_threads(None):
+            assert torch.get_num_threads() == 2
+        with pytest.raises(KeyError), torch_threads(1):
+            raise KeyError("boom")
+        assert torch.get_num_threads() == 2  # restored on an error too
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_only_onnxruntime_on_the_cpu_asks_torch_for_one_thread(tmp_path: Path) -> None:
+    assert Runtime("torch").engine(SmallEncoder(), FINGERPRINT, CPU).torch_threads is None
+    assert Runtime("onnxruntime", 2).engine(SmallEncoder(), FINGERPRINT, CPU).torch_threads == 1
+    onnx_file = tmp_path / "small.onnx"
+    onnx_file.write_bytes(export_onnx(SmallEncoder()))
+    encoder, _ = load_onnx(onnx_file)
+    assert Runtime("torch").engine(encoder, FINGERPRINT, CPU).torch_threads == 1

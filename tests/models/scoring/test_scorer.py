@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from models.data.transforms import eval_transform
+from models.encoders.runtime import Runtime
 from models.scoring.compatibility import FeatureSetMismatch
 from models.scoring.qscore import q_score
 from models.scoring.scorer import Scorer
@@ -43,3 +46,37 @@ def test_scorer_refuses_foreign_feature_set_and_bad_precision(tiny_model):
         Scorer(encoder, digest, fs, device="cpu", precision="int8")
     with pytest.raises(ValueError, match="only supported on a CUDA device"):
         Scorer(encoder, digest, fs, device="cpu", precision="float16")
+
+
+def test_with_onnxruntime_on_the_cpu_the_scorers_torch_work_runs_on_one_thread(tiny_model, tmp_path, monkeypatch):
+    """ONNX Runtime's pool runs the encoder; torch's spinning OpenMP threads would take its cores."""
+    encoder, digest, fs = tiny_model
+    torch_scorer = Scorer(encoder, digest, fs, device="cpu")
+    scorer = Scorer(encoder, digest, fs, device="cpu", runtime=Runtime("onnxruntime", 2, tmp_path))
+    assert (scorer.engine.name, scorer.engine.torch_threads, torch_scorer.engine.torch_threads) == (
+        "onnxruntime",
+        1,
+        None,
+    )
+    seen: list[tuple[str, int]] = []
+
+    def recording(step: str, run):
+        def wrapped(*args):
+            seen.append((step, torch.get_num_threads()))
+            return run(*args)
+
+        return wrapped
+
+    monkeypatch.setattr(
+        scorer, "engine", dataclasses.replace(scorer.engine, forward=recording("forward", scorer.engine.forward))
+    )
+    monkeypatch.setattr(scorer, "signals", recording("signals", scorer.signals))
+    pixels = [np.full((32, 32, 3), 40 * i, np.uint8) for i in range(3)]
+    torch.set_num_threads(2)
+    try:
+        scores = scorer.score(pixels)
+        assert torch.get_num_threads() == 2  # restored after each step
+    finally:
+        torch.set_num_threads(1)
+    assert seen == [("forward", 1), ("signals", 1)]
+    assert [s.q_score for s in scores] == pytest.approx([s.q_score for s in torch_scorer.score(pixels)], rel=1e-5)
