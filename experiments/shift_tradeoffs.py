@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     print("window estimate, uncorrected:", round(uncorrected, 4), "corrected:", corrections, flush=True)
     out = {
         "subject": result["info"]["label"],
-        "command": "python -m experiments.shift_tradeoffs " + " ".join(argv or []),
+        "command": " ".join(["python -m experiments.shift_tradeoffs", *(sys.argv[1:] if argv is None else argv)]),
         "by_clean_weight": by_weight,
         "window_estimate_mae_uncorrected": uncorrected,
         "window_estimate_mae_corrected_lofo": corrections,
