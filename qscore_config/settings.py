@@ -35,8 +35,9 @@ class Settings(BaseSettings):
     intra_op_threads: int | None = Field(
         None,
         ge=1,
-        description="Threads of one encoder operator, torch's and ONNX Runtime's alike; default: the cores this "
-        "process may use less one (at least 1), left to the event loop.",
+        description="Threads of one encoder operator, torch's and ONNX Runtime's alike; default: for torch the "
+        "cores this process may use less one (at least 1), left to the event loop; for ONNX Runtime all of them "
+        "(its idle threads sleep).",
     )
 
     # -- continuous batching --------------------------------------------------------------
@@ -221,6 +222,14 @@ class Settings(BaseSettings):
         cores to the encoder, /score at one connection ran at 0.5x the earlier default's on this 2-core
         machine, 0.8x with one)."""
         return self.intra_op_threads or self.torch_threads or max(1, usable_cores() - 1)
+
+    @property
+    def onnxruntime_threads(self) -> int:
+        """ONNX Runtime's intra-op threads: QSCORE_INTRA_OP_THREADS (or its old name), else every core this
+        process may use. Its idle pool threads sleep instead of spinning (``allow_spinning`` 0), so, unlike
+        torch's, they leave the event loop the cores between operators (benchmarks/results/ab-ort-threads.json:
+        /score at 32 connections 1.29x with 2 threads against 1 on this 2-core machine, 0.90x at 1 connection)."""
+        return self.intra_op_threads or self.torch_threads or usable_cores()
 
     @property
     def visibility_timeout_s(self) -> int:

@@ -130,7 +130,7 @@ def load_state(registry: Registry, model: str, feature_set: str, settings: Setti
     except FeatureSetMismatch as exc:
         raise PairMismatch(str(exc)) from exc
     imported = registry.load_model(model)
-    runtime = Runtime(settings.runtime, settings.inference_threads, registry.exports_dir)
+    runtime = Runtime(settings.runtime, settings.onnxruntime_threads, registry.exports_dir)
     scorer = Scorer(imported.encoder, imported.fingerprint, features, settings.device, settings.precision, runtime)
     if scorer.precision != "float32":
         scorer = _checked_precision(scorer, imported.fingerprint, features)

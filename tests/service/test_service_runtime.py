@@ -29,6 +29,7 @@ from models.encoders.runtime import export_path
 from models.registry.versions import Registry
 from models.scoring.feature_set import EncoderRef
 from qscore_config.settings import Settings, usable_cores
+from service.state import load_state
 from tests.shared_encoders import RESNET20_PREPROCESSING, RESNET20_TORCHSCRIPT
 
 SCORES = ("q_score", "l1_norm", "typicality", "risk")
@@ -115,6 +116,18 @@ def test_the_onnxruntime_server_starts_ready_on_an_export_of_the_demo(servers, r
         assert c.get("/admin/active").json()["serving"]["runtime"] == "torch"
 
 
+def test_a_served_onnxruntime_session_gets_every_usable_core_by_default(servers, registry: Registry) -> None:
+    """torch keeps a core for the event loop; ONNX Runtime's idle threads sleep, so it gets them all."""
+    settings = make_settings(registry.root, runtime="onnxruntime", intra_op_threads=None, torch_threads=None)
+    state = load_state(registry, "demo", "demo", settings)  # the export the server made, from the cache
+    assert state.scorer.engine.onnx_source == "cache"
+    options = state.scorer.engine.forward.session.get_session_options()
+    assert options.intra_op_num_threads == usable_cores() == settings.onnxruntime_threads
+    pinned = make_settings(registry.root, runtime="onnxruntime", intra_op_threads=1)
+    session = load_state(registry, "demo", "demo", pinned).scorer.engine.forward.session
+    assert session.get_session_options().intra_op_num_threads == 1
+
+
 @pytest.mark.parametrize("version", ["demo", "timm", "r20"])
 def test_scores_are_the_same_with_either_runtime(servers, registry: Registry, cifar_slice: Path, version) -> None:
     if version == "r20" and not RESNET20_TORCHSCRIPT.is_file():
@@ -194,12 +207,14 @@ def test_thread_and_runtime_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("QSCORE_INTRA_OP_THREADS", "QSCORE_TORCH_THREADS", "QSCORE_RUNTIME", "QSCORE_PRECISION"):
         monkeypatch.delenv(name, raising=False)
     assert Settings(_env_file=None).inference_threads == max(1, usable_cores() - 1)
+    assert Settings(_env_file=None).onnxruntime_threads == usable_cores()  # its idle threads sleep
     assert usable_cores() == len(os.sched_getaffinity(0))
     assert Settings(_env_file=None).runtime == "torch"
     monkeypatch.setenv("QSCORE_TORCH_THREADS", "3")  # the deprecated name still works
     assert Settings(_env_file=None).inference_threads == 3
+    assert Settings(_env_file=None).onnxruntime_threads == 3
     monkeypatch.setenv("QSCORE_INTRA_OP_THREADS", "2")  # and the new one wins
-    assert Settings(_env_file=None).inference_threads == 2
+    assert (Settings(_env_file=None).inference_threads, Settings(_env_file=None).onnxruntime_threads) == (2, 2)
     monkeypatch.setenv("QSCORE_RUNTIME", "onnxruntime")
     monkeypatch.setenv("QSCORE_PRECISION", "float16")
     with pytest.raises(ValueError, match="QSCORE_PRECISION=float16 is a torch setting"):
