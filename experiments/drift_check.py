@@ -1,13 +1,16 @@
 """How the monitor's drift test behaves with the demo encoder on CIFAR-10 (issue 15, item 4).
 
-    python -m experiments.drift_check [--window 500] [--permutations 200] [--shift-windows 4]
+    python -m experiments.drift_check [--window 500] [--permutations 500] [--shift-windows 4]
 
 The reference is what the service tests against: the demo feature set's reference bank, whose
 5,000 vectors are CIFAR-10 *train* images (discovery's seed-0 sample), of which each test draws
-its own seeded sample of 1,000. Windows of ``--window`` images, each tested with
-:class:`models.monitoring.drift.DriftReference` exactly as the service does:
+its own seeded sample of 1,000, and whose held-out typicality is that of the 2,000 CIFAR-10 *test*
+images the evaluation measured (``experiments/demo_calibration.py``). Windows of ``--window``
+images, each tested with :class:`models.monitoring.drift.DriftReference` exactly as the service
+does (the MMD and the typicality test, Bonferroni):
 
-- clean CIFAR-10 test images: every disjoint window of a seeded shuffle of the 10,000, and
+- clean CIFAR-10 test images, the evaluation's 2,000 left out (the typicality test's reference):
+  every disjoint window of a seeded shuffle of the other 8,000, and
   ``--random-windows`` seeded random windows of them (not independent of one another, but each a
   window the service could see: more of them pin the false-alarm rate down better);
 - the same disjoint windows against one *fixed* sample of the bank (two seeds): what a fixed
@@ -17,9 +20,9 @@ its own seeded sample of 1,000. Windows of ``--window`` images, each tested with
 - grayscale, inverted and upside-down copies of test images (models/data/shifts.py), the shifts
   per-image typicality misses (docs/risk.md).
 
-Prints one table row per set: windows, the shares of windows with p < 0.01 and p < 0.05, the
-median and the largest p-value, and the mean atypical share of the images (what QScoreInputShift
-reads).
+Prints one table row per set: windows, the shares of windows with p < 0.01 (and with the MMD's
+own p < 0.01) and p < 0.05, the median and the largest p-value, and the mean atypical share of the
+images (what QScoreInputShift reads).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from PIL import Image
 from models.data.datasets import ensure_cifar10, random_sample
 from models.data.shifts import apply_shift
 from models.encoders.loading import load_encoder
-from models.monitoring.drift import DEFAULT_REFERENCE_SIZE, DriftReference
+from models.monitoring.drift import DEFAULT_PERMUTATIONS, DEFAULT_REFERENCE_SIZE, DriftReference
 from models.scoring.bank import normalise
 from models.scoring.feature_set import FeatureSet
 from models.scoring.scorer import Scorer
@@ -51,25 +54,32 @@ def _files(folder: Path) -> list[Path]:
     return [f for c in sorted(p for p in folder.iterdir() if p.is_dir()) for f in sorted(c.iterdir())]
 
 
-def encode(scorer: Scorer, images: list[Image.Image], batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """(n, r) unit-norm representations and (n,) atypical flags of RGB images, as the service makes them."""
-    vectors, atypical = [], []
+def encode(scorer: Scorer, images: list[Image.Image], batch: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(n, r) unit-norm representations, (n,) atypical flags and (n,) typicality of RGB images, as the
+    service makes them."""
+    vectors, atypical, typicality = [], [], []
     for start in range(0, len(images), batch):
         inference = scorer.infer([scorer.preprocess(i) for i in images[start : start + batch]])
         vectors.append(normalise(inference.h).numpy())
-        atypical += [bool(s.atypical) for s in scorer.postprocess(inference, features=False)]
-    return np.concatenate(vectors), np.array(atypical)
+        scores = scorer.postprocess(inference, features=False)
+        atypical += [bool(s.atypical) for s in scores]
+        typicality += [s.typicality for s in scores]
+    return np.concatenate(vectors), np.array(atypical), np.array(typicality, dtype=np.float64)
 
 
-def windows(vectors: np.ndarray, size: int, limit: int | None = None) -> list[np.ndarray]:
+Window = tuple[np.ndarray, np.ndarray]  # (representations, typicality)
+
+
+def windows(encoded: tuple[np.ndarray, np.ndarray, np.ndarray], size: int) -> list[Window]:
+    vectors, _, typicality = encoded
     starts = range(0, vectors.shape[0] - size + 1, size)
-    return [vectors[s : s + size] for s in list(starts)[:limit]]
+    return [(vectors[s : s + size], typicality[s : s + size]) for s in starts]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--window", type=int, default=500)
-    parser.add_argument("--permutations", type=int, default=200)
+    parser.add_argument("--permutations", type=int, default=DEFAULT_PERMUTATIONS)
     parser.add_argument("--reference-size", type=int, default=DEFAULT_REFERENCE_SIZE)
     parser.add_argument("--shift-windows", type=int, default=4, help="windows per shift set")
     parser.add_argument("--train-windows", type=int, default=10, help="windows of train images outside the bank")
@@ -81,12 +91,15 @@ def main() -> None:
     features = FeatureSet.load(DEMO_FEATURES)
     imported = load_encoder(DEMO_WEIGHTS)
     scorer = Scorer(imported.encoder, imported.fingerprint, features, "cpu")
-    assert features.bank is not None  # the demo's bank: its drift reference
-    reference = DriftReference(features.bank.vectors.float().numpy(), args.reference_size)
+    assert features.bank is not None and features.typicality is not None  # the demo's drift reference
+    held_out = features.typicality.held_out
+    reference = DriftReference(features.bank.vectors.float().numpy(), args.reference_size, held_out_typicality=held_out)
 
     rng = np.random.default_rng(0)
     test_files = _files(root / "test")
-    test_files = [test_files[i] for i in rng.permutation(len(test_files))]
+    # the evaluation's held-out test images (run_evaluation's sample) are the typicality test's reference
+    evaluated = set(random_sample(len(test_files), len(held_out or ()), 0).indices)
+    test_files = [test_files[i] for i in rng.permutation(len(test_files)) if i not in evaluated]
     test_images = [Image.open(p).convert("RGB") for p in test_files]
     train_files = _files(root / "train")
     in_bank = set(random_sample(len(train_files), features.data.n_reference, features.data.seed or 0).indices)
@@ -94,36 +107,38 @@ def main() -> None:
     n_shifted = args.shift_windows * args.window
 
     clean = encode(scorer, test_images)
-    rows: list[tuple[str, str, list[np.ndarray], np.ndarray, DriftReference]] = [
-        ("clean test", "fresh sample per test", windows(clean[0], args.window), clean[1], reference)
+    rows: list[tuple[str, str, list[Window], np.ndarray, DriftReference]] = [
+        ("clean test", "fresh sample per test", windows(clean, args.window), clean[1], reference)
     ]
-    random_windows = [
-        clean[0][rng.choice(len(clean[0]), args.window, replace=False)] for _ in range(args.random_windows)
-    ]
+    picks = [rng.choice(len(clean[0]), args.window, replace=False) for _ in range(args.random_windows)]
+    random_windows = [(clean[0][i], clean[2][i]) for i in picks]
     rows.append(("clean test, random windows", "fresh sample per test", random_windows, clean[1], reference))
     for seed in (0, 1):
-        fixed = DriftReference(reference.sample(seed), args.reference_size)
-        rows.append(("clean test", f"one fixed sample (seed {seed})", windows(clean[0], args.window), clean[1], fixed))
+        fixed = DriftReference(reference.sample(seed), args.reference_size, held_out_typicality=held_out)
+        rows.append(("clean test", f"one fixed sample (seed {seed})", windows(clean, args.window), clean[1], fixed))
     train = encode(scorer, [Image.open(train_files[i]).convert("RGB") for i in outside])
-    rows.append(
-        ("train, not in the bank", "fresh sample per test", windows(train[0], args.window), train[1], reference)
-    )
+    rows.append(("train, not in the bank", "fresh sample per test", windows(train, args.window), train[1], reference))
     for name in SHIFTS:
-        vectors, atypical = encode(scorer, list(apply_shift(name, test_images[:n_shifted])))
-        rows.append((name, "fresh sample per test", windows(vectors, args.window), atypical, reference))
+        shifted = encode(scorer, list(apply_shift(name, test_images[:n_shifted])))
+        rows.append((name, "fresh sample per test", windows(shifted, args.window), shifted[1], reference))
 
     print(
         f"demo encoder, window {args.window}, reference {reference.size} of the bank's {features.bank.size} "
         f"train vectors (bandwidth {reference.bandwidth:.3f}), {args.permutations} permutations\n"
     )
-    print("| images | reference | windows | share p < 0.01 | share p < 0.05 | median p | max p | atypical share |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(
+        "| images | reference | windows | share p < 0.01 | ... MMD alone | share p < 0.05 | median p | max p "
+        "| atypical share |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, kind, tested, atypical, ref in rows:
         # seeds 1, 2, ...: the service seeds each test by its image count, never 0 (the bandwidth's draw)
-        p = np.array([ref.test(w, args.permutations, seed=i + 1).p_value for i, w in enumerate(tested)])
+        results = [ref.test(w, args.permutations, seed=i + 1, typicality=t) for i, (w, t) in enumerate(tested)]
+        p = np.array([r.p_value for r in results])
+        mmd = np.array([r.mmd_p_value for r in results])
         print(
-            f"| {name} | {kind} | {len(p)} | {(p < 0.01).mean():.3f} | {(p < 0.05).mean():.3f} | "
-            f"{np.median(p):.3f} | {p.max():.3f} | {atypical.mean():.3f} |"
+            f"| {name} | {kind} | {len(p)} | {(p < 0.01).mean():.3f} | {(mmd < 0.01).mean():.3f} | "
+            f"{(p < 0.05).mean():.3f} | {np.median(p):.3f} | {p.max():.3f} | {atypical.mean():.3f} |"
         )
     print(f"\n({time.perf_counter() - started:.0f} s)")
 

@@ -90,11 +90,11 @@ class Settings(BaseSettings):
         "images/s one every 100 images would cost a core, and Prometheus reads them once a scrape).",
     )
     drift_permutations: int = Field(
-        200,
-        ge=100,
+        500,
+        ge=200,
         le=10_000,
-        description="Permutations of the drift test; its p-value is at least 1 / (1 + this), so 100 or more "
-        "can go below 0.01.",
+        description="Permutations of the drift test's MMD; its p-value is at least 1 / (1 + this), and the "
+        "combined drift p-value (two tests, Bonferroni) at least 2 / (1 + this): 200 or more can go below 0.01.",
     )
     drift_reference_size: int = Field(
         1000, ge=10, le=20_000, description="Reference-bank vectors the window is tested against (a fixed sample)."

@@ -244,7 +244,8 @@ MONITOR_GAUGES = (
     ),
     (
         "qscore_drift_p_value",
-        "p-value of the MMD permutation test of the window's representations against the reference bank.",
+        "p-value of the drift test of the window against the reference (MMD of the representations, with the "
+        "typicality test where the feature set has held-out typicality).",
         "drift_p_value",
     ),
     ("qscore_monitor_window_images", "Images in the monitor's window.", "count"),

@@ -194,10 +194,21 @@ class ModelMonitor(BaseModel):
     )
     drift_p_value: float | None = Field(
         None,
-        gt=0.0,
+        ge=0.0,  # the typicality test's p can underflow to 0
         le=1.0,
-        description="p-value of the MMD permutation test of the window's representations against the reference "
-        "bank; null until the first test (or without a bank).",
+        description="p-value of the drift test: the MMD permutation test of the window's representations against "
+        "the reference bank, combined (Bonferroni) with a Kolmogorov-Smirnov test of the window's typicality against "
+        "the evaluation's held-out images where the feature set has them; null until the first test (or without a "
+        "bank).",
+    )
+    drift_mmd_p_value: float | None = Field(
+        None, gt=0.0, le=1.0, description="The MMD permutation test's own p-value (the representations' directions)."
+    )
+    drift_typicality_p_value: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="The typicality test's own p-value; null where the feature set has no held-out typicality.",
     )
     drift_mmd2: float | None = Field(None, description="The test's unbiased MMD^2 (can be slightly negative).")
     drift_computed_at: int | None = Field(None, ge=0, description="images_seen when the tested window was taken.")

@@ -28,6 +28,7 @@ from models.scoring.qscore import q_score_parts
 from models.scoring.representations import extract_representations
 from models.scoring.risk import RiskModel, fit_risk
 from models.scoring.scorer import Scorer
+from models.scoring.typicality import TypicalityModel
 
 #: Held-out images whose shifted copies the risk model also sees (x 87 sets: 17,400 images).
 DEFAULT_SHIFT_SAMPLES = 200
@@ -153,9 +154,17 @@ def run_evaluation(
             "risk_model": risk_model,
             "risk_curve": None,
             "error_estimator": estimator,
+            "typicality": with_held_out_typicality(with_head.typicality, clean.signals.get("typicality")),
         }
     )
     return report, calibrated
+
+
+def with_held_out_typicality(model: TypicalityModel | None, typicality: np.ndarray | None) -> TypicalityModel | None:
+    """``model`` keeping the held-out images' typicality, sorted, to 5 decimals (the drift test's reference)."""
+    if model is None or typicality is None:
+        return model
+    return model.model_copy(update={"held_out": [round(float(v), 5) for v in np.sort(typicality)]})
 
 
 def fit_under_shift(

@@ -58,6 +58,8 @@ class ModelSnapshot:
     last_batch_images: int
     reference_error: float | None
     drift_p_value: float | None
+    drift_mmd_p_value: float | None
+    drift_typicality_p_value: float | None
     drift_mmd2: float | None
     drift_computed_at: int | None
     drift_window_count: int | None
@@ -73,8 +75,9 @@ class _ModelState:
         self.estimator = fs.error_estimator or MEAN_RISK
         self.reference_error = reference_error(fs)
         self.bank = fs.bank
+        self.held_out_typicality = None if fs.typicality is None else fs.typicality.held_out
         self.window = RingWindow(window, fs.encoder.feature_dim)
-        self.last_batch: np.ndarray | None = None  # (4, B) signals of the last batch, as in the window
+        self.last_batch: np.ndarray | None = None  # (len(SIGNALS), B) signals of the last batch, as in the window
         self.drift: DriftResult | None = None
         self.drift_reference: DriftReference | None = None  # built by the first test, in its thread
         self.drift_requested_at = 0  # images seen when the last test was handed over
@@ -184,7 +187,9 @@ class TrafficMonitor:
         if state is None or (feature_set_version is not None and feature_set_version != state.feature_set_version):
             return
         vectors = _unit_rows(h)
-        signals = np.array([[s.risk, s.confidence, s.atypical, s.low_quality] for s in scores], dtype=np.float32).T
+        signals = np.array(
+            [[s.risk, s.confidence, s.atypical, s.low_quality, s.typicality] for s in scores], dtype=np.float32
+        ).T
         with self._lock:
             if self._models.get(model_version) is not state:  # switched meanwhile
                 return
@@ -199,9 +204,10 @@ class TrafficMonitor:
                 state.drift_requested_at, state.drift_started = state.window.seen, now
 
     def _test_drift(self, state: _ModelState) -> None:
-        """In the drift thread: the window's representations against the reference, one BLAS thread."""
+        """In the drift thread: the window's representations (and typicality) against the reference, one BLAS thread."""
         with self._lock:
-            vectors, seen = state.window.contents().vectors, state.window.seen
+            contents, seen = state.window.contents(), state.window.seen
+        vectors = contents.vectors
         if vectors.shape[0] < 2 or state.bank is None:
             return
         # numpy's BLAS pool is process-wide: one thread for the length of the test leaves the
@@ -209,8 +215,12 @@ class TrafficMonitor:
         with self._blas.limit(limits=1, user_api="blas"):
             if state.drift_reference is None:
                 bank = state.bank.vectors.float().cpu().numpy()
-                state.drift_reference = DriftReference(bank, self.reference_size)
-            result = state.drift_reference.test(vectors, self.permutations, seed=seen, computed_at=seen)
+                state.drift_reference = DriftReference(
+                    bank, self.reference_size, held_out_typicality=state.held_out_typicality
+                )
+            result = state.drift_reference.test(
+                vectors, self.permutations, seed=seen, computed_at=seen, typicality=contents.typicality
+            )
         with self._lock:
             state.drift = result
 
@@ -261,6 +271,8 @@ def _snapshot(state: _ModelState) -> ModelSnapshot:
         last_batch_images=0 if batch is None else batch.shape[1],
         reference_error=state.reference_error,
         drift_p_value=None if drift is None else drift.p_value,
+        drift_mmd_p_value=None if drift is None else drift.mmd_p_value,
+        drift_typicality_p_value=None if drift is None else drift.typicality_p_value,
         drift_mmd2=None if drift is None else drift.mmd2,
         drift_computed_at=None if drift is None else drift.computed_at,
         drift_window_count=None if drift is None else drift.window_count,

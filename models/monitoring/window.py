@@ -1,7 +1,7 @@
 """The last N scored images of one served model: a bounded ring buffer (issue 15, item 6).
 
 Preallocated numpy arrays, written in place: an append of B images is a few vectorised slice
-assignments (at ``(next + arange(B)) % N`` when it wraps), whatever N; memory is ``N * (r + 4)`` float32 values
+assignments (at ``(next + arange(B)) % N`` when it wraps), whatever N; memory is ``N * (r + 5)`` float32 values
 for the model's whole life. Unknown signals (no risk model, no head, no typicality) are NaN.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 #: The per-image signals a window keeps, in the row order of :attr:`RingWindow.signals`.
-SIGNALS = ("risk", "confidence", "atypical", "low_quality")
+SIGNALS = ("risk", "confidence", "atypical", "low_quality", "typicality")
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class WindowContents:
     confidence: np.ndarray
     atypical: np.ndarray
     low_quality: np.ndarray
+    typicality: np.ndarray
 
 
 class RingWindow:
@@ -38,7 +39,7 @@ class RingWindow:
         self.capacity, self.dim = capacity, dim
         self.vectors = np.zeros((capacity, dim), dtype=np.float32)
         # one row per name of SIGNALS (atypical and low_quality as 1/0), NaN where unknown
-        self.signals = np.full((4, capacity), np.nan, dtype=np.float32)
+        self.signals = np.full((len(SIGNALS), capacity), np.nan, dtype=np.float32)
         self.seen = 0  # images ever appended; the next write goes to seen % capacity
 
     @property
@@ -47,14 +48,15 @@ class RingWindow:
         return min(self.seen, self.capacity)
 
     def append(self, vectors: np.ndarray, signals: np.ndarray) -> None:
-        """Add B images: ``vectors`` (B, dim), ``signals`` (4, B) as in :attr:`signals` rows.
+        """Add B images: ``vectors`` (B, dim), ``signals`` (len(SIGNALS), B) as in :attr:`signals` rows.
 
         Of a batch larger than the window only its last ``capacity`` images are kept.
         """
         b = vectors.shape[0]
-        if vectors.shape != (b, self.dim) or signals.shape != (4, b):
+        rows = len(SIGNALS)
+        if vectors.shape != (b, self.dim) or signals.shape != (rows, b):
             raise ValueError(
-                f"expected vectors ({b}, {self.dim}) and signals (4, {b}), got {vectors.shape} and {signals.shape}"
+                f"expected vectors ({b}, {self.dim}) and signals ({rows}, {b}), got {vectors.shape} and {signals.shape}"
             )
         skip = max(0, b - self.capacity)
         start = (self.seen + skip) % self.capacity
@@ -78,7 +80,7 @@ class RingWindow:
         """A copy of the window, oldest first (the drift test reads it while appends go on)."""
         order = self._order()
         signals = self.signals[:, order]
-        return WindowContents(self.vectors[order], signals[0], signals[1], signals[2], signals[3])
+        return WindowContents(self.vectors[order], *signals)
 
     def values(self, name: str) -> np.ndarray:
         """The known values of signal ``name`` over the window (in slot order, not arrival order)."""

@@ -184,6 +184,11 @@ class TypicalityModel(BaseModel):
     reference_atypical_share: float = Field(ge=0.0, le=1.0)
     n_bank: int = Field(ge=0)
     n_calibration: int = Field(ge=1)
+    held_out: list[float] | None = Field(
+        None,
+        description="The typicality of the evaluation's labelled held-out images, sorted: the drift test's "
+        "reference for the window's typicality (models/monitoring/drift.py). None before an evaluation.",
+    )
 
     @model_validator(mode="after")
     def _known(self) -> TypicalityModel:

@@ -8,28 +8,31 @@ import pytest
 from experiments.shift_report import goals
 
 
-def _row(name, kind, error, risk, estimate, p, added=False, severity=None):
+def _row(name, kind, error, risk, estimate, p, added=False, severity=None, mmd_p=0.5):
     miss = np.array([True] * int(error * 10) + [False] * (10 - int(error * 10)))
     return {"set": name, "kind": kind, "severity": severity, "added_after": added, "error": error,
             "mean_risk": risk, "mean_risk_today": 0.1, "estimate": estimate, "atc": error, "drift_p": p,
-            "_risk": np.full(10, risk), "_today": np.full(10, 0.1), "_miss": miss}  # fmt: skip
+            "drift_mmd_p": mmd_p, "_risk": np.full(10, risk), "_today": np.full(10, 0.1), "_miss": miss}  # fmt: skip
 
 
 def test_goals_hand_case() -> None:
     rows = [
         _row("clean", "clean", 0.2, 0.2, 0.2, 0.5),
-        _row("noise/s3", "corruption", 0.6, 0.5, 0.5, 0.001, severity=3),
+        _row("noise/s3", "corruption", 0.6, 0.5, 0.5, 0.001, severity=3),  # the typicality test saw it
+        _row("invert", "extra", 0.5, 0.4, 0.5, 0.004, mmd_p=0.002),  # the MMD saw it
         _row("blur/s3", "corruption", 0.4, 0.15, 0.3, 0.2, severity=3),  # risk below clean, error higher
         _row("hue/s1", "corruption", 0.2, 0.25, 0.2, 0.3, added=True, severity=1),
         _row("gross/digits", "gross", 1.0, 0.9, 0.9, 0.001, added=True),
     ]
-    windows = {"p_values": [0.5, 0.005], "_risk": np.full(10, 0.2), "_miss": rows[0]["_miss"]}
+    windows = {"p_values": [0.5, 0.005], "resampled_p_values": [0.2, 0.3, 0.009],
+               "_risk": np.full(10, 0.2), "_miss": rows[0]["_miss"]}  # fmt: skip
     g = goals({"rows": rows, "clean_windows": windows})
-    assert g["window_mae_all_shifted"] == pytest.approx((0.1 + 0.1 + 0.0) / 3)
-    assert g["window_mae_design_left_out"] == pytest.approx(0.1)
+    assert g["window_mae_all_shifted"] == pytest.approx((0.1 + 0.1 + 0.0 + 0.0) / 4)
+    assert g["window_mae_design_left_out"] == pytest.approx(0.2 / 3)
     assert g["window_mae_added_after"] == pytest.approx(0.0)
     assert g["sets_below_clean_risk_with_higher_error"] == ["blur/s3"]
-    assert g["drift_detected_sev3_and_extras"] == "1/2" and g["drift_missed"] == ["blur/s3"]
-    assert g["clean_window_false_alarms"] == "1/2"
+    assert g["drift_detected_sev3_and_extras"] == "2/3" and g["drift_missed"] == ["blur/s3"]
+    assert g["drift_detected_by_mmd_alone"] == "1/3"
+    assert g["clean_window_false_alarms"] == "1/2" and g["resampled_clean_window_false_alarms"] == "1/3"
     assert g["no_class_mean_risk"] == {"gross/digits": 0.9}
     assert g["ece_clean"] == pytest.approx(0.0)  # risk 0.2 on sets whose error is 0.2

@@ -26,12 +26,13 @@ MONITOR_GAUGES = (
 
 @pytest.fixture()
 def monitored(make_server: Callable[..., LiveServer], tmp_path: Path, tiny_model: tuple) -> LiveServer:
-    """The tiny model served with feature set 'tiny-risk' (a risk on the Q-Score), a window of 16."""
+    """The tiny model served with feature set 'tiny-risk' (a risk on the Q-Score, held-out typicality far
+    above any image's: the drift test's typicality half runs and sees a shift), a window of 16."""
     registry = build_registry(tmp_path / "registry", tiny_model)
     risk = RiskModel.from_q_curve([0.0, 0.05, 1.0], [0.9, 0.4, 0.1], "test: risk falls with Q")
-    registry.add_feature_set(
-        registry.load_feature_set("tiny").model_copy(update={"risk_model": risk}), version="tiny-risk"
-    )
+    fs = registry.load_feature_set("tiny")
+    typicality = fs.typicality.model_copy(update={"held_out": [1e6 + i for i in range(40)]})
+    registry.add_feature_set(fs.model_copy(update={"risk_model": risk, "typicality": typicality}), version="tiny-risk")
     registry.set_active("tiny", "tiny-risk")
     return make_server(registry_root=registry.root, monitor_window=16, drift_every=8, drift_min_interval_s=0)
 
@@ -68,7 +69,10 @@ def test_monitor_reports_the_window_of_scored_images(monitored: LiveServer, cifa
     assert window["atypical_share"] == pytest.approx(np.mean([r["atypical"] for r in first]))
     assert window["low_quality_share"] == pytest.approx(np.mean([r["low_quality"] for r in first]))
     assert window["mean_confidence"] is None  # no head
-    assert 1 / 201 <= window["drift_p_value"] <= 1
+    assert 1 / 501 <= window["drift_mmd_p_value"] <= 1
+    typicality_p = window["drift_typicality_p_value"]  # against the held-out images: none as high as them
+    assert typicality_p < 1e-6
+    assert window["drift_p_value"] == pytest.approx(2 * typicality_p)  # Bonferroni over the two tests
     assert window["drift_window_count"] == window["drift_computed_at"] <= 12
 
     second = _score(monitored, paths[12:20])  # 20 seen: the window keeps the last 16
@@ -122,8 +126,8 @@ def test_monitor_off_reports_nothing_and_scoring_goes_on(
 def test_monitor_settings_fail_fast_with_the_reason() -> None:
     defaults = Settings(_env_file=None)
     assert (defaults.monitor, defaults.monitor_window, defaults.drift_every) == (True, 500, 100)
-    assert (defaults.drift_permutations, defaults.drift_reference_size) == (200, 1000)
+    assert (defaults.drift_permutations, defaults.drift_reference_size) == (500, 1000)
     with pytest.raises(ValidationError, match=r"QSCORE_DRIFT_EVERY \(600\) must not exceed QSCORE_MONITOR_WINDOW"):
         Settings(_env_file=None, drift_every=600)
-    with pytest.raises(ValidationError, match="greater than or equal to 100"):
-        Settings(_env_file=None, drift_permutations=50)  # p could never go below 0.01
+    with pytest.raises(ValidationError, match="greater than or equal to 200"):
+        Settings(_env_file=None, drift_permutations=150)  # the combined p could never go below 0.01

@@ -211,8 +211,13 @@ def test_run_evaluation_keeps_encoder_frozen(tiny_model, cifar_slice):
     assert calibrated.discriminative == fs.discriminative and calibrated.eps == fs.eps
     assert "compression" not in report
     assert progress[-1] == 1.0 and progress == sorted(progress)
+    # the held-out images' typicality, sorted, for the drift test: the same images as the report's share
+    held_out = np.array(calibrated.typicality.held_out)
+    assert held_out.shape == (60,) and np.all(np.diff(held_out) >= 0)
+    assert (held_out > 1).mean() == pytest.approx(report["atypical_share_test"])
+    assert calibrated.typicality.model_dump(exclude={"held_out"}) == fs.typicality.model_dump(exclude={"held_out"})
     # the feature set given is left as it was
-    assert fs.risk_model is None
+    assert fs.risk_model is None and fs.typicality.held_out is None
 
 
 def test_run_evaluation_refuses_foreign_feature_set(tiny_model, cifar_slice):

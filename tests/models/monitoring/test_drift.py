@@ -1,4 +1,5 @@
-"""The MMD permutation test: an exact small case, calibration under the null, power under a shift."""
+"""The drift test: the MMD permutation test (an exact small case, calibration under the null, power under a
+shift), the typicality test beside it and their combination."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import pytest
 
 from models.monitoring.drift import (
     DriftReference,
+    combined_p_value,
     gaussian_kernel,
     median_bandwidth,
     mmd2_unbiased,
     permutation_test,
     split_statistics,
     squared_distances,
+    typicality_p_value,
 )
 
 
@@ -105,3 +108,46 @@ def test_bad_inputs_say_what_is_wrong() -> None:
         DriftReference(np.zeros((1, 3)))
     with pytest.raises(ValueError, match="permutations must be positive"):
         permutation_test(np.zeros((4, 4)), 2, 0, np.random.default_rng(0))
+
+
+def test_combined_p_value_is_bonferroni_over_the_tests_that_ran() -> None:
+    assert combined_p_value(0.004, 0.3) == pytest.approx(0.008)
+    assert combined_p_value(0.3, 0.0) == 0.0
+    assert combined_p_value(0.6, None) == 0.6  # the typicality test did not run: the MMD's p alone
+    assert combined_p_value(0.7, 0.9) == 1.0  # capped
+    with pytest.raises(ValueError, match="no test ran"):
+        combined_p_value(None, None)
+
+
+def test_typicality_p_value_of_two_separated_pairs_by_hand() -> None:
+    # Kolmogorov-Smirnov, exact: D = 1 only for the 2 of the 6 splits of {0,1,2,3} that keep {0,1} together.
+    assert typicality_p_value(np.array([0.0, 1.0]), np.array([2.0, 3.0])) == pytest.approx(1 / 3)
+    # unknown (NaN) typicality is left out; under 2 known values there is no test
+    assert typicality_p_value(np.array([0.0, np.nan, 1.0]), np.array([2.0, 3.0])) == pytest.approx(1 / 3)
+    assert typicality_p_value(np.array([0.5, np.nan]), np.array([2.0, 3.0])) is None
+    assert typicality_p_value(np.array([0.5, 1.0]), np.array([2.0])) is None
+
+
+def test_a_typicality_shift_the_directions_do_not_show_is_detected() -> None:
+    rng = np.random.default_rng(5)
+    bank = rng.normal(size=(300, 4))
+    held_out = rng.gamma(4.0, 0.2, size=1000)
+    reference = DriftReference(bank, size=300, held_out_typicality=held_out)
+    window = bank[rng.choice(300, 100, replace=False)] + rng.normal(scale=0.05, size=(100, 4))  # the bank's own
+    shifted = reference.test(window, permutations=200, seed=1, typicality=rng.gamma(4.0, 0.2, 100) + 0.5)
+    assert shifted.mmd_p_value > 0.05 and shifted.typicality_p_value < 1e-6
+    assert shifted.p_value == pytest.approx(2 * shifted.typicality_p_value)
+    same = reference.test(window, permutations=200, seed=1, typicality=rng.gamma(4.0, 0.2, 100))
+    assert same.typicality_p_value > 0.01
+    assert same.p_value == pytest.approx(min(1.0, 2 * min(same.mmd_p_value, same.typicality_p_value)))
+    without = DriftReference(bank, size=300).test(window, permutations=200, seed=1, typicality=held_out[:100])
+    assert without.typicality_p_value is None and without.p_value == without.mmd_p_value == shifted.mmd_p_value
+
+
+def test_combined_p_values_stay_calibrated_when_nothing_shifts() -> None:
+    p = []
+    for seed in range(50):
+        rng = np.random.default_rng(100 + seed)
+        reference = DriftReference(rng.normal(size=(60, 4)), size=60, held_out_typicality=rng.normal(size=500))
+        p.append(reference.test(rng.normal(size=(40, 4)), 200, seed, typicality=rng.normal(size=40)).p_value)
+    assert (np.array(p) < 0.05).mean() <= 0.1  # Bonferroni: at most about 0.05

@@ -24,7 +24,13 @@ def demo_features() -> FeatureSet:
     return fs
 
 
-def _score(risk: float | None, confidence: float | None = None, atypical: bool | None = False, low: bool = False):
+def _score(
+    risk: float | None,
+    confidence: float | None = None,
+    atypical: bool | None = False,
+    low: bool = False,
+    typicality: float | None = None,
+):
     return ImageScore(
         q_score=0.1,
         low_quality=low,
@@ -34,6 +40,7 @@ def _score(risk: float | None, confidence: float | None = None, atypical: bool |
         discriminative_active=None,
         atypical=atypical,
         confidence=confidence,
+        typicality=typicality,
     )
 
 
@@ -112,6 +119,37 @@ def test_drift_of_shifted_representations_is_significant(demo_features: FeatureS
     monitor.observe("m", torch.rand(100, 128, generator=torch.Generator().manual_seed(0)), [_score(0.5)] * 100)
     assert monitor.wait_for_drift(30)
     assert monitor.snapshot()[0].drift_p_value == pytest.approx(1 / 101)
+    monitor.close()
+
+
+def test_drift_tests_the_windows_typicality_against_the_held_out_images(demo_features: FeatureSet) -> None:
+    rng = np.random.default_rng(0)
+    held_out = np.sort(rng.gamma(4.0, 0.15, 2000)).tolist()
+    evaluated = demo_features.model_copy(
+        update={"typicality": demo_features.typicality.model_copy(update={"held_out": held_out})}  # type: ignore[union-attr]
+    )
+    order = torch.randperm(5000, generator=torch.Generator().manual_seed(1))
+    bank = demo_features.bank.vectors[order]  # type: ignore[union-attr]  # the bank is stored class by class
+    results = {}
+    for name, shift in (("clean", 0.0), ("shifted", 0.4)):
+        monitor = TrafficMonitor(window=200, drift_every=200, permutations=200, reference_size=1000)
+        monitor.activate("m", "f", evaluated)
+        typ = rng.gamma(4.0, 0.15, 200) + shift
+        monitor.observe("m", bank[:200], [_score(0.5, typicality=float(t)) for t in typ])  # the bank's directions
+        assert monitor.wait_for_drift(30)
+        results[name] = monitor.snapshot()[0]
+        monitor.close()
+    clean, shifted = results["clean"], results["shifted"]
+    assert shifted.drift_mmd_p_value > 0.05 and clean.drift_mmd_p_value > 0.05  # type: ignore[operator]
+    assert shifted.drift_typicality_p_value < 1e-6 < 0.01 < clean.drift_typicality_p_value  # type: ignore[operator]
+    assert shifted.drift_p_value == pytest.approx(2 * shifted.drift_typicality_p_value)  # type: ignore[operator]
+    # a window without typicality (no typicality model at scoring time): the MMD alone
+    monitor = TrafficMonitor(window=50, drift_every=50, permutations=200, reference_size=300)
+    monitor.activate("m", "f", evaluated)
+    monitor.observe("m", bank[:50], [_score(0.5)] * 50)
+    assert monitor.wait_for_drift(30)
+    snap = monitor.snapshot()[0]
+    assert snap.drift_typicality_p_value is None and snap.drift_p_value == snap.drift_mmd_p_value
     monitor.close()
 
 

@@ -9,10 +9,11 @@ from models.monitoring.window import SIGNALS, RingWindow
 
 
 def _batch(first: int, b: int, dim: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """Image i has vector (i, -i, ...) and signals risk i/10, confidence NaN, atypical i % 2, low 0."""
+    """Image i has vector (i, -i, ...) and signals risk i/10, confidence NaN, atypical i % 2, low 0,
+    typicality 2 i."""
     ids = np.arange(first, first + b, dtype=np.float32)
     vectors = np.stack([ids * (-1) ** j for j in range(dim)], axis=1)
-    signals = np.stack([ids / 10, np.full(b, np.nan), ids % 2, np.zeros(b)]).astype(np.float32)
+    signals = np.stack([ids / 10, np.full(b, np.nan), ids % 2, np.zeros(b), 2 * ids]).astype(np.float32)
     return vectors, signals
 
 
@@ -27,6 +28,7 @@ def test_window_wraps_around_keeping_the_last_images_oldest_first() -> None:
     np.testing.assert_array_equal(contents.vectors, [[2, -2], [3, -3], [4, -4], [5, -5]])
     np.testing.assert_allclose(contents.risk, [0.2, 0.3, 0.4, 0.5], rtol=1e-6)
     np.testing.assert_array_equal(contents.atypical, [0, 1, 0, 1])
+    np.testing.assert_array_equal(contents.typicality, [4, 6, 8, 10])
     assert np.isnan(contents.confidence).all()
     # slots 0 and 1 now hold images 4 and 5
     np.testing.assert_array_equal(window.vectors[:, 0], [4, 5, 2, 3])
@@ -46,7 +48,7 @@ def test_window_values_skip_unknown_signals() -> None:
     np.testing.assert_allclose(np.sort(window.values("risk")), [0.0, 0.1, 0.2, 0.3, 0.4], rtol=1e-6)
     assert window.values("confidence").size == 0
     assert window.values("atypical").mean() == pytest.approx(2 / 5)
-    assert SIGNALS == ("risk", "confidence", "atypical", "low_quality")
+    assert SIGNALS == ("risk", "confidence", "atypical", "low_quality", "typicality")
 
 
 def test_window_contents_are_a_copy() -> None:
@@ -59,7 +61,7 @@ def test_window_contents_are_a_copy() -> None:
 
 def test_window_rejects_mismatched_shapes() -> None:
     window = RingWindow(capacity=4, dim=3)
-    with pytest.raises(ValueError, match=r"expected vectors \(2, 3\) and signals \(4, 2\)"):
+    with pytest.raises(ValueError, match=r"expected vectors \(2, 3\) and signals \(5, 2\)"):
         window.append(*_batch(0, 2, dim=2))
     with pytest.raises(ValueError, match="capacity >= 1"):
         RingWindow(capacity=0, dim=3)
