@@ -23,8 +23,8 @@ pulls in transformers, numba and opencv. numpy's BLAS, limited to one thread by 
 the encoder alone.
 
 The bank holds unit-norm directions, so the MMD cannot see a shift that leaves them alone and moves
-the norm, the sparsity or the pixels (noise, pixelation: 99% atypical on the demo encoder, MMD
-p 0.34). Where the evaluation stored the typicality of its labelled held-out images, each test
+the norm, the sparsity or the pixels (Gaussian noise at severity 3: 99% atypical on the demo
+encoder, MMD p 0.32). Where the evaluation stored the typicality of its labelled held-out images, each test
 also compares the window's typicality with them (scipy's two-sample Kolmogorov-Smirnov test), and
 the drift p-value is the Bonferroni combination of the two, valid whatever their dependence:
 ``p = min(1, 2 min(p_mmd, p_typicality))``. Chosen on the design sets (the 16 design corruption
