@@ -155,26 +155,34 @@ class Scorer:
         typ = sig.get("typicality")
         confidence = sig.get("probe_max_softmax")
         classes = self.head.classes if self.head is not None else []
-        l1 = parts.l1_norm.cpu().numpy()
+        # Python floats once for the batch (.tolist()), not per image: at batch 64 per-image
+        # indexing and conversion cost as much as the kNN search.
+        q_list, l1_list = q.tolist(), parts.l1_norm.cpu().tolist()
+        risk_list = None if risk is None else risk.tolist()
+        typ_list = None if typ is None else typ.tolist()
+        conf_list = None if confidence is None else confidence.tolist()
+        dominant = active = [None] * len(wanted)
         if any(wanted):
-            h_cpu, dominant, active = h.cpu(), parts.dominant.cpu(), parts.active.cpu()
+            h_cpu = h.cpu()
+            dominant = _feature_values(h_cpu, parts.dominant.cpu(), wanted)
+            active = _feature_values(h_cpu, parts.active.cpu(), wanted)
         out = []
-        for i in range(h.shape[0]):
-            low = bool(q[i] < fs.alpha)
-            atypical = None if typ is None else bool(typ[i] > 1.0)
+        for i in range(len(wanted)):
+            low = q_list[i] < fs.alpha
+            atypical = None if typ_list is None else typ_list[i] > 1.0
             out.append(
                 ImageScore(
-                    q_score=float(q[i]),
+                    q_score=q_list[i],
                     low_quality=low,
-                    risk=None if risk is None else float(risk[i]),
-                    l1_norm=float(l1[i]),
-                    dominant=_values(h_cpu[i], dominant[i]) if wanted[i] else None,
-                    discriminative_active=_values(h_cpu[i], active[i]) if wanted[i] else None,
-                    typicality=None if typ is None else float(typ[i]),
+                    risk=None if risk_list is None else risk_list[i],
+                    l1_norm=l1_list[i],
+                    dominant=dominant[i],
+                    discriminative_active=active[i],
+                    typicality=None if typ_list is None else typ_list[i],
                     atypical=atypical,
                     reasons=reasons_of(low, atypical),
                     predicted_class=None if predicted is None else classes[predicted[i]],
-                    confidence=None if confidence is None else float(confidence[i]),
+                    confidence=None if conf_list is None else conf_list[i],
                 )
             )
         return out
@@ -202,6 +210,17 @@ class Scorer:
         return self.score([self.preprocess(image) for image in images], features)
 
 
-def _values(h: torch.Tensor, mask: torch.Tensor) -> list[FeatureValue]:
-    idx = torch.nonzero(mask).flatten().tolist()
-    return [FeatureValue(j, float(h[j])) for j in idx]
+def _feature_values(h: torch.Tensor, mask: torch.Tensor, wanted: Sequence[bool]) -> list[list[FeatureValue] | None]:
+    """Per image, the ``(index, value)`` of its features where ``mask`` (B, r) is set, in index
+    order, for the images ``wanted``; None for the others. One ``nonzero`` and one copy to Python
+    for the batch: per image they cost more than the kNN search."""
+    rows = torch.tensor([i for i, w in enumerate(wanted) if w], dtype=torch.int64)
+    picked = mask[rows]
+    row, col = picked.nonzero(as_tuple=True)  # row-major: by image, then by feature index
+    pairs = list(map(FeatureValue._make, zip(col.tolist(), h[rows][row, col].tolist(), strict=True)))
+    out: list[list[FeatureValue] | None] = [None] * len(wanted)
+    start = 0
+    for i, count in zip(rows.tolist(), torch.bincount(row, minlength=len(rows)).tolist(), strict=True):
+        out[i] = pairs[start : start + count]
+        start += count
+    return out

@@ -7,13 +7,16 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from models.data.transforms import eval_transform
 from models.encoders.runtime import Runtime
 from models.scoring.compatibility import FeatureSetMismatch
 from models.scoring.qscore import q_score
-from models.scoring.scorer import Scorer
+from models.scoring.result import FeatureValue
+from models.scoring.scorer import Scorer, _feature_values
 
 
 def test_scorer_matches_q_score(tiny_model):
@@ -80,3 +83,25 @@ def test_with_onnxruntime_on_the_cpu_the_scorers_torch_work_runs_on_one_thread(t
         torch.set_num_threads(1)
     assert seen == [("forward", 1), ("signals", 1)]
     assert [s.q_score for s in scores] == pytest.approx([s.q_score for s in torch_scorer.score(pixels)], rel=1e-5)
+
+
+def test_feature_values_lists_each_wanted_images_set_features_in_index_order():
+    h = torch.tensor([[0.5, 0.0, 2.0], [1.0, 3.0, 0.0], [4.0, 0.0, 6.0]])
+    mask = torch.tensor([[True, False, True], [False, False, False], [False, True, True]])
+    got = _feature_values(h, mask, [True, True, False])
+    assert got == [[FeatureValue(0, 0.5), FeatureValue(2, 2.0)], [], None]
+    assert _feature_values(h, mask, [False, False, True]) == [None, None, [(1, 0.0), (2, 6.0)]]
+
+
+@given(st.integers(1, 9), st.integers(1, 12), st.integers(0, 2**31 - 1))
+@settings(max_examples=60, deadline=None)
+def test_feature_values_equal_a_per_image_nonzero(b, r, seed):
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(b, r, generator=gen)
+    mask = torch.rand(b, r, generator=gen) < 0.4
+    wanted = (torch.rand(b, generator=gen) < 0.7).tolist()
+    want = [
+        [FeatureValue(j, float(h[i, j])) for j in torch.nonzero(mask[i]).flatten().tolist()] if wanted[i] else None
+        for i in range(b)
+    ]
+    assert _feature_values(h, mask, wanted) == want
