@@ -215,9 +215,8 @@ def _feature_values(h: torch.Tensor, mask: torch.Tensor, wanted: Sequence[bool])
     order, for the images ``wanted``; None for the others. One ``nonzero`` and one copy to Python
     for the batch: per image they cost more than the kNN search."""
     rows = torch.tensor([i for i, w in enumerate(wanted) if w], dtype=torch.int64)
-    picked = mask[rows]
-    row, col = picked.nonzero(as_tuple=True)  # row-major: by image, then by feature index
-    pairs = list(map(FeatureValue._make, zip(col.tolist(), h[rows][row, col].tolist(), strict=True)))
+    row, col = mask[rows].nonzero(as_tuple=True)  # row-major: by image, then by feature index
+    pairs = list(map(FeatureValue._make, zip(col.tolist(), h[rows[row], col].tolist(), strict=True)))
     out: list[list[FeatureValue] | None] = [None] * len(wanted)
     start = 0
     for i, count in zip(rows.tolist(), torch.bincount(row, minlength=len(rows)).tolist(), strict=True):
