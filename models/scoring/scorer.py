@@ -143,10 +143,15 @@ class Scorer:
         ``features``: list the dominant and active discriminative features of every image
         (True), of none (False), or of the images flagged in a sequence of B booleans.
         """
+        # All of it on the engine's torch threads: one torch op left on the full OpenMP pool (the
+        # feature lists' nonzero, say) leaves its threads spin-waiting into the next forward.
+        with torch_threads(self.engine.torch_threads):
+            return self._postprocess(inference, features)
+
+    def _postprocess(self, inference: Inference, features: bool | Sequence[bool]) -> list[ImageScore]:
         h, fs = inference.h, self.feature_set
         wanted = [features] * h.shape[0] if isinstance(features, bool) else list(features)
-        with torch_threads(self.engine.torch_threads):
-            parts, sig = self.signals(inference)
+        parts, sig = self.signals(inference)
         predicted = sig.get("probe_prediction")
         q = sig["q_score"]
         risk = fs.risk(sig)

@@ -16,6 +16,7 @@ from models.encoders.runtime import Runtime
 from models.scoring.compatibility import FeatureSetMismatch
 from models.scoring.qscore import q_score
 from models.scoring.result import FeatureValue
+from models.scoring import scorer as scorer_module
 from models.scoring.scorer import Scorer, _feature_values
 
 
@@ -74,6 +75,8 @@ def test_with_onnxruntime_on_the_cpu_the_scorers_torch_work_runs_on_one_thread(t
         scorer, "engine", dataclasses.replace(scorer.engine, forward=recording("forward", scorer.engine.forward))
     )
     monkeypatch.setattr(scorer, "signals", recording("signals", scorer.signals))
+    # the feature lists too: one torch op on the full pool leaves its threads spinning into the next forward
+    monkeypatch.setattr(scorer_module, "_feature_values", recording("features", scorer_module._feature_values))
     pixels = [np.full((32, 32, 3), 40 * i, np.uint8) for i in range(3)]
     torch.set_num_threads(2)
     try:
@@ -81,7 +84,7 @@ def test_with_onnxruntime_on_the_cpu_the_scorers_torch_work_runs_on_one_thread(t
         assert torch.get_num_threads() == 2  # restored after each step
     finally:
         torch.set_num_threads(1)
-    assert seen == [("forward", 1), ("signals", 1)]
+    assert seen == [("forward", 1), ("signals", 1), ("features", 1), ("features", 1)]
     assert [s.q_score for s in scores] == pytest.approx([s.q_score for s in torch_scorer.score(pixels)], rel=1e-5)
 
 
