@@ -13,10 +13,10 @@ from PIL import Image
 
 from models.data.transforms import eval_transform
 from models.encoders.runtime import Runtime
+from models.scoring import scorer as scorer_module
 from models.scoring.compatibility import FeatureSetMismatch
 from models.scoring.qscore import q_score
 from models.scoring.result import FeatureValue
-from models.scoring import scorer as scorer_module
 from models.scoring.scorer import Scorer, _feature_values
 
 
