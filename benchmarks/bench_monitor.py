@@ -8,7 +8,9 @@ In one process, on the demo encoder and CIFAR-10 test images, at batch 1 and 32:
   on both alike: the ratio of the medians, which on a shared 2-core machine is only good to a few
   per cent (an A/A comparison moves as much);
 - ``TrafficMonitor.observe`` alone on that step's real outputs, and the throughput ratio it
-  implies, ``step / (step + observe)``: the precise figure;
+  implies, ``step / (step + observe)``: the precise figure; the same where the feature set's
+  error estimator is COTT (the head runs on every batch to keep its class probabilities), and
+  ``snapshot()`` of a full COTT window (the transport, solved when ``/monitor`` or a scrape asks);
 - the drift test of a full window (500 against 1,000 reference vectors, the default 500
   permutations, and the typicality test against the feature set's held-out images; one BLAS
   thread) as the drift thread runs it: at the default ``QSCORE_DRIFT_MIN_INTERVAL_S`` of 10 s it
@@ -37,6 +39,7 @@ from models.data.images import decode_image
 from models.encoders.loading import load_encoder
 from models.monitoring.drift import DriftReference
 from models.monitoring.monitor import TrafficMonitor
+from models.scoring.error_estimate import ErrorEstimator
 from models.scoring.feature_set import FeatureSet
 from models.scoring.scorer import Scorer
 from service.batcher import _score
@@ -62,6 +65,12 @@ def main() -> None:
     state = SimpleNamespace(scorer=scorer, model_version="demo", feature_set_version="demo")
     monitor = TrafficMonitor(window=500, drift_every=100, drift_min_interval_s=10.0)
     monitor.activate("demo", "demo", features)
+    assert features.head is not None
+    cott = ErrorEstimator(
+        method="cott", threshold=0.5, class_prior=[1 / len(features.head.classes)] * len(features.head.classes)
+    )
+    cott_monitor = TrafficMonitor(window=500, drift_every=10**9)  # no drift tests: observe and the estimate alone
+    cott_monitor.activate("demo", "demo", features.model_copy(update={"error_estimator": cott}))
     pixels = [scorer.preprocess(decode_image(b, 40_000_000)) for b in cifar_jpegs(64)]
     result: dict = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -83,6 +92,12 @@ def main() -> None:
             _seconds_per_call(lambda: monitor.observe("demo", inference.h, scores, "demo"), 2000)  # noqa: B023
             for _ in range(5)
         )
+        for _ in range(500 // batch + 1):  # a full window, so that the snapshot solves the transport
+            cott_monitor.observe("demo", inference.h, scores, "demo")
+        observe_cott = statistics.median(
+            _seconds_per_call(lambda: cott_monitor.observe("demo", inference.h, scores, "demo"), 2000)  # noqa: B023
+            for _ in range(5)
+        )
         step = statistics.median(off)
         figures = {
             "step_ms_monitor_off": round(1000 * step, 4),
@@ -90,10 +105,17 @@ def main() -> None:
             "interleaved_ratio_on_over_off": round(step / statistics.median(on), 4),
             "observe_us": round(1e6 * observe, 2),
             "implied_ratio_on_over_off": round(step / (step + observe), 4),
+            "observe_us_cott": round(1e6 * observe_cott, 2),
+            "implied_ratio_on_over_off_cott": round(step / (step + observe_cott), 4),
         }
         result["batches"][str(batch)] = figures
         print(f"batch {batch}: {figures}", flush=True)
+    snapshot_ms = 1000 * statistics.median(_seconds_per_call(cott_monitor.snapshot, 20) for _ in range(5))
+    assert cott_monitor.snapshot()[0].estimated_error_method == "cott"
+    result["cott_snapshot_ms_window_500"] = round(snapshot_ms, 3)
+    print(f"snapshot of a full COTT window: {snapshot_ms:.3f} ms", flush=True)
     monitor.close()
+    cott_monitor.close()
     bank = features.bank.vectors.float().numpy()  # type: ignore[union-attr]
     window = bank[np.random.default_rng(0).choice(len(bank), 500, replace=False)]
     with threadpool_limits(1, user_api="blas"):

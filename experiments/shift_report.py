@@ -44,7 +44,7 @@ from models.evaluation.metrics import linear_probe
 from models.evaluation.shift_fit import SignalSet, labelled_clean_set, measure, signal_sets
 from models.monitoring.drift import DriftReference
 from models.scoring.bank import normalise
-from models.scoring.error_estimate import fit_atc
+from models.scoring.error_estimate import fit_atc, fit_cott
 from models.scoring.feature_set import EncoderRef, FeatureSet
 from models.scoring.probe import HeadInfo, LinearHead
 from models.scoring.representations import extract_representations, extract_with_pixels
@@ -68,6 +68,8 @@ CLEAN_WINDOWS = 10
 #: Clean windows resampled from all the clean images, for the false-alarm rate (see _resampled_clean_p_values).
 RESAMPLED_WINDOWS = 100
 DRIFT_ALPHA = 0.01
+#: Bumped when the cached sets change what they hold (2: the head's probabilities and the labels, for COTT).
+CACHE_VERSION = 2
 
 
 # -- subjects ---------------------------------------------------------------------------------
@@ -103,6 +105,10 @@ def _save_sets(path: Path, sets: list[SignalSet]) -> None:
             arrays[f"{i}/sig/{k}"] = v
         if s.h is not None:
             arrays[f"{i}/h"] = s.h.astype(np.float16)
+        if s.probabilities is not None:
+            arrays[f"{i}/probabilities"] = s.probabilities
+        if s.labels is not None:
+            arrays[f"{i}/labels"] = s.labels
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, **arrays)
@@ -115,15 +121,28 @@ def _load_sets(path: Path) -> list[SignalSet]:
     for i, m in enumerate(meta):
         h = z[f"{i}/h"].astype(np.float32) if f"{i}/h" in z else None
         sig = {k: z[f"{i}/sig/{k}"] for k in m["signals"]}
+        probabilities = z[f"{i}/probabilities"] if f"{i}/probabilities" in z else None
+        labels = z[f"{i}/labels"] if f"{i}/labels" in z else None
         out.append(
-            SignalSet(m["name"], m["kind"], m["family"], m["severity"], sig, z[f"{i}/miss"], z[f"{i}/source"], h)
+            SignalSet(
+                m["name"],
+                m["kind"],
+                m["family"],
+                m["severity"],
+                sig,
+                z[f"{i}/miss"],
+                z[f"{i}/source"],
+                h,
+                probabilities,
+                labels,
+            )  # fmt: skip
         )
     return out
 
 
 def measure_subject(name: str, args: argparse.Namespace) -> dict[str, Any]:
     root = ensure_cifar10()
-    cached = CACHE / f"{name}-{args.fit}-{args.shift_fit}-{args.per_set}"
+    cached = CACHE / _cache_name(name, args)
     fit_path, report_path, info_path = cached / "fit.npz", cached / "report.npz", cached / "info.json"
     if not args.fresh and fit_path.is_file() and report_path.is_file() and info_path.is_file():
         info = json.loads(info_path.read_text())
@@ -141,7 +160,8 @@ def measure_subject(name: str, args: argparse.Namespace) -> dict[str, Any]:
     window_idx = order[args.fit + args.per_set : args.fit + args.per_set * (1 + CLEAN_WINDOWS)]
     fit_images, fit_labels = _load(test, fit_idx)
     plain = Scorer(encoder, digest, fs, "cpu")
-    plain_signals, _, fit_h = measure(plain, fit_images, None, keep_h=True)
+    plain_measured = measure(plain, fit_images, None, keep_h=True)
+    plain_signals, fit_h = plain_measured.signals, plain_measured.h
     probe = linear_probe(train_h, train_y, torch.from_numpy(fit_h), fit_labels)
     head = LinearHead.from_sklearn(probe.model, list(test.classes))
     fs = fs.with_head(head, HeadInfo(kind="linear", classes=head.classes, top1=probe.top1, source="linear probe"))
@@ -164,8 +184,21 @@ def measure_subject(name: str, args: argparse.Namespace) -> dict[str, Any]:
     )
     for w in range(CLEAN_WINDOWS):
         images, labels = _load(test, window_idx[w * args.per_set : (w + 1) * args.per_set])
-        sig, miss, h = measure(scorer, images, labels, keep_h=True)
-        report_sets.append(SignalSet(f"clean-window/{w}", "window", None, None, sig, miss, np.arange(len(miss)), h))
+        m = measure(scorer, images, labels, keep_h=True)
+        report_sets.append(
+            SignalSet(
+                f"clean-window/{w}",
+                "window",
+                None,
+                None,
+                m.signals,
+                m.misclassified,
+                np.arange(len(labels)),
+                m.h,
+                m.probabilities,
+                labels,
+            )  # fmt: skip
+        )
     bank = fs.bank.vectors.float().numpy()
     info = {"label": label, "top1": probe.top1, "eps": fs.eps, "coverage": fs.coverage,
             "measure_seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
@@ -182,7 +215,12 @@ def _risk(model: RiskModel, s: SignalSet) -> np.ndarray:
 
 
 def _estimate(estimator: Any, risk: np.ndarray, s: SignalSet) -> float:
-    return float(estimator.estimate(risk, s.signals.get("probe_max_softmax")))
+    return float(estimator.estimate(risk, s.signals.get("probe_max_softmax"), s.probabilities))
+
+
+def _cache_name(name: str, args: argparse.Namespace) -> str:
+    """The cache folder of one subject's measurements (CACHE_VERSION: what the sets hold)."""
+    return f"{name}-{args.fit}-{args.shift_fit}-{args.per_set}-v{CACHE_VERSION}"
 
 
 def analyse(name: str, measured: dict[str, Any]) -> dict[str, Any]:
@@ -223,6 +261,7 @@ def analyse(name: str, measured: dict[str, Any]) -> dict[str, Any]:
                 "mean_risk_today": float(_risk(today, s).mean()),
                 "estimate": _estimate(e, risk, s),
                 "atc": _atc(clean_fit, s),
+                "cott": _cott(clean_fit, s),
                 "drift_p": drift.p_value,
                 "drift_mmd_p": drift.mmd_p_value,
                 "drift_typicality_p": drift.typicality_p_value,
@@ -272,6 +311,13 @@ def _resampled_clean_p_values(reference: DriftReference, clean: list[SignalSet])
     return out
 
 
+def _cott(clean: SignalSet, s: SignalSet) -> float | None:
+    if clean.probabilities is None or clean.labels is None or s.probabilities is None:
+        return None
+    cott = fit_cott(clean.probabilities, clean.labels)
+    return float(cott.estimate(None, None, s.probabilities))
+
+
 def _atc(clean: SignalSet, s: SignalSet) -> float:
     atc = fit_atc(clean.signals["probe_max_softmax"], ~clean.misclassified)
     return float(atc.estimate(None, s.signals["probe_max_softmax"]))
@@ -306,6 +352,7 @@ def goals(result: dict[str, Any]) -> dict[str, Any]:
         "window_mae_added_after": mae(after, "estimate"),
         "window_mae_today_mean_risk": mae(shifted, "mean_risk_today"),
         "window_mae_atc": mae(shifted, "atc"),
+        "window_mae_cott": mae(shifted, "cott"),
         "auroc_pooled": pooled_auroc([clean, *shifted], "_risk"),
         "auroc_pooled_today": pooled_auroc([clean, *shifted], "_today"),
         "auroc_clean": pooled_auroc([clean], "_risk"),
@@ -347,7 +394,10 @@ def write_markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
         "",
         "Columns: `error` the head's true error; `risk` the mean per-image risk; `estimate` the window "
         "estimate of the error (the chosen estimator over the set's window); `today` the mean risk of the "
-        "risk model as fitted before issue 15 (clean only); `ATC` average thresholded confidence; `drift p` "
+        "risk model as fitted before issue 15 (clean only); `ATC` average thresholded confidence; `COTT` "
+        "thresholded confidence optimal transport (Lu et al. 2023) with its threshold learnt on the fit's clean images "
+        "alone, as in the paper (ATC's too; the chosen estimator's COTT learns it on the shifted sets as well); "
+        "`drift p` "
         "the drift test of the window (the MMD permutation test of its representations against the reference "
         "bank and the Kolmogorov-Smirnov test of its typicality against the fit's clean images, Bonferroni); "
         "`MMD p` the MMD test alone; `atypical` the share with typicality > 1.",
@@ -370,6 +420,7 @@ def write_markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
             f"| ... sets added after | {_f(g['window_mae_added_after'], 3)} |",
             f"| ... today's mean risk as the estimate | {_f(g['window_mae_today_mean_risk'], 3)} |",
             f"| ... ATC | {_f(g['window_mae_atc'], 3)} |",
+            f"| ... COTT | {_f(g['window_mae_cott'], 3)} |",
             f"| per-image risk AUROC, clean + shifted pooled (goal >= 0.80 on the strong encoder) | "
             f"{_f(g['auroc_pooled'], 3)} (today {_f(g['auroc_pooled_today'], 3)}) |",
             f"| AUROC in distribution (goal: within 0.03 of today's) | {_f(g['auroc_clean'], 3)} "
@@ -387,14 +438,16 @@ def write_markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
             + ", ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in g["no_class_mean_risk"].items())
             + " |",
             "",
-            "| set | left out | added after | error | risk | estimate | today | ATC | drift p | MMD p | atypical |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| set | left out | added after | error | risk | estimate | today | ATC | COTT | drift p | MMD p "
+            "| atypical |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in result["rows"]:
             lines.append(
                 f"| {r['set']} | {'yes' if r['left_out'] else ''} | {'yes' if r['added_after'] else ''} | "
                 f"{_f(r['error'])} | {_f(r['mean_risk'])} | {_f(r['estimate'])} | {_f(r['mean_risk_today'])} | "
-                f"{_f(r['atc'])} | {r['drift_p']:.3f} | {r['drift_mmd_p']:.3f} | {r['atypical']:.0%} |"
+                f"{_f(r['atc'])} | {_f(r['cott'])} | {r['drift_p']:.3f} | {r['drift_mmd_p']:.3f} "
+                f"| {r['atypical']:.0%} |"
             )
         lines.append("")
     return "\n".join(lines) + "\n"
@@ -415,7 +468,7 @@ def main(argv: list[str] | None = None) -> None:
     results = {}
     for name in args.subjects:
         measured = measure_subject(name, args)
-        measured["cache"] = f"{name}-{args.fit}-{args.shift_fit}-{args.per_set}"
+        measured["cache"] = _cache_name(name, args)
         result = analyse(name, measured)
         result["goals"] = goals(result)
         results[name] = result

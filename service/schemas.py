@@ -8,6 +8,7 @@ from typing import Any, Literal, get_type_hints
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from models.registry.versions import VERSION_PATTERN, ModelRecord
+from models.scoring.error_estimate import COTT_MIN_IMAGES
 from models.scoring.feature_set import FeatureSet
 from models.scoring.result import SCORE_FIELDS, ImageScore
 
@@ -179,14 +180,24 @@ class ModelMonitor(BaseModel):
     window_size: int = Field(ge=1, description="Images the window holds when full (QSCORE_MONITOR_WINDOW).")
     count: int = Field(ge=0, description="Images in the window now.")
     images_seen: int = Field(ge=0, description="Images scored since this pair was served.")
-    estimator_method: Literal["mean_risk", "atc"] = Field(
-        description="How the error is estimated: mean calibrated risk, or ATC on the head's confidence."
+    estimator_method: Literal["mean_risk", "atc", "cott"] = Field(
+        description="How the feature set estimates the error: mean calibrated risk, ATC on the head's confidence, "
+        "or COTT (optimal transport of the head's softmax onto the held-out class mix)."
     )
     estimated_error: float | None = Field(
         None, ge=0.0, le=1.0, description="Estimated error rate of the head over the window; null without its input."
     )
+    estimated_error_method: Literal["mean_risk", "atc", "cott"] | None = Field(
+        None,
+        description="What estimated_error was computed with: estimator_method, except mean_risk while a COTT window "
+        f"holds fewer than {COTT_MIN_IMAGES} images; null while estimated_error is.",
+    )
     estimated_error_last_batch: float | None = Field(
-        None, ge=0.0, le=1.0, description="The same estimate over the last encoder batch alone."
+        None,
+        ge=0.0,
+        le=1.0,
+        description="The same estimate over the last encoder batch alone (the mean risk where the estimator is "
+        f"COTT: a batch is under its {COTT_MIN_IMAGES}-image minimum).",
     )
     last_batch_images: int = Field(ge=0, description="Images in that batch.")
     reference_error: float | None = Field(

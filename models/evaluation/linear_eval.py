@@ -21,7 +21,7 @@ from models.encoders.resnet import ResNetEncoder
 from models.evaluation.metrics import calibrate_alpha, compression_curve, linear_probe, score_power
 from models.evaluation.shift_fit import FIT_SEVERITIES, SignalSet, labelled_clean_set, measure, pool, signal_sets
 from models.scoring.compatibility import check_fits
-from models.scoring.error_estimate import ErrorEstimator, fit_atc
+from models.scoring.error_estimate import ErrorEstimator, fit_atc, fit_cott, thresholded_transport
 from models.scoring.feature_set import FeatureSet
 from models.scoring.probe import HeadInfo, LinearHead
 from models.scoring.qscore import q_score_parts
@@ -81,7 +81,8 @@ def run_evaluation(
     test_idx = random_sample(len(test), test_samples, seed).indices
     images, labels = _load(test, test_idx)
     plain = Scorer(encoder, encoder_fingerprint, feature_set.model_copy(update={"head": None}), str(device))
-    plain_signals, _, test_h_np = measure(plain, images, None, batch_size=batch_size, keep_h=True)
+    measured = measure(plain, images, None, batch_size=batch_size, keep_h=True)
+    plain_signals, test_h_np = measured.signals, measured.h
     test_h = torch.from_numpy(test_h_np)
     report_progress(0.4)
     probe = linear_probe(train_h, train_y, test_h, labels, seed=seed)
@@ -173,8 +174,9 @@ def fit_under_shift(
     """The risk model and the error estimator from measured sets (the clean one first), with their reports.
 
     The risk model is fitted on all sets pooled (models/evaluation/shift_fit.py), each set also
-    reported apart; ATC's threshold comes from the clean set; the estimator is the better of
-    the two on the shifted sets.
+    reported apart; ATC's threshold comes from the clean set, COTT's from the clean and the
+    shifted sets (one number; compared in-sample, as the risk's mean is out of fold); the
+    estimator is the best of the three on the shifted sets.
     """
     if not sets or sets[0].kind != "clean":
         raise ValueError("the first set must be the clean held-out set")
@@ -189,34 +191,52 @@ def fit_under_shift(
         no_class=pooled.no_class,
         extra_scores={"probe_max_softmax": -pooled.signals["probe_max_softmax"]},
     )
-    atc = fit_atc(sets[0].signals["probe_max_softmax"], ~sets[0].misclassified)
-    estimator, estimate_report = choose_estimator(sets, risk_report["subsets"], atc)
+    clean = sets[0]
+    candidates = {"atc": fit_atc(clean.signals["probe_max_softmax"], ~clean.misclassified)}
+    if clean.probabilities is not None and clean.labels is not None:
+        shifted = [(s.probabilities, s.error) for s in sets[1:] if s.probabilities is not None]
+        candidates["cott"] = fit_cott(clean.probabilities, clean.labels, shifted)
+    estimator, estimate_report = choose_estimator(sets, risk_report["subsets"], candidates)
     return risk_model, estimator, risk_report, estimate_report
 
 
+def _candidate_estimate(estimator: ErrorEstimator, s: SignalSet) -> float | None:
+    """A candidate's estimate of a fit set's error; COTT on the whole set, whatever its size (the
+    serving window's minimum guards the traffic, where windows of a few images occur)."""
+    if estimator.method == "cott":
+        if s.probabilities is None:
+            return None
+        assert estimator.class_prior is not None and estimator.threshold is not None  # fit_cott sets them
+        return thresholded_transport(s.probabilities, estimator.class_prior, estimator.threshold)
+    return estimator.estimate(None, s.signals.get("probe_max_softmax"))
+
+
 def choose_estimator(
-    sets: Sequence[SignalSet], subsets: dict[str, dict[str, Any]], atc: ErrorEstimator
+    sets: Sequence[SignalSet], subsets: dict[str, dict[str, Any]], candidates: dict[str, ErrorEstimator]
 ) -> tuple[ErrorEstimator, dict[str, Any]]:
-    """The mean risk (out of fold) or ATC, whichever estimates the shifted sets' errors better.
+    """The mean risk (out of fold) or a fitted candidate (ATC, COTT), whichever estimates the
+    shifted sets' errors best: least mean |estimate - error| over the sets every method estimates.
 
     Without shifted sets, the mean risk (calibrated in distribution, it is CBPE's estimate there).
     """
+    methods = ["mean_risk", *candidates]
     rows = []
     for s in sets:
         if s.kind == "clean":
             continue
-        est_atc = atc.estimate(None, s.signals["probe_max_softmax"])
-        rows.append({"set": s.name, "error": s.error, "mean_risk": subsets[s.name]["mean_risk"], "atc": est_atc})
-    mae = {m: float(np.mean([abs(r[m] - r["error"]) for r in rows])) if rows else None for m in ("mean_risk", "atc")}
-    method = "atc" if rows and mae["atc"] < mae["mean_risk"] else "mean_risk"
+        row: dict[str, Any] = {"set": s.name, "error": s.error, "mean_risk": subsets[s.name]["mean_risk"]}
+        row |= {name: _candidate_estimate(c, s) for name, c in candidates.items()}
+        rows.append(row)
+    usable = [m for m in methods if rows and all(r[m] is not None for r in rows)]
+    mae = {m: float(np.mean([abs(r[m] - r["error"]) for r in rows])) if m in usable else None for m in methods}
+    method = min(usable, key=lambda m: (mae[m], methods.index(m))) if rows else "mean_risk"
     source = "mean risk (no shifted sets)"
     if rows:
-        source = (
-            f"{method}: mean |estimate - error| over {len(rows)} shifted sets {mae[method]} "
-            f"(mean risk {mae['mean_risk']}, ATC {mae['atc']})"
-        )
-    chosen = (atc if method == "atc" else ErrorEstimator(method="mean_risk")).model_copy(update={"source": source})
-    return chosen, {"method": method, "mean_abs_error": mae, "sets": rows, "atc_threshold": atc.threshold}
+        others = ", ".join(f"{m} {mae[m]:.4f}" for m in methods if m != method and mae[m] is not None)
+        source = f"{method}: mean |estimate - error| over {len(rows)} shifted sets {mae[method]:.4f} ({others})"
+    chosen = candidates.get(method, ErrorEstimator(method="mean_risk")).model_copy(update={"source": source})
+    thresholds = {f"{name}_threshold": c.threshold for name, c in candidates.items()}
+    return chosen, {"method": method, "mean_abs_error": mae, "sets": rows, **thresholds}
 
 
 def _load(folder: Any, indices: Sequence[int]) -> tuple[list[Image.Image], np.ndarray]:

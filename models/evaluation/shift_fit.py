@@ -23,7 +23,7 @@ from PIL import Image
 
 from models.data.corruptions import DESIGN_FAMILIES, apply_corruption
 from models.data.shifts import GROSS_SHIFTS, apply_shift
-from models.scoring.probe import Head, head_outputs
+from models.scoring.probe import Head, head_outputs, head_probabilities
 from models.scoring.scorer import Inference, Scorer
 
 #: The severities the fit sees (all five: the traffic's are unknown).
@@ -38,6 +38,17 @@ CLEAN_WEIGHT = 0.5
 GROSS_WEIGHT = 0.05  # chosen on the fit's own cross-validation (experiments/shift_report.py)
 
 
+@dataclass(frozen=True)
+class Measured:
+    """What :func:`measure` gives: signals (each (n,)), whether the head got each image wrong, and
+    the representations and the head's probabilities when asked for and available."""
+
+    signals: dict[str, np.ndarray]
+    misclassified: np.ndarray
+    h: np.ndarray | None
+    probabilities: np.ndarray | None
+
+
 @dataclass
 class SignalSet:
     """One set of images (clean, one family at one severity, or a gross set) and what was measured on it."""
@@ -50,6 +61,8 @@ class SignalSet:
     misclassified: np.ndarray  # (n,) bool
     source: np.ndarray  # (n,) int: the held-out image it was made from (the fit's groups)
     h: np.ndarray | None = None  # (n, r) float32, when kept (the drift test reads it)
+    probabilities: np.ndarray | None = None  # (n, C) float32: the head's softmax (COTT reads it), with a head
+    labels: np.ndarray | None = None  # (n,) int: the true classes, where known (COTT's class prior)
 
     @property
     def error(self) -> float:
@@ -63,20 +76,23 @@ def measure(
     *,
     batch_size: int = 250,
     keep_h: bool = False,
-) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray | None]:
-    """Signals of ``images`` on the serving path, whether the head got each wrong, and (optionally) h.
+) -> Measured:
+    """Signals of ``images`` on the serving path, whether the head got each wrong, (optionally) h,
+    and, with a head, its class probabilities.
 
     ``labels`` None means the images are of no class: all mis-classified. With labels the
     scorer needs a head.
     """
     parts: list[dict[str, np.ndarray]] = []
-    hs = []
+    hs, probabilities = [], []
     for start in range(0, len(images), batch_size):
         batch = [scorer.preprocess(im.convert("RGB")) for im in images[start : start + batch_size]]
         inference: Inference = scorer.infer(batch)
         parts.append(scorer.signals(inference)[1])
         if keep_h:
             hs.append(inference.h.cpu().numpy())
+        if scorer.head is not None:
+            probabilities.append(head_probabilities(scorer.head, inference.h))
     sig = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     if labels is None:
         miss = np.ones(len(images), dtype=bool)
@@ -84,7 +100,9 @@ def measure(
         if "probe_prediction" not in sig:
             raise ValueError("labelled sets need a scorer with a head (the feature set's classifier)")
         miss = sig["probe_prediction"] != np.asarray(labels)
-    return sig, miss, (np.concatenate(hs) if keep_h else None)
+    return Measured(
+        sig, miss, np.concatenate(hs) if keep_h else None, np.concatenate(probabilities) if probabilities else None
+    )
 
 
 def signal_sets(
@@ -121,11 +139,13 @@ def signal_sets(
             shifted = list(apply_corruption(family, images, severity, seed))  # type: ignore[arg-type]
         else:
             shifted = list(apply_shift(family, images, seed))  # type: ignore[arg-type]
-        sig, miss, h = measure(
-            scorer, shifted, None if kind == "gross" else labels, batch_size=batch_size, keep_h=keep_h
+        m = measure(scorer, shifted, None if kind == "gross" else labels, batch_size=batch_size, keep_h=keep_h)
+        gross_set = kind == "gross"
+        src = -(i * len(images) + np.arange(len(images)) + 1) if gross_set else source
+        set_labels = None if gross_set else np.asarray(labels)
+        out.append(
+            SignalSet(name, kind, family, severity, m.signals, m.misclassified, src, m.h, m.probabilities, set_labels)
         )
-        src = -(i * len(images) + np.arange(len(images)) + 1) if kind == "gross" else source
-        out.append(SignalSet(name, kind, family, severity, sig, miss, src, h))
         if on_progress is not None:
             on_progress((i + 1) / len(jobs))
     return out
@@ -170,6 +190,10 @@ def pool(sets: Sequence[SignalSet], clean_weight: float = CLEAN_WEIGHT, gross_we
 
 def labelled_clean_set(signals: dict[str, np.ndarray], h: np.ndarray, head: Head, labels: np.ndarray) -> SignalSet:
     """The clean held-out set from signals measured without a head, the head's outputs added from ``h``."""
-    sig = signals | head_outputs(head, torch.from_numpy(h))
-    miss = sig["probe_prediction"] != np.asarray(labels)
-    return SignalSet("clean", "clean", None, None, sig, miss, np.arange(len(labels)), h)
+    rows = torch.from_numpy(h)
+    sig = signals | head_outputs(head, rows)
+    labels = np.asarray(labels)
+    miss = sig["probe_prediction"] != labels
+    return SignalSet(
+        "clean", "clean", None, None, sig, miss, np.arange(len(labels)), h, head_probabilities(head, rows), labels
+    )

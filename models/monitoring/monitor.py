@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -24,8 +24,9 @@ from threadpoolctl import ThreadpoolController
 
 from models.monitoring.drift import DEFAULT_PERMUTATIONS, DEFAULT_REFERENCE_SIZE, DriftReference, DriftResult
 from models.monitoring.window import SIGNALS, RingWindow
-from models.scoring.error_estimate import ErrorEstimator
+from models.scoring.error_estimate import COTT_MIN_IMAGES, ErrorEstimator
 from models.scoring.feature_set import FeatureSet
+from models.scoring.probe import head_probabilities
 from models.scoring.result import ImageScore
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,9 @@ class ModelSnapshot:
     images_seen: int
     estimator_method: str
     estimated_error: float | None
+    #: What estimated_error was computed with: the estimator's method, or "mean_risk" where COTT's
+    #: window is still under COTT_MIN_IMAGES (or the head is missing); None while it is None.
+    estimated_error_method: str | None
     estimated_error_last_batch: float | None
     last_batch_images: int
     reference_error: float | None
@@ -76,7 +80,10 @@ class _ModelState:
         self.reference_error = reference_error(fs)
         self.bank = fs.bank
         self.held_out_typicality = None if fs.typicality is None else fs.typicality.held_out
-        self.window = RingWindow(window, fs.encoder.feature_dim)
+        # COTT reads the head's class probabilities of the window's images: the head runs on them here.
+        self.head = fs.classifier if self.estimator.method == "cott" else None
+        classes = 0 if self.head is None else len(self.head.classes)
+        self.window = RingWindow(window, fs.encoder.feature_dim, classes)
         self.last_batch: np.ndarray | None = None  # (len(SIGNALS), B) signals of the last batch, as in the window
         self.drift: DriftResult | None = None
         self.drift_reference: DriftReference | None = None  # built by the first test, in its thread
@@ -186,7 +193,9 @@ class TrafficMonitor:
         state = self._models.get(model_version)
         if state is None or (feature_set_version is not None and feature_set_version != state.feature_set_version):
             return
-        vectors = _unit_rows(h)
+        rows = _host_rows(h)
+        vectors = _unit_rows(rows)
+        probabilities = None if state.head is None else head_probabilities(state.head, torch.from_numpy(rows))
         # in SIGNALS order; spelled out, as attrgetter(*SIGNALS) costs a fifth more on this thread
         signals = np.array(
             [[s.risk, s.confidence, s.atypical, s.low_quality, s.typicality] for s in scores], dtype=np.float32
@@ -194,7 +203,7 @@ class TrafficMonitor:
         with self._lock:
             if self._models.get(model_version) is not state:  # switched meanwhile
                 return
-            state.window.append(vectors, signals)
+            state.window.append(vectors, signals, probabilities)
             state.last_batch = signals  # its estimate is made when asked for, off this thread
             if state.bank is None or state.window.seen - state.drift_requested_at < self.drift_every:
                 return
@@ -230,21 +239,27 @@ class TrafficMonitor:
         return self._runner.wait_idle(timeout)
 
     def snapshot(self) -> list[ModelSnapshot]:
-        """Every served model's window figures, now."""
+        """Every served model's window figures, now (COTT's transport solved outside the lock)."""
         with self._lock:
-            return [_snapshot(state) for state in self._models.values()]
+            taken = [(state, _snapshot(state), state.window.probability_rows()) for state in self._models.values()]
+        return [_with_transport_estimate(state, snap, probabilities) for state, snap, probabilities in taken]
 
     def close(self) -> None:
         self._runner.close()
 
 
-def _unit_rows(h: torch.Tensor | np.ndarray) -> np.ndarray:
-    """(B, r) float32 rows of unit L2 norm, on the host: the bank's normalisation
-    (``torch.nn.functional.normalize``, norms clamped at 1e-12), in numpy: a third of torch's
-    per-call cost on the small batches of the inference thread."""
+def _host_rows(h: torch.Tensor | np.ndarray) -> np.ndarray:
+    """(B, r) float32 representations on the host."""
     x = np.asarray(h.detach().cpu().numpy() if isinstance(h, torch.Tensor) else h, dtype=np.float32)
     if x.ndim != 2:
         raise ValueError(f"representations must have shape (B, r), got {x.shape}")
+    return x
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    """(B, r) float32 rows of unit L2 norm: the bank's normalisation (``torch.nn.functional.normalize``,
+    norms clamped at 1e-12), in numpy: a third of torch's per-call cost on the small batches of the
+    inference thread."""
     return x / np.maximum(np.sqrt(np.einsum("ij,ij->i", x, x))[:, None], 1e-12)
 
 
@@ -259,7 +274,10 @@ def _mean(values: np.ndarray) -> float | None:
 def _snapshot(state: _ModelState) -> ModelSnapshot:
     window, drift, batch = state.window, state.drift, state.last_batch
     values = {name: window.values(name) for name in SIGNALS}
+    # a request batch is under COTT's minimum: its estimate is the mean risk (see ErrorEstimator.estimate)
     batch_error = None if batch is None else state.estimator.estimate(_known(batch[0]), _known(batch[1]))
+    window_error = state.estimator.estimate(values["risk"], values["confidence"])
+    method = "mean_risk" if state.estimator.method == "cott" else state.estimator.method
     return ModelSnapshot(
         model_version=state.model_version,
         feature_set_version=state.feature_set_version,
@@ -267,7 +285,8 @@ def _snapshot(state: _ModelState) -> ModelSnapshot:
         count=window.count,
         images_seen=window.seen,
         estimator_method=state.estimator.method,
-        estimated_error=state.estimator.estimate(values["risk"], values["confidence"]),
+        estimated_error=window_error,
+        estimated_error_method=None if window_error is None else method,
         estimated_error_last_batch=batch_error,
         last_batch_images=0 if batch is None else batch.shape[1],
         reference_error=state.reference_error,
@@ -281,4 +300,17 @@ def _snapshot(state: _ModelState) -> ModelSnapshot:
         low_quality_share=_mean(values["low_quality"]),
         mean_risk=_mean(values["risk"]),
         mean_confidence=_mean(values["confidence"]),
+    )
+
+
+def _with_transport_estimate(
+    state: _ModelState, snap: ModelSnapshot, probabilities: np.ndarray | None
+) -> ModelSnapshot:
+    """``snap`` with COTT's window estimate once the window holds COTT_MIN_IMAGES images (before: the mean risk)."""
+    if state.estimator.method != "cott" or probabilities is None or len(probabilities) < COTT_MIN_IMAGES:
+        return snap
+    return replace(
+        snap,
+        estimated_error=state.estimator.estimate(None, None, probabilities),
+        estimated_error_method="cott",
     )

@@ -1,8 +1,9 @@
 """The last N scored images of one served model: a bounded ring buffer (issue 15, item 6).
 
 Preallocated numpy arrays, written in place: an append of B images is a few vectorised slice
-assignments (at ``(next + arange(B)) % N`` when it wraps), whatever N; memory is ``N * (r + 5)`` float32 values
-for the model's whole life. Unknown signals (no risk model, no head, no typicality) are NaN.
+assignments (at ``(next + arange(B)) % N`` when it wraps), whatever N; memory is ``N * (r + 5 + C)`` float32
+values for the model's whole life (``C``: the head's classes, kept only where the error estimate reads
+them, else 0). Unknown signals (no risk model, no head, no typicality) are NaN.
 """
 
 from __future__ import annotations
@@ -25,19 +26,24 @@ class WindowContents:
     atypical: np.ndarray
     low_quality: np.ndarray
     typicality: np.ndarray
+    probabilities: np.ndarray | None = None  # (n, C) float32, in a window that keeps them
 
 
 class RingWindow:
-    """The last ``capacity`` images' L2-normalised representations (``dim`` features) and signals.
+    """The last ``capacity`` images' L2-normalised representations (``dim`` features) and signals,
+    and with ``classes`` > 0 the head's class probabilities.
 
     Not thread-safe on its own: :class:`models.monitoring.monitor.TrafficMonitor` holds the lock.
     """
 
-    def __init__(self, capacity: int, dim: int) -> None:
-        if capacity < 1 or dim < 1:
-            raise ValueError(f"a window needs capacity >= 1 and dim >= 1, got {capacity} and {dim}")
-        self.capacity, self.dim = capacity, dim
+    def __init__(self, capacity: int, dim: int, classes: int = 0) -> None:
+        if capacity < 1 or dim < 1 or classes < 0:
+            raise ValueError(
+                f"a window needs capacity >= 1, dim >= 1 and classes >= 0, got {capacity}, {dim} and {classes}"
+            )
+        self.capacity, self.dim, self.classes = capacity, dim, classes
         self.vectors = np.zeros((capacity, dim), dtype=np.float32)
+        self.probabilities = np.zeros((capacity, classes), dtype=np.float32) if classes else None
         # one row per name of SIGNALS (atypical and low_quality as 1/0), NaN where unknown
         self.signals = np.full((len(SIGNALS), capacity), np.nan, dtype=np.float32)
         self.seen = 0  # images ever appended; the next write goes to seen % capacity
@@ -47,8 +53,9 @@ class RingWindow:
         """Images in the window (at most ``capacity``)."""
         return min(self.seen, self.capacity)
 
-    def append(self, vectors: np.ndarray, signals: np.ndarray) -> None:
-        """Add B images: ``vectors`` (B, dim), ``signals`` (len(SIGNALS), B) as in :attr:`signals` rows.
+    def append(self, vectors: np.ndarray, signals: np.ndarray, probabilities: np.ndarray | None = None) -> None:
+        """Add B images: ``vectors`` (B, dim), ``signals`` (len(SIGNALS), B) as in :attr:`signals` rows,
+        and ``probabilities`` (B, classes) in a window that keeps them (required there, refused elsewhere).
 
         Of a batch larger than the window only its last ``capacity`` images are kept.
         """
@@ -58,16 +65,25 @@ class RingWindow:
             raise ValueError(
                 f"expected vectors ({b}, {self.dim}) and signals ({rows}, {b}), got {vectors.shape} and {signals.shape}"
             )
+        if (probabilities is None) != (self.probabilities is None) or (
+            probabilities is not None and probabilities.shape != (b, self.classes)
+        ):
+            got = None if probabilities is None else probabilities.shape
+            raise ValueError(f"expected probabilities {(b, self.classes) if self.classes else None}, got {got}")
         skip = max(0, b - self.capacity)
         start = (self.seen + skip) % self.capacity
         end = start + b - skip
         if end <= self.capacity:  # one slice (the usual case: a batch is far smaller than the window)
             self.vectors[start:end] = vectors[skip:]
             self.signals[:, start:end] = signals[:, skip:]
+            if self.probabilities is not None:
+                self.probabilities[start:end] = probabilities[skip:]  # type: ignore[index]
         else:
             slots = (start + np.arange(b - skip)) % self.capacity
             self.vectors[slots] = vectors[skip:]
             self.signals[:, slots] = signals[:, skip:]
+            if self.probabilities is not None:
+                self.probabilities[slots] = probabilities[skip:]  # type: ignore[index]
         self.seen += b
 
     def _order(self) -> np.ndarray:
@@ -80,7 +96,12 @@ class RingWindow:
         """A copy of the window, oldest first (the drift test reads it while appends go on)."""
         order = self._order()
         signals = self.signals[:, order]
-        return WindowContents(self.vectors[order], *signals)
+        probabilities = None if self.probabilities is None else self.probabilities[order]
+        return WindowContents(self.vectors[order], *signals, probabilities=probabilities)
+
+    def probability_rows(self) -> np.ndarray | None:
+        """A copy of the window's class probabilities (count, classes), in slot order; None where not kept."""
+        return None if self.probabilities is None else self.probabilities[: self.count].copy()
 
     def values(self, name: str) -> np.ndarray:
         """The known values of signal ``name`` over the window (in slot order, not arrival order)."""

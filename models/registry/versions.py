@@ -243,11 +243,12 @@ class Registry:
         except HeadError as exc:
             raise RegistryError(f"the head does not fit feature set {feature_set!r}: {exc}") from exc
         reads_head = fs.risk_model is not None and any(s.startswith("probe_") for s in fs.risk_model.signals)
-        atc = fs.error_estimator is not None and fs.error_estimator.method == "atc"  # a threshold on the old head
+        # ATC's and COTT's thresholds were learnt on the old head's outputs
+        thresholded = fs.error_estimator is not None and fs.error_estimator.method in ("atc", "cott")
         stale: dict[str, None] = {}
         if reads_head:
             stale["risk_model"] = None
-        if reads_head or atc:
+        if reads_head or thresholded:
             stale["error_estimator"] = None
         return self.add_feature_set(copy.model_copy(update=stale), version=version)
 

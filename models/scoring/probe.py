@@ -208,6 +208,12 @@ def check_head(head: Head, dim: int) -> None:
         raise HeadError("the head gives non-finite logits")
 
 
+def head_probabilities(head: Head, h: torch.Tensor) -> np.ndarray:
+    """(B, C) float32 softmax of the head's logits, on the host: what COTT transports (scoring/error_estimate.py)."""
+    with torch.no_grad():
+        return torch.softmax(head.logits(h).float(), dim=1).cpu().numpy()
+
+
 def head_outputs(head: Head, h: torch.Tensor) -> dict[str, np.ndarray]:
     """What a head adds to a batch's signals: :func:`head_signals` and ``probe_prediction`` (class index)."""
     logits = head.logits(h)

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from models.evaluation.linear_eval import run_evaluation
+from models.evaluation.linear_eval import choose_estimator, run_evaluation
 from models.evaluation.metrics import calibrate_alpha, compression_curve, linear_probe, score_power
+from models.evaluation.shift_fit import SignalSet
+from models.scoring.error_estimate import ErrorEstimator, fit_atc, fit_cott
 
 # --- score_power ---------------------------------------------------------------------------
 
@@ -204,6 +206,9 @@ def test_run_evaluation_keeps_encoder_frozen(tiny_model, cifar_slice):
     assert calibrated.error_estimator is not None
     assert calibrated.error_estimator.method == report["error_estimate"]["method"]
     assert {r["set"] for r in report["error_estimate"]["sets"]} == set(subsets) - {"clean", "shifted", "gross"}
+    # every candidate estimated every shifted set: the head's probabilities went with each
+    assert all(r["cott"] is not None and r["atc"] is not None for r in report["error_estimate"]["sets"])
+    assert set(report["error_estimate"]["mean_abs_error"]) == {"mean_risk", "atc", "cott"}
     assert set(report["risk"]["per_signal"]) == set(calibrated.risk_model.signals)
     assert 0.0 <= report["risk"]["combined"]["ece"] <= 1.0
     assert set(report["risk"]["probe_max_softmax"]) == {"auroc", "auprc"}
@@ -224,3 +229,42 @@ def test_run_evaluation_refuses_foreign_feature_set(tiny_model, cifar_slice):
     encoder, _, fs = tiny_model
     with pytest.raises(ValueError, match="but this encoder is"):
         run_evaluation(encoder, "0" * 64, fs, cifar_slice / "train", cifar_slice / "test")
+
+
+# --- choosing the error estimator ----------------------------------------------------------------
+
+
+def _set(name: str, kind: str, predicted: np.ndarray, labels: np.ndarray, confidence: float) -> SignalSet:
+    """n images of 4 classes, each predicted ``predicted`` with max softmax ``confidence``."""
+    n = len(labels)
+    p = np.full((n, 4), (1 - confidence) / 3)
+    p[np.arange(n), predicted] = confidence
+    sig = {"probe_max_softmax": p.max(axis=1), "probe_prediction": predicted}
+    return SignalSet(name, kind, None, None, sig, predicted != labels, np.arange(n), None, p, labels)
+
+
+def test_choose_estimator_takes_cott_where_a_shift_piles_confident_predictions_onto_one_class() -> None:
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 50)
+    clean_pred = np.where(rng.uniform(size=200) < 0.8, labels, (labels + 1) % 4)  # error ~0.2
+    clean = _set("clean", "clean", clean_pred, labels, 0.9)
+    # a shift that sends three quarters of the images to class 0, as confident as before:
+    # the confidence (ATC) and a risk that reads it see nothing; the class mix gives it away
+    piled = np.where(rng.uniform(size=200) < 0.75, 0, clean_pred)
+    shifted = _set("piled", "corruption", piled, labels, 0.9)
+    subsets = {"clean": {"mean_risk": 0.2}, "piled": {"mean_risk": 0.2}}
+    candidates = {"atc": fit_atc(clean.signals["probe_max_softmax"], ~clean.misclassified),
+                  "cott": fit_cott(clean.probabilities, labels)}  # fmt: skip
+    chosen, report = choose_estimator([clean, shifted], subsets, candidates)
+    assert chosen.method == "cott" and report["method"] == "cott"
+    (row,) = report["sets"]
+    assert row["error"] > 0.6 and row["cott"] > 0.6 and row["atc"] < 0.4
+    assert report["mean_abs_error"]["cott"] == pytest.approx(abs(row["cott"] - row["error"]))
+    assert chosen.threshold == candidates["cott"].threshold and chosen.source.startswith("cott: ")
+    # sets without the head's probabilities: COTT cannot be compared, so it is not chosen
+    bare = SignalSet("piled", "corruption", None, None, shifted.signals, shifted.misclassified, shifted.source)
+    chosen, report = choose_estimator([clean, bare], subsets, candidates)
+    assert chosen.method != "cott" and report["mean_abs_error"]["cott"] is None
+    # no shifted sets: the mean risk
+    chosen, _ = choose_estimator([clean], subsets, candidates)
+    assert chosen == ErrorEstimator(method="mean_risk", source="mean risk (no shifted sets)")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models.monitoring.monitor import TrafficMonitor, reference_error
-from models.scoring.error_estimate import ErrorEstimator
+from models.scoring.error_estimate import COTT_MIN_IMAGES, ErrorEstimator, thresholded_transport
 from models.scoring.feature_set import FeatureSet
 from models.scoring.result import ImageScore
 
@@ -76,6 +76,33 @@ def test_window_estimate_uses_the_feature_sets_atc_estimator(demo_features: Feat
     assert snap.estimator_method == "atc"
     assert snap.estimated_error == 0.5  # two of four confidences below 0.5
     assert snap.mean_confidence == pytest.approx(0.55)
+    monitor.close()
+
+
+def test_window_estimate_uses_cott_on_the_heads_probabilities_once_the_window_is_large_enough(
+    demo_features: FeatureSet,
+) -> None:
+    cott = ErrorEstimator(method="cott", threshold=0.6, class_prior=[0.1] * 10)
+    monitor = TrafficMonitor(window=COTT_MIN_IMAGES + 50, drift_every=10_000)
+    monitor.activate("m", "f", demo_features.model_copy(update={"error_estimator": cott}))
+    head = demo_features.classifier
+    assert head is not None
+    batches = [_h(50, seed) for seed in range(6)]
+    for i, h in enumerate(batches[:3]):
+        monitor.observe("m", h, [_score(0.25)] * 50)
+        (snap,) = monitor.snapshot()
+        # under COTT's minimum: the mean risk, and said so
+        assert (snap.count, snap.estimated_error, snap.estimator_method) == (50 * (i + 1), 0.25, "cott")
+        assert snap.estimated_error_method == "mean_risk"
+    for h in batches[3:]:
+        monitor.observe("m", h, [_score(0.25)] * 50)
+    (snap,) = monitor.snapshot()
+    kept = torch.cat(batches)[-(COTT_MIN_IMAGES + 50) :]  # the ring holds the last 250 of 300
+    expected = thresholded_transport(torch.softmax(head.logits(kept), 1).numpy(), [0.1] * 10, 0.6)
+    assert snap.estimated_error_method == "cott" and snap.count == COTT_MIN_IMAGES + 50
+    assert snap.estimated_error == pytest.approx(expected, abs=1e-6)
+    assert snap.estimated_error != pytest.approx(0.25)
+    assert snap.estimated_error_last_batch == pytest.approx(0.25)  # one batch: under the minimum
     monitor.close()
 
 

@@ -65,3 +65,35 @@ def test_window_rejects_mismatched_shapes() -> None:
         window.append(*_batch(0, 2, dim=2))
     with pytest.raises(ValueError, match="capacity >= 1"):
         RingWindow(capacity=0, dim=3)
+
+
+def _probabilities(first: int, b: int) -> np.ndarray:
+    """Image i's class probabilities: (i, 1 - i) / 10 over two classes (images 0..10)."""
+    ids = np.arange(first, first + b, dtype=np.float32)
+    return np.stack([ids / 10, 1 - ids / 10], axis=1)
+
+
+def test_window_keeps_class_probabilities_through_wrap_around() -> None:
+    window = RingWindow(capacity=4, dim=2, classes=2)
+    window.append(*_batch(0, 3), _probabilities(0, 3))
+    window.append(*_batch(3, 3), _probabilities(3, 3))  # slots 0, 1 now hold images 4, 5
+    np.testing.assert_allclose(window.contents().probabilities[:, 0], [0.2, 0.3, 0.4, 0.5], rtol=1e-6)  # type: ignore[index]
+    np.testing.assert_allclose(window.probability_rows()[:, 0], [0.4, 0.5, 0.2, 0.3], rtol=1e-6)  # type: ignore[index]
+    window.append(*_batch(6, 9), _probabilities(6, 9) / 2)  # larger than the window: its last four
+    np.testing.assert_allclose(window.contents().probabilities[:, 0], [0.55, 0.6, 0.65, 0.7], rtol=1e-6)  # type: ignore[index]
+    copy = window.probability_rows()
+    window.append(*_batch(0, 4), _probabilities(0, 4))
+    assert copy is not None and copy[:, 0].min() > 0.5  # a copy, not a view
+
+
+def test_window_probabilities_are_required_where_kept_and_refused_elsewhere() -> None:
+    with_classes, without = RingWindow(capacity=4, dim=2, classes=2), RingWindow(capacity=4, dim=2)
+    with pytest.raises(ValueError, match=r"expected probabilities \(2, 2\), got None"):
+        with_classes.append(*_batch(0, 2))
+    with pytest.raises(ValueError, match=r"expected probabilities \(2, 2\), got \(2, 3\)"):
+        with_classes.append(*_batch(0, 2), np.zeros((2, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"expected probabilities None, got \(2, 2\)"):
+        without.append(*_batch(0, 2), _probabilities(0, 2))
+    assert without.probability_rows() is None and without.contents().probabilities is None
+    with pytest.raises(ValueError, match="classes >= 0"):
+        RingWindow(capacity=4, dim=2, classes=-1)

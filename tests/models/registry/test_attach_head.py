@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from models.registry.versions import Registry, RegistryError
+from models.scoring.error_estimate import ErrorEstimator
 from models.scoring.probe import HeadError, LinearHead
 
 CLASSES = [f"c{i}" for i in range(10)]
@@ -40,3 +41,21 @@ def test_bad_heads_are_refused_and_nothing_is_written(tiny_registry: Registry, t
     with pytest.raises(HeadError, match="not the \\['a', 'b'\\] given"):
         tiny_registry.attach_head("tiny", tmp_path / "wrong-dim.safetensors", classes=["a", "b"])
     assert {p.name for p in tiny_registry.feature_sets_dir.iterdir()} == before
+
+
+@pytest.mark.parametrize(
+    ("estimator", "kept"),
+    [
+        (ErrorEstimator(method="cott", threshold=0.5, class_prior=[0.1] * 10), False),
+        (ErrorEstimator(method="atc", threshold=0.5), False),
+        (ErrorEstimator(method="mean_risk"), True),
+    ],
+)
+def test_a_new_head_drops_an_estimator_whose_threshold_was_learnt_on_the_old_one(
+    tiny_registry: Registry, tmp_path: Path, estimator: ErrorEstimator, kept: bool
+) -> None:
+    fs = tiny_registry.load_feature_set("tiny")
+    tiny_registry.add_feature_set(fs.model_copy(update={"error_estimator": estimator}), version="tiny-est")
+    LinearHead(torch.randn(10, fs.encoder.feature_dim), torch.zeros(10), CLASSES).save(tmp_path / "mine.safetensors")
+    version = tiny_registry.attach_head("tiny-est", tmp_path / "mine.safetensors", version="tiny-est-mine")
+    assert tiny_registry.load_feature_set(version).error_estimator == (estimator if kept else None)

@@ -1,11 +1,18 @@
-"""The error estimate of a set of images without labels: mean risk and ATC."""
+"""The error estimate of a set of images without labels: mean risk, ATC and COTT."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from models.scoring.error_estimate import ErrorEstimator, fit_atc
+from models.scoring.error_estimate import (
+    COTT_MIN_IMAGES,
+    ErrorEstimator,
+    fit_atc,
+    fit_cott,
+    thresholded_transport,
+    transport,
+)
 
 
 def test_atc_hand_case() -> None:
@@ -35,3 +42,115 @@ def test_mean_risk_and_missing_inputs() -> None:
     assert est.estimate(np.array([]), None) is None
     with pytest.raises(ValueError, match="3 confidences for 2 correctness labels"):
         fit_atc(np.array([0.1, 0.2, 0.3]), np.array([True, False]))
+
+
+# -- COTT (thresholded confidence optimal transport) ------------------------------------------
+def test_transport_hand_case() -> None:
+    # Both images lean to class 0, but half the labels are class 1: one image must be moved there.
+    p = np.array([[0.9, 0.1], [0.8, 0.2]])
+    plan, cost = transport(p, [0.5, 0.5])
+    # image 0 -> class 0 and image 1 -> class 1 cost 0.5 (0.1 + 0.8) / 2; the swap costs 0.55
+    assert plan == pytest.approx(np.array([[0.5, 0.0], [0.0, 0.5]]))
+    assert (plan * cost).sum() == pytest.approx(0.45)
+    assert thresholded_transport(p, [0.5, 0.5], 0.5) == pytest.approx(0.5)  # the moved image's cost 0.8 >= 0.5
+    assert thresholded_transport(p, [0.5, 0.5], 0.05) == pytest.approx(1.0)
+    assert thresholded_transport(p, [0.5, 0.5], 0.85) == 0.0
+
+
+def test_cott_sees_a_window_piled_onto_one_class() -> None:
+    # Confident predictions, all of class 0: per image nothing looks wrong, but with ten classes in
+    # equal shares nine tenths of them cannot be right.
+    p = np.zeros((COTT_MIN_IMAGES, 10))
+    p[:, 0] = 1.0
+    cott = ErrorEstimator(method="cott", threshold=0.5, class_prior=[0.1] * 10)
+    assert cott.estimate(None, None, p) == pytest.approx(0.9)
+    atc = ErrorEstimator(method="atc", threshold=0.5)
+    assert atc.estimate(None, p.max(axis=1)) == 0.0
+
+
+def test_fit_cott_reproduces_the_held_out_error_property() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        n, c = int(rng.integers(20, 300)), int(rng.integers(2, 8))
+        labels = rng.integers(0, c, n)
+        labels[:c] = np.arange(c)  # every class present
+        logits = rng.normal(size=(n, c)) * rng.uniform(0.5, 4)
+        logits[np.arange(n), labels] += rng.uniform(0, 3)
+        p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+        cott = fit_cott(p, labels)
+        error = float((p.argmax(axis=1) != labels).mean())
+        assert cott.class_prior == pytest.approx(np.bincount(labels, minlength=c) / n)
+        # the threshold is a cost the plan moves mass at: the estimate overshoots by at most one image's mass
+        estimate = thresholded_transport(p, cott.class_prior, cott.threshold)  # type: ignore[arg-type]
+        assert error - 1e-9 <= estimate <= error + 1.0 / n + 1e-9
+        assert 0.0 <= estimate <= 1.0
+        # the rows' order does not matter
+        order = rng.permutation(n)
+        assert thresholded_transport(p[order], cott.class_prior, cott.threshold) == pytest.approx(estimate)  # type: ignore[arg-type]
+
+
+def test_cott_on_a_small_window_is_the_mean_risk() -> None:
+    cott = ErrorEstimator(method="cott", threshold=0.5, class_prior=[0.5, 0.5])
+    p = np.tile([[1.0, 0.0]], (COTT_MIN_IMAGES - 1, 1))
+    assert cott.estimate(np.array([0.2, 0.4]), None, p) == pytest.approx(0.3)
+    assert cott.estimate(np.array([0.2, 0.4]), None, None) == pytest.approx(0.3)
+    assert cott.estimate(None, None, p) is None
+    assert cott.estimate(None, None, np.vstack([p, [[1.0, 0.0]]])) == pytest.approx(0.5)
+
+
+def test_cott_errors() -> None:
+    with pytest.raises(ValueError, match="needs a class_prior"):
+        ErrorEstimator(method="cott", threshold=0.5)
+    with pytest.raises(ValueError, match="needs a class_prior"):
+        ErrorEstimator(method="cott", threshold=0.5, class_prior=[0.5, 0.6])
+    with pytest.raises(ValueError, match="'atc' needs a threshold"):
+        ErrorEstimator(method="atc")
+    with pytest.raises(ValueError, match=r"probabilities must be \(n >= 1, 3\), got \(4, 2\)"):
+        transport(np.full((4, 2), 0.5), [0.2, 0.3, 0.5])
+    with pytest.raises(ValueError, match="must be finite"):
+        transport(np.array([[np.nan, 1.0]]), [0.5, 0.5])
+    with pytest.raises(ValueError, match="3 probability rows for 2 labels"):
+        fit_cott(np.full((3, 2), 0.5), np.array([0, 1]))
+    with pytest.raises(ValueError, match=r"class indices in \[0, 2\)"):
+        fit_cott(np.full((2, 2), 0.5), np.array([0, 2]))
+
+
+def test_fit_cott_under_shift_hand_case() -> None:
+    # held out: right on every image (error 0); its transport costs 0.1, 0.4 (class 0) and 0.3, 0.2 (class 1)
+    clean = np.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.2, 0.8]])
+    labels = np.array([0, 0, 1, 1])
+    # shifted: every image confidently class 0, half of them wrong; half its mass moves at cost 0.9
+    piled = np.tile([[0.9, 0.1]], (4, 1))
+    alone = fit_cott(clean, labels)
+    assert alone.threshold > 1.0  # no error to reproduce: nothing counts
+    assert thresholded_transport(piled, alone.class_prior, alone.threshold) == 0.0  # type: ignore[arg-type]
+    fitted = fit_cott(clean, labels, [(piled, 0.5)])
+    # both errors are exact for any threshold in (0.4, 0.9]: the grid's first is 0.401
+    assert fitted.threshold == pytest.approx(0.401)
+    assert thresholded_transport(clean, [0.5, 0.5], fitted.threshold) == 0.0  # type: ignore[arg-type]
+    assert thresholded_transport(piled, [0.5, 0.5], fitted.threshold) == pytest.approx(0.5)  # type: ignore[arg-type]
+    assert "fitted on it and 1 shifted sets (mean |estimate - error| 0.0000)" in fitted.source
+
+
+def test_fit_cott_under_shift_beats_the_held_out_threshold_on_its_sets_property() -> None:
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        c = int(rng.integers(2, 6))
+        sets = []
+        for temperature in (1.0, *rng.uniform(0.3, 3.0, 4)):
+            labels = rng.integers(0, c, 250)
+            logits = rng.normal(size=(250, c)) / temperature
+            logits[np.arange(250), labels] += 2.0 / temperature
+            p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+            sets.append((p, labels, float((p.argmax(1) != labels).mean())))
+        (p0, y0, e0), shifted = sets[0], [(p, e) for p, _, e in sets[1:]]
+        alone, fitted = fit_cott(p0, y0), fit_cott(p0, y0, shifted)
+        # the grid (steps of 0.001) may miss the held-out threshold's exact cost: allow one image of slack
+
+        labelled = [(p0, e0), *shifted]
+        assert _mae(fitted, labelled) <= _mae(alone, labelled) + 1.0 / 250
+
+
+def _mae(est: ErrorEstimator, sets: list[tuple[np.ndarray, float]]) -> float:
+    assert est.class_prior is not None and est.threshold is not None
+    return float(np.mean([abs(thresholded_transport(p, est.class_prior, est.threshold) - e) for p, e in sets]))
