@@ -331,7 +331,8 @@ def goals(result: dict[str, Any]) -> dict[str, Any]:
     after = [r for r in shifted if r["added_after"]]
 
     def mae(rs: list[dict[str, Any]], key: str) -> float | None:
-        return float(np.mean([abs(r[key] - r["error"]) for r in rs])) if rs else None
+        known = [r for r in rs if r.get(key) is not None]  # COTT: None without the head's probabilities
+        return float(np.mean([abs(r[key] - r["error"]) for r in known])) if known else None
 
     def pooled_auroc(rs: list[dict[str, Any]], key: str) -> float:
         y = np.concatenate([r["_miss"] for r in rs])
@@ -343,6 +344,17 @@ def goals(result: dict[str, Any]) -> dict[str, Any]:
         )[0]
 
     below = [r["set"] for r in shifted if r["mean_risk"] < clean["mean_risk"] and r["error"] > clean["error"]]
+    # the same, counting only errors higher than the clean set's beyond sampling noise: a one-sided
+    # two-proportion z-test at 0.05 (the sets are 500 images: an error 0.01 above clean is noise)
+    n_clean = len(clean["_miss"])
+
+    def clearly_higher(r: dict[str, Any]) -> bool:
+        n = len(r["_miss"])
+        pooled = (r["error"] * n + clean["error"] * n_clean) / (n + n_clean)
+        se = np.sqrt(max(pooled * (1 - pooled), 1e-12) * (1 / n + 1 / n_clean))
+        return (r["error"] - clean["error"]) / se > 1.645
+
+    below_clearly = [r for r in below if clearly_higher(next(x for x in shifted if x["set"] == r))]
     sev3 = [r for r in shifted if r["severity"] == 3 or r["kind"] == "extra"]
     no_class = [r for r in rows if r["kind"] == "gross"]
     windows = result["clean_windows"]
@@ -362,6 +374,7 @@ def goals(result: dict[str, Any]) -> dict[str, Any]:
         "ece_clean_500": ece([clean]),
         "ece_shifted": ece(shifted),
         "sets_below_clean_risk_with_higher_error": below,
+        "sets_below_clean_risk_with_significantly_higher_error": below_clearly,
         "drift_detected_sev3_and_extras": f"{sum(r['drift_p'] < DRIFT_ALPHA for r in sev3)}/{len(sev3)}",
         "drift_missed": [r["set"] for r in sev3 if r["drift_p"] >= DRIFT_ALPHA],
         "drift_detected_by_mmd_alone": f"{sum(r['drift_mmd_p'] < DRIFT_ALPHA for r in sev3)}/{len(sev3)}",
@@ -428,7 +441,9 @@ def write_markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
             f"| ECE clean, {(1 + CLEAN_WINDOWS) * args.per_set} images (goal <= 0.03) / shifted (goal <= 0.08) | "
             f"{_f(g['ece_clean'], 3)} / {_f(g['ece_shifted'], 3)} (clean set alone: {_f(g['ece_clean_500'], 3)}) |",
             f"| shifted sets with mean risk below clean while the error is higher (goal: none) | "
-            f"{', '.join(g['sets_below_clean_risk_with_higher_error']) or 'none'} |",
+            f"{', '.join(g['sets_below_clean_risk_with_higher_error']) or 'none'} (of them with an error higher "
+            f"beyond sampling noise, one-sided z-test at 0.05: "
+            f"{', '.join(g['sets_below_clean_risk_with_significantly_higher_error']) or 'none'}) |",
             f"| drift at window {args.per_set}, p < 0.01: severity-3 sets, inversion, grayscale, upside-down | "
             f"{g['drift_detected_sev3_and_extras']} (missed: {', '.join(g['drift_missed']) or 'none'}; "
             f"the MMD alone: {g['drift_detected_by_mmd_alone']}) |",

@@ -6,10 +6,10 @@
 Run ``python -m experiments.shift_report`` first (it measures and caches the sets; this only
 re-analyses them, about 90 s per weight on 2 cores).
 
-1. **The clean share of the risk fit's weight** (``shift_fit.CLEAN_WEIGHT``): the whole report's
-   goals refitted at each weight. It trades clean calibration against shifted calibration and
-   the window estimate; the default stays as chosen before (0.5): picking it here would tune
-   to the reported sets.
+1. **The clean share of the risk fit's weight** (one of ``shift_fit.CLEAN_WEIGHTS`` at a time;
+   the evaluation picks among them on its own cross-validation): the whole report's goals
+   refitted at each weight. It trades clean calibration against shifted calibration and the
+   mean risk's window estimate.
 2. **A set-level correction of the window estimate**: the residual ``error - estimate`` of each
    shifted set regressed (Huber) on set statistics (the window's MMD^2 against the reference
    bank, the atypical share, the estimate), **leave one family out** over the report's shifted
@@ -76,17 +76,17 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     sizes = SimpleNamespace(fit=2000, shift_fit=200, per_set=500, train_samples=5000, fresh=False)
     measured = shift_report.measure_subject(args.subject, sizes)
-    measured["cache"] = f"{args.subject}-{sizes.fit}-{sizes.shift_fit}-{sizes.per_set}"
-    defaults = shift_fit.pool.__defaults__
+    measured["cache"] = shift_report._cache_name(args.subject, sizes)
+    defaults = shift_fit.CLEAN_WEIGHTS
     by_weight = {}
     try:
         for weight in args.clean_weights:
-            shift_fit.pool.__defaults__ = (weight, shift_fit.GROSS_WEIGHT)
+            shift_fit.CLEAN_WEIGHTS = (weight,)
             result = shift_report.analyse(args.subject, measured)
             by_weight[str(weight)] = {k: shift_report.goals(result)[k] for k in GOAL_KEYS}
             print(f"clean weight {weight}:", by_weight[str(weight)], flush=True)
     finally:
-        shift_fit.pool.__defaults__ = defaults
+        shift_fit.CLEAN_WEIGHTS = defaults
     result = shift_report.analyse(args.subject, measured)
     reference = DriftReference(np.load(shift_report.CACHE / measured["cache"] / "bank.npy"))
     windows = {s.name: s.h for s in measured["report"]}

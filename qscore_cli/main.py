@@ -410,6 +410,7 @@ def evaluate(
                 if k in ("clean", "shifted", "gross")
             }
             summary["error_estimator"] = report["error_estimate"]["method"]
+            summary["risk"]["clean_weight"] = report["risk"].get("clean_weight")
         typer.echo(json.dumps(summary))
 
 

@@ -236,6 +236,8 @@ def test_evaluate_writes_report(pipeline, cifar_slice):
     report = json.loads(report_path.read_text())
     assert 0.0 <= report["top1"] <= 1.0 and summary["top1"] == report["top1"]
     assert summary["risk"]["auroc"] == report["risk"]["combined"]["auroc"]
+    assert summary["risk"]["clean_weight"] == report["risk"]["clean_weight"]
+    assert summary["error_estimator"] == report["error_estimate"]["method"] in ("mean_risk", "atc", "cott")
     assert 0.0 <= report["q_score"]["auroc"] <= 1.0
     assert report["n_train"] == 300 and report["n_test"] == 100
     calibrated = FeatureSet.load(calibrated_path)

@@ -180,6 +180,8 @@ def test_regularize_writes_a_new_model_and_evaluate_reports(
     assert 0.0 <= report["q_score"]["auroc"] <= 1.0 and 0.0 <= report["q_score"]["auprc"] <= 1.0
     assert report["compression"] and {"subset", "size", "top1"} <= set(report["compression"][0])
     assert record["metrics"]["top1"] == report["top1"]
+    assert record["metrics"]["error_estimator"] == calibrated.error_estimator.method
+    assert record["metrics"]["risk_clean_weight"] == report["risk"]["clean_weight"] in (0.5, 0.6, 0.7)
     calibrated = tiny_registry.load_feature_set(record["artifacts"]["feature_set"])
     assert calibrated.risk_model is not None and calibrated.alpha == report["alpha"]
     assert record["result"]["evaluated_feature_set"] == record["params"]["feature_set"]

@@ -48,6 +48,7 @@ def evaluate(ctx: JobContext) -> Outcome:
             "risk_auroc": report["risk"]["combined"]["auroc"],
             "risk_ece": report["risk"]["combined"]["ece"],
             "error_estimator": report["error_estimate"]["method"],
+            "risk_clean_weight": report["risk"].get("clean_weight"),
         }
     )
     activated = activate(ctx, p.activate, p.model, version)

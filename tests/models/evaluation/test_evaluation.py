@@ -8,7 +8,7 @@ import torch
 
 from models.evaluation.linear_eval import choose_estimator, run_evaluation
 from models.evaluation.metrics import calibrate_alpha, compression_curve, linear_probe, score_power
-from models.evaluation.shift_fit import SignalSet
+from models.evaluation.shift_fit import CLEAN_WEIGHTS, SignalSet
 from models.scoring.error_estimate import ErrorEstimator, fit_atc, fit_cott
 
 # --- score_power ---------------------------------------------------------------------------
@@ -209,6 +209,15 @@ def test_run_evaluation_keeps_encoder_frozen(tiny_model, cifar_slice):
     # every candidate estimated every shifted set: the head's probabilities went with each
     assert all(r["cott"] is not None and r["atc"] is not None for r in report["error_estimate"]["sets"])
     assert set(report["error_estimate"]["mean_abs_error"]) == {"mean_risk", "atc", "cott"}
+    # the clean share of the weight: each tried, the one whose cross-validated figures best meet the targets kept
+    tried = report["risk"]["clean_weight_scores"]
+    assert set(tried) == {str(w) for w in CLEAN_WEIGHTS}
+    assert tried[str(report["risk"]["clean_weight"])]["score"] == min(t["score"] for t in tried.values())
+    chosen = tried[str(report["risk"]["clean_weight"])]
+    assert chosen["ece_clean"] == report["risk"]["subsets"]["clean"]["ece"]
+    assert chosen["score"] == pytest.approx(
+        max(chosen["ece_clean"] / 0.03, chosen["ece_shifted"] / 0.08, chosen["window_error"] / 0.05)
+    )
     assert set(report["risk"]["per_signal"]) == set(calibrated.risk_model.signals)
     assert 0.0 <= report["risk"]["combined"]["ece"] <= 1.0
     assert set(report["risk"]["probe_max_softmax"]) == {"auroc", "auprc"}
