@@ -8,11 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from pydantic import ValidationError
 from service_helpers import LiveServer, build_registry, sum_samples
 from test_service_score import cifar_files, upload
 
 from models.monitoring.monitor import TrafficMonitor
+from models.scoring.error_estimate import COTT_MIN_IMAGES, ErrorEstimator
+from models.scoring.probe import HeadInfo, LinearHead
 from models.scoring.risk import RiskModel
 from qscore_config.settings import Settings
 
@@ -131,3 +134,50 @@ def test_monitor_settings_fail_fast_with_the_reason() -> None:
         Settings(_env_file=None, drift_every=600)
     with pytest.raises(ValidationError, match="greater than or equal to 200"):
         Settings(_env_file=None, drift_permutations=150)  # the combined p could never go below 0.01
+
+
+@pytest.mark.parametrize(("threshold", "window_error"), [(0.0, 1.0), (1.5, 0.0)])
+def test_a_cott_feature_set_estimates_by_transport_once_the_window_holds_enough_images(
+    make_server: Callable[..., LiveServer],
+    tmp_path: Path,
+    tiny_model: tuple,
+    cifar_slice: Path,
+    threshold: float,
+    window_error: float,
+) -> None:
+    """The served feature set has a head and a COTT estimator whose threshold makes the transport's
+    answer exact whatever the images (every cost >= 0; none >= 1.5): the mean risk until the window
+    holds COTT_MIN_IMAGES images, then the transport's, over HTTP."""
+    registry = build_registry(tmp_path / "registry", tiny_model)
+    fs = registry.load_feature_set("tiny")
+    dim = fs.encoder.feature_dim
+    head = LinearHead(torch.randn(3, dim, generator=torch.Generator().manual_seed(0)), torch.zeros(3), ["a", "b", "c"])
+    cott = ErrorEstimator(method="cott", threshold=threshold, class_prior=[0.5, 0.25, 0.25])
+    risk = RiskModel.from_q_curve([0.0, 0.05, 1.0], [0.9, 0.4, 0.1], "test: risk falls with Q")
+    served = fs.with_head(head, HeadInfo(kind="linear", classes=head.classes, source="test"))
+    registry.add_feature_set(
+        served.model_copy(update={"risk_model": risk, "error_estimator": cott}), version="tiny-cott"
+    )
+    registry.set_active("tiny", "tiny-cott")
+    live = make_server(
+        registry_root=registry.root, monitor_window=COTT_MIN_IMAGES + 10, drift_every=COTT_MIN_IMAGES + 10
+    )
+    paths = cifar_files(cifar_slice, 8)  # QSCORE_MAX_FILES a request; 25 requests fill the window
+    risks: list[float] = []
+    with live.client() as client:
+
+        def score() -> None:
+            answer = client.post("/score", files=upload(paths))
+            assert answer.status_code == 200, answer.text
+            risks.extend(r["risk"] for r in answer.json()["results"])
+
+        while len(risks) < COTT_MIN_IMAGES - 8:
+            score()
+        window = client.get("/monitor").json()["models"][0]
+        assert (window["estimator_method"], window["estimated_error_method"]) == ("cott", "mean_risk")
+        assert window["estimated_error"] == pytest.approx(np.mean(risks), rel=1e-5)
+        score()
+        window = client.get("/monitor").json()["models"][0]
+    assert window["count"] == COTT_MIN_IMAGES and window["estimated_error_method"] == "cott"
+    assert window["estimated_error"] == pytest.approx(window_error)
+    assert window["mean_risk"] == pytest.approx(np.mean(risks), rel=1e-5)
