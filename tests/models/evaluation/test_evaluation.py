@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.evaluation.linear_eval import choose_estimator, run_evaluation
+from models.evaluation.linear_eval import _target_score, best_weight, choose_estimator, run_evaluation
 from models.evaluation.metrics import calibrate_alpha, compression_curve, linear_probe, score_power
 from models.evaluation.shift_fit import CLEAN_WEIGHTS, SignalSet
 from models.scoring.error_estimate import ErrorEstimator, fit_atc, fit_cott
@@ -277,3 +277,19 @@ def test_choose_estimator_takes_cott_where_a_shift_piles_confident_predictions_o
     # no shifted sets: the mean risk
     chosen, _ = choose_estimator([clean], subsets, candidates)
     assert chosen == ErrorEstimator(method="mean_risk", source="mean risk (no shifted sets)")
+
+
+def test_target_score_and_the_weight_choice_hand_case() -> None:
+    subsets = {"clean": {"ece": 0.015}, "shifted": {"ece": 0.04}}
+    estimate = {"method": "cott", "mean_abs_error": {"cott": 0.06, "mean_risk": 0.01}}
+    score = _target_score(subsets, estimate)
+    # ratios 0.5, 0.5 and 1.2 (the chosen estimator's error, not the others')
+    assert score == pytest.approx({"ece_clean": 0.015, "ece_shifted": 0.04, "window_error": 0.06,
+                                   "score": 1.2, "mean_ratio": 2.2 / 3})  # fmt: skip
+    tie = {
+        0.5: {"score": 1.2, "mean_ratio": 0.9},
+        0.6: {"score": 1.2, "mean_ratio": 0.8},
+        0.7: {"score": 1.3, "mean_ratio": 0.1},
+    }
+    assert best_weight(tie) == 0.6  # the least score first, then the least mean ratio
+    assert best_weight({0.7: {"score": 1.0, "mean_ratio": 1.0}, 0.5: {"score": 1.0, "mean_ratio": 1.0}}) == 0.5

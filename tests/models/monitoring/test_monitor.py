@@ -18,10 +18,11 @@ DEMO = Path(__file__).resolve().parents[3] / "models" / "weights" / "demo-featur
 
 @pytest.fixture(scope="module")
 def demo_features() -> FeatureSet:
-    """The packaged demo feature set, with its 5,000-vector reference bank (128 features)."""
+    """The packaged demo feature set, with its 5,000-vector reference bank (128 features), estimating
+    the error by the mean risk (its own estimator, COTT, is tested apart)."""
     fs = FeatureSet.load(DEMO)
     assert fs.bank is not None
-    return fs
+    return fs.model_copy(update={"error_estimator": ErrorEstimator(method="mean_risk")})
 
 
 def _score(
