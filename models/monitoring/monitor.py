@@ -24,7 +24,7 @@ from threadpoolctl import ThreadpoolController
 
 from models.monitoring.drift import DEFAULT_PERMUTATIONS, DEFAULT_REFERENCE_SIZE, DriftReference, DriftResult
 from models.monitoring.window import SIGNALS, RingWindow
-from models.scoring.error_estimate import COTT_MIN_IMAGES, ErrorEstimator
+from models.scoring.error_estimate import ErrorEstimator
 from models.scoring.feature_set import FeatureSet
 from models.scoring.probe import head_probabilities
 from models.scoring.result import ImageScore
@@ -276,8 +276,7 @@ def _snapshot(state: _ModelState) -> ModelSnapshot:
     values = {name: window.values(name) for name in SIGNALS}
     # a request batch is under COTT's minimum: its estimate is the mean risk (see ErrorEstimator.estimate)
     batch_error = None if batch is None else state.estimator.estimate(_known(batch[0]), _known(batch[1]))
-    window_error = state.estimator.estimate(values["risk"], values["confidence"])
-    method = "mean_risk" if state.estimator.method == "cott" else state.estimator.method
+    window_error = state.estimator.estimate(values["risk"], values["confidence"])  # COTT's: in snapshot()
     return ModelSnapshot(
         model_version=state.model_version,
         feature_set_version=state.feature_set_version,
@@ -286,7 +285,7 @@ def _snapshot(state: _ModelState) -> ModelSnapshot:
         images_seen=window.seen,
         estimator_method=state.estimator.method,
         estimated_error=window_error,
-        estimated_error_method=None if window_error is None else method,
+        estimated_error_method=None if window_error is None else state.estimator.method_for(None),
         estimated_error_last_batch=batch_error,
         last_batch_images=0 if batch is None else batch.shape[1],
         reference_error=state.reference_error,
@@ -307,7 +306,7 @@ def _with_transport_estimate(
     state: _ModelState, snap: ModelSnapshot, probabilities: np.ndarray | None
 ) -> ModelSnapshot:
     """``snap`` with COTT's window estimate once the window holds COTT_MIN_IMAGES images (before: the mean risk)."""
-    if state.estimator.method != "cott" or probabilities is None or len(probabilities) < COTT_MIN_IMAGES:
+    if state.estimator.method_for(probabilities) != "cott":
         return snap
     return replace(
         snap,

@@ -68,17 +68,23 @@ class ErrorEstimator(BaseModel):
         None when the estimator's input is missing (no risk model, no head) or there are no images.
         COTT on fewer than :data:`COTT_MIN_IMAGES` images (or without probabilities) is the mean risk.
         """
-        if self.method == "cott":
-            if probabilities is not None and len(probabilities) >= COTT_MIN_IMAGES:
-                assert self.threshold is not None and self.class_prior is not None  # validated
-                return thresholded_transport(probabilities, self.class_prior, self.threshold)
-            return _mean(risk)
-        if self.method == "mean_risk":
+        method = self.method_for(probabilities)
+        if method == "cott":
+            assert self.threshold is not None and self.class_prior is not None  # validated
+            return thresholded_transport(probabilities, self.class_prior, self.threshold)  # type: ignore[arg-type]
+        if method == "mean_risk":
             return _mean(risk)
         if confidence is None or len(confidence) == 0:
             return None
         assert self.threshold is not None  # validated
         return float((np.asarray(confidence, dtype=np.float64) < self.threshold).mean())
+
+    def method_for(self, probabilities: np.ndarray | None) -> str:
+        """The method :meth:`estimate` uses on images with these head ``probabilities``: COTT's is the
+        mean risk on fewer than :data:`COTT_MIN_IMAGES` images (or without probabilities)."""
+        if self.method == "cott" and (probabilities is None or len(probabilities) < COTT_MIN_IMAGES):
+            return "mean_risk"
+        return self.method
 
 
 def _mean(values: np.ndarray | None) -> float | None:
