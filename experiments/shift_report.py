@@ -41,7 +41,7 @@ from models.discovery.discover import discover, make_selection, with_typicality
 from models.encoders.loading import load_encoder
 from models.evaluation.linear_eval import _load, fit_under_shift
 from models.evaluation.metrics import linear_probe
-from models.evaluation.shift_fit import SignalSet, labelled_clean_set, measure, signal_sets
+from models.evaluation.shift_fit import SignalSet, labelled_clean_set, measure, signal_sets, with_mmd2
 from models.monitoring.drift import DriftReference
 from models.scoring.bank import normalise
 from models.scoring.error_estimate import fit_atc, fit_cott
@@ -68,8 +68,9 @@ CLEAN_WINDOWS = 10
 #: Clean windows resampled from all the clean images, for the false-alarm rate (see _resampled_clean_p_values).
 RESAMPLED_WINDOWS = 100
 DRIFT_ALPHA = 0.01
-#: Bumped when the cached sets change what they hold (2: the head's probabilities and the labels, for COTT).
-CACHE_VERSION = 2
+#: Bumped when the cached sets change what they hold (2: the head's probabilities and the labels, for
+#: COTT; 3: the fit's shifted sets' representations, for the set-level correction's MMD^2).
+CACHE_VERSION = 3
 
 
 # -- subjects ---------------------------------------------------------------------------------
@@ -169,7 +170,7 @@ def measure_subject(name: str, args: argparse.Namespace) -> dict[str, Any]:
     shift_idx = np.sort(np.random.default_rng(0).choice(len(fit_images), args.shift_fit, replace=False))
     fit_sets = [labelled_clean_set(plain_signals, fit_h, head, fit_labels)]
     fit_sets += signal_sets(
-        scorer, [fit_images[i] for i in shift_idx], fit_labels[shift_idx], clean=False, source=shift_idx
+        scorer, [fit_images[i] for i in shift_idx], fit_labels[shift_idx], clean=False, source=shift_idx, keep_h=True
     )
     report_images, report_labels = _load(test, report_idx)
     report_sets = signal_sets(
@@ -214,8 +215,8 @@ def _risk(model: RiskModel, s: SignalSet) -> np.ndarray:
     return np.clip(model.predict(s.signals), 0.0, 1.0)
 
 
-def _estimate(estimator: Any, risk: np.ndarray, s: SignalSet) -> float:
-    return float(estimator.estimate(risk, s.signals.get("probe_max_softmax"), s.probabilities))
+def _estimate(estimator: Any, risk: np.ndarray, s: SignalSet, mmd2: float | None = None) -> float:
+    return float(estimator.estimate(risk, s.signals.get("probe_max_softmax"), s.probabilities, mmd2=mmd2))
 
 
 def _cache_name(name: str, args: argparse.Namespace) -> str:
@@ -224,9 +225,10 @@ def _cache_name(name: str, args: argparse.Namespace) -> str:
 
 
 def analyse(name: str, measured: dict[str, Any]) -> dict[str, Any]:
-    fit_sets: list[SignalSet] = measured["fit"]
     report_sets: list[SignalSet] = measured["report"]
     bank = np.load(CACHE / measured["cache"] / "bank.npy")
+    # each fit set's MMD^2 against the bank, as run_evaluation computes it (the set-level correction's input)
+    fit_sets = with_mmd2(measured["fit"], DriftReference(bank))
     clean_fit = fit_sets[0]
     # the held-out typicality the evaluation stores: the fit's clean images
     reference = DriftReference(bank, held_out_typicality=clean_fit.signals["typicality"])
@@ -259,7 +261,9 @@ def analyse(name: str, measured: dict[str, Any]) -> dict[str, Any]:
                 "error": s.error,
                 "mean_risk": float(risk.mean()),
                 "mean_risk_today": float(_risk(today, s).mean()),
-                "estimate": _estimate(e, risk, s),
+                "estimate": _estimate(e, risk, s, drift.mmd2),
+                "estimate_uncorrected": _estimate(e, risk, s),
+                "mmd2": drift.mmd2,
                 "atc": _atc(clean_fit, s),
                 "cott": _cott(clean_fit, s),
                 "drift_p": drift.p_value,
@@ -272,11 +276,15 @@ def analyse(name: str, measured: dict[str, Any]) -> dict[str, Any]:
             }
         )
     windows = [s for s in report_sets if s.kind == "window"]
-    window_p = [
-        reference.test(normalise(torch.from_numpy(w.h)).numpy(), seed=1, typicality=w.signals["typicality"]).p_value
+    window_tests = [
+        reference.test(normalise(torch.from_numpy(w.h)).numpy(), seed=1, typicality=w.signals["typicality"])
         for w in windows
     ]
-    window_est = [abs(_estimate(estimator, _risk(model, w), w) - w.error) for w in windows]
+    window_p = [t.p_value for t in window_tests]
+    window_est = [
+        abs(_estimate(estimator, _risk(model, w), w, t.mmd2) - w.error)
+        for w, t in zip(windows, window_tests, strict=True)
+    ]
     resampled_p = _resampled_clean_p_values(reference, [s for s in report_sets if s.kind in ("clean", "window")])
     window_risk = [_risk(model, w) for w in windows]
     return {
@@ -364,6 +372,7 @@ def goals(result: dict[str, Any]) -> dict[str, Any]:
     windows = result["clean_windows"]
     return {
         "window_mae_all_shifted": mae(shifted, "estimate"),
+        "window_mae_uncorrected": mae(shifted, "estimate_uncorrected"),
         "window_mae_design_left_out": mae(design, "estimate"),
         "window_mae_added_after": mae(after, "estimate"),
         "window_mae_today_mean_risk": mae(shifted, "mean_risk_today"),
@@ -394,6 +403,21 @@ def _f(x: Any, digits: int = 2) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def _correction_line(correction: dict[str, Any] | None) -> str:
+    if correction is None:
+        return "No set-level correction (the fit's sets carried no MMD^2)."
+    figures = (
+        f"mean abs error over the fit's shifted sets, each family left out: "
+        f"{_f(correction['corrected_leave_one_family_out'], 4)} corrected, {_f(correction['uncorrected'], 4)} not"
+    )
+    if not correction["kept"]:
+        return f"Set-level correction not kept ({figures})."
+    return (
+        f"Set-level correction kept ({figures}): estimate + {correction['intercept']:.3f} + "
+        f"{correction['mmd2_coef']:.3f} MMD^2 + {correction['estimate_coef']:.3f} estimate."
+    )
+
+
 def write_markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
     lines = [
         "# Verdicts under shift",
@@ -417,7 +441,9 @@ def write_markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
         "`drift p` "
         "the drift test of the window (the MMD permutation test of its representations against the reference "
         "bank and the Kolmogorov-Smirnov test of its typicality against the fit's clean images, Bonferroni); "
-        "`MMD p` the MMD test alone; `atypical` the share with typicality > 1.",
+        "`MMD p` the MMD test alone; `uncorr.` the estimate without the set-level correction (the window's "
+        "MMD^2 against the bank and the estimate, regressed on the fit's sets; kept only where it helps on the fit's "
+        "own sets with each family left out); `atypical` the share with typicality > 1.",
         "",
     ]
     for result in results.values():
@@ -430,12 +456,14 @@ def write_markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
             f"`{result['estimator']['method']}` ({result['estimator']['source']}). The risk fit's clean share of "
             f"the weight, chosen on its own cross-validation: {result['fit'].get('clean_weight')} ("
             + ", ".join(f"{w}: score {v['score']:.2f}" for w, v in result["fit"].get("clean_weight_scores", {}).items())
-            + "; the largest of ECE clean / 0.03, ECE shifted / 0.08 and window error / 0.05, out of fold).",
+            + "; the largest of ECE clean / 0.03, ECE shifted / 0.08 and window error / 0.05, out of fold). "
+            + _correction_line(result["estimate_fit"].get("correction")),
             "",
             "| goal | value |",
             "| --- | --- |",
             f"| window estimate: mean abs error, all shifted sets (goal <= 0.05) | "
             f"{_f(g['window_mae_all_shifted'], 3)} |",
+            f"| ... without the set-level correction | {_f(g['window_mae_uncorrected'], 3)} |",
             f"| ... design families, left out | {_f(g['window_mae_design_left_out'], 3)} |",
             f"| ... sets added after | {_f(g['window_mae_added_after'], 3)} |",
             f"| ... today's mean risk as the estimate | {_f(g['window_mae_today_mean_risk'], 3)} |",
@@ -460,14 +488,15 @@ def write_markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
             + ", ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in g["no_class_mean_risk"].items())
             + " |",
             "",
-            "| set | left out | added after | error | risk | estimate | today | ATC | COTT | drift p | MMD p "
-            "| atypical |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| set | left out | added after | error | risk | estimate | uncorr. | today | ATC | COTT | drift p "
+            "| MMD p | atypical |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in result["rows"]:
             lines.append(
                 f"| {r['set']} | {'yes' if r['left_out'] else ''} | {'yes' if r['added_after'] else ''} | "
-                f"{_f(r['error'])} | {_f(r['mean_risk'])} | {_f(r['estimate'])} | {_f(r['mean_risk_today'])} | "
+                f"{_f(r['error'])} | {_f(r['mean_risk'])} | {_f(r['estimate'])} | {_f(r['estimate_uncorrected'])} | "
+                f"{_f(r['mean_risk_today'])} | "
                 f"{_f(r['atc'])} | {_f(r['cott'])} | {r['drift_p']:.3f} | {r['drift_mmd_p']:.3f} "
                 f"| {r['atypical']:.0%} |"
             )

@@ -14,7 +14,8 @@ re-analyses them, about 90 s per weight on 2 cores).
    shifted set regressed (Huber) on set statistics (the window's MMD^2 against the reference
    bank, the atypical share, the estimate), **leave one family out** over the report's shifted
    sets. This fits on reported sets, so it can only say whether the lead is worth building into
-   the evaluation, not what it would give.
+   the evaluation, not what it would give. (It was: the evaluation now fits the correction on its
+   own sets, ``models.scoring.error_estimate.fit_set_correction``, and ``docs/shift.md`` reports it.)
 """
 
 from __future__ import annotations

@@ -410,6 +410,9 @@ def evaluate(
                 if k in ("clean", "shifted", "gross")
             }
             summary["error_estimator"] = report["error_estimate"]["method"]
+            # the fit's own mean |estimate - error| over its shifted sets (each family left out where corrected)
+            summary["error_estimate_window_error"] = report["error_estimate"]["window_error"]
+            summary["error_estimate_corrected"] = report["error_estimate"].get("correction", {}).get("kept", False)
             summary["risk"]["clean_weight"] = report["risk"].get("clean_weight")
         typer.echo(json.dumps(summary))
 

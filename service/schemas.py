@@ -192,6 +192,14 @@ class ModelMonitor(BaseModel):
         description="What estimated_error was computed with: estimator_method, except mean_risk while a COTT window "
         f"holds fewer than {COTT_MIN_IMAGES} images; null while estimated_error is.",
     )
+    estimated_error_correction: float | None = Field(
+        None,
+        ge=-1.0,
+        le=1.0,
+        description="What the feature set's set-level correction added to estimated_error, from the last drift "
+        "test's MMD^2 (the evaluation keeps a correction only where it helps with each shift family left out); null "
+        "when none was applied (no correction, no drift test yet, or COTT's small-window fallback).",
+    )
     estimated_error_last_batch: float | None = Field(
         None,
         ge=0.0,

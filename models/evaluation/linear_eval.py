@@ -20,9 +20,24 @@ from models.data.transforms import eval_transform
 from models.encoders.resnet import ResNetEncoder
 from models.evaluation import shift_fit
 from models.evaluation.metrics import calibrate_alpha, compression_curve, linear_probe, score_power
-from models.evaluation.shift_fit import FIT_SEVERITIES, SignalSet, labelled_clean_set, measure, pool, signal_sets
+from models.evaluation.shift_fit import (
+    FIT_SEVERITIES,
+    SignalSet,
+    labelled_clean_set,
+    measure,
+    pool,
+    signal_sets,
+    with_mmd2,
+)
+from models.monitoring.drift import DriftReference
 from models.scoring.compatibility import check_fits
-from models.scoring.error_estimate import ErrorEstimator, fit_atc, fit_cott, thresholded_transport
+from models.scoring.error_estimate import (
+    ErrorEstimator,
+    fit_atc,
+    fit_cott,
+    fit_set_correction,
+    thresholded_transport,
+)
 from models.scoring.feature_set import FeatureSet
 from models.scoring.probe import HeadInfo, LinearHead
 from models.scoring.qscore import q_score_parts
@@ -62,8 +77,10 @@ def run_evaluation(
     with ``shift_samples`` > 0, on shifted copies of that many of its images
     (models/evaluation/shift_fit.py), cross-validated; the report gives each signal's
     AUROC/AUPRC, the combination's, the calibration (ECE, reliability table) on clean, shifted
-    and gross images, and the error estimate of each shifted set by the mean risk and by ATC;
-    the better of the two on them becomes the feature set's error estimator.
+    and gross images, and the error estimate of each shifted set by the mean risk, ATC and COTT;
+    the best of them on those sets becomes the feature set's error estimator, with a set-level
+    correction by each set's MMD^2 against the bank where it helps with each family left out
+    (models/scoring/error_estimate.py).
     """
     check_fits(feature_set, encoder_fingerprint, encoder.spec)
     transform = eval_transform(encoder.spec)
@@ -139,9 +156,13 @@ def run_evaluation(
             batch_size=batch_size,
             clean=False,
             source=shifted_idx,  # groups: the held-out image each copy was made from
+            keep_h=feature_set.bank is not None,
             on_progress=lambda f: report_progress(0.45 + 0.4 * f),
         )
     sets = [clean, *shifted]
+    if shifted and feature_set.bank is not None:  # each set's distance from the bank, for the set-level correction
+        reference = DriftReference(feature_set.bank.vectors.float().cpu().numpy())
+        sets = with_mmd2(sets, reference, drop_h=True)
     risk_model, estimator, report["risk"], report["error_estimate"] = fit_under_shift(sets, seed=seed)
     if "typicality" in clean.signals:
         report["atypical_share_test"] = float((clean.signals["typicality"] > 1).mean())
@@ -226,7 +247,7 @@ def _target_score(subsets: dict[str, dict[str, Any]], estimate_report: dict[str,
     figures = {
         "ece_clean": subsets.get("clean", {}).get("ece"),
         "ece_shifted": subsets.get("shifted", {}).get("ece"),
-        "window_error": estimate_report["mean_abs_error"].get(estimate_report["method"]),
+        "window_error": estimate_report["window_error"],
     }
     ratios = [v / FIT_TARGETS[k] for k, v in figures.items() if v is not None]
     return {**figures, "score": max(ratios) if ratios else 0.0, "mean_ratio": float(np.mean(ratios)) if ratios else 0.0}
@@ -273,7 +294,20 @@ def choose_estimator(
         source = f"{method}: mean |estimate - error| over {len(rows)} shifted sets {mae[method]:.4f} ({others})"
     chosen = candidates.get(method, ErrorEstimator(method="mean_risk")).model_copy(update={"source": source})
     thresholds = {f"{name}_threshold": c.threshold for name, c in candidates.items()}
-    return chosen, {"method": method, "mean_abs_error": mae, "sets": rows, **thresholds}
+    report = {"method": method, "mean_abs_error": mae, "sets": rows, **thresholds, "window_error": mae[method]}
+    if rows and all(s.mmd2 is not None for s in sets):
+        estimates = [
+            subsets[s.name]["mean_risk"] if method == "mean_risk" else _candidate_estimate(chosen, s) for s in sets
+        ]
+        correction, figures = fit_set_correction(
+            estimates, [s.mmd2 for s in sets], [s.error for s in sets], [s.shift_group for s in sets]
+        )
+        report["correction"] = {**figures, "kept": correction is not None}
+        if correction is not None:
+            chosen = chosen.model_copy(update={"correction": correction})
+            report["correction"] |= correction.model_dump(exclude={"source"})
+            report["window_error"] = figures["corrected_leave_one_family_out"]
+    return chosen, report
 
 
 def _load(folder: Any, indices: Sequence[int]) -> tuple[list[Image.Image], np.ndarray]:

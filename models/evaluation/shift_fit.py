@@ -15,7 +15,7 @@ risk model is fitted on exactly what ``/score`` computes.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -23,6 +23,8 @@ from PIL import Image
 
 from models.data.corruptions import DESIGN_FAMILIES, apply_corruption
 from models.data.shifts import GROSS_SHIFTS, apply_shift
+from models.monitoring.drift import DriftReference
+from models.scoring.bank import normalise
 from models.scoring.probe import Head, head_outputs, head_probabilities
 from models.scoring.scorer import Inference, Scorer
 
@@ -68,10 +70,18 @@ class SignalSet:
     h: np.ndarray | None = None  # (n, r) float32, when kept (the drift test reads it)
     probabilities: np.ndarray | None = None  # (n, C) float32: the head's softmax (COTT reads it), with a head
     labels: np.ndarray | None = None  # (n,) int: the true classes, where known (COTT's class prior)
+    mmd2: float | None = None  # the set's MMD^2 against the reference bank (the set-level correction reads it)
 
     @property
     def error(self) -> float:
         return float(self.misclassified.mean())
+
+    @property
+    def shift_group(self) -> str:
+        """The set's group when families are left out in turn: its family; each gross set its own."""
+        if self.kind == "clean":
+            return "clean"
+        return f"gross/{self.family}" if self.kind == "gross" else str(self.family)
 
 
 def measure(
@@ -191,6 +201,18 @@ def pool(sets: Sequence[SignalSet], clean_weight: float = CLEAN_WEIGHT, gross_we
     which = np.concatenate([np.full(len(s.misclassified), i) for i, s in enumerate(sets)])
     subsets |= {s.name: which == i for i, s in enumerate(sets)}
     return Pooled(sig, miss, groups, weight, subsets, gross)
+
+
+def with_mmd2(sets: Sequence[SignalSet], reference: DriftReference, *, drop_h: bool = False) -> list[SignalSet]:
+    """``sets`` with each one's MMD^2 against ``reference`` (its unit-norm representations, as the
+    monitor's drift test takes the window's; seed 0), optionally dropping the representations."""
+    out = []
+    for s in sets:
+        if s.h is None:
+            raise ValueError(f"set {s.name!r} kept no representations: measure it with keep_h=True")
+        mmd2 = reference.mmd2(normalise(torch.from_numpy(s.h)).numpy())
+        out.append(replace(s, mmd2=mmd2, h=None if drop_h else s.h))
+    return out
 
 
 def labelled_clean_set(signals: dict[str, np.ndarray], h: np.ndarray, head: Head, labels: np.ndarray) -> SignalSet:

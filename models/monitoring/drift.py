@@ -199,6 +199,13 @@ class DriftReference:
             self._whole = kernel
         return kernel
 
+    def mmd2(self, window: np.ndarray, seed: int = 0) -> float:
+        """The unbiased MMD^2 of ``window`` (n, r) against the reference sample ``seed`` draws, without
+        the permutations: what :meth:`test` reports as ``mmd2`` for that seed."""
+        if window.ndim != 2 or window.shape[1] != self.bank.shape[1]:
+            raise ValueError(f"the window must be (n, {self.bank.shape[1]}), got shape {window.shape}")
+        return mmd2_unbiased(np.asarray(window, dtype=np.float64), self.sample(seed), self.bandwidth)
+
     def test(
         self,
         window: np.ndarray,

@@ -58,6 +58,9 @@ class ModelSnapshot:
     #: What estimated_error was computed with: the estimator's method, or "mean_risk" where COTT's
     #: window is still under COTT_MIN_IMAGES (or the head is missing); None while it is None.
     estimated_error_method: str | None
+    #: What the feature set's set-level correction added to estimated_error, with the last drift
+    #: test's MMD^2 (ErrorEstimator.correction); None when it was not applied.
+    estimated_error_correction: float | None
     estimated_error_last_batch: float | None
     last_batch_images: int
     reference_error: float | None
@@ -276,7 +279,7 @@ def _snapshot(state: _ModelState) -> ModelSnapshot:
     values = {name: window.values(name) for name in SIGNALS}
     # a request batch is under COTT's minimum: its estimate is the mean risk (see ErrorEstimator.estimate)
     batch_error = None if batch is None else state.estimator.estimate(_known(batch[0]), _known(batch[1]))
-    window_error = state.estimator.estimate(values["risk"], values["confidence"])  # COTT's: in snapshot()
+    window_error, correction = _window_estimate(state.estimator, drift, values["risk"], values["confidence"], None)
     return ModelSnapshot(
         model_version=state.model_version,
         feature_set_version=state.feature_set_version,
@@ -286,6 +289,7 @@ def _snapshot(state: _ModelState) -> ModelSnapshot:
         estimator_method=state.estimator.method,
         estimated_error=window_error,
         estimated_error_method=None if window_error is None else state.estimator.method_for(None),
+        estimated_error_correction=correction,
         estimated_error_last_batch=batch_error,
         last_batch_images=0 if batch is None else batch.shape[1],
         reference_error=state.reference_error,
@@ -308,8 +312,23 @@ def _with_transport_estimate(
     """``snap`` with COTT's window estimate once the window holds COTT_MIN_IMAGES images (before: the mean risk)."""
     if state.estimator.method_for(probabilities) != "cott":
         return snap
-    return replace(
-        snap,
-        estimated_error=state.estimator.estimate(None, None, probabilities),
-        estimated_error_method="cott",
-    )
+    estimate, correction = _window_estimate(state.estimator, state.drift, None, None, probabilities)
+    return replace(snap, estimated_error=estimate, estimated_error_method="cott", estimated_error_correction=correction)
+
+
+def _window_estimate(
+    estimator: ErrorEstimator,
+    drift: DriftResult | None,
+    risk: np.ndarray | None,
+    confidence: np.ndarray | None,
+    probabilities: np.ndarray | None,
+) -> tuple[float | None, float | None]:
+    """The window's estimate (corrected with the last drift test's MMD^2 where the estimator has a
+    correction; a test lags the window by at most ``drift_every`` images) and what the correction added."""
+    plain = estimator.estimate(risk, confidence, probabilities)
+    applies = drift is not None and estimator.correction is not None
+    if plain is None or not applies or estimator.method_for(probabilities) != estimator.method:
+        return plain, None  # COTT's small-window fallback (the mean risk) has no correction fitted
+    corrected = estimator.estimate(risk, confidence, probabilities, mmd2=drift.mmd2)  # type: ignore[union-attr]
+    assert corrected is not None
+    return corrected, corrected - plain

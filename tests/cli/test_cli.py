@@ -238,10 +238,14 @@ def test_evaluate_writes_report(pipeline, cifar_slice):
     assert summary["risk"]["auroc"] == report["risk"]["combined"]["auroc"]
     assert summary["risk"]["clean_weight"] == report["risk"]["clean_weight"]
     assert summary["error_estimator"] == report["error_estimate"]["method"] in ("mean_risk", "atc", "cott")
+    assert summary["error_estimate_window_error"] == report["error_estimate"]["window_error"]
+    # the set-level correction is kept exactly where the report says so, and then it goes with the feature set
+    assert summary["error_estimate_corrected"] == report["error_estimate"]["correction"]["kept"]
     assert 0.0 <= report["q_score"]["auroc"] <= 1.0
     assert report["n_train"] == 300 and report["n_test"] == 100
     calibrated = FeatureSet.load(calibrated_path)
     assert calibrated.risk_model is not None and calibrated.alpha == report["alpha"]
+    assert (calibrated.error_estimator.correction is not None) == summary["error_estimate_corrected"]
     assert set(report["risk"]) >= {"per_signal", "combined", "probe_max_softmax"}
     assert calibrated.bank is not None  # the bank is written beside the calibrated copy too
 

@@ -14,7 +14,7 @@ from service_helpers import LiveServer, build_registry, sum_samples
 from test_service_score import cifar_files, upload
 
 from models.monitoring.monitor import TrafficMonitor
-from models.scoring.error_estimate import COTT_MIN_IMAGES, ErrorEstimator
+from models.scoring.error_estimate import COTT_MIN_IMAGES, ErrorEstimator, SetCorrection
 from models.scoring.probe import HeadInfo, LinearHead
 from models.scoring.risk import RiskModel
 from qscore_config.settings import Settings
@@ -181,3 +181,34 @@ def test_a_cott_feature_set_estimates_by_transport_once_the_window_holds_enough_
     assert window["count"] == COTT_MIN_IMAGES and window["estimated_error_method"] == "cott"
     assert window["estimated_error"] == pytest.approx(window_error)
     assert window["mean_risk"] == pytest.approx(np.mean(risks), rel=1e-5)
+
+
+def test_a_feature_sets_set_correction_moves_the_window_estimate_by_the_drift_tests_mmd2(
+    make_server: Callable[..., LiveServer], tmp_path: Path, tiny_model: tuple, cifar_slice: Path
+) -> None:
+    """estimate + 0.05 + 2 MMD^2 (clipped to [0, 1]) once a drift test has run, over HTTP and in /metrics."""
+    registry = build_registry(tmp_path / "registry", tiny_model)
+    risk = RiskModel.from_q_curve([0.0, 0.05, 1.0], [0.9, 0.4, 0.1], "test: risk falls with Q")
+    correction = SetCorrection(intercept=0.05, mmd2_coef=2.0, estimate_coef=0.0)
+    estimator = ErrorEstimator(method="mean_risk", correction=correction)
+    fs = registry.load_feature_set("tiny")
+    registry.add_feature_set(
+        fs.model_copy(update={"risk_model": risk, "error_estimator": estimator}), version="tiny-corrected"
+    )
+    registry.set_active("tiny", "tiny-corrected")
+    live = make_server(registry_root=registry.root, monitor_window=16, drift_every=8, drift_min_interval_s=0)
+    paths = cifar_files(cifar_slice, 6)
+    risks = [r["risk"] for r in _score(live, paths)]  # 6 images: under drift_every, no test yet
+    window = _monitor(live)
+    assert window["drift_mmd2"] is None and window["estimated_error_correction"] is None
+    assert window["estimated_error"] == pytest.approx(np.mean(risks), rel=1e-5)
+    risks += [r["risk"] for r in _score(live, cifar_files(cifar_slice, 12)[6:])]
+    window = _monitor(live)
+    assert window["drift_computed_at"] == 12 and window["drift_mmd2"] is not None
+    expected = float(np.clip(np.mean(risks) + 0.05 + 2.0 * window["drift_mmd2"], 0.0, 1.0))
+    assert window["estimated_error"] == pytest.approx(expected, rel=1e-5)
+    assert window["estimated_error_correction"] == pytest.approx(expected - np.mean(risks), abs=1e-6)
+    with live.client() as client:
+        text = client.get("/metrics").text
+    pair = {"model_version": "tiny", "feature_set_version": "tiny-corrected"}
+    assert sum_samples(text, "qscore_estimated_error_ratio", **pair) == pytest.approx(expected, rel=1e-5)

@@ -182,6 +182,10 @@ def test_regularize_writes_a_new_model_and_evaluate_reports(
     assert record["metrics"]["top1"] == report["top1"]
     assert record["metrics"]["error_estimator"] == calibrated.error_estimator.method
     assert record["metrics"]["risk_clean_weight"] == report["risk"]["clean_weight"] in (0.5, 0.6, 0.7)
+    assert record["metrics"]["error_estimate_window_error"] == report["error_estimate"]["window_error"]
+    corrected = tiny_registry.load_feature_set(record["artifacts"]["feature_set"]).error_estimator.correction
+    assert record["metrics"]["error_estimate_corrected"] == report["error_estimate"]["correction"]["kept"]
+    assert (corrected is not None) == record["metrics"]["error_estimate_corrected"]
     calibrated = tiny_registry.load_feature_set(record["artifacts"]["feature_set"])
     assert calibrated.risk_model is not None and calibrated.alpha == report["alpha"]
     assert record["result"]["evaluated_feature_set"] == record["params"]["feature_set"]

@@ -48,6 +48,8 @@ def evaluate(ctx: JobContext) -> Outcome:
             "risk_auroc": report["risk"]["combined"]["auroc"],
             "risk_ece": report["risk"]["combined"]["ece"],
             "error_estimator": report["error_estimate"]["method"],
+            "error_estimate_window_error": report["error_estimate"]["window_error"],
+            "error_estimate_corrected": report["error_estimate"].get("correction", {}).get("kept", False),
             "risk_clean_weight": report["risk"].get("clean_weight"),
         }
     )

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from models.evaluation.linear_eval import _target_score, best_weight, choose_estimator, run_evaluation
 from models.evaluation.metrics import calibrate_alpha, compression_curve, linear_probe, score_power
-from models.evaluation.shift_fit import CLEAN_WEIGHTS, SignalSet
+from models.evaluation.shift_fit import CLEAN_WEIGHTS, SignalSet, with_mmd2
+from models.monitoring.drift import DriftReference
 from models.scoring.error_estimate import ErrorEstimator, fit_atc, fit_cott
 
 # --- score_power ---------------------------------------------------------------------------
@@ -209,6 +212,15 @@ def test_run_evaluation_keeps_encoder_frozen(tiny_model, cifar_slice):
     # every candidate estimated every shifted set: the head's probabilities went with each
     assert all(r["cott"] is not None and r["atc"] is not None for r in report["error_estimate"]["sets"])
     assert set(report["error_estimate"]["mean_abs_error"]) == {"mean_risk", "atc", "cott"}
+    # the set-level correction by each set's MMD^2 against the bank: judged with each family left out
+    correction = report["error_estimate"]["correction"]
+    assert correction["uncorrected"] == pytest.approx(
+        report["error_estimate"]["mean_abs_error"][report["error_estimate"]["method"]]
+    )
+    assert correction["kept"] == (calibrated.error_estimator.correction is not None)
+    assert correction["kept"] == (correction["corrected_leave_one_family_out"] < correction["uncorrected"])
+    served = correction["corrected_leave_one_family_out"] if correction["kept"] else correction["uncorrected"]
+    assert report["error_estimate"]["window_error"] == served
     # the clean share of the weight: each tried, the one whose cross-validated figures best meet the targets kept
     tried = report["risk"]["clean_weight_scores"]
     assert set(tried) == {str(w) for w in CLEAN_WEIGHTS}
@@ -279,9 +291,36 @@ def test_choose_estimator_takes_cott_where_a_shift_piles_confident_predictions_o
     assert chosen == ErrorEstimator(method="mean_risk", source="mean risk (no shifted sets)")
 
 
+def test_choose_estimator_keeps_a_set_correction_where_the_mmd2_explains_the_misses() -> None:
+    """The mean risk under-estimates each shifted set by half its MMD^2: corrected, leave one family out."""
+    rng = np.random.default_rng(1)
+    sets, subsets = [], {}
+    for i, (family, mmd2) in enumerate([("clean", 0.0)] + [(f"f{k}", m) for k in range(6) for m in (0.1, 0.3, 0.6)]):
+        error = 0.2 + 0.5 * mmd2
+        miss = np.arange(200) < round(200 * error)
+        name = "clean" if family == "clean" else f"{family}/{i}"
+        kind = "clean" if family == "clean" else "corruption"
+        signals = {"probe_max_softmax": rng.uniform(size=200)}
+        family_of = None if kind == "clean" else family
+        sets.append(SignalSet(name, kind, family_of, None, signals, miss, np.arange(200), mmd2=mmd2))
+        subsets[name] = {"mean_risk": 0.2}  # blind to the shift
+    chosen, report = choose_estimator(sets, subsets, {})
+    assert chosen.method == "mean_risk" and chosen.correction is not None
+    assert report["correction"]["kept"] and report["correction"]["uncorrected"] == pytest.approx(
+        np.mean([0.5 * m for _ in range(6) for m in (0.1, 0.3, 0.6)]), abs=0.003
+    )
+    assert report["window_error"] == report["correction"]["corrected_leave_one_family_out"] < 0.005
+    assert chosen.estimate(np.array([0.2]), None, mmd2=0.4) == pytest.approx(0.4, abs=0.005)
+    # without every set's MMD^2 there is nothing to fit
+    sets[3] = dataclasses.replace(sets[3], mmd2=None)
+    chosen, report = choose_estimator(sets, subsets, {})
+    assert chosen.correction is None and "correction" not in report
+    assert report["window_error"] == report["mean_abs_error"]["mean_risk"]
+
+
 def test_target_score_and_the_weight_choice_hand_case() -> None:
     subsets = {"clean": {"ece": 0.015}, "shifted": {"ece": 0.04}}
-    estimate = {"method": "cott", "mean_abs_error": {"cott": 0.06, "mean_risk": 0.01}}
+    estimate = {"method": "cott", "mean_abs_error": {"cott": 0.06, "mean_risk": 0.01}, "window_error": 0.06}
     score = _target_score(subsets, estimate)
     # ratios 0.5, 0.5 and 1.2 (the chosen estimator's error, not the others')
     assert score == pytest.approx({"ece_clean": 0.015, "ece_shifted": 0.04, "window_error": 0.06,
@@ -293,3 +332,18 @@ def test_target_score_and_the_weight_choice_hand_case() -> None:
     }
     assert best_weight(tie) == 0.6  # the least score first, then the least mean ratio
     assert best_weight({0.7: {"score": 1.0, "mean_ratio": 1.0}, 0.5: {"score": 1.0, "mean_ratio": 1.0}}) == 0.5
+
+
+def test_with_mmd2_measures_each_set_against_the_bank_as_the_monitor_does() -> None:
+    rng = np.random.default_rng(2)
+    reference = DriftReference(rng.normal(size=(300, 5)), size=100)
+    near, far = rng.normal(size=(60, 5)), rng.normal(size=(60, 5)) + np.array([3.0, 0, 0, 0, 0])
+    sets = [SignalSet(name, "corruption", name, 1, {}, np.zeros(60, bool), np.arange(60), h)
+            for name, h in (("near", near), ("far", far))]  # fmt: skip
+    kept, dropped = with_mmd2(sets, reference), with_mmd2(sets, reference, drop_h=True)
+    unit = near / np.linalg.norm(near, axis=1, keepdims=True)  # the bank's normalisation
+    assert kept[0].mmd2 == pytest.approx(reference.mmd2(unit), rel=1e-6) and kept[0].h is near
+    assert dropped[1].h is None and dropped[1].mmd2 == kept[1].mmd2 > kept[0].mmd2
+    assert sets[0].mmd2 is None  # the sets given are left as they were
+    with pytest.raises(ValueError, match="set 'near' kept no representations"):
+        with_mmd2(dropped[:1], reference)

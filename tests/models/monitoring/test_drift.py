@@ -151,3 +151,13 @@ def test_combined_p_values_stay_calibrated_when_nothing_shifts() -> None:
         reference = DriftReference(rng.normal(size=(60, 4)), size=60, held_out_typicality=rng.normal(size=500))
         p.append(reference.test(rng.normal(size=(40, 4)), 200, seed, typicality=rng.normal(size=40)).p_value)
     assert (np.array(p) < 0.05).mean() <= 0.1  # Bonferroni: at most about 0.05
+
+
+def test_mmd2_alone_is_the_tests_statistic_for_the_same_seed() -> None:
+    rng = np.random.default_rng(5)
+    reference = DriftReference(rng.normal(size=(400, 6)), size=100)
+    window = rng.normal(0.3, 1.0, size=(40, 6))
+    for seed in (0, 3):
+        assert reference.mmd2(window, seed) == pytest.approx(reference.test(window, 10, seed=seed).mmd2, rel=1e-9)
+    with pytest.raises(ValueError, match="the window must be \\(n, 6\\)"):
+        reference.mmd2(window[:, :5])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models.monitoring.monitor import TrafficMonitor, reference_error
-from models.scoring.error_estimate import COTT_MIN_IMAGES, ErrorEstimator, thresholded_transport
+from models.scoring.error_estimate import COTT_MIN_IMAGES, ErrorEstimator, SetCorrection, thresholded_transport
 from models.scoring.feature_set import FeatureSet
 from models.scoring.result import ImageScore
 
@@ -147,6 +147,26 @@ def test_drift_of_shifted_representations_is_significant(demo_features: FeatureS
     monitor.observe("m", torch.rand(100, 128, generator=torch.Generator().manual_seed(0)), [_score(0.5)] * 100)
     assert monitor.wait_for_drift(30)
     assert monitor.snapshot()[0].drift_p_value == pytest.approx(1 / 101)
+    monitor.close()
+
+
+def test_window_estimate_is_corrected_with_the_last_drift_tests_mmd2(demo_features: FeatureSet) -> None:
+    correction = SetCorrection(intercept=0.01, mmd2_coef=2.0, estimate_coef=0.0)
+    fs = demo_features.model_copy(update={"error_estimator": ErrorEstimator(method="mean_risk", correction=correction)})
+    monitor = TrafficMonitor(window=100, drift_every=100, permutations=20, reference_size=300)
+    monitor.activate("m", "f", fs)
+    monitor.observe("m", _h(50), [_score(0.3)] * 50)
+    (snap,) = monitor.snapshot()
+    # no drift test yet: the estimate as it is, and no correction said
+    assert snap.estimated_error == pytest.approx(0.3) and snap.estimated_error_correction is None
+    monitor.observe("m", _h(50, 1), [_score(0.3)] * 50)
+    assert monitor.wait_for_drift(30)
+    (snap,) = monitor.snapshot()
+    assert snap.drift_mmd2 is not None and snap.drift_mmd2 > 0.01  # uniform noise, far from the bank
+    expected = min(1.0, 0.3 + 0.01 + 2.0 * snap.drift_mmd2)
+    assert snap.estimated_error == pytest.approx(expected)
+    assert snap.estimated_error_correction == pytest.approx(expected - 0.3)
+    assert snap.estimated_error_last_batch == pytest.approx(0.3)  # a batch is never corrected
     monitor.close()
 
 

@@ -8,8 +8,10 @@ import pytest
 from models.scoring.error_estimate import (
     COTT_MIN_IMAGES,
     ErrorEstimator,
+    SetCorrection,
     fit_atc,
     fit_cott,
+    fit_set_correction,
     thresholded_transport,
     transport,
 )
@@ -154,3 +156,87 @@ def test_fit_cott_under_shift_beats_the_held_out_threshold_on_its_sets_property(
 def _mae(est: ErrorEstimator, sets: list[tuple[np.ndarray, float]]) -> float:
     assert est.class_prior is not None and est.threshold is not None
     return float(np.mean([abs(thresholded_transport(p, est.class_prior, est.threshold) - e) for p, e in sets]))
+
+
+# -- the set-level correction ----------------------------------------------------------------
+def test_set_correction_hand_case() -> None:
+    c = SetCorrection(intercept=0.01, mmd2_coef=0.5, estimate_coef=-0.1)
+    assert c.apply(0.4, 0.2) == pytest.approx(0.4 + 0.01 + 0.1 - 0.04)
+    assert c.apply(0.95, 1.0) == 1.0  # clipped
+    assert SetCorrection(intercept=-0.3, mmd2_coef=0.0, estimate_coef=0.0).apply(0.1, 0.0) == 0.0
+
+
+def test_estimate_is_corrected_only_with_the_windows_mmd2_and_the_chosen_method() -> None:
+    correction = SetCorrection(intercept=0.0, mmd2_coef=1.0, estimate_coef=0.0)
+    risk = np.array([0.1, 0.3])
+    est = ErrorEstimator(method="mean_risk", correction=correction)
+    assert est.estimate(risk, None) == pytest.approx(0.2)  # no MMD^2: uncorrected
+    assert est.estimate(risk, None, mmd2=0.25) == pytest.approx(0.45)
+    assert est.estimate(risk, None, mmd2=float("nan")) == pytest.approx(0.2)
+    assert est.estimate(None, None, mmd2=0.25) is None
+    # COTT's fallback on a small window is the mean risk, for which the correction was not fitted
+    cott = ErrorEstimator(method="cott", threshold=0.5, class_prior=[0.5, 0.5], correction=correction)
+    assert cott.estimate(risk, None, np.full((2, 2), 0.5), mmd2=0.25) == pytest.approx(0.2)
+    p = np.tile([[0.9, 0.1]], (COTT_MIN_IMAGES, 1))  # all on class 0, half the prior on class 1
+    assert cott.estimate(None, None, p) == pytest.approx(0.5)
+    assert cott.estimate(None, None, p, mmd2=0.25) == pytest.approx(0.75)
+    # and it survives the feature set's JSON
+    assert ErrorEstimator.model_validate_json(cott.model_dump_json()) == cott
+
+
+def test_fit_set_correction_recovers_a_linear_residual_property() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(30):
+        a, b, c = rng.uniform(0.1, 1.0), rng.uniform(-0.3, 0.3), rng.uniform(-0.05, 0.05)
+        families = [f"f{i}" for i in range(int(rng.integers(4, 10)))]
+        groups = ["clean"] + [f for f in families for _ in range(3)]
+        mmd2 = np.concatenate([[0.0], rng.uniform(0.0, 0.5, len(groups) - 1)])
+        estimate = rng.uniform(0.1, 0.6, len(groups))
+        error = np.clip(estimate + c + a * mmd2 + b * estimate, 0.0, 1.0)
+        correction, figures = fit_set_correction(estimate, mmd2, error, groups)
+        assert correction is not None
+        assert figures["corrected_leave_one_family_out"] < 1e-3 < figures["uncorrected"]
+        assert correction.mmd2_coef == pytest.approx(a, abs=1e-3)
+        assert correction.estimate_coef == pytest.approx(b, abs=1e-3)
+        assert correction.apply(0.3, 0.2) == pytest.approx(0.3 + c + 0.2 * a + 0.3 * b, abs=1e-3)
+
+
+def test_fit_set_correction_is_not_kept_where_it_cannot_help() -> None:
+    groups = ["clean"] + [f"f{i}" for i in range(5) for _ in range(3)]
+    rng = np.random.default_rng(0)
+    estimate = rng.uniform(0.1, 0.6, len(groups))
+    mmd2 = rng.uniform(0.0, 0.5, len(groups))
+    # exact estimates: nothing to correct (the corrected error cannot go below 0)
+    correction, figures = fit_set_correction(estimate, mmd2, estimate, groups)
+    assert correction is None and figures["uncorrected"] == 0.0
+    assert figures["corrected_leave_one_family_out"] >= 0.0
+    # too few sets, or one family only: not fitted at all
+    few, few_figures = fit_set_correction(estimate[:5], mmd2[:5], estimate[:5] + 0.1, groups[:5])
+    assert few is None and few_figures["corrected_leave_one_family_out"] is None
+    one = ["clean"] + ["f0"] * (len(groups) - 1)
+    assert fit_set_correction(estimate, mmd2, estimate + mmd2, one)[0] is None
+
+
+def test_fit_set_correction_errors() -> None:
+    with pytest.raises(ValueError, match="3 estimates and MMD\\^2 for 2 errors and 3 groups"):
+        fit_set_correction([0.1, 0.2, 0.3], [0.0, 0.1, 0.2], [0.1, 0.2], ["clean", "a", "b"])
+    with pytest.raises(ValueError, match="must be finite"):
+        fit_set_correction([0.1, np.nan], [0.0, 0.1], [0.1, 0.2], ["clean", "a"])
+
+
+def test_the_clean_set_anchors_the_correction_where_shifted_errors_do_not_follow_the_estimate() -> None:
+    # shifted sets whose error is about 0.66 whatever the estimate says: unanchored, the fit learns
+    # to replace the estimate by 0.66, and the clean window (error 0.61) is moved with them
+    rng = np.random.default_rng(4)
+    groups = ["clean"] + [f"f{i}" for i in range(8) for _ in range(4)]
+    n = len(groups)
+    estimate = np.concatenate([[0.60], rng.uniform(0.55, 0.8, n - 1)])
+    mmd2 = np.concatenate([[0.0], rng.uniform(0.0, 0.2, n - 1)])
+    error = np.concatenate([[0.61], 0.66 + rng.normal(0, 0.005, n - 1)])
+    anchored, _ = fit_set_correction(estimate, mmd2, error, groups)
+    loose, _ = fit_set_correction(estimate, mmd2, error, groups, clean_weight=0.0)
+    assert anchored is not None and loose is not None
+    assert anchored.apply(0.60, 0.0) == pytest.approx(0.61, abs=0.01)
+    assert loose.apply(0.60, 0.0) > 0.64
+    with pytest.raises(ValueError, match="clean_weight must be in"):
+        fit_set_correction(estimate, mmd2, error, groups, clean_weight=1.0)
