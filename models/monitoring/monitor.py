@@ -324,7 +324,8 @@ def _window_estimate(
     probabilities: np.ndarray | None,
 ) -> tuple[float | None, float | None]:
     """The window's estimate (corrected with the last drift test's MMD^2 where the estimator has a
-    correction; a test lags the window by at most ``drift_every`` images) and what the correction added."""
+    correction; a test lags the window by ``drift_every`` images or ``drift_min_interval_s``) and what the
+    correction added."""
     plain = estimator.estimate(risk, confidence, probabilities)
     applies = drift is not None and estimator.correction is not None
     if plain is None or not applies or estimator.method_for(probabilities) != estimator.method:
