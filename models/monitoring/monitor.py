@@ -326,10 +326,10 @@ def _window_estimate(
     """The window's estimate (corrected with the last drift test's MMD^2 where the estimator has a
     correction; a test lags the window by ``drift_every`` images or ``drift_min_interval_s``) and what the
     correction added."""
-    plain = estimator.estimate(risk, confidence, probabilities)
-    applies = drift is not None and estimator.correction is not None
-    if plain is None or not applies or estimator.method_for(probabilities) != estimator.method:
+    plain = estimator.estimate(risk, confidence, probabilities)  # COTT's transport: solved once
+    corrected = estimator.corrected(plain, probabilities, None if drift is None else drift.mmd2)
+    if plain is None or corrected is None or estimator.correction is None or drift is None:
+        return plain, None
+    if estimator.method_for(probabilities) != estimator.method:
         return plain, None  # COTT's small-window fallback (the mean risk) has no correction fitted
-    corrected = estimator.estimate(risk, confidence, probabilities, mmd2=drift.mmd2)  # type: ignore[union-attr]
-    assert corrected is not None
     return corrected, corrected - plain

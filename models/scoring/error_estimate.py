@@ -103,7 +103,11 @@ class ErrorEstimator(BaseModel):
         COTT on fewer than :data:`COTT_MIN_IMAGES` images (or without probabilities) is the mean
         risk, uncorrected (the correction was fitted on the chosen method's estimates).
         """
-        estimate = self._uncorrected(risk, confidence, probabilities)
+        return self.corrected(self._uncorrected(risk, confidence, probabilities), probabilities, mmd2)
+
+    def corrected(self, estimate: float | None, probabilities: np.ndarray | None, mmd2: float | None) -> float | None:
+        """An uncorrected ``estimate`` (of images with these head ``probabilities``) with
+        :attr:`correction` applied at the window's ``mmd2``; as it was where none applies."""
         if estimate is None or mmd2 is None or self.correction is None:
             return estimate
         if self.method_for(probabilities) != self.method or not np.isfinite(mmd2):

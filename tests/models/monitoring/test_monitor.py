@@ -233,3 +233,27 @@ def test_reference_error_comes_from_the_head_or_the_risk_fit(demo_features: Feat
 def test_bad_monitor_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="window >= 2"):
         TrafficMonitor(window=1)
+
+
+def test_a_corrected_cott_window_solves_its_transport_once_a_snapshot(
+    demo_features: FeatureSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from models.scoring import error_estimate
+
+    correction = SetCorrection(intercept=0.0, mmd2_coef=1.0, estimate_coef=0.0)
+    cott = ErrorEstimator(method="cott", threshold=0.6, class_prior=[0.1] * 10, correction=correction)
+    monitor = TrafficMonitor(window=COTT_MIN_IMAGES, drift_every=COTT_MIN_IMAGES, permutations=20, reference_size=300)
+    monitor.activate("m", "f", demo_features.model_copy(update={"error_estimator": cott}))
+    monitor.observe("m", _h(COTT_MIN_IMAGES), [_score(0.25)] * COTT_MIN_IMAGES)
+    assert monitor.wait_for_drift(30)
+    calls: list[int] = []
+    solve = error_estimate.thresholded_transport
+    monkeypatch.setattr(error_estimate, "thresholded_transport", lambda *a: calls.append(1) or solve(*a))
+    (snap,) = monitor.snapshot()
+    assert len(calls) == 1 and snap.estimated_error_method == "cott"
+    assert snap.estimated_error_correction == pytest.approx(snap.drift_mmd2)  # type: ignore[arg-type]
+    head = demo_features.classifier
+    assert head is not None
+    plain = solve(torch.softmax(head.logits(_h(COTT_MIN_IMAGES)), 1).numpy(), [0.1] * 10, 0.6)
+    assert snap.estimated_error == pytest.approx(min(1.0, plain + snap.drift_mmd2))  # type: ignore[operator]
+    monitor.close()
