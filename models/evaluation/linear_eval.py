@@ -144,6 +144,8 @@ def run_evaluation(
     }
     clean = labelled_clean_set(plain_signals, test_h_np, head, labels)
     shifted = []
+    # each set's distance from the bank, for the set-level correction of the error estimate
+    reference = None if feature_set.bank is None else DriftReference(feature_set.bank.vectors.float().cpu().numpy())
     if shift_samples > 0:
         shifted_idx = np.sort(np.random.default_rng(seed).choice(len(images), min(shift_samples, len(images)), False))
         shifted = signal_sets(
@@ -156,13 +158,12 @@ def run_evaluation(
             batch_size=batch_size,
             clean=False,
             source=shifted_idx,  # groups: the held-out image each copy was made from
-            keep_h=feature_set.bank is not None,
+            drift_reference=reference,
             on_progress=lambda f: report_progress(0.45 + 0.4 * f),
         )
+    if shifted and reference is not None:
+        (clean,) = with_mmd2([clean], reference, drop_h=True)
     sets = [clean, *shifted]
-    if shifted and feature_set.bank is not None:  # each set's distance from the bank, for the set-level correction
-        reference = DriftReference(feature_set.bank.vectors.float().cpu().numpy())
-        sets = with_mmd2(sets, reference, drop_h=True)
     risk_model, estimator, report["risk"], report["error_estimate"] = fit_under_shift(sets, seed=seed)
     if "typicality" in clean.signals:
         report["atypical_share_test"] = float((clean.signals["typicality"] > 1).mean())
