@@ -243,12 +243,15 @@ class Registry:
         except HeadError as exc:
             raise RegistryError(f"the head does not fit feature set {feature_set!r}: {exc}") from exc
         reads_head = fs.risk_model is not None and any(s.startswith("probe_") for s in fs.risk_model.signals)
-        # ATC's and COTT's thresholds were learnt on the old head's outputs
-        thresholded = fs.error_estimator is not None and fs.error_estimator.method in ("atc", "cott")
+        # ATC's and COTT's thresholds were learnt on the old head's outputs, a set-level correction on its errors
+        estimator = fs.error_estimator
+        fitted_on_old_head = estimator is not None and (
+            estimator.method in ("atc", "cott") or estimator.correction is not None
+        )
         stale: dict[str, None] = {}
         if reads_head:
             stale["risk_model"] = None
-        if reads_head or thresholded:
+        if reads_head or fitted_on_old_head:
             stale["error_estimator"] = None
         return self.add_feature_set(copy.model_copy(update=stale), version=version)
 

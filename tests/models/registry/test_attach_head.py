@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from models.registry.versions import Registry, RegistryError
-from models.scoring.error_estimate import ErrorEstimator
+from models.scoring.error_estimate import ErrorEstimator, SetCorrection
 from models.scoring.probe import HeadError, LinearHead
 
 CLASSES = [f"c{i}" for i in range(10)]
@@ -49,6 +49,10 @@ def test_bad_heads_are_refused_and_nothing_is_written(tiny_registry: Registry, t
         (ErrorEstimator(method="cott", threshold=0.5, class_prior=[0.1] * 10), False),
         (ErrorEstimator(method="atc", threshold=0.5), False),
         (ErrorEstimator(method="mean_risk"), True),
+        (
+            ErrorEstimator(method="mean_risk", correction=SetCorrection(intercept=0.1, mmd2_coef=1, estimate_coef=0)),
+            False,
+        ),
     ],
 )
 def test_a_new_head_drops_an_estimator_whose_threshold_was_learnt_on_the_old_one(
