@@ -227,11 +227,11 @@ def _cache_name(name: str, args: argparse.Namespace) -> str:
 def analyse(name: str, measured: dict[str, Any]) -> dict[str, Any]:
     report_sets: list[SignalSet] = measured["report"]
     bank = np.load(CACHE / measured["cache"] / "bank.npy")
-    # each fit set's MMD^2 against the bank, as run_evaluation computes it (the set-level correction's input)
-    fit_sets = with_mmd2(measured["fit"], DriftReference(bank))
-    clean_fit = fit_sets[0]
     # the held-out typicality the evaluation stores: the fit's clean images
-    reference = DriftReference(bank, held_out_typicality=clean_fit.signals["typicality"])
+    reference = DriftReference(bank, held_out_typicality=measured["fit"][0].signals["typicality"])
+    # each fit set's MMD^2 against the bank, as run_evaluation computes it (the set-level correction's input)
+    fit_sets = with_mmd2(measured["fit"], reference)
+    clean_fit = fit_sets[0]
     model, estimator, fit_report, estimate_report = fit_under_shift(fit_sets)
     today, _ = fit_risk(clean_fit.signals, clean_fit.misclassified, TODAY_SIGNALS, monotone=())
     lofo: dict[str, tuple[RiskModel, Any]] = {}

@@ -144,9 +144,10 @@ def run_evaluation(
     }
     clean = labelled_clean_set(plain_signals, test_h_np, head, labels)
     shifted = []
-    # each set's distance from the bank, for the set-level correction of the error estimate
-    reference = None if feature_set.bank is None else DriftReference(feature_set.bank.vectors.float().cpu().numpy())
+    reference = None
     if shift_samples > 0:
+        if feature_set.bank is not None:  # each set's distance from the bank, for the error estimate's correction
+            reference = DriftReference(feature_set.bank.vectors.float().cpu().numpy())
         shifted_idx = np.sort(np.random.default_rng(seed).choice(len(images), min(shift_samples, len(images)), False))
         shifted = signal_sets(
             Scorer(encoder, encoder_fingerprint, with_head, str(device)),
@@ -297,9 +298,11 @@ def choose_estimator(
     thresholds = {f"{name}_threshold": c.threshold for name, c in candidates.items()}
     report = {"method": method, "mean_abs_error": mae, "sets": rows, **thresholds, "window_error": mae[method]}
     if rows and all(s.mmd2 is not None for s in sets):
-        estimates = [
-            subsets[s.name]["mean_risk"] if method == "mean_risk" else _candidate_estimate(chosen, s) for s in sets
-        ]
+        made = {r["set"]: r[method] for r in rows}  # the shifted sets' estimates, made above
+        for s in sets:
+            if s.kind == "clean":
+                made[s.name] = subsets[s.name]["mean_risk"] if method == "mean_risk" else _candidate_estimate(chosen, s)
+        estimates = [made[s.name] for s in sets]
         correction, figures = fit_set_correction(
             estimates, [s.mmd2 for s in sets], [s.error for s in sets], [s.shift_group for s in sets]
         )

@@ -327,9 +327,5 @@ def _window_estimate(
     correction; a test lags the window by ``drift_every`` images or ``drift_min_interval_s``) and what the
     correction added."""
     plain = estimator.estimate(risk, confidence, probabilities)  # COTT's transport: solved once
-    corrected = estimator.corrected(plain, probabilities, None if drift is None else drift.mmd2)
-    if plain is None or corrected is None or estimator.correction is None or drift is None:
-        return plain, None
-    if estimator.method_for(probabilities) != estimator.method:
-        return plain, None  # COTT's small-window fallback (the mean risk) has no correction fitted
-    return corrected, corrected - plain
+    added = estimator.correction_added(plain, probabilities, None if drift is None else drift.mmd2)
+    return (plain, None) if added is None else (plain + added, added)  # type: ignore[operator]

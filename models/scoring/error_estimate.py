@@ -108,11 +108,19 @@ class ErrorEstimator(BaseModel):
     def corrected(self, estimate: float | None, probabilities: np.ndarray | None, mmd2: float | None) -> float | None:
         """An uncorrected ``estimate`` (of images with these head ``probabilities``) with
         :attr:`correction` applied at the window's ``mmd2``; as it was where none applies."""
+        added = self.correction_added(estimate, probabilities, mmd2)
+        return estimate if added is None else estimate + added  # type: ignore[operator]
+
+    def correction_added(
+        self, estimate: float | None, probabilities: np.ndarray | None, mmd2: float | None
+    ) -> float | None:
+        """What :attr:`correction` adds to ``estimate`` at ``mmd2``; None where it does not apply (no
+        estimate, MMD^2 or correction, or COTT's small-window fallback, for which none was fitted)."""
         if estimate is None or mmd2 is None or self.correction is None:
-            return estimate
+            return None
         if self.method_for(probabilities) != self.method or not np.isfinite(mmd2):
-            return estimate
-        return self.correction.apply(estimate, mmd2)
+            return None
+        return self.correction.apply(estimate, mmd2) - estimate
 
     def _uncorrected(
         self, risk: np.ndarray | None, confidence: np.ndarray | None, probabilities: np.ndarray | None
