@@ -1,11 +1,9 @@
-"""The ``qscore`` command end to end on the CIFAR-10 slice (subprocesses, CPU, width 8)."""
+"""The ``qscore`` command end to end on the CIFAR-10 slice (CPU, width 8): in this process, and the
+installed script once (:mod:`tests.cli.runner`)."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,20 +13,7 @@ from PIL import Image
 from models.encoders.loading import load_encoder
 from models.scoring.feature_set import FeatureSet
 from service.schemas import ScoreResult
-
-QSCORE = Path(sys.executable).parent / "qscore"
-
-
-def run_cli(*args: object, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run([str(QSCORE), *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def last_json(stdout: str) -> dict:
-    return json.loads(stdout.strip().splitlines()[-1])
+from tests.cli.runner import last_json, run_cli, run_installed
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +173,7 @@ def test_score_bad_model_is_one_line_error(pipeline, cifar_slice, tmp_path):
     model = tmp_path / "model.pth"
     model.write_text("hello")
     image = sorted((cifar_slice / "test").glob("*/*"))[0]
-    result = run_cli(
+    result = run_installed(
         "score",
         image,
         "--model",
@@ -197,8 +182,8 @@ def test_score_bad_model_is_one_line_error(pipeline, cifar_slice, tmp_path):
         pipeline["features"],
         "--device",
         "cpu",
-        check=False,
     )
+    # the installed script, as a user runs it (main()'s logging included): one line, no traceback
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]

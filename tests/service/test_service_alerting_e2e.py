@@ -1,7 +1,7 @@
 """Alerting end to end with the real parts: `qscore serve`, Prometheus, Alertmanager, a webhook.
 
 Prometheus (Debian's `prometheus`) scrapes a real `qscore serve` every second and evaluates a
-test copy of deploy/prometheus/alerts.yml whose windows are 20 s and whose `for:` is 2 s;
+test copy of deploy/prometheus/alerts.yml whose windows are 10 s and whose `for:` is 2 s;
 Alertmanager (`prometheus-alertmanager`) delivers to a webhook receiver in this test. In
 distribution traffic (CIFAR-10 test images) must leave it silent; inverted copies of the same
 images, which typicality passes, must get `QScoreRepresentationDrift` delivered (the monitor's
@@ -50,8 +50,8 @@ pytestmark = pytest.mark.skipif(
 
 
 def shortened_rules(text: str) -> str:
-    """The rules with every range window at 20 s, every `for:` at 2 s and image minimums at 10."""
-    text = re.sub(r"\[\d+m\]", "[20s]", text)
+    """The rules with every range window at 10 s, every `for:` at 2 s and image minimums at 10."""
+    text = re.sub(r"\[\d+m\]", "[10s]", text)
     text = re.sub(r"for: \d+m", "for: 2s", text)
     return re.sub(r">= \d+\n", ">= 10\n", text)
 
@@ -249,7 +249,7 @@ def test_shift_alerts_are_delivered_for_shifted_images_only(stack: dict, cifar_s
     paths = sorted((cifar_slice / "test").rglob("*.jpg"))[:64]
     cifar = [p.read_bytes() for p in paths]
     # In distribution for longer than window + for: silent.
-    scored, atypical = _post_for(stack["qscore"], cifar, 28)
+    scored, atypical = _post_for(stack["qscore"], cifar, 15)
     assert scored >= 64 and atypical / scored < 0.1
     assert _drift_p_value(stack["qscore"]) >= 0.01
     time.sleep(3)

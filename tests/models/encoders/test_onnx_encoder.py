@@ -4,9 +4,6 @@ command line; their representations against the torch module's on real CIFAR-10 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -22,8 +19,8 @@ from models.encoders.loading import load_encoder
 from models.encoders.spec import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
 from models.registry.versions import Registry
 from models.scoring.representations import extract_representations
+from tests.cli.runner import run_cli
 
-QSCORE = Path(sys.executable).parent / "qscore"
 CIFAR = {"mean": CIFAR_MEAN, "std": CIFAR_STD}
 
 
@@ -202,19 +199,23 @@ def test_registry_keeps_the_file_and_its_preprocessing(files, kind, file_name, t
     assert (registry.model_dir("small-again") / file_name).is_file()
 
 
-def run_cli(*args: object) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([str(QSCORE), *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
-
-
 def test_regularize_and_convert_refuse_onnx_and_pt2_with_exit_2(files, tmp_path: Path) -> None:
     for kind, needle in (("onnx", "ONNX encoders are inference exports"), ("pt2", "torch.export programs are")):
         out = tmp_path / f"{kind}-tuned.safetensors"
         result = run_cli(
-            "regularize", "--model", files[kind], "--features", tmp_path / "f.json", "--data", tmp_path, "--out", out
+            "regularize",
+            "--model",
+            files[kind],
+            "--features",
+            tmp_path / "f.json",
+            "--data",
+            tmp_path,
+            "--out",
+            out,
+            check=False,
         )
         assert result.returncode == 2, result.stderr
         assert "cannot regularize" in result.stderr and needle in result.stderr
         assert not out.exists()
-    converted = run_cli("convert", "--checkpoint", files["onnx"], "--out", tmp_path / "c.safetensors")
+    converted = run_cli("convert", "--checkpoint", files["onnx"], "--out", tmp_path / "c.safetensors", check=False)
     assert converted.returncode == 2 and "is an ONNX model: use it as it is" in converted.stderr

@@ -23,7 +23,7 @@ from models.registry.versions import Registry
 from models.scoring.feature_set import SIGNED_SHARE, EncoderRef
 from models.scoring.qscore import q_score
 from models.scoring.representations import extract_representations
-from tests.cli.test_cli import last_json, run_cli
+from tests.cli.runner import last_json, run_cli
 
 # (name, image size the test trains for, feature dimension of timm's pre-logits)
 ARCHS = [("test_vit", 32, 64), ("test_convnext", 32, 64), ("test_resnet", 32, 96)]

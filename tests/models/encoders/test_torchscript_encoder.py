@@ -20,7 +20,7 @@ from models.registry.versions import Registry, RegistryError
 from models.scoring.feature_set import FeatureSet
 from models.scoring.qscore import q_score
 from models.scoring.representations import extract_representations
-from tests.cli.test_cli import last_json, run_cli
+from tests.cli.runner import last_json, run_cli
 from tests.shared_encoders import RESNET20_FLAGS, RESNET20_PREPROCESSING, RESNET20_TORCHSCRIPT, shared_file
 
 
