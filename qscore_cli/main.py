@@ -9,33 +9,17 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import numpy as np
 import typer
-from tqdm.auto import tqdm
 
-from models.data.datasets import image_folder
-from models.data.images import ImageDecodeError, decode_image
-from models.discovery.discover import discover_folder, parse_eps
-from models.encoders.device import resolve_device
-from models.encoders.loading import ImportedEncoder, load_encoder, save_encoder
-from models.encoders.resnet import build_encoder
-from models.encoders.spec import BUILTIN_ARCHS, IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, parse_rgb
-from models.evaluation.linear_eval import DEFAULT_SHIFT_SAMPLES, run_evaluation
-from models.explanation.explain import MAX_TOP, Explainer
-from models.explanation.render import display_size, enlarged
-from models.registry.versions import Registry
-from models.scoring.feature_set import FeatureSet
-from models.scoring.result import error_row
-from models.scoring.scorer import Scorer
-from models.storage.atomic import write_json_atomic
-from models.training.loop import TrainConfig, seed_everything, train
-from models.training.objectives import METHODS, build_method
-from models.training.regularize import prepare_regularization
-from qscore_config.settings import get_settings
-from service.server import run as run_server
-from worker.runner import run_worker
+from models.evaluation.defaults import DEFAULT_SHIFT_SAMPLES
+
+if TYPE_CHECKING:
+    from models.encoders.loading import ImportedEncoder
+
+# Each command imports what it uses: torch, torchvision, scikit-learn, the service and Celery take
+# 6-8 s to import, which `qscore --help` and a mistyped flag should not wait for.
 
 app = typer.Typer(
     help="Label-free quality scoring of self-supervised image representations (Q-Score).",
@@ -81,6 +65,8 @@ def user_errors() -> Iterator[None]:
 
 def preprocessing(image_size: int | None, mean: str | None, std: str | None) -> dict[str, Any]:
     """The ``--image-size``, ``--mean`` and ``--std`` flags, checked, as load_encoder takes them."""
+    from models.encoders.spec import parse_rgb
+
     if image_size is not None and image_size < 8:
         raise ValueError(f"--image-size must be at least 8 pixels, got {image_size}")
     return {"image_size": image_size, "mean": parse_rgb(mean, "--mean"), "std": parse_rgb(std, "--std")}
@@ -90,10 +76,14 @@ def load_model(
     model: Path, arch: str | None, image_size: int | None, mean: str | None, std: str | None
 ) -> ImportedEncoder:
     """The encoder behind ``--model`` with the preprocessing flags applied."""
+    from models.encoders.loading import load_encoder
+
     return load_encoder(model, arch=arch, **preprocessing(image_size, mean, std))
 
 
 def _progress_bar(total: int, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
     return tqdm(total=total, desc=desc, unit="step")
 
 
@@ -130,6 +120,14 @@ def pretrain(
     log: Annotated[Path | None, typer.Option(help="Append one JSON line per step here.")] = None,
 ) -> None:
     """Pre-train an encoder with a self-supervised objective."""
+    from models.data.datasets import image_folder
+    from models.encoders.device import resolve_device
+    from models.encoders.loading import save_encoder
+    from models.encoders.resnet import build_encoder
+    from models.encoders.spec import BUILTIN_ARCHS, IMAGENET_MEAN, IMAGENET_STD, EncoderSpec
+    from models.training.loop import TrainConfig, seed_everything, train
+    from models.training.objectives import METHODS, build_method
+
     with user_errors():
         spec_kwargs: dict[str, Any] = {"arch": arch, "width": width, "cifar_stem": cifar_stem, "image_size": image_size}
         if not cifar_stem:
@@ -192,6 +190,9 @@ def discover(
     std: StdOpt = None,
 ) -> None:
     """Find the discriminative features of an encoder on unlabelled images."""
+    from models.discovery.discover import discover_folder, parse_eps
+    from models.encoders.device import resolve_device
+
     with user_errors():
         feature_set = discover_folder(
             load_model(model, arch, image_size, mean, std),
@@ -248,6 +249,11 @@ def score(
     std: StdOpt = None,
 ) -> None:
     """Q-Score images; flag those below the feature set's alpha or unlike its reference (atypical)."""
+    from models.data.images import ImageDecodeError, decode_image
+    from models.scoring.feature_set import FeatureSet
+    from models.scoring.result import error_row
+    from models.scoring.scorer import Scorer
+
     with user_errors():
         imported = load_model(model, arch, image_size, mean, std)
         scorer = Scorer(imported.encoder, imported.fingerprint, FeatureSet.load(features), device=device)
@@ -302,6 +308,14 @@ def explain(
     Per image: ``NAME.json`` (the fields of POST /explain without the pictures), ``NAME.input.png``
     (the image as the encoder saw it) and ``NAME.feature-J.png`` (feature J's heatmap over it).
     """
+    import numpy as np
+
+    from models.data.images import ImageDecodeError, decode_image
+    from models.explanation.explain import MAX_TOP, Explainer
+    from models.explanation.render import display_size, enlarged
+    from models.scoring.feature_set import FeatureSet
+    from models.scoring.scorer import Scorer
+
     with user_errors():
         if not 1 <= top <= MAX_TOP:
             raise ValueError(f"--top must be between 1 and {MAX_TOP}, got {top}")
@@ -376,6 +390,11 @@ def evaluate(
     std: StdOpt = None,
 ) -> None:
     """Linear evaluation: top-1, Q-Score AUROC/AUPRC, compression curve; the head, risk and error estimator."""
+    from models.encoders.device import resolve_device
+    from models.evaluation.linear_eval import run_evaluation
+    from models.scoring.feature_set import FeatureSet
+    from models.storage.atomic import write_json_atomic
+
     with user_errors():
         imported = load_model(model, arch, image_size, mean, std)
         feature_set = FeatureSet.load(features)
@@ -441,6 +460,10 @@ def regularize(
     std: StdOpt = None,
 ) -> None:
     """Continue training an encoder with the Q-Score regulariser (paper eq. 4)."""
+    from models.encoders.device import resolve_device
+    from models.encoders.loading import save_encoder
+    from models.training.regularize import prepare_regularization
+
     with user_errors():
         imported = load_model(model, arch, image_size, mean, std)
         run = prepare_regularization(
@@ -479,6 +502,9 @@ def attach_head(
     ] = None,
 ) -> None:
     """Serve your own classifier head with a feature set (a new version); re-run evaluate to fit its risk."""
+    from models.registry.versions import Registry
+    from qscore_config.settings import get_settings
+
     with user_errors():
         root = registry or get_settings().registry_root
         names = [c.strip() for c in classes.split(",")] if classes else None
@@ -500,6 +526,9 @@ def import_model(
     std: StdOpt = None,
 ) -> None:
     """Register an encoder file once, so the service and the jobs can name it."""
+    from models.registry.versions import Registry
+    from qscore_config.settings import get_settings
+
     with user_errors():
         root = registry or get_settings().registry_root
         record = Registry(root).import_model(model, version=version, arch=arch, **preprocessing(image_size, mean, std))
@@ -516,6 +545,8 @@ def convert(
     std: StdOpt = None,
 ) -> None:
     """Turn a checkpoint plus its architecture into a self-describing safetensors file."""
+    from models.encoders.loading import save_encoder
+
     with user_errors():
         imported = load_model(checkpoint, arch, image_size, mean, std)
         kinds = {
@@ -540,6 +571,8 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
 ) -> None:
     """Start the scoring service (uvicorn), on the embedded demo model unless configured."""
+    from service.server import run as run_server
+
     run_server(host=host, port=port)
 
 
@@ -550,6 +583,8 @@ def worker(
     loglevel: str = "INFO",
 ) -> None:
     """Start a Celery worker with the project's settings."""
+    from worker.runner import run_worker
+
     run_worker(concurrency=concurrency, pool=pool, loglevel=loglevel)
 
 

@@ -19,6 +19,7 @@ from models.data.datasets import ProgressFn, image_folder, random_sample, subset
 from models.data.transforms import eval_transform
 from models.encoders.resnet import ResNetEncoder
 from models.evaluation import shift_fit
+from models.evaluation.defaults import DEFAULT_SHIFT_SAMPLES
 from models.evaluation.metrics import calibrate_alpha, compression_curve, linear_probe, score_power
 from models.evaluation.shift_fit import (
     FIT_SEVERITIES,
@@ -45,9 +46,6 @@ from models.scoring.representations import extract_representations
 from models.scoring.risk import RiskModel, fit_risk
 from models.scoring.scorer import Scorer
 from models.scoring.typicality import TypicalityModel
-
-#: Held-out images whose shifted copies the risk model also sees (x 87 sets: 17,400 images).
-DEFAULT_SHIFT_SAMPLES = 200
 
 
 def run_evaluation(

@@ -4,6 +4,8 @@ installed script once (:mod:`tests.cli.runner`)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ import pytest
 from PIL import Image
 
 from models.encoders.loading import load_encoder
+from models.evaluation.linear_eval import DEFAULT_SHIFT_SAMPLES
 from models.scoring.feature_set import FeatureSet
 from service.schemas import ScoreResult
 from tests.cli.runner import last_json, run_cli, run_installed
@@ -275,3 +278,27 @@ def test_attach_head_makes_a_new_feature_set_version(tiny_registry, tmp_path):
     assert last_json(out.stdout) == {"feature_set": "tiny-mine"}
     fs = tiny_registry.load_feature_set("tiny-mine")
     assert fs.head.kind == "torchscript" and fs.head.registered and fs.head.classes == names
+
+
+def test_help_answers_without_importing_torch():
+    """`qscore --help` and every command's help come from the command line alone: each command
+    imports torch, the service or Celery when it runs, not when the command line is read."""
+    commands = ["pretrain", "discover", "score", "explain", "evaluate", "regularize", "attach-head", "import",
+                "convert", "serve", "worker"]  # fmt: skip
+    probe = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from qscore_cli.main import app\n"
+        f"for args in [['--help']] + [[c, '--help'] for c in {commands!r}]:\n"
+        "    result = CliRunner().invoke(app, args)\n"
+        "    assert result.exit_code == 0, (args, result.output)\n"
+        "    print(repr(result.output))\n"
+        "print(sorted(m for m in ('torch', 'torchvision', 'sklearn', 'fastapi', 'celery') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    *helps, loaded = done.stdout.strip().splitlines()
+    assert loaded == "[]"
+    assert all(c in helps[0] for c in commands)
+    evaluate_help = helps[1 + commands.index("evaluate")]
+    assert f"default: {DEFAULT_SHIFT_SAMPLES}" in evaluate_help
