@@ -16,7 +16,7 @@ from models.encoders.export_program import NOT_TRAINABLE as EXPORT_NOT_TRAINABLE
 from models.encoders.onnx_encoder import NOT_TRAINABLE as ONNX_NOT_TRAINABLE
 from models.encoders.spec import EncoderSpec
 from models.encoders.torchscript_encoder import NOT_TRAINABLE
-from models.evaluation.linear_eval import DEFAULT_SHIFT_SAMPLES
+from models.evaluation.defaults import DEFAULT_SHIFT_SAMPLES
 from models.registry.versions import Registry, RegistryError
 from qscore_config.settings import Settings
 

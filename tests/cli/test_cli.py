@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from models.encoders.loading import load_encoder
-from models.evaluation.linear_eval import DEFAULT_SHIFT_SAMPLES
+from models.evaluation.defaults import DEFAULT_SHIFT_SAMPLES
 from models.scoring.feature_set import FeatureSet
 from service.schemas import ScoreResult
 from tests.cli.runner import last_json, run_cli, run_installed
