@@ -216,17 +216,24 @@ def head_probabilities(head: Head, h: torch.Tensor) -> np.ndarray:
 
 def head_outputs(head: Head, h: torch.Tensor) -> dict[str, np.ndarray]:
     """What a head adds to a batch's signals: :func:`head_signals` and ``probe_prediction`` (class index)."""
-    logits = head.logits(h)
-    return head_signals(logits) | {"probe_prediction": logits.argmax(dim=1).cpu().numpy()}
+    return {name: t.cpu().numpy() for name, t in head_tensors(head.logits(h)).items()}
 
 
-def head_signals(logits: torch.Tensor) -> dict[str, np.ndarray]:
-    """Softmax confidence signals of (B, C) logits, each (B,): max probability, entropy, margin."""
+def head_tensors(logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """:func:`head_signals` as (B,) tensors, and ``probe_prediction`` (the class index, int64)."""
     p = torch.softmax(logits.float(), dim=1)
     top2 = torch.topk(p, 2, dim=1).values
     entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(dim=1)
     return {
-        "probe_max_softmax": top2[:, 0].cpu().numpy(),
-        "probe_entropy": entropy.cpu().numpy(),
-        "probe_margin": (top2[:, 0] - top2[:, 1]).cpu().numpy(),
+        "probe_max_softmax": top2[:, 0],
+        "probe_entropy": entropy,
+        "probe_margin": top2[:, 0] - top2[:, 1],
+        "probe_prediction": logits.argmax(dim=1),
     }
+
+
+def head_signals(logits: torch.Tensor) -> dict[str, np.ndarray]:
+    """Softmax confidence signals of (B, C) logits, each (B,): max probability, entropy, margin."""
+    out = head_tensors(logits)
+    del out["probe_prediction"]
+    return {name: t.cpu().numpy() for name, t in out.items()}

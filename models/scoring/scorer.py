@@ -22,10 +22,11 @@ from models.encoders.runtime import Runtime, torch_threads
 from models.encoders.spec import Encoder
 from models.scoring.compatibility import check_fits
 from models.scoring.feature_set import FeatureSet
-from models.scoring.probe import head_outputs
+from models.scoring.probe import LinearHead, head_outputs, head_tensors
 from models.scoring.qscore import QScoreParts, discriminative_mask, q_score_parts
 from models.scoring.result import FeatureValue, ImageScore, reasons_of
-from models.scoring.signals import label_free_signals
+from models.scoring.signal_graph import SignalGraph, SignalOutputs, build_signal_graph
+from models.scoring.signals import finish_signals, signal_tensors
 from models.scoring.typicality import pixel_signals
 
 PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -38,10 +39,12 @@ Pixels = Sequence[np.ndarray] | torch.Tensor
 @dataclass(frozen=True)
 class Inference:
     """A batch after the forward pass: ``h`` (B, r) float32 on the scoring device, and the pixel
-    statistics of typicality (each (B,)) when its model uses them, else None."""
+    statistics of typicality (each (B,)) when its model uses them, else None; with a signal graph
+    (ONNX Runtime on the CPU), its outputs, which the pixel statistics are part of."""
 
     h: torch.Tensor
     pixel_stats: dict[str, torch.Tensor] | None
+    graph: SignalOutputs | None = None
 
 
 class Scorer:
@@ -49,7 +52,9 @@ class Scorer:
 
     ``precision`` other than float32 runs the encoder under autocast on a GPU only; the
     Q-Score itself is always computed in float32. ``runtime`` says what runs the encoder
-    (torch by default; ONNX Runtime: ``models/encoders/runtime.py``).
+    (torch by default; ONNX Runtime: ``models/encoders/runtime.py``). With ONNX Runtime on the
+    CPU the arithmetic after the forward runs as one more ONNX Runtime session
+    (``models/scoring/signal_graph.py``), where it traces and checks.
     """
 
     def __init__(
@@ -69,7 +74,8 @@ class Scorer:
             raise ValueError(f"precision {precision} is only supported on a CUDA device")
         self.precision = precision
         self.encoder = encoder.to(self.device).eval()
-        self.engine = (runtime or Runtime()).engine(self.encoder, encoder_fingerprint, self.device, precision)
+        runtime = runtime or Runtime()
+        self.engine = runtime.engine(self.encoder, encoder_fingerprint, self.device, precision)
         self.fingerprint = encoder_fingerprint
         self.feature_set = feature_set
         spec = encoder.spec
@@ -96,6 +102,18 @@ class Scorer:
         self.head = None if head is None else head.to(self.device)
         # Without typicality or a risk model nothing reads the other signals: the Q-Score's alone.
         self._q_only = self.typicality is None and feature_set.risk_model is None
+        # A user's TorchScript head runs on torch after the graph; the graph traces a linear one.
+        self._head_in_graph = isinstance(self.head, LinearHead)
+        self.signal_graph: SignalGraph | None = None
+        if self.engine.name == "onnxruntime" and self.device.type == "cpu":
+            with torch_threads(self.engine.torch_threads):
+                self.signal_graph = build_signal_graph(
+                    lambda h, pixels: self._signal_tensors(h, pixels, head=self._head_in_graph),
+                    needs_pixels=self._needs_pixels,
+                    image_size=spec.image_size,
+                    feature_dim=encoder.feature_dim,
+                    intra_op_threads=runtime.intra_op_threads,
+                )
 
     @property
     def bank_bytes(self) -> int:
@@ -124,7 +142,11 @@ class Scorer:
         if batch.dtype != torch.uint8 or batch.dim() != 4 or batch.shape[1] != 3:
             raise ValueError(f"expected (B, 3, H, W) uint8 pixels, got {tuple(batch.shape)} {batch.dtype}")
         with torch.inference_mode(), torch_threads(self.engine.torch_threads):
-            x = batch.to(self.device, non_blocking=True).contiguous().to(dtype=torch.float32).div_(255)
+            pixels = batch.to(self.device, non_blocking=True).contiguous()
+            x = pixels.to(dtype=torch.float32).div_(255)
+            if self.signal_graph is not None:  # the pixel statistics are in the graph
+                h = self._forward(x.sub_(self._mean).div_(self._std))
+                return Inference(h, None, self.signal_graph.run(pixels, h))
             stats = pixel_signals(x) if self._needs_pixels else None
             x = x.sub_(self._mean).div_(self._std)
             return Inference(self._forward(x), stats)
@@ -197,13 +219,27 @@ class Scorer:
 
         With a head, also its confidence signals and ``probe_prediction`` (the class index).
         """
-        parts = q_score_parts(inference.h, self.discriminative, self.feature_set.eps)
-        if self._q_only:
-            sig = {"q_score": parts.q_score.cpu().numpy(), "mean_active": parts.mean_active.cpu().numpy()}
+        if inference.graph is not None:
+            parts, sig = inference.graph.parts, dict(inference.graph.signals)
+            if self.head is not None and not self._head_in_graph:
+                sig |= head_outputs(self.head, inference.h)
         else:
-            sig = label_free_signals(inference.h, inference.pixel_stats, parts, self.typicality, self.bank)
-        if self.head is not None:
-            sig |= head_outputs(self.head, inference.h)
+            parts, tensors = self._signal_tensors(inference.h, inference.pixel_stats, head=self.head is not None)
+            sig = {name: t.cpu().numpy() for name, t in tensors.items()}
+        return parts, sig if self._q_only else finish_signals(sig, self.typicality)
+
+    def _signal_tensors(
+        self, h: torch.Tensor, pixels: torch.Tensor | dict[str, torch.Tensor] | None, *, head: bool
+    ) -> tuple[QScoreParts, dict[str, torch.Tensor]]:
+        """The arithmetic of :meth:`signals` on ``h`` and the pixels (in [0, 1], or their statistics):
+        what the torch path runs and the signal graph is traced from."""
+        parts = q_score_parts(h, self.discriminative, self.feature_set.eps)
+        if self._q_only:
+            sig = {"q_score": parts.q_score, "mean_active": parts.mean_active}
+        else:
+            sig = signal_tensors(h, pixels, parts, self.typicality, self.bank)
+        if head:
+            sig |= head_tensors(self.head.logits(h))
         return parts, sig
 
     def score(self, images: Pixels, features: bool | Sequence[bool] = True) -> list[ImageScore]:

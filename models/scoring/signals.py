@@ -1,4 +1,9 @@
-"""Every label-free signal of a batch: what typicality and the risk model read."""
+"""Every label-free signal of a batch: what typicality and the risk model read.
+
+Two steps: :func:`signal_tensors`, the arithmetic on the representations and pixels (torch; the
+same function the ONNX signal graph is traced from, ``models/scoring/signal_graph.py``), then
+:func:`finish_signals`, what the feature set's fitted models add on the host (numpy).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,36 @@ from models.scoring.typicality import DEFAULT_K, TypicalityModel
 from models.scoring.typicality import signals as typicality_signals
 
 
+def signal_tensors(
+    h: torch.Tensor,
+    pixels: torch.Tensor | dict[str, torch.Tensor] | None,
+    parts: QScoreParts,
+    typicality: TypicalityModel | None,
+    bank: ReferenceBank | None,
+) -> dict[str, torch.Tensor]:
+    """The label-free signals that are arithmetic on ``h`` and the pixels, each a (B,) tensor.
+
+    The Q-Score and its mean of dominant discriminative features (``parts``), the
+    representation's norm and sparsity signals, the k-NN distance and prototype confidences
+    (with a bank) and the pixel statistics (with ``pixels`` in [0, 1]).
+    """
+    k = typicality.k if typicality is not None else DEFAULT_K
+    usable_bank = bank if bank is not None and bank.size > k else None
+    out = typicality_signals(h, usable_bank, k, pixels=pixels)
+    out["q_score"] = parts.q_score
+    out["mean_active"] = parts.mean_active
+    return out
+
+
+def finish_signals(signals: dict[str, np.ndarray], typicality: TypicalityModel | None) -> dict[str, np.ndarray]:
+    """``signals`` plus ``typicality`` and ``log_typicality`` when its model and all its inputs are there."""
+    if typicality is not None and set(typicality.components) <= set(signals):
+        signals["typicality"] = typicality.typicality(signals)
+        # The risk model reads it on a log scale: gross inputs reach typicalities of thousands.
+        signals["log_typicality"] = np.log1p(np.maximum(signals["typicality"], 0.0))
+    return signals
+
+
 def label_free_signals(
     h: torch.Tensor,
     pixels: torch.Tensor | dict[str, torch.Tensor] | None,
@@ -18,21 +53,7 @@ def label_free_signals(
     typicality: TypicalityModel | None,
     bank: ReferenceBank | None,
 ) -> dict[str, np.ndarray]:
-    """Every label-free signal of a batch, as (B,) arrays: what the risk model may use.
-
-    The Q-Score and its mean of dominant discriminative features (``parts``), the
-    representation's norm and sparsity signals, the k-NN distance and prototype confidences
-    (with a bank), the pixel statistics (with ``pixels`` in [0, 1]) and ``typicality`` (when
-    its model and all its inputs are there).
-    """
-    k = typicality.k if typicality is not None else DEFAULT_K
-    usable_bank = bank if bank is not None and bank.size > k else None
-    sig = typicality_signals(h, usable_bank, k, pixels=pixels)
-    out = {name: t.cpu().numpy() for name, t in sig.items()}
-    out["q_score"] = parts.q_score.cpu().numpy()
-    out["mean_active"] = parts.mean_active.cpu().numpy()
-    if typicality is not None and set(typicality.components) <= set(out):
-        out["typicality"] = typicality.typicality(out)
-        # The risk model reads it on a log scale: gross inputs reach typicalities of thousands.
-        out["log_typicality"] = np.log1p(np.maximum(out["typicality"], 0.0))
-    return out
+    """Every label-free signal of a batch, as (B,) arrays: what the risk model may use
+    (:func:`signal_tensors`, then :func:`finish_signals`)."""
+    out = {name: t.cpu().numpy() for name, t in signal_tensors(h, pixels, parts, typicality, bank).items()}
+    return finish_signals(out, typicality)
