@@ -186,10 +186,13 @@ class TrafficMonitor:
         h: torch.Tensor | np.ndarray,
         scores: Sequence[ImageScore],
         feature_set_version: str | None = None,
+        probabilities: np.ndarray | None = None,
     ) -> None:
         """Record one batch: representations ``h`` (B, r) and their B verdicts. Thread-safe.
 
         A batch of a model (or, when given, a feature set) not served any more is ignored.
+        ``probabilities``: the head's (B, C) class probabilities where the scorer has them
+        (``Inference.probabilities``); else the head runs on ``h`` here.
         """
         if not scores:
             return
@@ -198,7 +201,10 @@ class TrafficMonitor:
             return
         rows = _host_rows(h)
         vectors = _unit_rows(rows)
-        probabilities = None if state.head is None else head_probabilities(state.head, torch.from_numpy(rows))
+        if state.head is None:
+            probabilities = None
+        elif probabilities is None:
+            probabilities = head_probabilities(state.head, torch.from_numpy(rows))
         # in SIGNALS order; spelled out, as attrgetter(*SIGNALS) costs a fifth more on this thread
         signals = np.array(
             [[s.risk, s.confidence, s.atypical, s.low_quality, s.typicality] for s in scores], dtype=np.float32

@@ -211,7 +211,12 @@ def check_head(head: Head, dim: int) -> None:
 def head_probabilities(head: Head, h: torch.Tensor) -> np.ndarray:
     """(B, C) float32 softmax of the head's logits, on the host: what COTT transports (scoring/error_estimate.py)."""
     with torch.no_grad():
-        return torch.softmax(head.logits(h).float(), dim=1).cpu().numpy()
+        return softmax(head.logits(h)).cpu().numpy()
+
+
+def softmax(logits: torch.Tensor) -> torch.Tensor:
+    """(B, C) class probabilities of (B, C) logits, in float32."""
+    return torch.softmax(logits.float(), dim=1)
 
 
 def head_outputs(head: Head, h: torch.Tensor) -> dict[str, np.ndarray]:
@@ -221,7 +226,7 @@ def head_outputs(head: Head, h: torch.Tensor) -> dict[str, np.ndarray]:
 
 def head_tensors(logits: torch.Tensor) -> dict[str, torch.Tensor]:
     """:func:`head_signals` as (B,) tensors, and ``probe_prediction`` (the class index, int64)."""
-    p = torch.softmax(logits.float(), dim=1)
+    p = softmax(logits)
     top2 = torch.topk(p, 2, dim=1).values
     entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(dim=1)
     return {

@@ -22,7 +22,7 @@ from models.encoders.runtime import Runtime, torch_threads
 from models.encoders.spec import Encoder
 from models.scoring.compatibility import check_fits
 from models.scoring.feature_set import FeatureSet
-from models.scoring.probe import LinearHead, head_outputs, head_tensors
+from models.scoring.probe import LinearHead, head_outputs, head_tensors, softmax
 from models.scoring.qscore import QScoreParts, discriminative_mask, q_score_parts
 from models.scoring.result import FeatureValue, ImageScore, reasons_of
 from models.scoring.signal_graph import SignalGraph, SignalOutputs, build_signal_graph
@@ -30,6 +30,10 @@ from models.scoring.signals import finish_signals, signal_tensors
 from models.scoring.typicality import pixel_signals
 
 PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+#: The head's (B, C) class probabilities among the signal graph's outputs: the traffic monitor's
+#: COTT reads them (``Inference.probabilities``), no signal does.
+PROBABILITIES = "probe_probabilities"
 
 #: What :meth:`Scorer.infer` takes: (H, W, 3) uint8 arrays from :meth:`Scorer.preprocess`, or a
 #: (B, 3, H, W) uint8 tensor on any device (the device JPEG decoder's output).
@@ -45,6 +49,11 @@ class Inference:
     h: torch.Tensor
     pixel_stats: dict[str, torch.Tensor] | None
     graph: SignalOutputs | None = None
+
+    @property
+    def probabilities(self) -> np.ndarray | None:
+        """The head's (B, C) class probabilities where the signal graph computed them, else None."""
+        return None if self.graph is None else self.graph.signals.get(PROBABILITIES)
 
 
 class Scorer:
@@ -123,6 +132,10 @@ class Scorer:
     # -- 1. preprocess: per image, on the host ---------------------------------------------
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """An RGB PIL image resized (short side) and centre-cropped: (H, W, 3) uint8."""
+        if image.size == (self.image_size, self.image_size):
+            # Already the encoder's size: resize and crop would copy the same pixels, at about a
+            # tenth of the event loop's busy time under load with 32 px uploads (py-spy).
+            return np.asarray(image, dtype=np.uint8)
         return np.asarray(self._geometry(image), dtype=np.uint8)
 
     # -- 2. infer: per batch, on the device ------------------------------------------------
@@ -226,6 +239,7 @@ class Scorer:
         else:
             parts, tensors = self._signal_tensors(inference.h, inference.pixel_stats, head=self.head is not None)
             sig = {name: t.cpu().numpy() for name, t in tensors.items()}
+        sig.pop(PROBABILITIES, None)  # (B, C), not a signal
         return parts, sig if self._q_only else finish_signals(sig, self.typicality)
 
     def _signal_tensors(
@@ -239,7 +253,8 @@ class Scorer:
         else:
             sig = signal_tensors(h, pixels, parts, self.typicality, self.bank)
         if head:
-            sig |= head_tensors(self.head.logits(h))
+            logits = self.head.logits(h)
+            sig |= head_tensors(logits) | {PROBABILITIES: softmax(logits)}
         return parts, sig
 
     def score(self, images: Pixels, features: bool | Sequence[bool] = True) -> list[ImageScore]:

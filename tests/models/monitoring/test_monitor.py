@@ -107,6 +107,24 @@ def test_window_estimate_uses_cott_on_the_heads_probabilities_once_the_window_is
     monitor.close()
 
 
+def test_cott_reads_the_probabilities_the_scorer_gives_instead_of_running_the_head(
+    demo_features: FeatureSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The signal graph computed them with the verdicts: the monitor does not run the head again."""
+    cott = ErrorEstimator(method="cott", threshold=0.6, class_prior=[0.1] * 10)
+    monitor = TrafficMonitor(window=COTT_MIN_IMAGES, drift_every=10_000)
+    monitor.activate("m", "f", demo_features.model_copy(update={"error_estimator": cott}))
+    monkeypatch.setattr("models.monitoring.monitor.head_probabilities", lambda *a: pytest.fail("the head ran"))
+    rng = np.random.default_rng(0)
+    given = [rng.dirichlet(np.full(10, 0.3), size=50).astype(np.float32) for _ in range(COTT_MIN_IMAGES // 50)]
+    for seed, p in enumerate(given):
+        monitor.observe("m", _h(50, seed), [_score(0.25)] * 50, probabilities=p)
+    (snap,) = monitor.snapshot()
+    assert snap.estimated_error_method == "cott"
+    assert snap.estimated_error == pytest.approx(thresholded_transport(np.concatenate(given), [0.1] * 10, 0.6))
+    monitor.close()
+
+
 def test_activate_starts_from_an_empty_window_and_drops_the_old_pairs_batches(demo_features: FeatureSet) -> None:
     monitor = TrafficMonitor(window=8, drift_every=8)
     monitor.activate("a", "fa", demo_features)

@@ -42,6 +42,18 @@ def test_scorer_matches_q_score(tiny_model):
         assert all(f.value == pytest.approx(float(hi[f.index])) for f in s.dominant)
 
 
+@given(st.integers(0, 2**31 - 1), st.sampled_from([(32, 32), (33, 32), (32, 40), (64, 64), (31, 31)]))
+@settings(max_examples=30, deadline=None)
+def test_preprocess_gives_resize_and_crop_pixels_whatever_the_size(tiny_model, seed, size):
+    """Images already at the encoder's size skip resize and crop, which would give the same pixels."""
+    encoder, digest, fs = tiny_model
+    scorer = Scorer(encoder, digest, fs, device="cpu")
+    image = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    got = scorer.preprocess(image)
+    assert got.shape == (32, 32, 3) and got.dtype == np.uint8
+    np.testing.assert_array_equal(got, np.asarray(scorer._geometry(image)))
+
+
 def test_scorer_refuses_foreign_feature_set_and_bad_precision(tiny_model):
     encoder, digest, fs = tiny_model
     with pytest.raises(FeatureSetMismatch, match="found on encoder"):

@@ -21,8 +21,8 @@ from models.data.datasets import ensure_cifar10
 from models.encoders.runtime import Runtime
 from models.registry.versions import Registry
 from models.scoring import signal_graph
-from models.scoring.probe import HeadInfo, TorchScriptHead
-from models.scoring.scorer import Inference, Scorer
+from models.scoring.probe import HeadInfo, TorchScriptHead, head_probabilities
+from models.scoring.scorer import PROBABILITIES, Inference, Scorer
 from models.scoring.signal_graph import PARTS, build_signal_graph
 from models.scoring.typicality import pixel_signals
 
@@ -78,6 +78,10 @@ def test_the_graph_gives_the_torch_paths_signals_and_verdicts_on_real_images(dem
     for name in want:
         np.testing.assert_allclose(sig[name], want[name], rtol=1e-5, atol=1e-7, err_msg=name)
     np.testing.assert_array_equal(sig["probe_prediction"], want["probe_prediction"])
+    # the head's class probabilities ride along for the monitor's COTT, and are no signal
+    assert PROBABILITIES not in sig and torch_path(by_ort, inference, pixels).probabilities is None
+    want_p = head_probabilities(by_ort.head, inference.h)
+    np.testing.assert_allclose(inference.probabilities, want_p, rtol=1e-5, atol=1e-7)
     assert torch.equal(parts.dominant, want_parts.dominant) and torch.equal(parts.active, want_parts.active)
     for name in ("q_score", "mean_active", "l1_norm"):
         torch.testing.assert_close(getattr(parts, name), getattr(want_parts, name), rtol=1e-5, atol=1e-7)
@@ -103,7 +107,8 @@ def test_the_graph_equals_its_torch_function_on_random_batches(demo_scorers, n: 
         parts, want = scorer._signal_tensors(h, pixels.float().div(255), head=True)
     assert set(got.signals) == set(want)
     for name, t in want.items():
-        np.testing.assert_allclose(got.signals[name], t.numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
+        # absolute for the unit-scale ones: a margin is a difference of nearly equal probabilities
+        np.testing.assert_allclose(got.signals[name], t.numpy(), rtol=1e-5, atol=1e-5, err_msg=name)
     assert torch.equal(got.parts.dominant, parts.dominant) and torch.equal(got.parts.active, parts.active)
 
 
