@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from models.scoring.bank import ReferenceBank
+from models.scoring.bank import ReferenceBank, normalise
 
 PIXEL_COMPONENTS = ("pix_std", "pix_grad", "pix_fine", "pix_gsparse")
 
@@ -145,8 +145,9 @@ def signals(
     """
     out = norm_signals(h)
     if bank is not None:
-        out["knn"] = bank.knn_distance(h, k, exclude=exclude).to(h.device)
-        out.update({name: t.to(h.device) for name, t in bank.prototype_confidence(h).items()})
+        q = normalise(h.to(bank.device, torch.float32))  # once, for the search and the prototypes
+        out["knn"] = bank.knn_distance(q, k, exclude=exclude, normalised=True).to(h.device)
+        out.update({name: t.to(h.device) for name, t in bank.prototype_confidence(q, normalised=True).items()})
     if pixels is not None:
         pix = pixels if isinstance(pixels, dict) else pixel_signals(pixels)
         for name, t in pix.items():
