@@ -155,6 +155,11 @@ class ServingInfo(BaseModel):
         default_factory=list, description="ONNX Runtime's execution providers in use, best first (empty for torch)."
     )
     bank_bytes: int = Field(0, description="Memory of the reference bank on the serving device.")
+    signal_graph: bool = Field(
+        False,
+        description="The scorer's arithmetic after the forward pass (Q-Score, typicality signals, k-NN, head) runs "
+        "as one ONNX Runtime session (onnxruntime on the CPU, where it traces and matches torch).",
+    )
 
 
 class ActiveInfo(BaseModel):

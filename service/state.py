@@ -92,6 +92,7 @@ class ServingState:
             runtime=self.scorer.engine.name,
             providers=list(self.scorer.engine.providers),
             bank_bytes=self.scorer.bank_bytes,
+            signal_graph=self.scorer.signal_graph is not None,
         )
 
 

@@ -109,11 +109,16 @@ def test_the_onnxruntime_server_starts_ready_on_an_export_of_the_demo(servers, r
     with client(servers["onnxruntime"]) as c:
         assert c.get("/readyz").status_code == 200
         serving = c.get("/admin/active").json()["serving"]
-    assert (serving["runtime"], serving["providers"]) == ("onnxruntime", ["CPUExecutionProvider"])
+    assert (serving["runtime"], serving["providers"], serving["signal_graph"]) == (
+        "onnxruntime",
+        ["CPUExecutionProvider"],
+        True,
+    )
     record = registry.model_record("demo")
     assert export_path(registry.exports_dir, record.fingerprint, record.spec).is_file()
     with client(servers["torch"]) as c:
-        assert c.get("/admin/active").json()["serving"]["runtime"] == "torch"
+        serving = c.get("/admin/active").json()["serving"]
+    assert (serving["runtime"], serving["signal_graph"]) == ("torch", False)
 
 
 def test_a_served_onnxruntime_session_gets_every_usable_core_by_default(servers, registry: Registry) -> None:
