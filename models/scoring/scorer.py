@@ -122,6 +122,7 @@ class Scorer:
                     image_size=spec.image_size,
                     feature_dim=encoder.feature_dim,
                     intra_op_threads=runtime.intra_op_threads,
+                    bank_bytes=self.bank_bytes,
                 )
 
     @property

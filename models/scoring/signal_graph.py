@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.encoders.errors import OnnxError
 from models.encoders.onnx_encoder import make_session
 from models.scoring.qscore import QScoreParts
 
@@ -42,6 +41,11 @@ log = logging.getLogger(__name__)
 SignalFunction = Callable[[torch.Tensor, torch.Tensor | None], tuple[QScoreParts, dict[str, torch.Tensor]]]
 
 PARTS = ("q_score", "dominant", "active", "mean_active", "l1_norm")
+
+#: The graph holds the reference bank as a constant, a second copy beside the scorer's (ONNX
+#: Runtime copies a model's constants into its own buffers): above this size the scorer stays on
+#: torch rather than double the bank's memory (the demo's is 2.6 MB).
+MAX_BANK_BYTES = 64 * 2**20
 
 #: Largest difference allowed between the graph's and torch's signals, relative to the larger of 1
 #: and torch's largest |value| of that signal: absolute for probabilities, margins and Q-Scores,
@@ -98,16 +102,26 @@ def build_signal_graph(
     image_size: int,
     feature_dim: int,
     intra_op_threads: int | None,
+    bank_bytes: int = 0,
 ) -> SignalGraph | None:
-    """The traced and checked graph of ``compute``; None (logged) where it does not trace or
-    its signals differ from ``compute``'s by more than :data:`GRAPH_TOLERANCE`."""
+    """The traced and checked graph of ``compute``; None (logged) where the bank it would copy is
+    over :data:`MAX_BANK_BYTES`, or it does not trace, or its signals differ from ``compute``'s by
+    more than :data:`GRAPH_TOLERANCE`."""
+    if bank_bytes > MAX_BANK_BYTES:
+        log.warning(
+            "the scorer's signals run on torch: the ONNX signal graph would hold a second copy of the %.1f MiB "
+            "reference bank (over %d MiB)",
+            bank_bytes / 2**20,
+            MAX_BANK_BYTES // 2**20,
+        )
+        return None
     module = _SignalModule(compute, needs_pixels)
     try:
         model = _trace(module, image_size, feature_dim)
         session = make_session(model, intra_op_threads=intra_op_threads, what="the signal graph")
         graph = SignalGraph(session, module.names)
         check(graph, compute, needs_pixels, image_size, feature_dim)
-    except (OnnxError, SignalGraphMismatch, RuntimeError, ValueError, TypeError) as exc:
+    except Exception as exc:  # an optimisation that fails leaves the torch path, never a failed load
         log.warning("the scorer's signals run on torch: the ONNX signal graph is not usable (%s)", exc)
         return None
     return graph

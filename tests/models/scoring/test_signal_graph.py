@@ -193,3 +193,12 @@ def test_the_graph_is_built_for_onnxruntime_on_the_cpu_only(tiny_model, tmp_path
     encoder, digest, fs = tiny_model
     assert Scorer(encoder, digest, fs, "cpu", runtime=Runtime("torch")).signal_graph is None
     assert Scorer(encoder, digest, fs, "cpu", runtime=Runtime("onnxruntime", 1, tmp_path)).signal_graph is not None
+
+
+def test_a_large_bank_keeps_the_scorer_on_torch(demo, monkeypatch, caplog) -> None:
+    """The graph would hold a second copy of the bank: over the limit it is not made."""
+    imported, fs = demo
+    monkeypatch.setattr(signal_graph, "MAX_BANK_BYTES", fs.bank.nbytes // 2)
+    with caplog.at_level(logging.WARNING, logger="models.scoring.signal_graph"):
+        scorer = Scorer(imported.encoder, imported.fingerprint, fs, "cpu", runtime=ORT)
+    assert scorer.signal_graph is None and "second copy of the 2.5 MiB reference bank" in caplog.text
