@@ -117,7 +117,7 @@ class Scorer:
         if self.engine.name == "onnxruntime" and self.device.type == "cpu":
             with torch_threads(self.engine.torch_threads):
                 self.signal_graph = build_signal_graph(
-                    lambda h, pixels: self._signal_tensors(h, pixels, head=self._head_in_graph),
+                    lambda h, pixels: self._signal_tensors(h, pixels, head=self._head_in_graph, probabilities=True),
                     needs_pixels=self._needs_pixels,
                     image_size=spec.image_size,
                     feature_dim=encoder.feature_dim,
@@ -235,19 +235,25 @@ class Scorer:
         """
         if inference.graph is not None:
             parts, sig = inference.graph.parts, dict(inference.graph.signals)
+            sig.pop(PROBABILITIES, None)  # (B, C), for the monitor: not a signal
             if self.head is not None and not self._head_in_graph:
                 sig |= head_outputs(self.head, inference.h)
         else:
             parts, tensors = self._signal_tensors(inference.h, inference.pixel_stats, head=self.head is not None)
             sig = {name: t.cpu().numpy() for name, t in tensors.items()}
-        sig.pop(PROBABILITIES, None)  # (B, C), not a signal
         return parts, sig if self._q_only else finish_signals(sig, self.typicality)
 
     def _signal_tensors(
-        self, h: torch.Tensor, pixels: torch.Tensor | dict[str, torch.Tensor] | None, *, head: bool
+        self,
+        h: torch.Tensor,
+        pixels: torch.Tensor | dict[str, torch.Tensor] | None,
+        *,
+        head: bool,
+        probabilities: bool = False,
     ) -> tuple[QScoreParts, dict[str, torch.Tensor]]:
         """The arithmetic of :meth:`signals` on ``h`` and the pixels (in [0, 1], or their statistics):
-        what the torch path runs and the signal graph is traced from."""
+        what the torch path runs and the signal graph is traced from (which also gives the head's
+        class probabilities, ``probabilities``, to spare the monitor running the head again)."""
         parts = q_score_parts(h, self.discriminative, self.feature_set.eps)
         if self._q_only:
             sig = {"q_score": parts.q_score, "mean_active": parts.mean_active}
@@ -255,7 +261,9 @@ class Scorer:
             sig = signal_tensors(h, pixels, parts, self.typicality, self.bank)
         if head:
             logits = self.head.logits(h)
-            sig |= head_tensors(logits) | {PROBABILITIES: softmax(logits)}
+            sig |= head_tensors(logits)
+            if probabilities:
+                sig[PROBABILITIES] = softmax(logits)
         return parts, sig
 
     def score(self, images: Pixels, features: bool | Sequence[bool] = True) -> list[ImageScore]:

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import timm
 import torch
@@ -227,3 +228,28 @@ def test_thread_and_runtime_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("QSCORE_RUNTIME", "tensorrt")
     with pytest.raises(ValueError, match="runtime"):
         Settings(_env_file=None)
+
+
+def test_the_monitor_keeps_the_class_probabilities_the_signal_graph_computed(
+    servers, registry: Registry, cifar_slice: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ONNX Runtime the head's probabilities come out of the signal graph with the verdicts, and
+    the monitor's window (COTT's input) keeps them in place of running the head again."""
+    server = servers["onnxruntime"]  # in this process: a head run by the monitor fails the batch
+    monkeypatch.setattr("models.monitoring.monitor.head_probabilities", lambda *a: pytest.fail("the head ran"))
+    with client(server) as c:
+        switched = c.post("/admin/switch", json={"model": "demo", "feature_set": "demo", "persist": False})
+    assert switched.status_code == 200 and switched.json()["signal_graph"] is True
+    images = sorted((cifar_slice / "test" / "horse").iterdir())[:6]
+    files = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in images]
+    with client(server) as c:
+        response = c.post("/score?predict=true", files=files)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    window = server.app.state.monitor._models["demo"].window
+    kept = window.probabilities[[(window.seen - len(images) + i) % window.capacity for i in range(len(images))]]
+    classes = registry.load_feature_set("demo").classifier.classes
+    assert kept.shape == (len(images), len(classes))
+    np.testing.assert_allclose(kept.sum(axis=1), 1.0, rtol=1e-5)
+    assert [classes[i] for i in kept.argmax(axis=1)] == [r["predicted_class"] for r in results]
+    assert kept.max(axis=1) == pytest.approx([r["confidence"] for r in results], rel=1e-5)

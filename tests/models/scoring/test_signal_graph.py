@@ -104,7 +104,7 @@ def test_the_graph_equals_its_torch_function_on_random_batches(demo_scorers, n: 
     pixels, h = signal_graph._probe(n, 32, scorer.encoder.feature_dim, seed)
     got = scorer.signal_graph.run(pixels, h)
     with torch.no_grad():
-        parts, want = scorer._signal_tensors(h, pixels.float().div(255), head=True)
+        parts, want = scorer._signal_tensors(h, pixels.float().div(255), head=True, probabilities=True)
     assert set(got.signals) == set(want)
     for name, t in want.items():
         # absolute for the unit-scale ones: a margin is a difference of nearly equal probabilities
