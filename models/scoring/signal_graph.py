@@ -2,16 +2,17 @@
 
 With ONNX Runtime as the engine on the CPU, what the scorer computes around the encoder (the
 Q-Score's parts, the norm and sparsity signals, the k-NN search of the reference bank, the
-prototype confidences, the pixel statistics and a linear head's softmax signals) is some sixty
-small torch operations a batch. Each costs its dispatch, and in the service each hands the GIL
-to the event loop and waits to take it back. Traced once into an ONNX graph it is one
-``Session.run``: measured on the demo (2-core Intel Xeon), 0.53 against 1.0 ms at batch 11 and
-0.33 against 0.7 ms at batch 1.
+prototype confidences, the pixel statistics, a linear head's softmax signals and class
+probabilities) is some sixty small torch operations a batch. Each costs its dispatch, and in the
+service each hands the GIL to the event loop and waits to take it back. Traced once into an ONNX
+graph it is one ``Session.run``: measured on the demo (2-core Intel Xeon), 0.53 against 1.0 ms at
+batch 11 and 0.33 against 0.7 ms at batch 1 (torch's figures without the pixel statistics); at
+batch 64 both take about 2.2 ms. ``/score`` at 32 connections gained 1.24x (``bench_ab``).
 
 The graph is traced from the very function the torch path runs (the scorer's
 ``_signal_tensors``), so there is one definition of every signal; :func:`build_signal_graph`
 checks the graph against that function on probe batches and gives None (the torch path) where
-it does not trace or answers otherwise. Inputs: ``pixels`` (B, 3, H, W) uint8, when the pixel
+it does not trace, answers otherwise, or would copy a large bank. Inputs: ``pixels`` (B, 3, H, W) uint8, when the pixel
 statistics are read, and ``h`` (B, r) float32; outputs: the Q-Score's parts (``parts.*``) and
 the signals, by name.
 
