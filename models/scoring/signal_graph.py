@@ -12,9 +12,8 @@ batch 64 both take about 2.2 ms. ``/score`` at 32 connections gained 1.24x (``be
 The graph is traced from the very function the torch path runs (the scorer's
 ``_signal_tensors``), so there is one definition of every signal; :func:`build_signal_graph`
 checks the graph against that function on probe batches and gives None (the torch path) where
-it does not trace, answers otherwise, or would copy a large bank. Inputs: ``pixels`` (B, 3, H, W) uint8, when the pixel
-statistics are read, and ``h`` (B, r) float32; outputs: the Q-Score's parts (``parts.*``) and
-the signals, by name.
+it does not trace, answers otherwise, or would copy a large bank. Inputs: ``pixels`` (B, 3, H, W)
+uint8 and ``h`` (B, r) float32; outputs: the Q-Score's parts (``parts.*``) and the signals, by name.
 
 The tracer is TorchScript's (``torch.onnx.export(..., dynamo=False)``): the graph has no control
 flow and is made anew at every feature-set load, and it traces in 0.1 s against 2.6 s for the
@@ -84,7 +83,8 @@ class SignalGraph:
 
     def __init__(self, session: Any, names: list[str]) -> None:
         self.session, self.names = session, names
-        self.inputs = {i.name for i in session.get_inputs()}  # the tracer drops an unused ``pixels``
+        # An exporter may drop an input the graph does not read (``pixels`` without pixel statistics).
+        self.inputs = {i.name for i in session.get_inputs()}
 
     def run(self, pixels: torch.Tensor, h: torch.Tensor) -> SignalOutputs:
         """``pixels`` (B, 3, H, W) uint8 and ``h`` (B, r) float32, both on the CPU."""

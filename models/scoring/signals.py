@@ -44,16 +44,3 @@ def finish_signals(signals: dict[str, np.ndarray], typicality: TypicalityModel |
         # The risk model reads it on a log scale: gross inputs reach typicalities of thousands.
         signals["log_typicality"] = np.log1p(np.maximum(signals["typicality"], 0.0))
     return signals
-
-
-def label_free_signals(
-    h: torch.Tensor,
-    pixels: torch.Tensor | dict[str, torch.Tensor] | None,
-    parts: QScoreParts,
-    typicality: TypicalityModel | None,
-    bank: ReferenceBank | None,
-) -> dict[str, np.ndarray]:
-    """Every label-free signal of a batch, as (B,) arrays: what the risk model may use
-    (:func:`signal_tensors`, then :func:`finish_signals`)."""
-    out = {name: t.cpu().numpy() for name, t in signal_tensors(h, pixels, parts, typicality, bank).items()}
-    return finish_signals(out, typicality)

@@ -14,7 +14,7 @@ from models.data.images import decode_image
 from models.data.transforms import eval_transform
 from models.registry.versions import Registry
 from models.scoring.qscore import q_score_parts
-from models.scoring.signals import label_free_signals
+from models.scoring.signals import finish_signals, signal_tensors
 
 
 def _png(image: Image.Image) -> bytes:
@@ -46,7 +46,9 @@ def test_score_flags_solid_colours_atypical_and_matches_direct_typicality(
         h = imported.encoder.eval()(x).float()
     spec = imported.encoder.spec
     pixels = x * torch.tensor(spec.std).view(1, 3, 1, 1) + torch.tensor(spec.mean).view(1, 3, 1, 1)
-    sig = label_free_signals(h, pixels, q_score_parts(h, fs.discriminative_indices, fs.eps), fs.typicality, fs.bank)
+    parts = q_score_parts(h, fs.discriminative_indices, fs.eps)
+    tensors = signal_tensors(h, pixels, parts, fs.typicality, fs.bank)
+    sig = finish_signals({name: t.numpy() for name, t in tensors.items()}, fs.typicality)
     np.testing.assert_allclose([r["typicality"] for r in results], sig["typicality"], rtol=1e-3)
     for r in results:
         assert r["atypical"] == (r["typicality"] > 1)
