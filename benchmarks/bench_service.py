@@ -39,6 +39,7 @@ import platform
 import random
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -158,6 +159,32 @@ def best_raw_rates(
         key: best_max[key],
         engine_key: max(r[engine_key] for r in runs.values()),
         "by_intra_op_threads": runs,
+    }
+
+
+def interleaved_raw_ratio(
+    scorers: dict[str, Any], inputs: torch.Tensor, device: torch.device, max_batch: int, rounds: int, seconds: float
+) -> dict[str, Any]:
+    """ONNX Runtime's raw scorer at ``max_batch`` over torch's, round by round: the two take turns
+    (the order alternating), each round gives one ratio, and the median is the figure. Single
+    before-and-after rates on a shared 2-core machine drift by 20% between runs, and the ratio
+    with them (1.63x to 1.87x on the same machine and code); taken in turns, what else the machine
+    does falls on both alike. ``scorers``: a scorer per runtime, with torch's default threads."""
+    full = inputs[:max_batch]
+    ratios, rates = [], {"torch": [], "onnxruntime": []}
+    for r in range(rounds):
+        order = ("torch", "onnxruntime") if r % 2 == 0 else ("onnxruntime", "torch")
+        got = {kind: rate(lambda k=kind: scorers[k].score(full), max_batch, device, seconds) for kind in order}
+        for kind, value in got.items():
+            rates[kind].append(round(value, 1))
+        ratios.append(got["onnxruntime"] / got["torch"])
+    return {
+        "median": round(statistics.median(ratios), 3),
+        "min": round(min(ratios), 3),
+        "max": round(max(ratios), 3),
+        "rounds": rounds,
+        "seconds_each": seconds,
+        "images_per_s": rates,
     }
 
 
@@ -548,6 +575,12 @@ def run_full(preset: Preset, seconds: float, server_env: dict[str, str], runtime
         for kind in runtimes:
             raw_after[kind] = best_raw_rates(builders[kind], inputs, device, preset.max_batch_size, seconds / 2)
             print(f"raw scorer again ({kind}):", raw_after[kind], flush=True)
+        interleaved = None
+        if {"torch", "onnxruntime"} <= set(runtimes):
+            threads = torch.get_num_threads()
+            scorers = {kind: builders[kind](threads) for kind in ("torch", "onnxruntime")}
+            interleaved = interleaved_raw_ratio(scorers, inputs, device, preset.max_batch_size, 8, seconds / 4)
+            print("raw scorer, ONNX Runtime over torch, interleaved:", interleaved, flush=True)
         del reference, builders
 
     max_key = f"batch_{preset.max_batch_size}_images_per_s"
@@ -599,6 +632,8 @@ def run_full(preset: Preset, seconds: float, server_env: dict[str, str], runtime
         torch_run, ort_run = by_runtime["torch"], by_runtime["onnxruntime"]
         result["onnxruntime_against_torch"] = {
             f"raw_{max_key}_ratio": ratio(ort_run["raw_scorer"][max_key], torch_run["raw_scorer"][max_key]),
+            # the figure the goal is read from: the median of 8 rounds in turns (interleaved_raw_ratio)
+            f"raw_{max_key}_ratio_interleaved": interleaved,
             f"engine_only_{max_key}_ratio": ratio(
                 ort_run["raw_scorer"][f"engine_only_{max_key}"], torch_run["raw_scorer"][f"engine_only_{max_key}"]
             ),
@@ -615,7 +650,8 @@ def run_full(preset: Preset, seconds: float, server_env: dict[str, str], runtime
                 "torch": torch_run["service"][0]["p50_ms"],
                 "onnxruntime": ort_run["service"][0]["p50_ms"],
             },
-            "goal": "raw >= 1.8x; /score 32 connections, 1 image >= 1.4x, and >= 0.8 x L of the faster raw figure",
+            "goal": "raw >= 1.8x (the interleaved median); /score 32 connections, 1 image >= 1.4x, and >= 0.8 x L "
+            "of the faster raw figure",
         }
     return result
 
