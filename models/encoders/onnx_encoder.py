@@ -8,9 +8,12 @@ first use), checked by the same probe forward pass as every brought encoder
 (``models/encoders/checks.py``), and its batch dimension must be dynamic: the service batches
 whatever arrives, from 1 image to ``QSCORE_MAX_BATCH_SIZE``.
 
-Loading an ONNX file runs no Python code and unpickles nothing. Models whose tensors live in
-external data files are refused (the registry keeps one file per version): save them with the
-tensors inside (``onnx.save_model(model, path, save_as_external_data=False)``, under 2 GB).
+Loading an ONNX file runs no Python code and unpickles nothing. Tensors in external data files
+(what ``torch.onnx.export`` writes by default: ``encoder.onnx`` beside ``encoder.onnx.data``) are
+read in from the model's own folder, never from outside it, and the model is kept as one file,
+under protobuf's 2 GB (the registry keeps one file per version); its fingerprint is that of the
+one file. An upload (``POST /admin/models``) is one file: there the tensors must be inside
+(``onnx.save_model(model, path, save_as_external_data=False)``).
 
 Fine-tuning is refused (:meth:`OnnxEncoder.not_trainable_reason`): the graph is an inference
 export, with batch norm folded and no gradients.
@@ -19,7 +22,7 @@ export, with batch norm folded and no gradients.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -50,6 +53,67 @@ DYNAMIC_BATCH_FIX = (
     "dynamic_shapes=({0: torch.export.Dim('batch')},)), or with the TorchScript-based exporter "
     "dynamic_axes={'input': {0: 'batch'}, 'output': {0: 'batch'}}"
 )
+
+
+#: Protobuf's limit on one serialised message: a model with its tensors inside must stay below it.
+MAX_MODEL_BYTES = 2**31 - 1
+
+
+def read_model(path: Path) -> bytes:
+    """The serialised model in ``path`` with its tensors inside: the file's own bytes, or, when
+    its tensors live in external data files, the model with them read in (an :class:`OnnxError`
+    when one is missing, lies outside the model's folder, or the whole would exceed 2 GB)."""
+    model = path.read_bytes()
+    # A lazy import, as for onnxruntime: the package is only needed by ONNX encoders.
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_model, uses_external_data
+
+    try:
+        proto = onnx.load_model_from_string(model)
+    except Exception:  # not parseable: the session's own error says so (make_session)
+        return model
+    external = [t for t in _tensors(proto.graph) if uses_external_data(t)]
+    if not external:
+        return model
+    folder = path.resolve().parent
+    for tensor in external:
+        location = ExternalDataInfo(tensor).location
+        target = (folder / location).resolve()
+        if not target.is_relative_to(folder):
+            raise OnnxError(
+                f"{path} names external data {location!r} outside its own folder; qscore reads tensors only "
+                "from beside the model"
+            )
+        if not target.is_file():
+            raise OnnxError(
+                f"{path} keeps tensor {tensor.name!r} in {location!r}, which is not beside it: copy that file "
+                "next to the model, or save the model as one file "
+                "(onnx.save_model(model, path, save_as_external_data=False))"
+            )
+    try:
+        load_external_data_for_model(proto, str(folder))
+    except Exception as exc:
+        raise OnnxError(f"the external data of {path} could not be read: {exc}") from None
+    if proto.ByteSize() > MAX_MODEL_BYTES:
+        raise OnnxError(
+            f"{path} with its external data is over 2 GB; qscore keeps an ONNX encoder as one file, under protobuf's "
+            "2 GB limit"
+        )
+    return proto.SerializeToString(deterministic=True)
+
+
+def _tensors(graph: Any) -> Iterator[Any]:
+    """Every tensor a graph holds: initialisers and constant attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from _tensors(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _tensors(subgraph)
 
 
 def onnxruntime() -> ModuleType:
@@ -116,8 +180,9 @@ def make_session(
         hint = ""
         if "external" in first.lower():
             hint = (
-                "; its tensors are in external data files, which qscore does not read: save it as one file "
-                "(onnx.save_model(model, path, save_as_external_data=False))"
+                "; its tensors are in external data files, which an upload cannot bring: save it as one file "
+                "(onnx.save_model(model, path, save_as_external_data=False)), or import it from its folder "
+                "(qscore import)"
             )
         raise OnnxError(f"{what} is not a loadable ONNX model: {first}{hint}") from None
 
@@ -226,7 +291,7 @@ def load_onnx(
             f"{path} is not an ONNX model (expected a file written by torch.onnx.export or onnx.save_model)"
         )
     what = f"the ONNX model in {path}"
-    model = path.read_bytes()
+    model = read_model(path)
     session = make_session(model, what=what)
     fixed_size = check_signature(session, what)
     if image_size is not None and fixed_size is not None and image_size != fixed_size:

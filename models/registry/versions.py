@@ -32,6 +32,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from models.encoders.loading import ImportedEncoder, load_encoder, save_encoder
+from models.encoders.onnx_encoder import OnnxEncoder, save_onnx
 from models.encoders.spec import EXPORT_ARCH, FILE_ARCHS, ONNX_ARCH, TORCHSCRIPT_ARCH, Encoder, EncoderSpec, fingerprint
 from models.explanation.atlas import Atlas, write_atlas
 from models.scoring.compatibility import FeatureSetMismatch, check_fits
@@ -356,7 +357,10 @@ class Registry:
             imported_from=imported_from,
         )
         with atomic_directory(self._new_dir(self.models_dir, version, "model")) as tmp:
-            shutil.copyfile(weights, tmp / weights_file(imported.encoder.spec))
+            if isinstance(imported.encoder, OnnxEncoder):  # as loaded: with any external data read in
+                save_onnx(imported.encoder, tmp / weights_file(imported.encoder.spec))
+            else:
+                shutil.copyfile(weights, tmp / weights_file(imported.encoder.spec))
             write_json_atomic(tmp / MODEL_FILE, record.model_dump(mode="json"))
         return record
 

@@ -36,6 +36,15 @@ class FeatureMap(nn.Module):
         return x[:, :2]
 
 
+class Small(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).mean(dim=(2, 3))
+
+
 def test_import_discover_and_serve_the_shared_resnet20(make_server, cifar_slice: Path) -> None:
     resnet20 = shared_file(RESNET20_TORCHSCRIPT)
     server = make_server()
@@ -96,7 +105,11 @@ def test_bad_files_get_422_and_nothing_is_written(make_server, tmp_path: Path) -
     before = [m.version for m in registry.list_models()]
     torch.jit.save(torch.jit.script(FeatureMap()), str(tmp_path / "map.pt"))
     (tmp_path / "junk.bin").write_bytes(b"\x00\x01not a model at all")
+    # torch.onnx.export's default: the tensors in map.onnx.data, which an upload of one file cannot bring
+    torch.onnx.export(Small(), (torch.rand(2, 3, 8, 8),), str(tmp_path / "map.onnx"), dynamo=True)
+    assert (tmp_path / "map.onnx.data").is_file()
     cases = [
+        (tmp_path / "map.onnx", {"version": "external"}, "save_as_external_data=False"),
         (tmp_path / "map.pt", {"version": "map"}, r"expected (2, r)"),
         (tmp_path / "junk.bin", {"version": "junk"}, "not a readable PyTorch checkpoint"),
         (tmp_path / "map.pt", {"version": "m3", "arch": "timm:not_a_net"}, "is a TorchScript module, not a state dict"),

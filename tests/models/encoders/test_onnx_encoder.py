@@ -219,3 +219,49 @@ def test_regularize_and_convert_refuse_onnx_and_pt2_with_exit_2(files, tmp_path:
         assert not out.exists()
     converted = run_cli("convert", "--checkpoint", files["onnx"], "--out", tmp_path / "c.safetensors", check=False)
     assert converted.returncode == 2 and "is an ONNX model: use it as it is" in converted.stderr
+
+
+def external_export(folder: Path) -> Path:
+    """The small module as ``torch.onnx.export`` saves it by default: ``small.onnx`` beside ``small.onnx.data``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    x = torch.rand(2, 3, 32, 32)
+    shapes = ({0: torch.export.Dim("batch", min=1)},)
+    torch.onnx.export(small_module(), (x,), str(folder / "small.onnx"), dynamo=True, dynamic_shapes=shapes)
+    assert (folder / "small.onnx.data").is_file()  # torch's default: the tensors apart
+    return folder / "small.onnx"
+
+
+def test_external_data_is_read_in_and_kept_as_one_file(files, tmp_path: Path) -> None:
+    path = external_export(tmp_path / "export")
+    imported = load_encoder(path)
+    one_file = load_encoder(files["onnx"])
+    x = torch.rand(5, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.allclose(imported.encoder(x), one_file.encoder(x), rtol=1e-5, atol=1e-6)
+    assert load_encoder(path).fingerprint == imported.fingerprint  # the same bytes every time
+    registry = Registry(tmp_path / "registry")
+    record = registry.import_model(path, version="external")
+    assert record.fingerprint == imported.fingerprint
+    assert sorted(p.name for p in registry.model_dir("external").iterdir()) == ["encoder.onnx", "model.json"]
+    (tmp_path / "export" / "small.onnx.data").unlink()  # the registry's copy needs nothing beside the original
+    with torch.inference_mode():
+        assert torch.allclose(registry.load_model("external").encoder(x), one_file.encoder(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(OnnxError, match=r"keeps tensor .* in 'small.onnx.data', which is not beside it"):
+        load_encoder(path)
+
+
+def test_external_data_outside_the_models_folder_is_refused(tmp_path: Path) -> None:
+    import onnx
+
+    path = external_export(tmp_path / "inner" / "export")
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../outside.data"
+    (tmp_path / "inner" / "outside.data").write_bytes((path.parent / "small.onnx.data").read_bytes())
+    onnx.save_model(model, str(path))
+    registry = Registry(tmp_path / "registry")
+    with pytest.raises(OnnxError, match=r"names external data '../outside.data' outside its own folder"):
+        registry.import_model(path, version="escape")
+    assert registry.list_models() == []
