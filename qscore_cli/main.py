@@ -36,6 +36,9 @@ ModelOpt = Annotated[
         "(ResNet layouts, or --arch).",
     ),
 ]
+RegistryOpt = Annotated[
+    Path | None, typer.Option(help="Registry root (default: QSCORE_REGISTRY_ROOT, .qscore/registry).")
+]
 ArchOpt = Annotated[
     str | None,
     typer.Option(help="timm:NAME for a timm state dict (e.g. timm:vit_small_patch16_224); default: read off the file."),
@@ -260,19 +263,21 @@ def score(
     failures = 0
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
-        pixels, ok_paths = [], []
-        for path in chunk:
+        rows: list[dict[str, Any] | None] = [None] * len(chunk)  # the files' order, as /score keeps it
+        pixels, ok = [], []
+        for i, path in enumerate(chunk):
             try:
                 pixels.append(scorer.preprocess(decode_image(path.read_bytes())))
-                ok_paths.append(path)
+                ok.append(i)
             except (ImageDecodeError, OSError) as exc:
                 failures += 1
                 code = getattr(exc, "code", "unreadable_file")
-                _emit({"path": str(path), **error_row(code, str(exc))}, as_json)
-        if not pixels:
-            continue
-        for path, result in zip(ok_paths, scorer.score(pixels, features=with_features), strict=True):
-            _emit({"path": str(path), **result.row(), "error": None}, as_json)
+                rows[i] = {"path": str(path), **error_row(code, str(exc))}
+        if pixels:
+            for i, result in zip(ok, scorer.score(pixels, features=with_features), strict=True):
+                rows[i] = {"path": str(chunk[i]), **result.row(), "error": None}
+        for row in rows:
+            _emit(row, as_json)  # type: ignore[arg-type]
     if failures:
         raise typer.Exit(1)
 
@@ -497,9 +502,7 @@ def attach_head(
     ],
     classes: Annotated[str | None, typer.Option(help="Comma-separated class names (required for TorchScript).")] = None,
     version: Annotated[str | None, typer.Option(help="New feature-set version name.")] = None,
-    registry: Annotated[
-        Path | None, typer.Option(help="Registry root (default: QSCORE_REGISTRY_ROOT, .qscore/registry).")
-    ] = None,
+    registry: RegistryOpt = None,
 ) -> None:
     """Serve your own classifier head with a feature set (a new version); re-run evaluate to fit its risk."""
     from models.registry.versions import Registry
@@ -517,9 +520,7 @@ def attach_head(
 def import_model(
     model: ModelOpt,
     version: Annotated[str | None, typer.Option(help="Version name (default: model-<time>-<fingerprint>).")] = None,
-    registry: Annotated[
-        Path | None, typer.Option(help="Registry root (default: QSCORE_REGISTRY_ROOT, .qscore/registry).")
-    ] = None,
+    registry: RegistryOpt = None,
     arch: ArchOpt = None,
     image_size: ImageSizeOpt = None,
     mean: MeanOpt = None,
@@ -533,6 +534,58 @@ def import_model(
         root = registry or get_settings().registry_root
         record = Registry(root).import_model(model, version=version, arch=arch, **preprocessing(image_size, mean, std))
         typer.echo(record.model_dump_json())
+
+
+@app.command("import-features")
+def import_features(
+    features: Annotated[
+        Path, typer.Option(help="Feature-set JSON from `qscore discover` or `evaluate --calibrated-out`.")
+    ],
+    version: Annotated[str | None, typer.Option(help="Version name (default: features-<time>-<fingerprint>).")] = None,
+    registry: RegistryOpt = None,
+) -> None:
+    """Register a feature set (with its bank and head) for a model the registry holds."""
+    from models.registry.versions import Registry
+    from models.scoring.feature_set import FeatureSet
+    from qscore_config.settings import get_settings
+
+    with user_errors():
+        reg = Registry(registry or get_settings().registry_root)
+        feature_set = FeatureSet.load(features)
+        fingerprint = feature_set.encoder.fingerprint
+        models = [m.version for m in reg.list_models() if m.fingerprint == fingerprint]
+        if not models:
+            raise ValueError(
+                f"the registry {reg.root} holds no model with fingerprint {fingerprint[:12]}, the encoder this "
+                "feature set was found on: register that encoder first (`qscore import --model FILE`)"
+            )
+        # named after the model, so that the registry checks the preprocessing fits too
+        ref = feature_set.encoder.model_copy(update={"model_version": models[0]})
+        added = reg.add_feature_set(feature_set.model_copy(update={"encoder": ref}), version=version)
+        typer.echo(json.dumps({"feature_set": added, "model": models[0]}))
+
+
+@app.command()
+def activate(
+    model: Annotated[str, typer.Option(help="Model version in the registry.")],
+    feature_set: Annotated[str | None, typer.Option(help="Feature-set version (default: the model's latest).")] = None,
+    registry: RegistryOpt = None,
+) -> None:
+    """Make a model and feature set the registry's active pair: what `qscore serve` serves (a running
+    service follows it with QSCORE_AUTO_SWITCH)."""
+    from models.registry.versions import Registry
+    from qscore_config.settings import get_settings
+
+    with user_errors():
+        reg = Registry(registry or get_settings().registry_root)
+        record = reg.model_record(model)
+        chosen = feature_set or reg.latest_feature_set_for(record.fingerprint)
+        if chosen is None:
+            raise ValueError(
+                f"model {model!r} has no feature set in the registry: `qscore discover` it, then "
+                "`qscore import-features`"
+            )
+        typer.echo(reg.set_active(model, chosen).model_dump_json())
 
 
 @app.command()
@@ -571,8 +624,12 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
 ) -> None:
     """Start the scoring service (uvicorn), on the embedded demo model unless configured."""
+    from qscore_config.settings import get_settings
     from service.server import run as run_server
+    from service.server import startup_pair
 
+    with user_errors():  # a pair that cannot be served: one line, before uvicorn starts
+        startup_pair(get_settings())
     run_server(host=host, port=port)
 
 

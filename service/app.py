@@ -96,6 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected_error)
     app.include_router(score.router)
     app.include_router(health.router)
     app.include_router(admin.router)
@@ -147,6 +148,13 @@ def _allowed_methods(request: Request) -> list[str]:
         if regex is not None and regex.match(path):
             methods |= getattr(route, "methods", None) or set()
     return sorted(methods)
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    """A bug's 500 in the same JSON shape as every other error, naming no internals; Starlette
+    re-raises the exception after this answer, so the server's log keeps the traceback."""
+    message = f"the server failed on this request ({type(exc).__name__}); its log has the details"
+    return JSONResponse({"detail": {"code": "internal_error", "message": message}}, status_code=500)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

@@ -297,8 +297,9 @@ class FeatureHeatmapOut(Contribution):
 
 
 class HeatmapsOut(BaseModel):
-    method: Literal["channel_map", "gradient_x_input"] = Field(
-        description="channel_map: channel j of the final feature map whose mean is h (exact); else gradient x input."
+    method: Literal["channel_map", "gradient_x_input", "occlusion"] = Field(
+        description="channel_map: channel j of the final feature map whose mean is h (exact); occlusion (ONNX "
+        "encoders): the drop in h_j when each of 8x8 blocks is hidden; else gradient x input."
     )
     image_size: int
     png_size: int
@@ -347,7 +348,7 @@ class AtlasIndex(BaseModel):
     atlas: str
     created_at: str
     n_images: int
-    method: Literal["channel_map", "gradient_x_input"]
+    method: Literal["channel_map", "gradient_x_input", "occlusion"]
     eps: float
     classes: list[str] | None = Field(None, description="Class names; null when the data set has no labels.")
     dataset: str | None = None

@@ -6,8 +6,18 @@ import logging
 
 import uvicorn
 
-from qscore_config.settings import get_settings
+from models.registry.versions import Registry
+from qscore_config.settings import Settings, get_settings
 from service.app import create_app
+from service.state import resolve_pair
+
+
+def startup_pair(settings: Settings) -> tuple[str, str]:
+    """The pair the service loads first, checked (a ``RegistryError`` saying what is missing)."""
+    registry = Registry(settings.registry_root)
+    model, feature_set = resolve_pair(registry, settings)
+    registry.check_pair(model, feature_set)
+    return model, feature_set
 
 
 def run(host: str = "127.0.0.1", port: int = 8000) -> None:

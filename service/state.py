@@ -105,7 +105,11 @@ def resolve_pair(registry: Registry, settings: Settings) -> tuple[str, str]:
         record = _record(registry, model)
         fs = registry.latest_feature_set_for(record.fingerprint)
         if fs is None:
-            raise VersionNotFound(f"no feature set for model {model!r}; run `qscore discover` for it first")
+            raise VersionNotFound(
+                f"no feature set for model {model!r} in the registry: discover one (`qscore discover --model FILE "
+                "--data FOLDER --out features.json`, then `qscore import-features --features features.json`, or "
+                "POST /jobs/discover)"
+            )
         return model, fs
     active = registry.active()
     if active is None:
@@ -113,8 +117,8 @@ def resolve_pair(registry: Registry, settings: Settings) -> tuple[str, str]:
         active = registry.active()
         if active is None:  # models but no active pair: the operator must choose
             raise RegistryError(
-                f"the registry {registry.root} holds models but no active pair; set "
-                "QSCORE_MODEL_VERSION or run `qscore` to activate one"
+                f"the registry {registry.root} holds models but no active pair; set QSCORE_MODEL_VERSION, or "
+                "make a pair active (`qscore activate --model VERSION`)"
             )
     return active.model, active.feature_set
 

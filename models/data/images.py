@@ -19,12 +19,14 @@ DEFAULT_MAX_PIXELS = 40_000_000
 
 
 class ImageDecodeError(ValueError):
-    """An upload that is not a usable image; ``code`` is stable for clients and metrics."""
+    """An upload that is not a usable image; ``code`` is stable for clients and metrics; ``limit``
+    the limit it exceeded, for ``too_many_pixels``."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, limit: int | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.limit = limit
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -46,6 +48,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
                 raise ImageDecodeError(
                     "too_many_pixels",
                     f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels} pixels",
+                    max_pixels,
                 )
             image.seek(0)
             image.load()
@@ -56,7 +59,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
             raise ImageDecodeError(
                 "not_an_image", f"not a decodable image; accepted formats: {', '.join(ALLOWED_FORMATS)}"
             ) from exc
-        raise ImageDecodeError("too_many_pixels", f"decompression bomb refused: {exc}") from exc
+        # Pillow's own guard (Image.MAX_IMAGE_PIXELS) can be the lower of the two limits
+        limit = min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
+        raise ImageDecodeError("too_many_pixels", f"decompression bomb refused: {exc}", limit) from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageDecodeError("corrupt_image", f"the image could not be decoded: {exc}") from exc
     return to_rgb(image)

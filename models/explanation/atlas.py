@@ -320,8 +320,8 @@ def _maps(
 
     pairs = [(position[int(i)], j, rank) for j, rows in top_rows.items() for rank, i in enumerate(rows)]
     out: dict[int, list[torch.Tensor | None]] = {j: [None] * len(rows) for j, rows in top_rows.items()}
-    if method == "channel_map":
-        # one forward per image, every channel it is needed for picked from the same map
+    if method in ("channel_map", "occlusion"):
+        # one forward per image (B^2 + 1 for occlusion), every feature it is needed for from the same pass
         wanted: dict[int, list[tuple[int, int]]] = {}
         for image, j, rank in pairs:
             wanted.setdefault(image, []).append((j, rank))
@@ -351,7 +351,7 @@ def _maps(
 
 
 def _map_shape(encoder: Encoder, spec: Any, method: Method, device: torch.device) -> tuple[int, int]:
-    if method != "channel_map":
+    if method == "gradient_x_input":
         return spec.image_size, spec.image_size
     x = torch.zeros(1, 3, spec.image_size, spec.image_size, device=device)
     return tuple(feature_maps(encoder, x, torch.zeros(1, 1, dtype=torch.int64)).maps.shape[-2:])  # type: ignore[return-value]

@@ -9,10 +9,16 @@ Two methods (FIELD-NOTES, "Explaining a score per image"):
   ``avgpool`` of ``layer4``) and for timm models whose ``forward_head(..., pre_logits=True)`` is
   the plain average of ``forward_features`` (checked once per encoder on a probe input: true for
   timm ResNets, not for ConvNeXt, whose head normalises after pooling, nor for ViTs).
-- ``gradient_x_input`` for every other encoder (ViTs, TorchScript modules, which are opaque):
-  ``G_j[u, v] = sum_c x_c[u, v] * d h_j / d x_c[u, v]`` over the encoder's input ``x`` (after
-  normalisation), at input resolution. Signed; for ReLU networks without biases its sum is
-  ``h_j`` exactly (Euler's theorem), with biases it is not.
+- ``gradient_x_input`` for every other encoder that torch can differentiate (ViTs, TorchScript
+  modules, which are opaque): ``G_j[u, v] = sum_c x_c[u, v] * d h_j / d x_c[u, v]`` over the
+  encoder's input ``x`` (after normalisation), at input resolution. Signed; for ReLU networks
+  without biases its sum is ``h_j`` exactly (Euler's theorem), with biases it is not.
+- ``occlusion`` for ONNX encoders, which run in ONNX Runtime, outside torch's autograd (Zeiler
+  and Fergus, ECCV 2014): the image cut into :data:`OCCLUSION_BLOCKS` x :data:`OCCLUSION_BLOCKS`
+  blocks, each set in turn to 0 (the reference's mean colour, after normalisation), and
+  ``O_j[u, v] = h_j(x) - h_j(x with block (u, v) hidden)``: how much of ``h_j`` that block holds
+  up. Signed, one map value a block; ``B^2 + 1`` forward passes an image give the maps of all its
+  features at once (captum's ``Occlusion`` attributes one target a pass, K times the work).
 
 Maps come back before any upsampling (``maps``), so a client can check the exact method
 itself: ``maps.mean((-2, -1))`` is ``h_j``. :func:`upsample` brings them to the image size;
@@ -28,11 +34,18 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from models.encoders.onnx_encoder import OnnxEncoder
 from models.encoders.resnet import ResNetEncoder
 from models.encoders.spec import Encoder
 from models.encoders.timm_encoder import TimmEncoder
 
-Method = Literal["channel_map", "gradient_x_input"]
+Method = Literal["channel_map", "gradient_x_input", "occlusion"]
+
+#: Blocks a side of an occlusion map: an overlay as coarse as the gradient maps are shown.
+OCCLUSION_BLOCKS = 8
+
+#: Occluded copies per forward pass (ONNX Runtime takes them as one batch).
+OCCLUSION_BATCH = 64
 
 #: How close timm's pooled head must be to the plain spatial mean for channel maps to be exact.
 _MEAN_RTOL, _MEAN_ATOL = 1e-4, 1e-5
@@ -52,9 +65,12 @@ class FeatureMaps:
 
 
 def heatmap_method(encoder: Encoder) -> Method:
-    """``channel_map`` when ``h`` is the spatial mean of a final feature map, else ``gradient_x_input``."""
+    """``channel_map`` when ``h`` is the spatial mean of a final feature map, ``occlusion`` for an
+    encoder torch cannot differentiate (ONNX), else ``gradient_x_input``."""
     if isinstance(encoder, ResNetEncoder):
         return "channel_map"
+    if isinstance(encoder, OnnxEncoder):
+        return "occlusion"
     if isinstance(encoder, TimmEncoder):
         known = _timm_is_mean.get(encoder)
         if known is None:
@@ -101,6 +117,8 @@ def feature_maps(encoder: Encoder, x: torch.Tensor, features: torch.Tensor) -> F
             n, k = features.shape
             picked = fmap.gather(1, features_dev.view(n, k, 1, 1).expand(n, k, *fmap.shape[2:]))
         return FeatureMaps(picked.cpu(), h.cpu(), features, method)
+    if method == "occlusion":
+        return _occlusion_maps(encoder, x, features)
     n, k = features.shape
     if k == 0:
         with torch.inference_mode():
@@ -114,6 +132,31 @@ def feature_maps(encoder: Encoder, x: torch.Tensor, features: torch.Tensor) -> F
     maps = (grad * copies.detach()).sum(dim=1).view(n, k, *x.shape[2:])
     h = out.detach()[::k]  # every copy gives the same h; keep the first of each image
     return FeatureMaps(maps.float().cpu(), h.float().cpu(), features, method)
+
+
+def occlusion_blocks(size: int) -> int:
+    """Blocks a side of the occlusion maps of ``size`` px images (fewer for tiny images)."""
+    return min(OCCLUSION_BLOCKS, size)
+
+
+def _occlusion_maps(encoder: Encoder, x: torch.Tensor, features: torch.Tensor) -> FeatureMaps:
+    """``O_j[u, v] = h_j(x) - h_j(x with block (u, v) set to 0)`` (module docstring), (N, K, B, B)."""
+    n, k = features.shape
+    size = x.shape[-1]
+    b = occlusion_blocks(size)
+    edges = torch.linspace(0, size, b + 1).round().long().tolist()  # blocks cover the image when B does not divide S
+    maps = torch.empty(n, k, b, b)
+    with torch.inference_mode():
+        h = encoder(x).float().cpu()
+        for i in range(n):
+            copies = x[i].expand(b * b, *x.shape[1:]).clone()
+            for u in range(b):
+                for v in range(b):
+                    copies[u * b + v, :, edges[u] : edges[u + 1], edges[v] : edges[v + 1]] = 0.0
+            hidden = torch.cat([encoder(chunk).float().cpu() for chunk in copies.split(OCCLUSION_BATCH)])
+            picked = features[i]
+            maps[i] = (h[i, picked].unsqueeze(1) - hidden[:, picked].T).view(k, b, b)
+    return FeatureMaps(maps, h, features, "occlusion")
 
 
 #: Gradient maps are shown pooled to about this many blocks a side: raw gradient x input is

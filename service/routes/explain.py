@@ -94,7 +94,7 @@ async def explain(
         except ExplainBusy:
             raise _busy(worker.limit) from None
         except ImageDecodeError as exc:
-            raise ApiError(422, exc.code, exc.message) from None
+            raise ApiError(422, exc.code, exc.message, exc.limit) from None
         body = {**state.response_header, "filename": files[0].filename or "", **row}
         return Response(orjson.dumps(body), media_type="application/json")
     except ApiError as exc:

@@ -192,5 +192,5 @@ def _prepare(
 
 def _error_result(name: str, exc: ImageDecodeError) -> dict[str, Any]:
     row = error_row(exc.code, exc.message)
-    row["error"] |= {"limit": None, "errors": None}
+    row["error"] |= {"limit": exc.limit, "errors": None}
     return {"filename": name, **row}

@@ -106,8 +106,9 @@ def test_score_json_lines(pipeline, cifar_slice, tmp_path):
     bad.write_text("not an image")
     result = run_cli(
         "score",
-        *images,
+        images[0],
         bad,
+        *images[1:],
         "--model",
         pipeline["model"],
         "--features",
@@ -120,7 +121,7 @@ def test_score_json_lines(pipeline, cifar_slice, tmp_path):
     # a file that is not an image gets its own error line, and the exit status says so
     assert result.returncode == 1, result.stderr[-2000:]
     rows = [json.loads(line) for line in result.stdout.strip().splitlines()]
-    assert {row["path"] for row in rows} == {str(p) for p in [*images, bad]}
+    assert [row["path"] for row in rows] == [str(p) for p in [images[0], bad, *images[1:]]]  # as given
     err = next(row for row in rows if row["path"] == str(bad))
     assert err["error"]["code"] == "not_an_image"
     scored = [row for row in rows if row["path"] != str(bad)]
@@ -284,7 +285,7 @@ def test_help_answers_without_importing_torch():
     """`qscore --help` and every command's help come from the command line alone: each command
     imports torch, the service or Celery when it runs, not when the command line is read."""
     commands = ["pretrain", "discover", "score", "explain", "evaluate", "regularize", "attach-head", "import",
-                "convert", "serve", "worker"]  # fmt: skip
+                "import-features", "activate", "convert", "serve", "worker"]  # fmt: skip
     probe = (
         "import sys\n"
         "from typer.testing import CliRunner\n"
@@ -302,3 +303,33 @@ def test_help_answers_without_importing_torch():
     assert all(c in helps[0] for c in commands)
     evaluate_help = helps[1 + commands.index("evaluate")]
     assert f"default: {DEFAULT_SHIFT_SAMPLES}" in evaluate_help
+
+
+def test_a_registry_made_on_the_command_line_is_served(pipeline, tmp_path, monkeypatch):
+    """import -> (serve refuses in one line) -> import-features -> activate -> the pair serve loads."""
+    from models.registry.versions import Registry
+    from qscore_config.settings import Settings
+    from service.server import startup_pair
+
+    root = tmp_path / "registry"
+    run_cli("import", "--model", pipeline["model"], "--version", "mine", "--registry", root)
+    monkeypatch.setenv("QSCORE_REGISTRY_ROOT", str(root))
+    monkeypatch.setenv("QSCORE_MODEL_VERSION", "mine")
+    refused = run_installed("serve", "--port", "1")  # the check comes before uvicorn binds the port
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    lines = [line for line in refused.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "no feature set for model 'mine'" in lines[0] and "qscore import-features" in lines[0]
+    monkeypatch.delenv("QSCORE_MODEL_VERSION")
+    no_pair = run_cli("activate", "--model", "mine", "--registry", root, check=False)
+    assert no_pair.returncode == 2 and "`qscore import-features`" in no_pair.stderr
+    added = last_json(run_cli("import-features", "--features", pipeline["features"], "--registry", root).stdout)
+    assert added["model"] == "mine"
+    active = last_json(run_cli("activate", "--model", "mine", "--registry", root).stdout)
+    assert active == {"model": "mine", "feature_set": added["feature_set"]}
+    assert startup_pair(Settings(registry_root=root)) == ("mine", added["feature_set"])
+    fs = Registry(root).load_feature_set(added["feature_set"])
+    assert fs.encoder.model_version == "mine" and fs.bank is not None  # the bank came along
+    # a feature set whose encoder the registry does not hold
+    other = tmp_path / "other"
+    wrong = run_cli("import-features", "--features", pipeline["features"], "--registry", other, check=False)
+    assert wrong.returncode == 2 and "holds no model with fingerprint" in wrong.stderr

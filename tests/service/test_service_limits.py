@@ -1,4 +1,4 @@
-"""The body-size middleware on its own: declared and chunked bodies."""
+"""The body-size middleware on its own: declared and chunked bodies; a bug's 500 in the errors' JSON shape."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.app import _http_error
+from service.app import _http_error, _unexpected_error, create_app
 from service.limits import BodyLimitMiddleware
 
 
@@ -58,3 +58,26 @@ async def test_body_limit_chunked_body_over_limit_is_413(anyio_backend: str) -> 
         "limit": 1000,
         "message": response.json()["detail"]["message"],
     }
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_an_unexpected_exception_is_a_json_500_naming_no_internals(anyio_backend: str) -> None:
+    app = FastAPI()
+    app.add_exception_handler(Exception, _unexpected_error)
+
+    @app.get("/bug")
+    async def bug() -> None:
+        raise RuntimeError("secret path /srv/registry/x")
+
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        response = await client.get("/bug")
+    assert response.status_code == 500 and response.headers["content-type"] == "application/json"
+    assert response.json() == {
+        "detail": {
+            "code": "internal_error",
+            "message": "the server failed on this request (RuntimeError); its log has the details",
+        }
+    }
+    assert create_app().exception_handlers[Exception] is _unexpected_error  # the service's app has it

@@ -180,6 +180,8 @@ def test_score_unusable_file_gets_error_entry_and_others_are_scored(
     results = response.json()["results"]
     assert [r["filename"] for r in results] == [good[0].name, name, good[1].name]
     assert results[1]["error"]["code"] == code and results[1]["q_score"] is None
+    # the limit that was exceeded, as every error body gives it
+    assert results[1]["error"]["limit"] == (server.settings.max_image_pixels if code == "too_many_pixels" else None)
     assert results[0]["q_score"] is not None and results[2]["q_score"] is not None
     assert server.metric("qscore_errors_total", model_version="tiny", code=code) == errors_before + 1
 

@@ -70,3 +70,32 @@ def test_top_is_bounded(explainer: Explainer, cifar_slice: Path) -> None:
     for bad in (0, MAX_TOP + 1):
         with pytest.raises(ValueError, match=f"top must be between 1 and {MAX_TOP}"):
             explainer.explain(pixels, top=bad)
+
+
+def test_onnx_encoders_are_explained_by_occlusion(tiny_model: tuple, cifar_slice: Path, tmp_path: Path) -> None:
+    # ONNX Runtime has no autograd: gradient x input used to fail on every ONNX encoder
+    import torch
+
+    from models.encoders.loading import load_encoder
+
+    encoder, _, feature_set = tiny_model
+    path = tmp_path / "tiny.onnx"
+    x = torch.rand(2, 3, 32, 32)
+    shapes = ({0: torch.export.Dim("batch", min=1)},)
+    torch.onnx.export(encoder, (x,), dynamo=True, dynamic_shapes=shapes, verbose=False).save(
+        str(path), external_data=False
+    )
+    spec = encoder.spec
+    onnx = load_encoder(path, mean=spec.mean, std=spec.std)
+    ref = feature_set.encoder.model_copy(update={"fingerprint": onnx.fingerprint})
+    onnx_explainer = Explainer(Scorer(onnx.encoder, onnx.fingerprint, feature_set.model_copy(update={"encoder": ref})))
+    pixels = _pixels(cifar_slice, 1)[0]
+    explanation = onnx_explainer.explain(pixels, top=3)
+    assert explanation.method == "occlusion" and len(explanation.heatmaps) == 3
+    torch_explanation = Explainer(Scorer(encoder, tiny_model[1], feature_set, device="cpu")).explain(pixels, top=3)
+    assert [hm.feature.index for hm in explanation.heatmaps] == [hm.feature.index for hm in torch_explanation.heatmaps]
+    for hm in explanation.heatmaps:
+        assert hm.map.shape == (8, 8) and bool(np.isfinite(np.asarray(hm.map)).all())
+    row = explanation.row(arrays=True)
+    assert row["heatmaps"]["method"] == "occlusion"
+    assert all(Image.open(io.BytesIO(base64.b64decode(e["png"]))).size == (32, 32) for e in row["heatmaps"]["features"])

@@ -1,4 +1,5 @@
-"""Heatmaps: channel maps are exact (their mean before upsampling is h_j), gradient x input elsewhere."""
+"""Heatmaps: channel maps are exact (their mean before upsampling is h_j), occlusion for ONNX
+encoders (exact on a linear one), gradient x input elsewhere."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from models.encoders.resnet import build_encoder
 from models.encoders.spec import EncoderSpec
 from models.encoders.timm_encoder import build_timm_encoder
 from models.encoders.torchscript_encoder import load_torchscript
-from models.explanation.heatmaps import feature_maps, for_display, heatmap_method, upsample
+from models.explanation.heatmaps import OCCLUSION_BLOCKS, feature_maps, for_display, heatmap_method, upsample
 from models.registry.versions import DEMO_DIR
 
 
@@ -131,3 +132,47 @@ def test_for_display_pools_the_positive_part_of_gradient_maps_only() -> None:
     assert float(shown[0, 0, 0]) == 0.0  # all negative there
     channel = torch.rand(3, 4, 4)
     assert for_display(channel, "channel_map") is channel
+
+
+class _ChannelMeans(nn.Module):
+    """h = (2 * mean of channel 0, 3 * mean of channel 1, mean of channel 2): linear, so hiding a
+    block takes exactly that block's share of each mean away."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3)) * torch.tensor([2.0, 3.0, 1.0])
+
+
+def _onnx_encoder(module: nn.Module, path: Path, size: int):
+    x = torch.rand(2, 3, size, size)
+    program = torch.onnx.export(
+        module, (x,), dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), verbose=False
+    )
+    program.save(str(path), external_data=False)
+    return load_encoder(path, mean=(0, 0, 0), std=(1, 1, 1)).encoder
+
+
+@pytest.mark.parametrize("size", [16, 20])  # 20: blocks of 2 and 3 pixels, still covering the image
+def test_occlusion_maps_of_an_onnx_encoder_are_each_blocks_share_of_h(tmp_path: Path, size: int) -> None:
+    encoder = _onnx_encoder(_ChannelMeans().eval(), tmp_path / "means.onnx", size)
+    assert heatmap_method(encoder) == "occlusion"  # ONNX Runtime: no autograd
+    x = _images(2, size, seed=3)
+    features = torch.tensor([[0, 1, 2], [2, 2, 0]])
+    maps = feature_maps(encoder, x, features)
+    assert maps.method == "occlusion" and maps.maps.shape == (2, 3, OCCLUSION_BLOCKS, OCCLUSION_BLOCKS)
+    weights = torch.tensor([2.0, 3.0, 1.0])
+    edges = torch.linspace(0, size, OCCLUSION_BLOCKS + 1).round().long().tolist()
+    for n in range(2):
+        for k, j in enumerate(features[n].tolist()):
+            want = (
+                torch.tensor(
+                    [
+                        [float(x[n, j, edges[u] : edges[u + 1], edges[v] : edges[v + 1]].sum()) for v in range(8)]
+                        for u in range(8)
+                    ]
+                )
+                * weights[j]
+                / size**2
+            )
+            torch.testing.assert_close(maps.maps[n, k], want, rtol=1e-4, atol=1e-5)
+    # the blocks partition the image, so for a linear encoder the map adds up to h_j
+    torch.testing.assert_close(maps.maps.sum(dim=(-2, -1)), maps.h.gather(1, features), rtol=1e-4, atol=1e-5)
