@@ -221,12 +221,13 @@ def test_regularize_and_convert_refuse_onnx_and_pt2_with_exit_2(files, tmp_path:
     assert converted.returncode == 2 and "is an ONNX model: use it as it is" in converted.stderr
 
 
-def external_export(folder: Path) -> Path:
+def external_export(folder: Path, module: nn.Module | None = None) -> Path:
     """The small module as ``torch.onnx.export`` saves it by default: ``small.onnx`` beside ``small.onnx.data``."""
     folder.mkdir(parents=True, exist_ok=True)
     x = torch.rand(2, 3, 32, 32)
     shapes = ({0: torch.export.Dim("batch", min=1)},)
-    torch.onnx.export(small_module(), (x,), str(folder / "small.onnx"), dynamo=True, dynamic_shapes=shapes)
+    module = module if module is not None else small_module()
+    torch.onnx.export(module, (x,), str(folder / "small.onnx"), dynamo=True, dynamic_shapes=shapes)
     assert (folder / "small.onnx.data").is_file()  # torch's default: the tensors apart
     return folder / "small.onnx"
 
@@ -265,3 +266,14 @@ def test_external_data_outside_the_models_folder_is_refused(tmp_path: Path) -> N
     with pytest.raises(OnnxError, match=r"names external data '../outside.data' outside its own folder"):
         registry.import_model(path, version="escape")
     assert registry.list_models() == []
+
+
+def test_the_fingerprint_of_an_external_data_model_sees_its_tensors(tmp_path: Path) -> None:
+    # the graph files of two exports of the same architecture are the same bytes; the weights are not
+    first = external_export(tmp_path / "a")
+    other = small_module()
+    with torch.no_grad():
+        other.body[3].weight.mul_(-1.0)  # a large tensor, kept in the .data file
+    second = external_export(tmp_path / "b", other)
+    assert first.read_bytes() == second.read_bytes()
+    assert load_encoder(first).fingerprint != load_encoder(second).fingerprint
