@@ -31,7 +31,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score, roc_auc_score
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, cross_val_predict
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -258,30 +258,48 @@ class _Calibrator:
         return 1.0 / (1.0 + np.exp(-(self.a * d + self.b)))
 
 
-def _splitter(folds: int, seed: int, groups: np.ndarray | None) -> Any:
-    """Stratified folds; with ``groups`` (e.g. the source image of shifted copies) a group never straddles two."""
+Folds = list[tuple[np.ndarray, np.ndarray]]
+
+
+def _folds(miss: np.ndarray, folds: int, seed: int, groups: np.ndarray | None) -> Folds:
+    """Stratified (train, test) folds; with ``groups`` (e.g. the source image of shifted copies) a
+    group never straddles two."""
     if groups is None:
-        return StratifiedKFold(folds, shuffle=True, random_state=seed)
-    return StratifiedGroupKFold(folds, shuffle=True, random_state=seed)
+        return list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(miss, miss))
+    return list(StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(miss, miss, groups))
 
 
 def _decisions_out_of_fold(
     x: np.ndarray,
     miss: np.ndarray,
-    cv: Any,
-    groups: np.ndarray | None,
+    cv: Folds,
     weight: np.ndarray | None,
     nonnegative: tuple[int, ...],
 ) -> np.ndarray:
     """Each sample's decision value from the regression fitted on the other folds."""
-    params = {} if weight is None else {"logistic__sample_weight": weight}
-    return cross_val_predict(
-        _pipeline(nonnegative), x, miss, groups=groups, cv=cv, method="decision_function", params=params
-    )
+    out = np.empty(len(miss))
+    for train, test in cv:
+        out[test] = _fitted(
+            x[train], miss[train], None if weight is None else weight[train], nonnegative
+        ).decision_function(x[test])
+    return out
 
 
 def _fitted(x: np.ndarray, miss: np.ndarray, weight: np.ndarray | None, nonnegative: tuple[int, ...]) -> Pipeline:
-    return _pipeline(nonnegative).fit(x, miss, logistic__sample_weight=weight)
+    """The regression on ``x``, with the log odds of its (weighted) error rate taken out of its
+    intercept; the calibration fitted on these decisions puts the rate back.
+
+    Why: groups keep folds from being balanced. A fold that holds out a group of mostly wrong
+    copies trains on fewer errors, and its regression says "right" of every image it is shown,
+    so pooled out-of-fold values rank images by the fold they fell in. Measured with signals
+    independent of the label (10 groups of 82 copies beside 300 lone images, 8 seeds): the lone
+    images' AUROC was 0.33 on average and 0.24 at worst, the copies' 0.56; with the rate taken
+    out, 0.47 and 0.50."""
+    pipeline = _pipeline(nonnegative).fit(x, miss, logistic__sample_weight=weight)
+    rate = float(np.clip(np.average(miss, weights=weight), 1e-6, 1 - 1e-6))
+    logistic = pipeline.named_steps["logistic"]
+    logistic.intercept_ = logistic.intercept_ - np.log(rate / (1 - rate))
+    return pipeline
 
 
 def _fit_once(
@@ -294,7 +312,7 @@ def _fit_once(
     groups: np.ndarray | None = None,
     nonnegative: tuple[int, ...] = (),
 ) -> tuple[Pipeline, _Calibrator]:
-    oof = _decisions_out_of_fold(x, miss, _splitter(folds, seed, groups), groups, weight, nonnegative)
+    oof = _decisions_out_of_fold(x, miss, _folds(miss, folds, seed, groups), weight, nonnegative)
     return _fitted(x, miss, weight, nonnegative), _Calibrator(method, oof, miss, weight)
 
 
@@ -423,12 +441,12 @@ def _fit_core(
     nonnegative = tuple(i for i, name in enumerate(names) if name in monotone)
     # Ranking: out-of-fold decision values of one cross-validation (pooling calibrated
     # probabilities of different folds would reorder images by each fold's calibration).
-    cv = _splitter(folds, seed + 1, groups)
-    d_oof = _decisions_out_of_fold(x, miss, cv, groups, weight, nonnegative)
+    cv = _folds(miss, folds, seed + 1, groups)
+    d_oof = _decisions_out_of_fold(x, miss, cv, weight, nonnegative)
     # Calibration: an outer cross-validation, every probability from a regression and a
     # calibration that never saw the image.
     p_oof = np.zeros(len(miss))
-    for train, test in cv.split(x, miss, groups):
+    for train, test in cv:
         sub_groups = None if groups is None else groups[train]
         sub_weight = None if weight is None else weight[train]
         probe, cal = _fit_once(x[train], miss[train], folds, seed, calibration, sub_weight, sub_groups, nonnegative)
