@@ -1,6 +1,6 @@
 """Where a feature fires in the image: one spatial map per (image, feature) pair.
 
-Two methods (FIELD-NOTES, "Explaining a score per image"):
+Three methods (FIELD-NOTES, "Explaining a score per image"):
 
 - ``channel_map`` (exact, one forward pass): for a CNN whose representation is the spatial mean
   of its last feature map, ``h_j = mean_{u,v} A_j[u, v]`` with ``A`` the (r, h', w') map, so
