@@ -7,12 +7,13 @@ In one process, on the demo encoder and CIFAR-10 test images, at batch 1 and 32:
   the monitor, interleaved round by round (off, on, on, off) so that a shared machine's load falls
   on both alike: the ratio of the medians, which on a shared 2-core machine is only good to a few
   per cent (an A/A comparison moves as much);
-- ``TrafficMonitor.observe`` alone on that step's real outputs, and the throughput ratio it
+- ``TrafficMonitor.observe`` alone on that step's real outputs and pixels (the image properties of
+  the drift test, the demo's feature set holding the held-out images'), and the throughput ratio it
   implies, ``step / (step + observe)``: the precise figure; the same where the feature set's
   error estimator is COTT (the head runs on every batch to keep its class probabilities), and
   ``snapshot()`` of a full COTT window (the transport, solved when ``/monitor`` or a scrape asks);
 - the drift test of a full window (500 against 1,000 reference vectors, the default 500
-  permutations, and the typicality test against the feature set's held-out images; one BLAS
+  permutations, and the typicality and image property tests against the feature set's held-out images; one BLAS
   thread) as the drift thread runs it: at the default ``QSCORE_DRIFT_MIN_INTERVAL_S`` of 10 s it
   takes at most (test time / 10 s) of one core.
 
@@ -38,6 +39,7 @@ from benchmarks.common import RESULTS, ROOT, cpu_model, load_average, write_resu
 from models.data.images import decode_image
 from models.encoders.loading import load_encoder
 from models.monitoring.drift import DriftReference
+from models.monitoring.image_properties import PROPERTIES
 from models.monitoring.monitor import TrafficMonitor
 from models.scoring.error_estimate import ErrorEstimator
 from models.scoring.feature_set import FeatureSet
@@ -89,13 +91,13 @@ def main() -> None:
         inference = scorer.infer(images)
         scores = scorer.postprocess(inference, wanted)
         observe = statistics.median(
-            _seconds_per_call(lambda: monitor.observe("demo", inference.h, scores, "demo"), 2000)  # noqa: B023
+            _seconds_per_call(lambda: monitor.observe("demo", inference.h, scores, "demo", pixels=images), 2000)  # noqa: B023
             for _ in range(5)
         )
         for _ in range(500 // batch + 1):  # a full window, so that the snapshot solves the transport
-            cott_monitor.observe("demo", inference.h, scores, "demo")
+            cott_monitor.observe("demo", inference.h, scores, "demo", pixels=images)
         observe_cott = statistics.median(
-            _seconds_per_call(lambda: cott_monitor.observe("demo", inference.h, scores, "demo"), 2000)  # noqa: B023
+            _seconds_per_call(lambda: cott_monitor.observe("demo", inference.h, scores, "demo", pixels=images), 2000)  # noqa: B023
             for _ in range(5)
         )
         step = statistics.median(off)
@@ -120,11 +122,16 @@ def main() -> None:
     window = bank[np.random.default_rng(0).choice(len(bank), 500, replace=False)]
     with threadpool_limits(1, user_api="blas"):
         held_out = np.asarray(features.typicality.held_out)  # type: ignore[union-attr]
-        reference = DriftReference(bank, held_out_typicality=held_out)
-        typicality = held_out[np.random.default_rng(1).choice(len(held_out), 500)]
+        properties = {k: np.asarray(v) for k, v in (features.held_out_image_properties or {}).items()}
+        reference = DriftReference(bank, held_out_typicality=held_out, held_out_properties=properties)
+        drawn = np.random.default_rng(1).choice(len(held_out), 500)
+        typicality = held_out[drawn]
+        window_properties = (
+            np.stack([np.asarray(properties[name])[drawn] for name in PROPERTIES]) if properties else None
+        )
 
         def one_test() -> None:
-            reference.test(window, seed=7, typicality=typicality)
+            reference.test(window, seed=7, typicality=typicality, properties=window_properties)
 
         tests = [_seconds_per_call(one_test, 1) for _ in range(5)]
     drift_ms = 1000 * statistics.median(tests)

@@ -5,9 +5,10 @@
 The reference is what the service tests against: the demo feature set's reference bank, whose
 5,000 vectors are CIFAR-10 *train* images (discovery's seed-0 sample), of which each test draws
 its own seeded sample of 1,000, and whose held-out typicality is that of the 2,000 CIFAR-10 *test*
-images the evaluation measured (``experiments/demo_calibration.py``). Windows of ``--window``
-images, each tested with :class:`models.monitoring.drift.DriftReference` exactly as the service
-does (the MMD and the typicality test, Bonferroni):
+images the evaluation measured (``experiments/demo_calibration.py``), as are its held-out image
+properties. Windows of ``--window`` images, each tested with
+:class:`models.monitoring.drift.DriftReference` exactly as the service does (the MMD, the
+typicality test and the image property test, Bonferroni):
 
 - clean CIFAR-10 test images, the evaluation's 2,000 left out (the typicality test's reference):
   every disjoint window of a seeded shuffle of the other 8,000, and
@@ -39,6 +40,7 @@ from models.data.datasets import ensure_cifar10, random_sample
 from models.data.shifts import apply_shift
 from models.encoders.loading import load_encoder
 from models.monitoring.drift import DEFAULT_PERMUTATIONS, DEFAULT_REFERENCE_SIZE, DriftReference
+from models.monitoring.image_properties import image_properties
 from models.scoring.bank import normalise
 from models.scoring.feature_set import FeatureSet
 from models.scoring.scorer import Scorer
@@ -54,26 +56,36 @@ def _files(folder: Path) -> list[Path]:
     return [f for c in sorted(p for p in folder.iterdir() if p.is_dir()) for f in sorted(c.iterdir())]
 
 
-def encode(scorer: Scorer, images: list[Image.Image], batch: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(n, r) unit-norm representations, (n,) atypical flags and (n,) typicality of RGB images, as the
-    service makes them."""
-    vectors, atypical, typicality = [], [], []
+Encoded = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def encode(scorer: Scorer, images: list[Image.Image], batch: int = 256) -> Encoded:
+    """(n, r) unit-norm representations, (n,) atypical flags, (n,) typicality and (len(PROPERTIES), n)
+    image properties of RGB images, as the service makes them."""
+    vectors, atypical, typicality, properties = [], [], [], []
     for start in range(0, len(images), batch):
-        inference = scorer.infer([scorer.preprocess(i) for i in images[start : start + batch]])
+        pixels = [scorer.preprocess(i) for i in images[start : start + batch]]
+        inference = scorer.infer(pixels)
         vectors.append(normalise(inference.h).numpy())
         scores = scorer.postprocess(inference, features=False)
         atypical += [bool(s.atypical) for s in scores]
         typicality += [s.typicality for s in scores]
-    return np.concatenate(vectors), np.array(atypical), np.array(typicality, dtype=np.float64)
+        properties.append(image_properties(pixels))
+    return (
+        np.concatenate(vectors),
+        np.array(atypical),
+        np.array(typicality, dtype=np.float64),
+        np.concatenate(properties, axis=1),
+    )
 
 
-Window = tuple[np.ndarray, np.ndarray]  # (representations, typicality)
+Window = tuple[np.ndarray, np.ndarray, np.ndarray]  # (representations, typicality, image properties)
 
 
-def windows(encoded: tuple[np.ndarray, np.ndarray, np.ndarray], size: int) -> list[Window]:
-    vectors, _, typicality = encoded
+def windows(encoded: Encoded, size: int) -> list[Window]:
+    vectors, _, typicality, properties = encoded
     starts = range(0, vectors.shape[0] - size + 1, size)
-    return [(vectors[s : s + size], typicality[s : s + size]) for s in starts]
+    return [(vectors[s : s + size], typicality[s : s + size], properties[:, s : s + size]) for s in starts]
 
 
 def main() -> None:
@@ -93,7 +105,13 @@ def main() -> None:
     scorer = Scorer(imported.encoder, imported.fingerprint, features, "cpu")
     assert features.bank is not None and features.typicality is not None  # the demo's drift reference
     held_out = features.typicality.held_out
-    reference = DriftReference(features.bank.vectors.float().numpy(), args.reference_size, held_out_typicality=held_out)
+    held_out_properties = features.held_out_image_properties
+    reference = DriftReference(
+        features.bank.vectors.float().numpy(),
+        args.reference_size,
+        held_out_typicality=held_out,
+        held_out_properties=held_out_properties,
+    )
 
     rng = np.random.default_rng(0)
     test_files = _files(root / "test")
@@ -111,10 +129,15 @@ def main() -> None:
         ("clean test", "fresh sample per test", windows(clean, args.window), clean[1], reference)
     ]
     picks = [rng.choice(len(clean[0]), args.window, replace=False) for _ in range(args.random_windows)]
-    random_windows = [(clean[0][i], clean[2][i]) for i in picks]
+    random_windows = [(clean[0][i], clean[2][i], clean[3][:, i]) for i in picks]
     rows.append(("clean test, random windows", "fresh sample per test", random_windows, clean[1], reference))
     for seed in (0, 1):
-        fixed = DriftReference(reference.sample(seed), args.reference_size, held_out_typicality=held_out)
+        fixed = DriftReference(
+            reference.sample(seed),
+            args.reference_size,
+            held_out_typicality=held_out,
+            held_out_properties=held_out_properties,
+        )
         rows.append(("clean test", f"one fixed sample (seed {seed})", windows(clean, args.window), clean[1], fixed))
     train = encode(scorer, [Image.open(train_files[i]).convert("RGB") for i in outside])
     rows.append(("train, not in the bank", "fresh sample per test", windows(train, args.window), train[1], reference))
@@ -127,17 +150,21 @@ def main() -> None:
         f"train vectors (bandwidth {reference.bandwidth:.3f}), {args.permutations} permutations\n"
     )
     print(
-        "| images | reference | windows | share p < 0.01 | ... MMD alone | share p < 0.05 | median p | max p "
-        "| atypical share |"
+        "| images | reference | windows | share p < 0.01 | ... MMD alone | ... image properties alone "
+        "| share p < 0.05 | median p | max p | atypical share |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, kind, tested, atypical, ref in rows:
         # seeds 1, 2, ...: the service seeds each test by its image count, never 0 (the bandwidth's draw)
-        results = [ref.test(w, args.permutations, seed=i + 1, typicality=t) for i, (w, t) in enumerate(tested)]
+        results = [
+            ref.test(w, args.permutations, seed=i + 1, typicality=t, properties=x) for i, (w, t, x) in enumerate(tested)
+        ]
         p = np.array([r.p_value for r in results])
         mmd = np.array([r.mmd_p_value for r in results])
+        props = np.array([1.0 if r.property_p_value is None else r.property_p_value for r in results])
         print(
             f"| {name} | {kind} | {len(p)} | {(p < 0.01).mean():.3f} | {(mmd < 0.01).mean():.3f} | "
+            f"{(props < 0.01).mean():.3f} | "
             f"{(p < 0.05).mean():.3f} | {np.median(p):.3f} | {p.max():.3f} | {atypical.mean():.3f} |"
         )
     print(f"\n({time.perf_counter() - started:.0f} s)")

@@ -11,7 +11,8 @@ For each encoder (the demo SimCLR ResNet-18 of ``models/weights``, self-supervis
   exactly what ``run_evaluation`` fits the risk model and the error estimator on;
 - the report, on other CIFAR-10 test images (``--per-set`` per set): clean; every corruption family
   at severities 1, 3 and 5; inversion, grayscale, upside-down; the gross sets; and, *apart*, the
-  families and sets added after the method was fixed (``HELD_OUT_FAMILIES``, ``HELD_OUT_SHIFTS``).
+  families and sets added after the method was fixed (``HELD_OUT_FAMILIES``, ``HELD_OUT_SHIFTS``),
+  and those added after the drift test's image properties were (``LATER_FAMILIES``, channel swap).
   Per set: the head's true error, the mean risk, the window estimate, the drift p-value of the
   window against the reference bank, the atypical share; for every design family, **leave one
   family out**: the risk model and estimator refitted without it, reported on it;
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from models.data.corruptions import DESIGN_FAMILIES, HELD_OUT_FAMILIES
+from models.data.corruptions import DESIGN_FAMILIES, HELD_OUT_FAMILIES, LATER_FAMILIES
 from models.data.datasets import ensure_cifar10, image_folder, random_sample, subset
 from models.data.shifts import GROSS_SHIFTS, HELD_OUT_GROSS_SHIFTS
 from models.data.transforms import eval_transform
@@ -42,7 +43,8 @@ from models.encoders.loading import load_encoder
 from models.evaluation.linear_eval import _load, fit_under_shift
 from models.evaluation.metrics import linear_probe
 from models.evaluation.shift_fit import SignalSet, labelled_clean_set, measure, signal_sets, with_mmd2
-from models.monitoring.drift import DriftReference
+from models.monitoring.drift import DriftReference, DriftResult, combined_p_value
+from models.monitoring.image_properties import PROPERTIES, SIGNAL_PREFIX, held_out_properties
 from models.scoring.bank import normalise
 from models.scoring.error_estimate import fit_atc, fit_cott
 from models.scoring.feature_set import EncoderRef, FeatureSet
@@ -58,7 +60,9 @@ DEMO_FEATURES = REPO / "models" / "weights" / "demo-feature-set.json"
 CACHE = REPO / ".cache" / "shift_report"
 
 REPORT_SEVERITIES = (1, 3, 5)
-REPORT_EXTRAS = ("invert", "grayscale", "rotate_180")
+REPORT_EXTRAS = ("invert", "grayscale", "rotate_180", "channel_swap")
+#: Made after the drift test's image properties were fixed: reported apart from the drift goal's sets.
+LATER_SETS = (*LATER_FAMILIES, "channel_swap")
 #: The signals of the risk model before issue 15 (no head, raw typicality, nothing monotone).
 TODAY_SIGNALS = (
     "q_score", "mean_active", "log_l1", "hoyer", "log_max", "knn", "typicality",
@@ -69,8 +73,9 @@ CLEAN_WINDOWS = 10
 RESAMPLED_WINDOWS = 100
 DRIFT_ALPHA = 0.01
 #: Bumped when the cached sets change what they hold (2: the head's probabilities and the labels, for
-#: COTT; 3: the fit's shifted sets' representations, for the set-level correction's MMD^2).
-CACHE_VERSION = 3
+#: COTT; 3: the fit's shifted sets' representations, for the set-level correction's MMD^2; 4: the image
+#: properties among the signals, and the sets added after them).
+CACHE_VERSION = 4
 
 
 # -- subjects ---------------------------------------------------------------------------------
@@ -177,7 +182,7 @@ def measure_subject(name: str, args: argparse.Namespace) -> dict[str, Any]:
         scorer,
         report_images,
         report_labels,
-        families=(*DESIGN_FAMILIES, *HELD_OUT_FAMILIES),
+        families=(*DESIGN_FAMILIES, *HELD_OUT_FAMILIES, *LATER_FAMILIES),
         severities=REPORT_SEVERITIES,
         extra_shifts=REPORT_EXTRAS,
         gross=(*GROSS_SHIFTS, *HELD_OUT_GROSS_SHIFTS),
@@ -227,8 +232,11 @@ def _cache_name(name: str, args: argparse.Namespace) -> str:
 def analyse(name: str, measured: dict[str, Any]) -> dict[str, Any]:
     report_sets: list[SignalSet] = measured["report"]
     bank = np.load(CACHE / measured["cache"] / "bank.npy")
-    # the held-out typicality the evaluation stores: the fit's clean images
-    reference = DriftReference(bank, held_out_typicality=measured["fit"][0].signals["typicality"])
+    # the held-out typicality and image properties the evaluation stores: the fit's clean images'
+    held_out = measured["fit"][0].signals
+    reference = DriftReference(
+        bank, held_out_typicality=held_out["typicality"], held_out_properties=held_out_properties(held_out)
+    )
     # each fit set's MMD^2 against the bank, as run_evaluation computes it (the set-level correction's input)
     fit_sets = with_mmd2(measured["fit"], reference)
     clean_fit = fit_sets[0]
@@ -247,16 +255,18 @@ def analyse(name: str, measured: dict[str, Any]) -> dict[str, Any]:
         m, e = lofo[s.family] if held else (model, estimator)
         risk = _risk(m, s)
         window = normalise(torch.from_numpy(s.h)).numpy()
-        drift = reference.test(window, seed=1, typicality=s.signals["typicality"])
+        drift = reference.test(window, seed=1, typicality=s.signals["typicality"], properties=_properties(s.signals))
+        moved = _moved(drift)
         rows.append(
             {
                 "set": s.name,
                 "kind": s.kind,
                 "family": s.family,
                 "severity": s.severity,
-                "added_after": s.family in HELD_OUT_FAMILIES
+                "added_after": s.family in (*HELD_OUT_FAMILIES, *LATER_SETS)
                 or s.family in ("rotate_180", "digits")
                 or (s.kind == "gross" and s.family in HELD_OUT_GROSS_SHIFTS),
+                "added_after_properties": s.family in LATER_SETS,
                 "left_out": held,
                 "error": s.error,
                 "mean_risk": float(risk.mean()),
@@ -269,6 +279,9 @@ def analyse(name: str, measured: dict[str, Any]) -> dict[str, Any]:
                 "drift_p": drift.p_value,
                 "drift_mmd_p": drift.mmd_p_value,
                 "drift_typicality_p": drift.typicality_p_value,
+                "drift_property_p": drift.property_p_value,
+                "drift_property_moved": moved,
+                "drift_p_without_properties": _without_properties(drift),
                 "atypical": float((s.signals["typicality"] > 1).mean()),
                 "_risk": risk,
                 "_today": _risk(today, s),
@@ -277,7 +290,12 @@ def analyse(name: str, measured: dict[str, Any]) -> dict[str, Any]:
         )
     windows = [s for s in report_sets if s.kind == "window"]
     window_tests = [
-        reference.test(normalise(torch.from_numpy(w.h)).numpy(), seed=1, typicality=w.signals["typicality"])
+        reference.test(
+            normalise(torch.from_numpy(w.h)).numpy(),
+            seed=1,
+            typicality=w.signals["typicality"],
+            properties=_properties(w.signals),
+        )
         for w in windows
     ]
     window_p = [t.p_value for t in window_tests]
@@ -314,13 +332,34 @@ def _resampled_clean_p_values(reference: DriftReference, clean: list[SignalSet])
     windows cannot give (the windows overlap, so the rate is unbiased but its spread is wider)."""
     h = normalise(torch.from_numpy(np.concatenate([s.h for s in clean]))).numpy()
     typicality = np.concatenate([s.signals["typicality"] for s in clean])
+    properties = np.concatenate([_properties(s.signals) for s in clean], axis=1)
     size = len(clean[0].misclassified)
     rng = np.random.default_rng(7)
     out = []
     for w in range(RESAMPLED_WINDOWS):
         idx = rng.choice(h.shape[0], size, replace=False)
-        out.append(reference.test(h[idx], seed=100 + w, typicality=typicality[idx]).p_value)
+        out.append(
+            reference.test(h[idx], seed=100 + w, typicality=typicality[idx], properties=properties[:, idx]).p_value
+        )
     return out
+
+
+def _properties(signals: dict[str, np.ndarray]) -> np.ndarray:
+    """A set's image properties as the monitor's window keeps them: (len(PROPERTIES), n)."""
+    return np.stack([signals[SIGNAL_PREFIX + name] for name in PROPERTIES])
+
+
+def _moved(drift: DriftResult) -> str | None:
+    """The image property with the lowest p-value, where the property test alone finds drift."""
+    per = drift.property_p_values
+    if not per or drift.property_p_value is None or drift.property_p_value >= DRIFT_ALPHA:
+        return None
+    return min(per, key=per.__getitem__)
+
+
+def _without_properties(drift: DriftResult) -> float:
+    """The drift p-value the test gave before the image properties: the MMD and typicality tests alone."""
+    return combined_p_value(drift.mmd_p_value, drift.typicality_p_value)
 
 
 def _cott(clean: SignalSet, s: SignalSet) -> float | None:
@@ -367,9 +406,14 @@ def goals(result: dict[str, Any]) -> dict[str, Any]:
         return (r["error"] - clean["error"]) / se > 1.645
 
     below_clearly = [r for r in below if clearly_higher(next(x for x in shifted if x["set"] == r))]
-    sev3 = [r for r in shifted if r["severity"] == 3 or r["kind"] == "extra"]
+    sev3 = [r for r in shifted if (r["severity"] == 3 or r["kind"] == "extra") and not r["added_after_properties"]]
+    later = [r for r in shifted if (r["severity"] == 3 or r["kind"] == "extra") and r["added_after_properties"]]
     no_class = [r for r in rows if r["kind"] == "gross"]
     windows = result["clean_windows"]
+
+    def detected_without(rs: list[dict[str, Any]]) -> int:
+        return sum(r["drift_p_without_properties"] < DRIFT_ALPHA for r in rs)
+
     return {
         "window_mae_all_shifted": mae(shifted, "estimate"),
         "window_mae_uncorrected": mae(shifted, "estimate_uncorrected"),
@@ -391,6 +435,10 @@ def goals(result: dict[str, Any]) -> dict[str, Any]:
         "drift_detected_sev3_and_extras": f"{sum(r['drift_p'] < DRIFT_ALPHA for r in sev3)}/{len(sev3)}",
         "drift_missed": [r["set"] for r in sev3 if r["drift_p"] >= DRIFT_ALPHA],
         "drift_detected_by_mmd_alone": f"{sum(r['drift_mmd_p'] < DRIFT_ALPHA for r in sev3)}/{len(sev3)}",
+        "drift_detected_without_properties": f"{detected_without(sev3)}/{len(sev3)}",
+        "drift_detected_later_sets": f"{sum(r['drift_p'] < DRIFT_ALPHA for r in later)}/{len(later)}",
+        "drift_missed_later_sets": [r["set"] for r in later if r["drift_p"] >= DRIFT_ALPHA],
+        "drift_detected_later_sets_without_properties": f"{detected_without(later)}/{len(later)}",
         "clean_window_false_alarms": f"{sum(p < DRIFT_ALPHA for p in windows['p_values'])}/{len(windows['p_values'])}",
         "resampled_clean_window_false_alarms": f"{sum(p < DRIFT_ALPHA for p in windows['resampled_p_values'])}/"
         f"{len(windows['resampled_p_values'])}",
@@ -431,7 +479,9 @@ def write_markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
         "sets), as `qscore evaluate` does. Everything reported is on *other* test images "
         f"({args.per_set} per set). For every design family (and inversion, grayscale) the row is **left out**: "
         "the risk model and estimator were refitted without that family and scored on it. Sets marked "
-        "*added after* were made after the method was fixed and never used to choose anything.",
+        "*added after* were made after the method was fixed and never used to choose anything; those marked "
+        "*properties* were made after the drift test's image properties were added (which was after this report "
+        "showed the drift test missing hue shift and posterize, two of the sets added after), to check them apart.",
         "",
         "Columns: `error` the head's true error; `risk` the mean per-image risk; `estimate` the window "
         "estimate of the error (the chosen estimator over the set's window); `today` the mean risk of the "
@@ -440,10 +490,12 @@ def write_markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
         "alone, as in the paper (ATC's too; the chosen estimator's COTT learns it on the shifted sets as well); "
         "`drift p` "
         "the drift test of the window (the MMD permutation test of its representations against the reference "
-        "bank and the Kolmogorov-Smirnov test of its typicality against the fit's clean images, Bonferroni); "
-        "`MMD p` the MMD test alone; `uncorr.` the estimate without the set-level correction (the window's "
-        "MMD^2 against the bank and the estimate, regressed on the fit's sets; kept only where it helps on the fit's "
-        "own sets with each family left out); `atypical` the share with typicality > 1.",
+        "bank and the Kolmogorov-Smirnov tests of its typicality and of its image properties against the fit's clean "
+        "images, Bonferroni); `MMD p` the MMD test alone; `property p (moved)` the image property test alone "
+        "(Bonferroni over brightness, RMS contrast, the three channels' relative intensities and texture) and, "
+        "where it is below 0.01, the property with the lowest p; `uncorr.` the estimate without the set-level "
+        "correction (the window's MMD^2 against the bank and the estimate, regressed on the fit's sets; kept only "
+        "where it helps on the fit's own sets with each family left out); `atypical` the share with typicality > 1.",
         "",
     ]
     for result in results.values():
@@ -481,7 +533,11 @@ def write_markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
             f"{', '.join(g['sets_below_clean_risk_with_significantly_higher_error']) or 'none'}) |",
             f"| drift at window {args.per_set}, p < 0.01: severity-3 sets, inversion, grayscale, upside-down | "
             f"{g['drift_detected_sev3_and_extras']} (missed: {', '.join(g['drift_missed']) or 'none'}; "
-            f"the MMD alone: {g['drift_detected_by_mmd_alone']}) |",
+            f"the MMD alone: {g['drift_detected_by_mmd_alone']}; without the image properties: "
+            f"{g['drift_detected_without_properties']}) |",
+            f"| ... sets made after the image properties (severity 3, channel swap) | "
+            f"{g['drift_detected_later_sets']} (missed: {', '.join(g['drift_missed_later_sets']) or 'none'}; without "
+            f"the image properties: {g['drift_detected_later_sets_without_properties']}) |",
             f"| drift false alarms on clean windows (goal <= 1%) | {g['clean_window_false_alarms']} disjoint, "
             f"{g['resampled_clean_window_false_alarms']} resampled |",
             "| mean risk on images of no class (goal >= 0.8 for MNIST-like) | "
@@ -489,15 +545,17 @@ def write_markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
             + " |",
             "",
             "| set | left out | added after | error | risk | estimate | uncorr. | today | ATC | COTT | drift p "
-            "| MMD p | atypical |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| MMD p | property p (moved) | atypical |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in result["rows"]:
             lines.append(
-                f"| {r['set']} | {'yes' if r['left_out'] else ''} | {'yes' if r['added_after'] else ''} | "
+                f"| {r['set']} | {'yes' if r['left_out'] else ''} | "
+                f"{'properties' if r['added_after_properties'] else 'yes' if r['added_after'] else ''} | "
                 f"{_f(r['error'])} | {_f(r['mean_risk'])} | {_f(r['estimate'])} | {_f(r['estimate_uncorrected'])} | "
                 f"{_f(r['mean_risk_today'])} | "
                 f"{_f(r['atc'])} | {_f(r['cott'])} | {r['drift_p']:.3f} | {r['drift_mmd_p']:.3f} "
+                f"| {_f(r['drift_property_p'], 3)}{f' ({m})' if (m := r['drift_property_moved']) else ''} "
                 f"| {r['atypical']:.0%} |"
             )
         lines.append("")

@@ -91,10 +91,11 @@ class Settings(BaseSettings):
     )
     drift_permutations: int = Field(
         500,
-        ge=200,
+        ge=300,
         le=10_000,
         description="Permutations of the drift test's MMD; its p-value is at least 1 / (1 + this), and the "
-        "combined drift p-value (two tests, Bonferroni) at least 2 / (1 + this): 200 or more can go below 0.01.",
+        "combined drift p-value (up to three tests, Bonferroni) at least 3 / (1 + this): 300 or more can go below "
+        "0.01.",
     )
     drift_reference_size: int = Field(
         1000, ge=10, le=20_000, description="Reference-bank vectors the window is tested against (a fixed sample)."

@@ -293,5 +293,6 @@ def _scored(state: ServingState, pixels: Any, features: list[bool], monitor: Tra
         return state.scorer.score(pixels, features=features)
     inference = state.scorer.infer(pixels)  # the steps of Scorer.score, keeping the representations
     scores = state.scorer.postprocess(inference, features)
-    monitor.observe(state.model_version, inference.h, scores, state.feature_set_version, inference.probabilities)
+    version, probabilities = state.feature_set_version, inference.probabilities
+    monitor.observe(state.model_version, inference.h, scores, version, probabilities, pixels)
     return scores

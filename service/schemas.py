@@ -221,9 +221,9 @@ class ModelMonitor(BaseModel):
         ge=0.0,  # the typicality test's p can underflow to 0
         le=1.0,
         description="p-value of the drift test: the MMD permutation test of the window's representations against "
-        "the reference bank, combined (Bonferroni) with a Kolmogorov-Smirnov test of the window's typicality against "
-        "the evaluation's held-out images where the feature set has them; null until the first test (or without a "
-        "bank).",
+        "the reference bank, combined (Bonferroni) with Kolmogorov-Smirnov tests of the window's typicality and "
+        "image properties against the evaluation's held-out images where the feature set has them; null until the "
+        "first test (or without a bank).",
     )
     drift_mmd_p_value: float | None = Field(
         None, gt=0.0, le=1.0, description="The MMD permutation test's own p-value (the representations' directions)."
@@ -233,6 +233,19 @@ class ModelMonitor(BaseModel):
         ge=0.0,
         le=1.0,
         description="The typicality test's own p-value; null where the feature set has no held-out typicality.",
+    )
+    drift_property_p_value: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="The image property test's own p-value (Bonferroni over the properties); null where the feature "
+        "set has no held-out image properties.",
+    )
+    drift_property_p_values: dict[str, float] | None = Field(
+        None,
+        description="Per image property (brightness, rms_contrast, red_intensity, green_intensity, blue_intensity, "
+        "texture), its own Kolmogorov-Smirnov p-value against the evaluation's held-out images: the lowest says "
+        "what changed in the inputs.",
     )
     drift_mmd2: float | None = Field(None, description="The test's unbiased MMD^2 (can be slightly negative).")
     drift_computed_at: int | None = Field(None, ge=0, description="images_seen when the tested window was taken.")

@@ -31,6 +31,7 @@ from models.evaluation.shift_fit import (
     with_mmd2,
 )
 from models.monitoring.drift import DriftReference
+from models.monitoring.image_properties import held_out_properties
 from models.scoring.compatibility import check_fits
 from models.scoring.error_estimate import (
     ErrorEstimator,
@@ -178,6 +179,7 @@ def run_evaluation(
             "risk_curve": None,
             "error_estimator": estimator,
             "typicality": with_held_out_typicality(with_head.typicality, clean.signals.get("typicality")),
+            "held_out_image_properties": held_out_properties(clean.signals),
         }
     )
     return report, calibrated

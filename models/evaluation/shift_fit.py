@@ -24,6 +24,7 @@ from PIL import Image
 from models.data.corruptions import DESIGN_FAMILIES, apply_corruption
 from models.data.shifts import GROSS_SHIFTS, apply_shift
 from models.monitoring.drift import DriftReference
+from models.monitoring.image_properties import property_signals
 from models.scoring.bank import normalise
 from models.scoring.probe import Head, head_outputs, head_probabilities
 from models.scoring.scorer import Inference, Scorer
@@ -92,8 +93,8 @@ def measure(
     batch_size: int = 250,
     keep_h: bool = False,
 ) -> Measured:
-    """Signals of ``images`` on the serving path, whether the head got each wrong, (optionally) h,
-    and, with a head, its class probabilities.
+    """Signals of ``images`` on the serving path and their image properties (``image_<name>``),
+    whether the head got each wrong, (optionally) h, and, with a head, its class probabilities.
 
     ``labels`` None means the images are of no class: all mis-classified. With labels the
     scorer needs a head.
@@ -103,7 +104,7 @@ def measure(
     for start in range(0, len(images), batch_size):
         batch = [scorer.preprocess(im.convert("RGB")) for im in images[start : start + batch_size]]
         inference: Inference = scorer.infer(batch)
-        parts.append(scorer.signals(inference)[1])
+        parts.append(scorer.signals(inference)[1] | property_signals(batch))  # the drift test's image properties
         if keep_h:
             hs.append(inference.h.cpu().numpy())
         if scorer.head is not None:

@@ -23,6 +23,7 @@ import torch
 from threadpoolctl import ThreadpoolController
 
 from models.monitoring.drift import DEFAULT_PERMUTATIONS, DEFAULT_REFERENCE_SIZE, DriftReference, DriftResult
+from models.monitoring.image_properties import Pixels, image_properties
 from models.monitoring.window import SIGNALS, RingWindow
 from models.scoring.error_estimate import ErrorEstimator
 from models.scoring.feature_set import FeatureSet
@@ -67,6 +68,9 @@ class ModelSnapshot:
     drift_p_value: float | None
     drift_mmd_p_value: float | None
     drift_typicality_p_value: float | None
+    drift_property_p_value: float | None
+    #: Per image property, its own KS p-value (which property moved); None without held-out properties.
+    drift_property_p_values: dict[str, float] | None
     drift_mmd2: float | None
     drift_computed_at: int | None
     drift_window_count: int | None
@@ -83,6 +87,7 @@ class _ModelState:
         self.reference_error = reference_error(fs)
         self.bank = fs.bank
         self.held_out_typicality = None if fs.typicality is None else fs.typicality.held_out
+        self.held_out_properties = fs.held_out_image_properties
         # COTT reads the head's class probabilities of the window's images: the head runs on them here.
         self.head = fs.classifier if self.estimator.method == "cott" else None
         classes = 0 if self.head is None else len(self.head.classes)
@@ -187,12 +192,15 @@ class TrafficMonitor:
         scores: Sequence[ImageScore],
         feature_set_version: str | None = None,
         probabilities: np.ndarray | None = None,
+        pixels: Pixels | None = None,
     ) -> None:
         """Record one batch: representations ``h`` (B, r) and their B verdicts. Thread-safe.
 
         A batch of a model (or, when given, a feature set) not served any more is ignored.
         ``probabilities``: the head's (B, C) class probabilities where the scorer has them
-        (``Inference.probabilities``); else the head runs on ``h`` here.
+        (``Inference.probabilities``); else the head runs on ``h`` here. ``pixels``: the batch's
+        images as the scorer took them, whose properties the drift test compares with the
+        feature set's held-out images' (measured only where it has them).
         """
         if not scores:
             return
@@ -209,10 +217,13 @@ class TrafficMonitor:
         signals = np.array(
             [[s.risk, s.confidence, s.atypical, s.low_quality, s.typicality] for s in scores], dtype=np.float32
         ).T
+        properties = None
+        if pixels is not None and state.held_out_properties:
+            properties = image_properties(pixels)
         with self._lock:
             if self._models.get(model_version) is not state:  # switched meanwhile
                 return
-            state.window.append(vectors, signals, probabilities)
+            state.window.append(vectors, signals, probabilities, properties)
             state.last_batch = signals  # its estimate is made when asked for, off this thread
             if state.bank is None or state.window.seen - state.drift_requested_at < self.drift_every:
                 return
@@ -223,7 +234,8 @@ class TrafficMonitor:
                 state.drift_requested_at, state.drift_started = state.window.seen, now
 
     def _test_drift(self, state: _ModelState) -> None:
-        """In the drift thread: the window's representations (and typicality) against the reference, one BLAS thread."""
+        """In the drift thread: the window's representations (and typicality, image properties) against the
+        reference, one BLAS thread."""
         with self._lock:
             contents, seen = state.window.contents(), state.window.seen
         vectors = contents.vectors
@@ -235,10 +247,18 @@ class TrafficMonitor:
             if state.drift_reference is None:
                 bank = state.bank.vectors.float().cpu().numpy()
                 state.drift_reference = DriftReference(
-                    bank, self.reference_size, held_out_typicality=state.held_out_typicality
+                    bank,
+                    self.reference_size,
+                    held_out_typicality=state.held_out_typicality,
+                    held_out_properties=state.held_out_properties,
                 )
             result = state.drift_reference.test(
-                vectors, self.permutations, seed=seen, computed_at=seen, typicality=contents.typicality
+                vectors,
+                self.permutations,
+                seed=seen,
+                computed_at=seen,
+                typicality=contents.typicality,
+                properties=contents.properties,
             )
         with self._lock:
             state.drift = result
@@ -302,6 +322,8 @@ def _snapshot(state: _ModelState) -> ModelSnapshot:
         drift_p_value=None if drift is None else drift.p_value,
         drift_mmd_p_value=None if drift is None else drift.mmd_p_value,
         drift_typicality_p_value=None if drift is None else drift.typicality_p_value,
+        drift_property_p_value=None if drift is None else drift.property_p_value,
+        drift_property_p_values=None if drift is None else drift.property_p_values,
         drift_mmd2=None if drift is None else drift.mmd2,
         drift_computed_at=None if drift is None else drift.computed_at,
         drift_window_count=None if drift is None else drift.window_count,

@@ -1,9 +1,10 @@
 """The last N scored images of one served model: a bounded ring buffer (issue 15, item 6).
 
 Preallocated numpy arrays, written in place: an append of B images is a few vectorised slice
-assignments (at ``(next + arange(B)) % N`` when it wraps), whatever N; memory is ``N * (r + 5 + C)`` float32
+assignments (at ``(next + arange(B)) % N`` when it wraps), whatever N; memory is ``N * (r + 11 + C)`` float32
 values for the model's whole life (``C``: the head's classes, kept only where the error estimate reads
-them, else 0). Unknown signals (no risk model, no head, no typicality) are NaN.
+them, else 0). Unknown signals (no risk model, no head, no typicality) and image properties (a batch
+recorded without its pixels) are NaN.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from models.monitoring.image_properties import PROPERTIES
 
 #: The per-image signals a window keeps, in the row order of :attr:`RingWindow.signals`.
 SIGNALS = ("risk", "confidence", "atypical", "low_quality", "typicality")
@@ -27,11 +30,13 @@ class WindowContents:
     low_quality: np.ndarray
     typicality: np.ndarray
     probabilities: np.ndarray | None = None  # (n, C) float32, in a window that keeps them
+    properties: np.ndarray | None = None  # (len(PROPERTIES), n) float32 image properties, NaN where unknown
 
 
 class RingWindow:
-    """The last ``capacity`` images' L2-normalised representations (``dim`` features) and signals,
-    and with ``classes`` > 0 the head's class probabilities.
+    """The last ``capacity`` images' L2-normalised representations (``dim`` features), signals and
+    image properties (:mod:`models.monitoring.image_properties`), and with ``classes`` > 0 the
+    head's class probabilities.
 
     Not thread-safe on its own: :class:`models.monitoring.monitor.TrafficMonitor` holds the lock.
     """
@@ -46,6 +51,7 @@ class RingWindow:
         self.probabilities = np.zeros((capacity, classes), dtype=np.float32) if classes else None
         # one row per name of SIGNALS (atypical and low_quality as 1/0), NaN where unknown
         self.signals = np.full((len(SIGNALS), capacity), np.nan, dtype=np.float32)
+        self.properties = np.full((len(PROPERTIES), capacity), np.nan, dtype=np.float32)
         self.seen = 0  # images ever appended; the next write goes to seen % capacity
 
     @property
@@ -53,9 +59,16 @@ class RingWindow:
         """Images in the window (at most ``capacity``)."""
         return min(self.seen, self.capacity)
 
-    def append(self, vectors: np.ndarray, signals: np.ndarray, probabilities: np.ndarray | None = None) -> None:
+    def append(
+        self,
+        vectors: np.ndarray,
+        signals: np.ndarray,
+        probabilities: np.ndarray | None = None,
+        properties: np.ndarray | None = None,
+    ) -> None:
         """Add B images: ``vectors`` (B, dim), ``signals`` (len(SIGNALS), B) as in :attr:`signals` rows,
-        and ``probabilities`` (B, classes) in a window that keeps them (required there, refused elsewhere).
+        ``probabilities`` (B, classes) in a window that keeps them (required there, refused elsewhere),
+        and ``properties`` (len(PROPERTIES), B) when known (else NaN).
 
         Of a batch larger than the window only its last ``capacity`` images are kept.
         """
@@ -70,18 +83,24 @@ class RingWindow:
         ):
             got = None if probabilities is None else probabilities.shape
             raise ValueError(f"expected probabilities {(b, self.classes) if self.classes else None}, got {got}")
+        if properties is None:
+            properties = np.full((len(PROPERTIES), b), np.nan, dtype=np.float32)
+        elif properties.shape != (len(PROPERTIES), b):
+            raise ValueError(f"expected properties ({len(PROPERTIES)}, {b}), got {properties.shape}")
         skip = max(0, b - self.capacity)
         start = (self.seen + skip) % self.capacity
         end = start + b - skip
         if end <= self.capacity:  # one slice (the usual case: a batch is far smaller than the window)
             self.vectors[start:end] = vectors[skip:]
             self.signals[:, start:end] = signals[:, skip:]
+            self.properties[:, start:end] = properties[:, skip:]
             if self.probabilities is not None:
                 self.probabilities[start:end] = probabilities[skip:]  # type: ignore[index]
         else:
             slots = (start + np.arange(b - skip)) % self.capacity
             self.vectors[slots] = vectors[skip:]
             self.signals[:, slots] = signals[:, skip:]
+            self.properties[:, slots] = properties[:, skip:]
             if self.probabilities is not None:
                 self.probabilities[slots] = probabilities[skip:]  # type: ignore[index]
         self.seen += b
@@ -97,7 +116,9 @@ class RingWindow:
         order = self._order()
         signals = self.signals[:, order]
         probabilities = None if self.probabilities is None else self.probabilities[order]
-        return WindowContents(self.vectors[order], *signals, probabilities=probabilities)
+        return WindowContents(
+            self.vectors[order], *signals, probabilities=probabilities, properties=self.properties[:, order]
+        )
 
     def probability_rows(self) -> np.ndarray | None:
         """A copy of the window's class probabilities (count, classes), in slot order; None where not kept."""

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from models.monitoring.image_properties import PROPERTIES
 from models.scoring.bank import ReferenceBank
 from models.scoring.dominance import ALPHA_PERCENTILE
 from models.scoring.error_estimate import ErrorEstimator
@@ -132,6 +133,11 @@ class FeatureSet(BaseModel):
     error_estimator: ErrorEstimator | None = Field(
         None, description="How the error rate of recent traffic is estimated (GET /monitor)."
     )
+    held_out_image_properties: dict[str, list[float]] | None = Field(
+        None,
+        description="Image properties of the evaluation's held-out images, each sorted: the drift test's "
+        "reference for the inputs (models/monitoring/image_properties.py).",
+    )
     _bank: ReferenceBank | None = PrivateAttr(default=None)
     _bank_file: Path | None = PrivateAttr(default=None)  # loaded on first use (listings stay cheap)
     _head: Head | None = PrivateAttr(default=None)
@@ -145,6 +151,16 @@ class FeatureSet(BaseModel):
                 self.risk_model = RiskModel.from_q_curve(curve.q, curve.risk, curve.source)
             self.risk_curve = None
         return self
+
+    @field_validator("held_out_image_properties")
+    @classmethod
+    def _known_properties(cls, value: dict[str, list[float]] | None) -> dict[str, list[float]] | None:
+        for name, values in (value or {}).items():
+            if name not in PROPERTIES:
+                raise ValueError(f"unknown image property {name!r}; known: {list(PROPERTIES)}")
+            if len(values) < 2 or not np.isfinite(values).all():
+                raise ValueError(f"image property {name!r} needs at least 2 finite held-out values")
+        return value
 
     @field_validator("discriminative")
     @classmethod

@@ -29,13 +29,16 @@ MONITOR_GAUGES = (
 
 @pytest.fixture()
 def monitored(make_server: Callable[..., LiveServer], tmp_path: Path, tiny_model: tuple) -> LiveServer:
-    """The tiny model served with feature set 'tiny-risk' (a risk on the Q-Score, held-out typicality far
-    above any image's: the drift test's typicality half runs and sees a shift), a window of 16."""
+    """The tiny model served with feature set 'tiny-risk' (a risk on the Q-Score, held-out typicality and
+    brightness far above any image's: the drift test's typicality and image property tests run and see a
+    shift), a window of 16."""
     registry = build_registry(tmp_path / "registry", tiny_model)
     risk = RiskModel.from_q_curve([0.0, 0.05, 1.0], [0.9, 0.4, 0.1], "test: risk falls with Q")
     fs = registry.load_feature_set("tiny")
     typicality = fs.typicality.model_copy(update={"held_out": [1e6 + i for i in range(40)]})
-    registry.add_feature_set(fs.model_copy(update={"risk_model": risk, "typicality": typicality}), version="tiny-risk")
+    brighter = {"brightness": [2.0 + i / 100 for i in range(40)]}  # brightness is at most 1
+    update = {"risk_model": risk, "typicality": typicality, "held_out_image_properties": brighter}
+    registry.add_feature_set(fs.model_copy(update=update), version="tiny-risk")
     registry.set_active("tiny", "tiny-risk")
     return make_server(registry_root=registry.root, monitor_window=16, drift_every=8, drift_min_interval_s=0)
 
@@ -75,7 +78,10 @@ def test_monitor_reports_the_window_of_scored_images(monitored: LiveServer, cifa
     assert 1 / 501 <= window["drift_mmd_p_value"] <= 1
     typicality_p = window["drift_typicality_p_value"]  # against the held-out images: none as high as them
     assert typicality_p < 1e-6
-    assert window["drift_p_value"] == pytest.approx(2 * typicality_p)  # Bonferroni over the two tests
+    # the batcher hands the monitor each batch's pixels: their brightness, against the held-out images'
+    property_p = window["drift_property_p_value"]
+    assert window["drift_property_p_values"] == {"brightness": pytest.approx(property_p)} and property_p < 1e-6
+    assert window["drift_p_value"] == pytest.approx(3 * min(typicality_p, property_p))  # Bonferroni over three
     assert window["drift_window_count"] == window["drift_computed_at"] <= 12
 
     second = _score(monitored, paths[12:20])  # 20 seen: the window keeps the last 16
@@ -132,8 +138,9 @@ def test_monitor_settings_fail_fast_with_the_reason() -> None:
     assert (defaults.drift_permutations, defaults.drift_reference_size) == (500, 1000)
     with pytest.raises(ValidationError, match=r"QSCORE_DRIFT_EVERY \(600\) must not exceed QSCORE_MONITOR_WINDOW"):
         Settings(_env_file=None, drift_every=600)
-    with pytest.raises(ValidationError, match="greater than or equal to 200"):
-        Settings(_env_file=None, drift_permutations=150)  # the combined p could never go below 0.01
+    with pytest.raises(ValidationError, match="greater than or equal to 300"):
+        Settings(_env_file=None, drift_permutations=299)  # the combined p of three could never go below 0.01
+    assert 3 / (1 + Settings(_env_file=None, drift_permutations=300).drift_permutations) < 0.01
 
 
 @pytest.mark.parametrize(("threshold", "window_error"), [(0.0, 1.0), (1.5, 0.0)])

@@ -9,11 +9,13 @@ from scipy import ndimage
 
 from models.data import shifts
 from models.data.corruptions import (
+    _ALL,
     CORRUPTIONS,
     DESIGN_FAMILIES,
     EXTRA_SHIFTS,
     FAMILY_GROUP,
     HELD_OUT_FAMILIES,
+    LATER_FAMILIES,
     SEVERITIES,
     apply_corruption,
     corrupt_array,
@@ -81,18 +83,44 @@ def corrupted(clean: np.ndarray) -> dict[str, list[np.ndarray]]:
     return {name: [corrupt_array(name, clean, s, seed=0) for s in SEVERITIES] for name in CORRUPTIONS}
 
 
-def test_families_are_split_sixteen_design_four_held_out() -> None:
-    assert len(DESIGN_FAMILIES) == 16 and len(HELD_OUT_FAMILIES) == 4
-    assert set(DESIGN_FAMILIES) | set(HELD_OUT_FAMILIES) == set(CORRUPTIONS)
-    assert not set(DESIGN_FAMILIES) & set(HELD_OUT_FAMILIES)
+def test_families_are_split_sixteen_design_four_held_out_three_later() -> None:
+    assert len(DESIGN_FAMILIES) == 16 and len(HELD_OUT_FAMILIES) == 4 and len(LATER_FAMILIES) == 3
+    assert set(DESIGN_FAMILIES) | set(HELD_OUT_FAMILIES) | set(LATER_FAMILIES) == set(CORRUPTIONS)
+    assert not set(DESIGN_FAMILIES) & set(HELD_OUT_FAMILIES) and not set(LATER_FAMILIES) & set(HELD_OUT_FAMILIES)
     # appended, so the design families keep their index and so their seeds
-    assert list(CORRUPTIONS)[-4:] == list(HELD_OUT_FAMILIES)
+    assert list(CORRUPTIONS)[-7:] == [*HELD_OUT_FAMILIES, *LATER_FAMILIES]
     assert set(FAMILY_GROUP) == set(CORRUPTIONS)
-    assert set(FAMILY_GROUP.values()) == {"noise", "blur", "weather", "digital", "colour"}
-    assert {FAMILY_GROUP[n] for n in DESIGN_FAMILIES} == set(FAMILY_GROUP.values())
+    assert set(FAMILY_GROUP.values()) == {"noise", "blur", "weather", "digital", "colour", "optics"}
+    assert {FAMILY_GROUP[n] for n in DESIGN_FAMILIES} == set(FAMILY_GROUP.values()) - {"optics"}
     assert len({FAMILY_GROUP[n] for n in HELD_OUT_FAMILIES}) == 4  # each of a different kind
-    assert list(EXTRA_SHIFTS) == ["invert", "grayscale", "rotate_180"]
+    assert list(EXTRA_SHIFTS) == ["invert", "grayscale", "rotate_180", "channel_swap"]
     assert not set(EXTRA_SHIFTS) & set(CORRUPTIONS)
+
+
+def test_families_added_later_leave_the_earlier_sets_pixels_alone() -> None:
+    """Seeds come from a family's index: the later families and channel_swap come last."""
+    assert list(_ALL)[: len(DESIGN_FAMILIES) + 4 + 3] == [
+        *DESIGN_FAMILIES, *HELD_OUT_FAMILIES, "invert", "grayscale", "rotate_180"
+    ]  # fmt: skip
+    assert list(_ALL)[-4:] == [*LATER_FAMILIES, "channel_swap"]
+
+
+def test_gamma_vignette_and_channel_swap_by_hand() -> None:
+    pixels = np.array([[[0, 255, 128], [64, 32, 16]]], np.uint8)
+    out = np.asarray(next(apply_corruption("gamma", [Image.fromarray(pixels)], 3)))  # x ** 2.2
+    want = np.rint(255 * (pixels / 255.0) ** 2.2)
+    assert out.tolist() == want.tolist() and out[0, 0].tolist() == [0, 255, 56]
+    swapped = np.asarray(next(apply_corruption("channel_swap", [Image.fromarray(pixels)], 1)))
+    assert swapped.tolist() == [[[128, 255, 0], [16, 32, 64]]]
+    grey = Image.fromarray(np.full((5, 5, 3), 200, np.uint8))
+    vignetted = np.asarray(next(apply_corruption("vignette", [grey], 5)))[..., 0]  # 1 - 0.85 r^2 / max r^2
+    assert vignetted[2, 2] == 200 and vignetted[0, 0] == round(200 * 0.15) == vignetted[4, 4]
+    assert vignetted[0, 2] == round(200 * (1 - 0.85 * 0.5))  # r^2 of an edge's middle: half a corner's
+
+
+def test_sharpen_adds_high_frequencies_with_severity(clean: np.ndarray, corrupted: dict) -> None:
+    energy = [_high_frequency_energy(clean)] + [_high_frequency_energy(out) for out in corrupted["sharpen"]]
+    assert np.all(np.diff(energy) > 0), energy
 
 
 @pytest.mark.parametrize("name", list(CORRUPTIONS))

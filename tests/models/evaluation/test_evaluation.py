@@ -8,11 +8,14 @@ import numpy as np
 import pytest
 import torch
 
+from models.data.datasets import image_folder, random_sample
 from models.evaluation.linear_eval import _target_score, best_weight, choose_estimator, run_evaluation
 from models.evaluation.metrics import calibrate_alpha, compression_curve, linear_probe, score_power
 from models.evaluation.shift_fit import CLEAN_WEIGHTS, SignalSet, with_mmd2
 from models.monitoring.drift import DriftReference
+from models.monitoring.image_properties import PROPERTIES, image_properties
 from models.scoring.error_estimate import ErrorEstimator, fit_atc, fit_cott
+from models.scoring.scorer import Scorer
 
 # --- score_power ---------------------------------------------------------------------------
 
@@ -242,8 +245,17 @@ def test_run_evaluation_keeps_encoder_frozen(tiny_model, cifar_slice):
     assert held_out.shape == (60,) and np.all(np.diff(held_out) >= 0)
     assert (held_out > 1).mean() == pytest.approx(report["atypical_share_test"])
     assert calibrated.typicality.model_dump(exclude={"held_out"}) == fs.typicality.model_dump(exclude={"held_out"})
+    # and their image properties, sorted, for the drift test of the inputs: those of the same images
+    properties = calibrated.held_out_image_properties
+    assert properties is not None and list(properties) == list(PROPERTIES)
+    test = image_folder(cifar_slice / "test")
+    scorer = Scorer(encoder, digest, fs, "cpu")
+    pixels = [scorer.preprocess(test[i][0].convert("RGB")) for i in random_sample(len(test), 60, 0).indices]
+    want = image_properties(pixels)
+    for k, name in enumerate(PROPERTIES):
+        np.testing.assert_allclose(properties[name], np.sort(want[k]), rtol=1e-4)
     # the feature set given is left as it was
-    assert fs.risk_model is None and fs.typicality.held_out is None
+    assert fs.risk_model is None and fs.typicality.held_out is None and fs.held_out_image_properties is None
 
 
 def test_run_evaluation_refuses_foreign_feature_set(tiny_model, cifar_slice):

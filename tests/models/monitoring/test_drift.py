@@ -1,5 +1,5 @@
 """The drift test: the MMD permutation test (an exact small case, calibration under the null, power under a
-shift), the typicality test beside it and their combination."""
+shift), the typicality and image property tests beside it and their combination."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from models.monitoring.drift import (
     squared_distances,
     typicality_p_value,
 )
+from models.monitoring.image_properties import PROPERTIES
 
 
 def _pooled_kernel(x: np.ndarray, y: np.ndarray, bandwidth: float) -> np.ndarray:
@@ -161,3 +162,62 @@ def test_mmd2_alone_is_the_tests_statistic_for_the_same_seed() -> None:
         assert reference.mmd2(window, seed) == pytest.approx(reference.test(window, 10, seed=seed).mmd2, rel=1e-9)
     with pytest.raises(ValueError, match="the window must be \\(n, 6\\)"):
         reference.mmd2(window[:, :5])
+
+
+def _properties(rng: np.random.Generator, n: int, red_shift: float = 0.0) -> np.ndarray:
+    """(len(PROPERTIES), n) image properties: every row N(0.3, 0.05), red_intensity moved by red_shift."""
+    rows = rng.normal(0.3, 0.05, size=(len(PROPERTIES), n))
+    rows[PROPERTIES.index("red_intensity")] += red_shift
+    return rows
+
+
+def test_an_image_property_shift_the_representations_do_not_show_is_detected_and_named() -> None:
+    rng = np.random.default_rng(6)
+    bank = rng.normal(size=(300, 4))
+    held_out = {name: row for name, row in zip(PROPERTIES, _properties(rng, 1000), strict=True)}
+    reference = DriftReference(
+        bank, size=300, held_out_typicality=rng.gamma(4.0, 0.2, 1000), held_out_properties=held_out
+    )
+    window = bank[rng.choice(300, 100, replace=False)] + rng.normal(scale=0.05, size=(100, 4))
+    typicality = rng.gamma(4.0, 0.2, 100)
+    shifted = reference.test(window, 200, 1, typicality=typicality, properties=_properties(rng, 100, red_shift=0.05))
+    per = shifted.property_p_values
+    assert per is not None and set(per) == set(PROPERTIES)
+    assert min(per, key=per.get) == "red_intensity" and per["red_intensity"] < 1e-8  # what moved, by name
+    assert shifted.property_p_value == pytest.approx(min(1.0, 6 * per["red_intensity"]))  # Bonferroni over 6
+    assert shifted.mmd_p_value > 0.05 and shifted.typicality_p_value > 0.01  # type: ignore[operator]
+    assert shifted.p_value == pytest.approx(3 * shifted.property_p_value)  # and over the three tests
+    # NaN properties (a batch recorded without its pixels) are left out of the test
+    partly = _properties(rng, 100)
+    partly[:, :60] = np.nan
+    same = reference.test(window, 200, 1, typicality=typicality, properties=partly)
+    assert same.property_p_value > 0.01  # type: ignore[operator]
+    assert same.p_value == pytest.approx(
+        min(1.0, 3 * min(same.mmd_p_value, same.typicality_p_value, same.property_p_value))
+    )  # type: ignore[type-var]
+    # without held-out properties, or without the window's, no property test
+    for test in (
+        DriftReference(bank, size=300).test(window, 200, 1, properties=_properties(rng, 100, 0.05)),
+        reference.test(window, 200, 1),
+    ):
+        assert test.property_p_value is None and test.property_p_values is None
+
+
+def test_only_known_image_properties_are_held_out() -> None:
+    with pytest.raises(ValueError, match=r"unknown image properties \['hue'\]; known: \['brightness'"):
+        DriftReference(np.zeros((4, 2)), held_out_properties={"hue": np.ones(5)})
+
+
+def test_three_tests_stay_calibrated_when_nothing_shifts() -> None:
+    p = []
+    for seed in range(50):
+        rng = np.random.default_rng(300 + seed)
+        held_out = dict(zip(PROPERTIES, _properties(rng, 500), strict=True))
+        reference = DriftReference(
+            rng.normal(size=(60, 4)), size=60, held_out_typicality=rng.normal(size=500), held_out_properties=held_out
+        )
+        window = rng.normal(size=(40, 4))
+        p.append(
+            reference.test(window, 200, seed, typicality=rng.normal(size=40), properties=_properties(rng, 40)).p_value
+        )
+    assert (np.array(p) < 0.05).mean() <= 0.1  # Bonferroni: at most about 0.05

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from models.monitoring.image_properties import PROPERTIES, held_out_properties, property_signals
 from models.monitoring.monitor import TrafficMonitor, reference_error
 from models.scoring.error_estimate import COTT_MIN_IMAGES, ErrorEstimator, SetCorrection, thresholded_transport
 from models.scoring.feature_set import FeatureSet
@@ -274,4 +275,44 @@ def test_a_corrected_cott_window_solves_its_transport_once_a_snapshot(
     assert head is not None
     plain = solve(torch.softmax(head.logits(_h(COTT_MIN_IMAGES)), 1).numpy(), [0.1] * 10, 0.6)
     assert snap.estimated_error == pytest.approx(min(1.0, plain + snap.drift_mmd2))  # type: ignore[operator]
+    monitor.close()
+
+
+def test_drift_tests_the_windows_image_properties_and_names_the_one_that_moved(demo_features: FeatureSet) -> None:
+    rng = np.random.default_rng(3)
+
+    def images(n: int, lift: int = 0) -> np.ndarray:
+        """Smooth random 32x32 images, brighter by ``lift`` grey levels."""
+        base = rng.integers(40, 200, (n, 1, 1, 3)) + rng.integers(-30, 30, (n, 32, 32, 3))
+        return np.clip(base + lift, 0, 255).astype(np.uint8)
+
+    held = held_out_properties(property_signals(images(1000)))
+    assert held is not None
+    evaluated = demo_features.model_copy(update={"held_out_image_properties": held})
+    order = torch.randperm(5000, generator=torch.Generator().manual_seed(2))
+    bank = demo_features.bank.vectors[order]  # type: ignore[union-attr]
+    results = {}
+    for name, lift in (("clean", 0), ("brighter", 40)):
+        monitor = TrafficMonitor(window=200, drift_every=200, permutations=200, reference_size=1000)
+        monitor.activate("m", "f", evaluated)
+        pixels = images(200, lift)
+        for start in range(0, 200, 50):  # as the batcher hands them over: arrays of (H, W, 3)
+            batch = list(pixels[start : start + 50])
+            monitor.observe("m", bank[start : start + 50], [_score(0.5)] * 50, pixels=batch)
+        assert monitor.wait_for_drift(30)
+        results[name] = monitor.snapshot()[0]
+        monitor.close()
+    clean, brighter = results["clean"], results["brighter"]
+    per = brighter.drift_property_p_values
+    assert per is not None and set(per) == set(PROPERTIES) and min(per, key=per.get) == "brightness"  # type: ignore[arg-type]
+    assert brighter.drift_property_p_value < 1e-6 < 0.01 < clean.drift_property_p_value  # type: ignore[operator]
+    assert brighter.drift_mmd_p_value > 0.05  # type: ignore[operator]  # the bank's own directions
+    assert brighter.drift_p_value == pytest.approx(2 * brighter.drift_property_p_value)  # type: ignore[operator]  # no typicality
+    # a feature set without held-out properties: none measured, no property test
+    monitor = TrafficMonitor(window=50, drift_every=50, permutations=200, reference_size=300)
+    monitor.activate("m", "f", demo_features.model_copy(update={"held_out_image_properties": None}))
+    monitor.observe("m", bank[:50], [_score(0.5)] * 50, pixels=list(images(50)))
+    assert monitor.wait_for_drift(30)
+    snap = monitor.snapshot()[0]
+    assert snap.drift_property_p_value is None and snap.drift_property_p_values is None
     monitor.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from models.monitoring.image_properties import PROPERTIES
 from models.monitoring.window import SIGNALS, RingWindow
 
 
@@ -97,3 +98,24 @@ def test_window_probabilities_are_required_where_kept_and_refused_elsewhere() ->
     assert without.probability_rows() is None and without.contents().probabilities is None
     with pytest.raises(ValueError, match="classes >= 0"):
         RingWindow(capacity=4, dim=2, classes=-1)
+
+
+def _properties(first: int, b: int) -> np.ndarray:
+    """Image i's properties: row k holds i + k / 10."""
+    ids = np.arange(first, first + b, dtype=np.float32)
+    return np.stack([ids + k / 10 for k in range(len(PROPERTIES))])
+
+
+def test_window_keeps_image_properties_through_wrap_around_nan_where_not_given() -> None:
+    window = RingWindow(capacity=4, dim=2)
+    window.append(*_batch(0, 3), properties=_properties(0, 3))
+    window.append(*_batch(3, 1))  # recorded without its pixels: NaN
+    window.append(*_batch(4, 2), properties=_properties(4, 2))  # images 2..5 stay
+    got = window.contents().properties
+    assert got is not None and got.shape == (len(PROPERTIES), 4)
+    np.testing.assert_allclose(got[0], [2, np.nan, 4, 5])
+    np.testing.assert_allclose(got[-1], [2.5, np.nan, 4.5, 5.5], rtol=1e-6)
+    window.append(*_batch(6, 9), properties=_properties(6, 9))  # larger than the window: its last four
+    np.testing.assert_allclose(window.contents().properties[0], [11, 12, 13, 14])  # type: ignore[index]
+    with pytest.raises(ValueError, match=r"expected properties \(6, 2\), got \(5, 2\)"):
+        window.append(*_batch(0, 2), properties=np.zeros((5, 2), np.float32))

@@ -319,6 +319,9 @@ def test_feature_set_round_trip_is_atomic(tmp_path):
         ({"coverage": 1.5}, "less than or equal to 1"),
         ({"format": "qscore.feature_set/v2"}, "qscore.feature_set/v1"),
         ({"surprise": 1}, "Extra inputs are not permitted"),
+        ({"held_out_image_properties": {"hue": [0.1, 0.2]}}, "unknown image property 'hue'; known: .'brightness'"),
+        ({"held_out_image_properties": {"texture": [0.1]}}, "'texture' needs at least 2 finite held-out values"),
+        ({"held_out_image_properties": {"texture": [0.1, float("nan")]}}, "at least 2 finite held-out values"),
     ],
 )
 def test_feature_set_validation_errors(overrides, match):
