@@ -245,7 +245,7 @@ MONITOR_GAUGES = (
     (
         "qscore_drift_p_value",
         "p-value of the drift test of the window against the reference (MMD of the representations, with the "
-        "typicality test where the feature set has held-out typicality).",
+        "typicality and image property tests where the feature set has their held-out values).",
         "drift_p_value",
     ),
     ("qscore_monitor_window_images", "Images in the monitor's window.", "count"),
@@ -270,3 +270,15 @@ class _MonitorCollector(Collector):
                     family.add_metric([snap.model_version, snap.feature_set_version], float(value))
             if family.samples:
                 yield family
+        # which input property moved: one series per image property the last drift test compared
+        family = GaugeMetricFamily(
+            "qscore_drift_property_p_value",
+            "Kolmogorov-Smirnov p-value of one image property of the window against the evaluation's held-out "
+            "images, at the last drift test (not adjusted for the six properties).",
+            labels=[*PAIR, "property"],
+        )
+        for snap in snapshots:
+            for prop, value in (snap.drift_property_p_values or {}).items():
+                family.add_metric([snap.model_version, snap.feature_set_version, prop], float(value))
+        if family.samples:
+            yield family

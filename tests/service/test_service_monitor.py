@@ -118,6 +118,11 @@ def test_metrics_expose_the_monitor_gauges(monitored: LiveServer, cifar_slice: P
     assert sum_samples(text, "qscore_monitor_window_images", **pair) == 12
     assert sum_samples(text, "qscore_window_atypical_ratio", **pair) == pytest.approx(window["atypical_share"])
     assert "qscore_reference_error_ratio" not in text  # the feature set records no held-out error
+    # one series per image property the feature set holds (here brightness alone): which input moved
+    property_p = window["drift_property_p_values"]["brightness"]
+    series = sum_samples(text, "qscore_drift_property_p_value", **pair, property="brightness")
+    assert series == pytest.approx(property_p)
+    assert text.count("qscore_drift_property_p_value{") == 1
 
 
 def test_monitor_off_reports_nothing_and_scoring_goes_on(
