@@ -2,9 +2,12 @@
 
 :meth:`TrafficMonitor.observe` runs in the batcher's inference thread after every batch: it
 normalises the batch's representations, writes them and the verdicts' signals into the model's
-:class:`~models.monitoring.window.RingWindow` and, every ``drift_every`` images (and no more often
-than ``drift_min_interval_s``), hands a drift test to one background thread. Nothing heavier
-happens on the request path; a test offered while one runs is skipped, not queued.
+:class:`~models.monitoring.window.RingWindow` and, every ``drift_every`` images, hands a drift
+test to one background thread, to start no sooner than ``drift_min_interval_s`` after the last
+one. Nothing heavier happens on the request path. One test at most waits (while another runs or
+for the interval), and it reads the window when it starts: a burst followed by silence is
+tested as it ended, instead of leaving the result of a window taken mid-burst (and an alert on
+it) until traffic comes back.
 
 :meth:`TrafficMonitor.activate` starts a served pair from an empty window (the service calls it
 where it switches pairs); batches of the previous pair that finish afterwards are dropped.
@@ -95,36 +98,45 @@ class _ModelState:
         self.last_batch: np.ndarray | None = None  # (len(SIGNALS), B) signals of the last batch, as in the window
         self.drift: DriftResult | None = None
         self.drift_reference: DriftReference | None = None  # built by the first test, in its thread
-        self.drift_requested_at = 0  # images seen when the last test was handed over
-        self.drift_started = -float("inf")  # time.monotonic() of that hand-over
+        self.drift_requested_at = 0  # images seen when the last test was handed over or started
+        self.drift_started = -float("inf")  # time.monotonic() when that test was to start
 
 
 class BackgroundRunner:
-    """One daemon thread running one job at a time; a job offered while another runs or waits is refused."""
+    """One daemon thread running one job at a time, and at most one more waiting for its start time;
+    a job offered while one waits is refused."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self._cond = threading.Condition()
         self._job: Callable[[], None] | None = None
+        self._start_at = 0.0  # time.monotonic() the waiting job may start
         self._busy = self._closed = False
         self._thread: threading.Thread | None = None
 
-    def offer(self, job: Callable[[], None]) -> bool:
+    def offer(self, job: Callable[[], None], start_at: float = 0.0) -> bool:
+        """Queue ``job`` to run once the running one (if any) ends and ``time.monotonic()`` reaches
+        ``start_at``; False (and nothing queued) when a job already waits or the runner is closed."""
         with self._cond:
-            if self._closed or self._busy or self._job is not None:
+            if self._closed or self._job is not None:
                 return False
-            self._job = job
+            self._job, self._start_at = job, start_at
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            self._cond.notify_all()
             return True
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while self._job is None and not self._closed:
-                    self._cond.wait()
+                while not self._closed:
+                    if self._job is None:
+                        self._cond.wait()
+                    elif (wait := self._start_at - time.monotonic()) > 0:
+                        self._cond.wait(wait)
+                    else:
+                        break
                 if self._closed:
                     return
                 job, self._job, self._busy = self._job, None, True
@@ -138,9 +150,12 @@ class BackgroundRunner:
                     self._cond.notify_all()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
-        """Wait until no job runs or waits; False if ``timeout`` passed first."""
+        """Wait until no job runs or may start now (one waiting for a later start time does not
+        count); False if ``timeout`` passed first."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._busy and self._job is None, timeout)
+            return self._cond.wait_for(
+                lambda: not self._busy and (self._job is None or self._start_at > time.monotonic()), timeout
+            )
 
     def close(self, timeout: float = 5.0) -> None:
         with self._cond:
@@ -227,17 +242,16 @@ class TrafficMonitor:
             state.last_batch = signals  # its estimate is made when asked for, off this thread
             if state.bank is None or state.window.seen - state.drift_requested_at < self.drift_every:
                 return
-            now = time.monotonic()
-            if now - state.drift_started < self.drift_min_interval_s:
-                return
-            if self._runner.offer(lambda: self._test_drift(state)):
-                state.drift_requested_at, state.drift_started = state.window.seen, now
+            start_at = max(time.monotonic(), state.drift_started + self.drift_min_interval_s)
+            if self._runner.offer(lambda: self._test_drift(state), start_at):
+                state.drift_requested_at, state.drift_started = state.window.seen, start_at
 
     def _test_drift(self, state: _ModelState) -> None:
         """In the drift thread: the window's representations (and typicality, image properties) against the
         reference, one BLAS thread."""
         with self._lock:
             contents, seen = state.window.contents(), state.window.seen
+            state.drift_requested_at = seen  # the next test is due drift_every images after the ones read now
         vectors = contents.vectors
         if vectors.shape[0] < 2 or state.bank is None:
             return

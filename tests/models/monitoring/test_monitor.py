@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +11,7 @@ import pytest
 import torch
 
 from models.monitoring.image_properties import PROPERTIES, held_out_properties, property_signals
-from models.monitoring.monitor import TrafficMonitor, reference_error
+from models.monitoring.monitor import BackgroundRunner, TrafficMonitor, reference_error
 from models.scoring.error_estimate import COTT_MIN_IMAGES, ErrorEstimator, SetCorrection, thresholded_transport
 from models.scoring.feature_set import FeatureSet
 from models.scoring.result import ImageScore
@@ -316,3 +318,36 @@ def test_drift_tests_the_windows_image_properties_and_names_the_one_that_moved(d
     snap = monitor.snapshot()[0]
     assert snap.drift_property_p_value is None and snap.drift_property_p_values is None
     monitor.close()
+
+
+def test_a_test_due_within_the_interval_runs_when_it_ends_without_new_traffic(demo_features: FeatureSet) -> None:
+    """A burst then silence: the window as the burst ended is tested once the interval allows."""
+    monitor = TrafficMonitor(window=40, drift_every=10, drift_min_interval_s=0.3, permutations=100, reference_size=50)
+    monitor.activate("m", "f", demo_features)
+    monitor.observe("m", _h(10, 0), [_score(0.5)] * 10)  # due at once: the first test
+    assert monitor.wait_for_drift(30)
+    assert monitor.snapshot()[0].drift_computed_at == 10
+    monitor.observe("m", _h(10, 1), [_score(0.5)] * 10)  # due, within the interval: waits for it
+    monitor.observe("m", _h(5, 2), [_score(0.5)] * 5)  # arrives while it waits: read when it starts
+    time.sleep(0.5)  # and no more traffic
+    assert monitor.wait_for_drift(30)
+    snap = monitor.snapshot()[0]
+    assert snap.drift_computed_at == 25 and snap.drift_window_count == 25
+    monitor.close()
+
+
+def test_the_runner_queues_one_job_behind_the_running_one_and_keeps_its_start_time() -> None:
+    runner = BackgroundRunner("test")
+    release, ran = threading.Event(), []
+    assert runner.offer(lambda: (release.wait(10), ran.append(("first", time.monotonic()))))
+    time.sleep(0.05)  # the first runs (and blocks)
+    start_at = time.monotonic() + 0.3
+    assert runner.offer(lambda: ran.append(("second", time.monotonic())), start_at)  # waits behind it
+    assert not runner.offer(lambda: ran.append(("third", time.monotonic())))  # one waits already: refused
+    release.set()
+    assert runner.wait_idle(10)  # the first ended; the second's start time has not come: idle
+    time.sleep(0.5)
+    assert runner.wait_idle(10)
+    assert [name for name, _ in ran] == ["first", "second"] and ran[1][1] >= start_at
+    runner.close()
+    assert not runner.offer(lambda: None)  # closed
