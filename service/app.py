@@ -160,6 +160,13 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()]
+    unparsed = next((e for e in exc.errors() if e.get("type") == "json_invalid"), None)
+    if unparsed is not None:  # FastAPI reports a body it cannot parse as a validation error: it is a 400
+        where = unparsed.get("loc", ())[-1:]
+        at = f" (at character {where[0]})" if where and isinstance(where[0], int) else ""
+        error = (unparsed.get("ctx") or {}).get("error", "")
+        message = f"the body is not JSON{at}: {error or unparsed.get('msg', '')}"
+        return JSONResponse({"detail": {"code": "malformed_body", "message": message}}, status_code=400)
     first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
     message = f"invalid request: {'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
     return JSONResponse(

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 from service_helpers import LiveServer
 from test_service_score import cifar_files, expected_q, upload
 
@@ -92,8 +93,26 @@ def test_switch_unknown_or_invalid_version_is_404_or_422(
         missing = client.post("/admin/switch", json={"model": "nope", "feature_set": "nope"})
         invalid = client.post("/admin/switch", json={"model": "../etc", "feature_set": "x"})
     assert missing.status_code == 404 and missing.json()["detail"]["code"] == "version_not_found"
+    # the version named, the server's paths not
+    assert missing.json()["detail"]["message"] == "no model version 'nope' in the registry's models"
     assert invalid.status_code == 422 and invalid.json()["detail"]["code"] == "invalid_request"
     assert invalid.json()["detail"]["errors"][0]["loc"] == ["body", "model"]
+
+
+@pytest.mark.parametrize(
+    ("body", "at"), [(b"notjson", "at character 0"), (b'{"model": "demo"', "at character 16")]
+)  # (an empty body is a missing one: 422 invalid_request, body: Field required)
+def test_a_json_body_that_is_not_json_is_400_malformed_body(
+    make_server: Callable[..., LiveServer], body: bytes, at: str
+) -> None:
+    live = make_server()
+    with live.client() as client:
+        r = client.post("/admin/switch", content=body, headers={"content-type": "application/json"})
+        jobs = client.post("/jobs/discover", content=body, headers={"content-type": "application/json"})
+    for answer in (r, jobs):
+        assert answer.status_code == 400, answer.text
+        detail = answer.json()["detail"]
+        assert detail["code"] == "malformed_body" and detail["message"].startswith(f"the body is not JSON ({at})")
 
 
 def test_admin_needs_api_key_when_configured(make_server: Callable[..., LiveServer]) -> None:
