@@ -62,8 +62,25 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except (ValueError, FileNotFoundError) as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        typer.secho(f"error: {_one_line(exc)}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
+
+
+def _one_line(exc: Exception) -> str:
+    """The message of ``exc``; pydantic's ValidationError (a ValueError, many lines with links) as its
+    errors' messages, each naming its field (settings by their environment variable)."""
+    errors = getattr(exc, "errors", None)
+    if type(exc).__name__ != "ValidationError" or not callable(errors):
+        return str(exc)
+    title = getattr(exc, "title", "")
+    parts = []
+    for error in errors():
+        field = ".".join(str(p) for p in error.get("loc", ()))
+        if field and title == "Settings":
+            field = f"QSCORE_{field.upper()}"
+        message = str(error.get("msg", "")).removeprefix("Value error, ")
+        parts.append(f"{field}: {message}" if field else message)
+    return f"invalid {'settings' if title == 'Settings' else title or 'input'}: " + "; ".join(parts)
 
 
 def preprocessing(image_size: int | None, mean: str | None, std: str | None) -> dict[str, Any]:
@@ -624,12 +641,14 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
 ) -> None:
     """Start the scoring service (uvicorn), on the embedded demo model unless configured."""
-    from qscore_config.settings import get_settings
-    from service.server import run as run_server
-    from service.server import startup_pair
+    with user_errors():  # bad settings or a pair that cannot be served: one line, before uvicorn starts
+        from qscore_config.settings import get_settings
 
-    with user_errors():  # a pair that cannot be served: one line, before uvicorn starts
-        startup_pair(get_settings())
+        settings = get_settings()
+        from service.server import run as run_server  # its imports read the settings too
+        from service.server import startup_pair
+
+        startup_pair(settings)
     run_server(host=host, port=port)
 
 

@@ -333,3 +333,27 @@ def test_a_registry_made_on_the_command_line_is_served(pipeline, tmp_path, monke
     other = tmp_path / "other"
     wrong = run_cli("import-features", "--features", pipeline["features"], "--registry", other, check=False)
     assert wrong.returncode == 2 and "holds no model with fingerprint" in wrong.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"QSCORE_DRIFT_EVERY": "1000"},
+            "invalid settings: QSCORE_DRIFT_EVERY (1000) must not exceed QSCORE_MONITOR_WINDOW",
+        ),
+        (
+            {"QSCORE_DRIFT_PERMUTATIONS": "299"},
+            "invalid settings: QSCORE_DRIFT_PERMUTATIONS: Input should be greater than or equal to 300",
+        ),
+    ],
+)
+def test_serve_refuses_bad_settings_in_one_line(monkeypatch, tmp_path, env, message):
+    """Read where the service's modules are first imported (the Celery app reads them): one line, exit 2."""
+    monkeypatch.setenv("QSCORE_REGISTRY_ROOT", str(tmp_path / "registry"))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    refused = run_installed("serve", "--port", "1")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    lines = [line for line in refused.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), lines
