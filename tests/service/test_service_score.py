@@ -327,6 +327,12 @@ def test_full_queue_answers_503_before_reading_the_upload(
             "limit": 2,
         }
         assert int(refused.headers["retry-after"]) >= 1
+        # not ready meanwhile, to GET and to a load balancer's HEAD alike (which gets no body)
+        not_ready, head = client.get("/readyz"), client.head("/readyz")
+        assert not_ready.status_code == 503 and not_ready.json()["reason"] == "the scoring queue is saturated"
+        assert head.status_code == 503 and head.content == b""
         assert first.result().status_code == 200
+        ready, alive = client.head("/readyz"), client.head("/healthz")
+        assert (ready.status_code, ready.content, alive.status_code, alive.content) == (200, b"", 200, b"")
     assert live.metric("qscore_errors_total", code="queue_full") == 1
     assert live.metric("qscore_request_duration_seconds_count", status="503") == 1
