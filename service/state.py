@@ -129,7 +129,7 @@ def load_state(registry: Registry, model: str, feature_set: str, settings: Setti
     try:
         features = registry.load_feature_set(feature_set)
     except RegistryError as exc:
-        raise VersionNotFound(_public(exc, registry)) from exc
+        raise VersionNotFound(registry.public(exc)) from exc
     try:
         check_fits(features, record.fingerprint, record.spec, model=model, feature_set_version=feature_set)
     except FeatureSetMismatch as exc:
@@ -147,15 +147,7 @@ def _record(registry: Registry, model: str) -> ModelRecord:
     try:
         return registry.model_record(model)
     except RegistryError as exc:
-        raise VersionNotFound(_public(exc, registry)) from exc
-
-
-def _public(exc: RegistryError, registry: Registry) -> str:
-    """The registry's message for an API client: its folders named, not their paths on this server."""
-    message = str(exc)
-    for folder, name in ((registry.models_dir, "the registry's models"), (registry.feature_sets_dir, "the registry")):
-        message = message.replace(str(folder), name)
-    return message
+        raise VersionNotFound(registry.public(exc)) from exc
 
 
 def _probe(scorer: Scorer, n: int = 16) -> torch.Tensor:

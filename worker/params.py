@@ -36,10 +36,18 @@ class ParamConflict(ParamError):
     """Names that exist but do not fit together (or with the registry's state): the API's 409."""
 
 
+#: Above this many standard deviations nothing is dominant in any representation seen (the demo's
+#: largest feature is 30 sigma out): every image would get Q = 0.
+MAX_EPS = 100.0
+
+#: Seeds as numpy and torch both take them.
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+
+
 class _Params(BaseModel):
     # Strict: `"seed": false` or `"lo": "0.3"` is refused (422) as the published schema says,
-    # not coerced.
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # not coerced; and no infinity or NaN (JSON's 1e309 parses to infinity) gets past the bounds.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -56,14 +64,14 @@ class _Params(BaseModel):
 
 class DiscoverParams(_Params):
     dataset: str = Field(pattern=NAME, description="A data set name from QSCORE_DATASETS.")
-    eps: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
-        4.0, description="Dominance threshold (std devs, positive) or 'auto'."
+    eps: Annotated[float, Field(gt=0, le=MAX_EPS)] | Literal["auto"] = Field(
+        4.0, description=f"Dominance threshold (std devs, positive, at most {MAX_EPS:g}) or 'auto'."
     )
     lo: float = Field(0.25, ge=0.0, lt=1.0, description="Lower end of the band of dominance shares; below hi.")
     hi: float = Field(0.75, gt=0.0, le=1.0, description="Upper end of the band; above lo (when size is not given).")
     size: int | None = Field(None, ge=1, le=100_000, description="Select this many features instead of a band.")
     sample_size: int | None = Field(5000, ge=10, le=10_000_000, description="Reference images; null = all.")
-    seed: int = Field(0, ge=0)
+    seed: Seed = 0
     batch_size: int = Field(256, ge=1, le=4096)
     shards: int | None = Field(
         None,
@@ -89,14 +97,14 @@ class RegularizeParams(_Params):
     batch_size: int = Field(256, ge=2, le=4096)
     lr: float = Field(0.03, gt=0.0, le=10.0)
     max_steps: int | None = Field(None, ge=1, le=10_000_000)
-    seed: int = Field(0, ge=0)
+    seed: Seed = 0
     checkpoint_every: int = Field(50, ge=1, le=100_000, description="Steps between resumable checkpoints.")
     discover: DiscoverParams | None = Field(
         None,
         description="How to discover the new model's features; default: eps auto, same data set.",
     )
 
-    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True, allow_inf_nan=False)
 
 
 class EvaluateParams(_Params):
@@ -113,7 +121,7 @@ class EvaluateParams(_Params):
         le=10_000,
         description="Test images whose shifted copies (87 sets) the risk model also sees; 0: clean only.",
     )
-    seed: int = Field(0, ge=0)
+    seed: Seed = 0
     batch_size: int = Field(256, ge=1, le=4096)
 
 
@@ -123,7 +131,7 @@ class AtlasParams(_Params):
     sample_size: int | None = Field(5000, ge=10, le=10_000_000, description="Reference images; null = all.")
     top_k: int = Field(8, ge=1, le=64, description="Images shown per feature.")
     tail_sample: int = Field(16, ge=0, le=4096, description="Upper- and lower-tail features each, for contrast.")
-    seed: int = Field(0, ge=0)
+    seed: Seed = 0
     batch_size: int = Field(256, ge=1, le=4096)
 
 
@@ -162,13 +170,14 @@ def resolve(params: _Params, settings: Settings) -> _Params:
     try:
         record = registry.model_record(model)
     except RegistryError as exc:
-        raise ParamError("model", str(exc)) from None
+        raise ParamError("model", registry.public(exc)) from None
     update["model"] = model
     # Decided when the job is queued: by the request, else the service's QSCORE_AUTO_SWITCH.
     update["activate"] = settings.auto_switch if params.activate is None else params.activate
 
     if isinstance(params, DiscoverParams):
         dataset_folder(settings, params.dataset)
+        _check_size(params, record.spec.feature_dim, model, "size")
     elif isinstance(params, RegularizeParams | EvaluateParams | AtlasParams):
         if isinstance(params, AtlasParams):
             dataset_folder(settings, params.dataset)
@@ -177,11 +186,12 @@ def resolve(params: _Params, settings: Settings) -> _Params:
             dataset_folder(settings, params.dataset)
             if params.discover is not None:
                 dataset_folder(settings, params.discover.dataset, "discover.dataset")
+                _check_size(params.discover, record.spec.feature_dim, model, "discover.size")
                 if params.discover.model is not None:  # unused (discovery runs on the result), but checked
                     try:
                         registry.model_record(params.discover.model)
                     except RegistryError as exc:
-                        raise ParamError("discover.model", str(exc)) from None
+                        raise ParamError("discover.model", registry.public(exc)) from None
         else:
             dataset_folder(settings, params.train_dataset, "train_dataset")
             dataset_folder(settings, params.test_dataset, "test_dataset")
@@ -197,13 +207,19 @@ def resolve(params: _Params, settings: Settings) -> _Params:
         try:
             registry.load_feature_set(feature_set)
         except RegistryError as exc:  # an unknown version: 422, like an unknown model
-            raise ParamError("feature_set", str(exc)) from None
+            raise ParamError("feature_set", registry.public(exc)) from None
         try:
             registry.check_pair(model, feature_set)
         except RegistryError as exc:  # both exist but do not fit together: 409
-            raise ParamConflict("feature_set", str(exc)) from None
+            raise ParamConflict("feature_set", registry.public(exc)) from None
         update["feature_set"] = feature_set
     return params.model_copy(update=update)
+
+
+def _check_size(params: DiscoverParams, feature_dim: int, model: str, field: str) -> None:
+    """A selection of more features than the model has would silently give fewer."""
+    if params.size is not None and params.size > feature_dim:
+        raise ParamError(field, f"size {params.size} exceeds the {feature_dim} features of model {model!r}")
 
 
 def _check_trainable(spec: object, model: str) -> None:

@@ -134,6 +134,17 @@ class Registry:
     def model_dir(self, version: str) -> Path:
         return self.models_dir / check_version(version)
 
+    def public(self, exc: Exception) -> str:
+        """``exc``'s message for an API client: the registry named, not its path on this server."""
+        message = str(exc)
+        for folder, name in (
+            (self.models_dir, "the registry's models"),
+            (self.feature_sets_dir, "the registry's feature sets"),
+            (self.root, "the registry"),
+        ):
+            message = message.replace(str(folder), name)
+        return message
+
     def list_models(self) -> list[ModelRecord]:
         return [self.model_record(p.name) for p in _versions(self.models_dir)]
 

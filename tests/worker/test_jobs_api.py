@@ -33,9 +33,23 @@ def embedded(job_env: dict[str, str]) -> Iterator[TestClient]:
             "/jobs/discover",
             {"dataset": "slice-train", "model": "missing"},
             ["body", "model"],
-            "no model version",
+            "no model version 'missing' in the registry's models",  # not its path on the server
         ),
         ("/jobs/discover", {"dataset": "slice-train", "eps": -1}, ["body", "eps"], "greater than 0"),
+        ("/jobs/discover", {"dataset": "slice-train", "eps": 1e300}, ["body", "eps"], "less than or equal to 100"),
+        (
+            "/jobs/discover",
+            {"dataset": "slice-train", "seed": 1e30},
+            ["body", "seed"],
+            "less than or equal to 4294967295",
+        ),
+        ("/jobs/discover", {"dataset": "slice-train", "size": 100000}, ["body", "size"], "exceeds the 64 features"),
+        (
+            "/jobs/regularize",
+            {"dataset": "slice-train", "discover": {"dataset": "slice-train", "size": 5000}},
+            ["body", "discover", "size"],
+            "size 5000 exceeds the 64 features of model 'tiny'",
+        ),
         ("/jobs/discover", {"dataset": "slice-train", "lo": 0.8, "hi": 0.2}, ["body"], "lo < hi"),
         (
             "/jobs/regularize",
@@ -84,6 +98,18 @@ def test_submit_bad_parameters_get_422_and_queue_nothing(
     detail = response.json()["detail"]
     assert detail["code"] == "invalid_request"
     assert any(e["loc"][: len(loc)] == loc and needle in e["msg"] for e in detail["errors"]), detail
+    assert embedded.get("/jobs").json() == {"jobs": []}
+
+
+@pytest.mark.parametrize("raw", [b"1e309", b"Infinity", b"NaN"])
+def test_infinite_or_nan_numbers_get_422_and_queue_nothing(embedded: TestClient, raw: bytes) -> None:
+    """JSON's 1e309 parses to infinity (Python's parser takes Infinity and NaN too): refused here,
+    not stored as null by a job that then fails."""
+    body = b'{"dataset": "slice-train", "eps": ' + raw + b"}"
+    response = embedded.post("/jobs/discover", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    errors = response.json()["detail"]["errors"]
+    assert any(e["loc"][:2] == ["body", "eps"] and "finite number" in e["msg"] for e in errors), errors
     assert embedded.get("/jobs").json() == {"jobs": []}
 
 
