@@ -101,10 +101,25 @@ class RegularizeParams(_Params):
     checkpoint_every: int = Field(50, ge=1, le=100_000, description="Steps between resumable checkpoints.")
     discover: DiscoverParams | None = Field(
         None,
-        description="How to discover the new model's features; default: eps auto, same data set.",
+        description="How to discover the new model's features; what it leaves out: eps auto, the same data set "
+        "and seed.",
     )
 
     model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _discover_defaults(cls, values: Any) -> Any:
+        """A discover sub-body takes eps auto, the data set and the seed of the job where it names none
+        (a discover job's own default, eps 4, left a fine-tuned model's features to chance)."""
+        if isinstance(values, dict) and isinstance(values.get("discover"), dict):
+            sub = dict(values["discover"])
+            sub.setdefault("eps", "auto")
+            for key in ("dataset", "seed"):
+                if key in values:
+                    sub.setdefault(key, values[key])
+            values = {**values, "discover": sub}
+        return values
 
 
 class EvaluateParams(_Params):

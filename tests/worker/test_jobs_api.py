@@ -172,3 +172,19 @@ def test_embedded_job_over_the_time_limit_fails_with_the_reason(job_env: dict[st
         record = wait_for(client, response.json()["job_id"], timeout=120)
     assert record["state"] == "failed" and record["error"] == "time limit of 20 s exceeded", record
     assert record["metrics"]["step"] >= 1 and record["history"][0]["outcome"] == "failed"
+
+
+def test_a_regularize_jobs_discover_body_takes_eps_auto_and_the_jobs_data_set_and_seed() -> None:
+    """What the README promises for what the sub-body leaves out (a discover job's own eps, 4, left
+    a fine-tuned model with 2 discriminative features and coverage 0.03 in a user's run)."""
+    from worker.params import RegularizeParams
+
+    left_out = RegularizeParams.model_validate({"dataset": "slice-train", "seed": 7, "discover": {"sample_size": 100}})
+    assert left_out.discover is not None
+    assert (left_out.discover.dataset, left_out.discover.eps, left_out.discover.seed) == ("slice-train", "auto", 7)
+    given = RegularizeParams.model_validate(
+        {"dataset": "slice-train", "discover": {"dataset": "slice-test", "eps": 2.0, "seed": 3}}
+    )
+    assert given.discover is not None
+    assert (given.discover.dataset, given.discover.eps, given.discover.seed) == ("slice-test", 2.0, 3)
+    assert RegularizeParams.model_validate({"dataset": "slice-train"}).discover is None  # the job's own default

@@ -85,6 +85,7 @@ def regularize(ctx: JobContext) -> Outcome:
         "activated": activated,
         "training": record.training,
         "coverage": feature_set.coverage,
+        "coverage_warning": feature_set.coverage_warning,  # as a discover job's result says it
         "eps": feature_set.eps,
         "alpha": feature_set.alpha,
     }
