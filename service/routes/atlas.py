@@ -108,11 +108,16 @@ def _read(folder: Path) -> dict[str, Any]:
 def _feature(data: dict[str, Any], feature: int, version: str) -> dict[str, Any]:
     entry = data["features"].get(str(feature))
     if entry is None:
-        listed = sorted(int(j) for j in data["features"])
+        groups = [e.get("group") for e in data["features"].values()]
+        held = ", ".join(
+            f"{groups.count(g)} {g.replace('_', '-')}"
+            for g in ("discriminative", "upper_tail", "lower_tail")
+            if g in groups
+        )
         raise ApiError(
             404,
             "feature_not_in_atlas",
-            f"feature {feature} is not in the atlas of feature set {version!r}: it holds the {len(listed)} "
-            "discriminative features and a sample of each tail (GET /atlas lists them)",
+            f"feature {feature} is not in the atlas of feature set {version!r}: it holds {held} features "
+            "(every discriminative one and a sample of each tail; GET /atlas lists them)",
         )
     return entry

@@ -200,6 +200,10 @@ def test_atlas_routes_serve_the_registry_atlas(server: LiveServer, atlas_registr
         bad_name = client.get("/atlas", params={"feature_set": "../x"})
         negative = client.get("/atlas/-1")
     assert missing.status_code == 404 and missing.json()["detail"]["code"] == "feature_not_in_atlas"
+    # what the atlas holds, counted by group (tail_sample=2: two of each tail)
+    groups = [f["group"] for f in index["features"]]
+    held = f"{len(d)} discriminative, 2 upper-tail, 2 lower-tail features"
+    assert groups.count("upper_tail") == groups.count("lower_tail") == 2 and held in missing.json()["detail"]["message"]
     assert none_yet.status_code == 404 and none_yet.json()["detail"]["code"] == "atlas_not_found"
     assert "POST /jobs/atlas" in none_yet.json()["detail"]["message"]
     assert unknown.status_code == 404 and unknown.json()["detail"]["code"] == "version_not_found"
