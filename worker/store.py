@@ -95,6 +95,7 @@ class JobStore(Protocol):
     def end_attempt(self, job_id: str, attempt: int, outcome: str, reason: str) -> None: ...
     def request_cancel(self, job_id: str) -> JobRecord | None: ...
     def finish(self, job_id: str, state: JobState, attempt: int | None = None, **fields: Any) -> bool: ...
+    def discard(self, job_id: str) -> bool: ...
     def incr(self, job_id: str, field: str) -> int: ...
     def complete_step(self, job_id: str, attempt: int, step: str) -> bool: ...
     def step_done(self, job_id: str, attempt: int, step: str) -> bool: ...
@@ -339,6 +340,23 @@ class RedisJobStore(TransitionStore):
         self.client.transaction(transaction, self._counts)
         return record
 
+    def discard(self, job_id: str) -> bool:
+        """Remove a record that was never started (its submission failed to reach the broker): no
+        job, no count. False, and nothing removed, for an unknown id or a job that has begun."""
+        key = self._key(job_id)
+
+        def transaction(pipe: Any) -> bool:
+            state, job_type = pipe.hmget(key, "state", "type")
+            if state is None or json.loads(state) != "queued" or int(pipe.hget(key, "attempts") or 0) != 0:
+                return False
+            pipe.multi()
+            pipe.delete(key)
+            pipe.zrem(self._index, job_id)
+            pipe.hincrby(self._counts, f"queued|{json.loads(job_type)}", -1)
+            return True
+
+        return self.client.transaction(transaction, key, value_from_callable=True)
+
     def list(self, limit: int = 100, state: str | None = None) -> list[JobRecord]:
         ids = [i.decode() for i in self.client.zrevrange(self._index, 0, -1)]
         out: list[JobRecord] = []
@@ -478,6 +496,16 @@ class SqliteJobStore(TransitionStore):
             )
             self._move(conn, "queued", type, 1)
         return record
+
+    def discard(self, job_id: str) -> bool:
+        """See :meth:`RedisJobStore.discard`."""
+        with self._connect() as conn:
+            row = conn.execute("SELECT type, record FROM jobs WHERE id = ? AND state = 'queued'", (job_id,)).fetchone()
+            if row is None or json.loads(row[1]).get("attempts", 0) != 0:
+                return False
+            conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+            self._move(conn, "queued", row[0], -1)
+        return True
 
     def list(self, limit: int = 100, state: str | None = None) -> list[JobRecord]:
         if state is None:

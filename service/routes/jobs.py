@@ -177,8 +177,9 @@ def _submit(
             ) from None
         try:
             backend.enqueue(record)
-        except Exception as exc:
-            backend.store.finish(record.id, "failed", error=f"could not be queued: {exc}")
+        except Exception:
+            # the client gets a 503 and no job id: leave no record (nor a failed count) behind
+            backend.store.discard(record.id)
             raise
     return JobAccepted(
         job_id=record.id,

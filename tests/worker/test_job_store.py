@@ -156,6 +156,28 @@ def test_submit_beyond_max_queued_jobs_gets_503_with_retry_after(job_env: dict[s
         assert client.post("/jobs/discover", json={"dataset": "slice-train"}).status_code == 202
 
 
+def test_discard_removes_only_a_record_never_started(store: Any) -> None:
+    job, started = store.create("discover", {}), store.create("discover", {})
+    assert store.begin(started.id, "w1@a:1") == (BEGIN_RUN, 1)
+    assert store.discard(job.id) and store.get(job.id) is None
+    assert not store.discard(job.id) and not store.discard(started.id)  # gone already; begun: kept
+    assert store.get(started.id).state == "running" and [r.id for r in store.list()] == [started.id]
+    assert store.state_counts().get(("queued", "discover"), 0) == 0
+
+
+def test_a_submission_the_broker_refuses_is_503_and_leaves_no_job(job_env: dict[str, str], redis_url: str) -> None:
+    """A broker outage answers 503 with no job id: no record, no failed count, for a client that never heard of it."""
+    env = {**job_env, "QSCORE_REDIS_URL": redis_url, "QSCORE_BROKER_URL": "amqp://guest:guest@127.0.0.1:1//"}
+    with TestClient(create_app(make_settings(env))) as client:
+        response = client.post("/jobs/discover", json={"dataset": "slice-train"})
+        assert response.status_code == 503, response.text
+        assert response.json()["detail"]["code"] == "job_store_unavailable" and response.headers["Retry-After"]
+        assert client.get("/jobs").json() == {"jobs": []}
+        text = client.get("/metrics").text
+        assert 'qscore_jobs{state="failed",type="discover"} 0.0' in text
+        assert 'qscore_jobs{state="queued",type="discover"} 0.0' in text
+
+
 def test_broker_settings_are_checked_at_start() -> None:
     from pydantic import ValidationError
 
