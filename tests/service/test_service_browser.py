@@ -181,6 +181,21 @@ def test_ui_explains_an_uploaded_image_and_browses_the_atlas_offline(
         httpx.get(f"{ui_server.url}/atlas/{feature['index']}", timeout=30).json()["classes"]
     )
     page.wait_for_function("!document.getElementById('monitor').textContent.includes('loading')")
+    # the recent-traffic panel shows each served model's window (it showed nothing but "enabled")
+    with image.open("rb") as f:
+        scored = httpx.post(
+            f"{ui_server.url}/score", files=[("files", (image.name, f.read(), "image/jpeg"))], timeout=30
+        )
+    assert scored.status_code == 200, scored.text
+    window = httpx.get(f"{ui_server.url}/monitor", timeout=30).json()["models"][0]
+    page.click("#monitor-refresh")
+    page.wait_for_function(
+        "(n) => [...document.querySelectorAll('#monitor dt')].some(d => d.textContent === 'images_seen' && "
+        "d.nextElementSibling.textContent === String(n))",
+        arg=window["images_seen"],
+    )
+    terms = page.locator("#monitor dt").all_text_contents()
+    assert "model tiny, feature set tiny" in terms and {"estimated_error", "count", "mean_risk"} <= set(terms)
     page.screenshot(path=str(tmp_path / "ui.png"), full_page=True)
     assert (tmp_path / "ui.png").stat().st_size > 10_000
 

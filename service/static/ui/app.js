@@ -301,10 +301,22 @@ function monitorRows(data, prefix = "") {
     const name = prefix + key;
     if (Array.isArray(value) && value.length && value.every((v) => typeof v === "number")) {
       rows.push(h("dt", {}, name), h("dd", {}, sparkline(value), ` last ${fmt(value[value.length - 1])}`));
+    } else if (Array.isArray(value) && value.every((v) => v && typeof v === "object")) {
+      // GET /monitor's "models": one block per served model, headed by its versions
+      if (!value.length) rows.push(h("dt", {}, name), h("dd", {}, "none yet"));
+      value.forEach((item, i) => {
+        const label = item.model_version === undefined
+          ? `${name}[${i}]`
+          : `model ${item.model_version}, feature set ${item.feature_set_version}`;
+        rows.push(h("dt", { class: "group" }, label), h("dd", {}, ""));
+        const rest = Object.fromEntries(
+          Object.entries(item).filter(([k]) => k !== "model_version" && k !== "feature_set_version"));
+        rows.push(...monitorRows(rest, prefix));
+      });
     } else if (value && typeof value === "object" && !Array.isArray(value)) {
       rows.push(...monitorRows(value, `${name}.`));
     } else if (!Array.isArray(value)) {
-      rows.push(h("dt", {}, name), h("dd", {}, fmt(value)));
+      rows.push(h("dt", {}, name), h("dd", {}, Number.isInteger(value) ? String(value) : fmt(value))); // counts as counts
     }
   }
   return rows;
@@ -327,6 +339,8 @@ async function loadMonitor() {
 }
 
 document.getElementById("atlas-group").addEventListener("change", fillAtlasTable);
+document.getElementById("monitor-refresh").addEventListener("click", loadMonitor);
+setInterval(loadMonitor, 15000); // the window moves with traffic: the panel follows it
 setUpDrop();
 loadServing();
 loadAtlas();
