@@ -7,6 +7,7 @@ feature sets are registry versions. No client-supplied path is ever opened.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -36,8 +37,9 @@ class ParamConflict(ParamError):
     """Names that exist but do not fit together (or with the registry's state): the API's 409."""
 
 
-#: Above this many standard deviations nothing is dominant in any representation seen (the demo's
-#: largest feature is 30 sigma out): every image would get Q = 0.
+#: No entry of an r-dimensional representation lies more than sqrt(r - 1) of its standard deviations
+#: above its mean (one spike, the rest equal): above that nothing is dominant and every Q-Score is 0.
+#: 100 bounds it for any r up to 10,001; :func:`resolve` checks the model's own r.
 MAX_EPS = 100.0
 
 #: Seeds as numpy and torch both take them.
@@ -232,9 +234,18 @@ def resolve(params: _Params, settings: Settings) -> _Params:
 
 
 def _check_size(params: DiscoverParams, feature_dim: int, model: str, field: str) -> None:
-    """A selection of more features than the model has would silently give fewer."""
+    """A selection of more features than the model has would silently give fewer; an eps above
+    sqrt(r - 1) leaves no feature dominant (see MAX_EPS)."""
     if params.size is not None and params.size > feature_dim:
         raise ParamError(field, f"size {params.size} exceeds the {feature_dim} features of model {model!r}")
+    if isinstance(params.eps, float) and params.eps > math.sqrt(feature_dim - 1):
+        where = field.replace("size", "eps")
+        raise ParamError(
+            where,
+            f"eps {params.eps:g} leaves no feature of model {model!r} dominant: with {feature_dim} features none "
+            f"lies more than sqrt({feature_dim} - 1) = {math.sqrt(feature_dim - 1):.2f} standard deviations above "
+            "the mean",
+        )
 
 
 def _check_trainable(spec: object, model: str) -> None:

@@ -44,6 +44,8 @@ def embedded(job_env: dict[str, str]) -> Iterator[TestClient]:
             "less than or equal to 4294967295",
         ),
         ("/jobs/discover", {"dataset": "slice-train", "size": 100000}, ["body", "size"], "exceeds the 64 features"),
+        # the tiny model has 64 features: none can lie more than sqrt(63) = 7.94 sigma above the mean
+        ("/jobs/discover", {"dataset": "slice-train", "eps": 8.0}, ["body", "eps"], "sqrt(64 - 1) = 7.94"),
         (
             "/jobs/regularize",
             {"dataset": "slice-train", "discover": {"dataset": "slice-train", "size": 5000}},
