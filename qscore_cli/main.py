@@ -229,7 +229,7 @@ def discover(
             progress=True,
         )
         feature_set.save(out)
-        for warning in (feature_set.coverage_warning, feature_set.signed_warning):
+        for warning in (feature_set.coverage_warning, feature_set.selection_warning, feature_set.signed_warning):
             if warning:
                 typer.secho(f"WARNING: {warning}", fg=typer.colors.RED, bold=True, err=True)
         typer.echo(

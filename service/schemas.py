@@ -57,6 +57,9 @@ class FeatureSetInfo(BaseModel):
     alpha: float
     coverage: float = Field(description="Share of reference samples with a dominant discriminative feature.")
     coverage_warning: str | None = None
+    selection_warning: str | None = Field(
+        None, description="Set when a selection by size got fewer features than asked for."
+    )
     n_discriminative: int
     reference_median: float | None = Field(None, description="Median Q-Score of the reference set.")
     calibrated: bool = Field(description="Whether an evaluation fitted the calibrated risk model.")
@@ -79,6 +82,7 @@ class FeatureSetInfo(BaseModel):
             alpha=fs.alpha,
             coverage=fs.coverage,
             coverage_warning=fs.coverage_warning,
+            selection_warning=fs.selection_warning,
             n_discriminative=len(fs.discriminative),
             reference_median=fs.reference_median,
             calibrated=fs.calibrated,

@@ -131,7 +131,7 @@ def build_feature_set(
         data=data,
         negative_share=counts.negative_share,
     )
-    for warning in (feature_set.coverage_warning, feature_set.signed_warning):
+    for warning in (feature_set.coverage_warning, feature_set.selection_warning, feature_set.signed_warning):
         if warning:
             log.warning(warning)
     return feature_set

@@ -197,6 +197,17 @@ class FeatureSet(BaseModel):
         )
 
     @property
+    def selection_warning(self) -> str | None:
+        """Set when a selection by size got fewer features than asked for (only so many ever dominate)."""
+        asked = self.selection.size if self.selection.method == "size" else None
+        if asked is None or len(self.discriminative) >= asked:
+            return None
+        return (
+            f"SELECTION: {asked} features asked for, only {len(self.discriminative)} are dominant for any "
+            f"reference sample at eps={self.eps:g}: D holds those {len(self.discriminative)}."
+        )
+
+    @property
     def signed_warning(self) -> str | None:
         """Set when ``h`` is signed, e.g. ViT pre-logits (no ReLU): the Q-Score assumes it is not."""
         if self.negative_share is None or self.negative_share <= SIGNED_SHARE:

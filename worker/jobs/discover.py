@@ -216,6 +216,7 @@ def discover_finalize(
         "n_reference": feature_set.data.n_reference,
         "shards": plan.n_shards,
         "coverage_warning": feature_set.coverage_warning,
+        "selection_warning": feature_set.selection_warning,
         "negative_share": feature_set.negative_share,
         "signed_warning": feature_set.signed_warning,
         "bank_vectors": 0 if feature_set.bank is None else feature_set.bank.size,

@@ -307,6 +307,15 @@ def test_feature_set_round_trip_is_atomic(tmp_path):
     assert fs.reference_median == 0.1
 
 
+def test_a_selection_by_size_that_got_fewer_features_says_so():
+    short = _feature_set(selection=Selection(method="size", size=5))  # D holds 3
+    assert short.selection_warning == (
+        "SELECTION: 5 features asked for, only 3 are dominant for any reference sample at eps=2: D holds those 3."
+    )
+    assert _feature_set(selection=Selection(method="size", size=3)).selection_warning is None
+    assert _feature_set().selection_warning is None  # a band: nothing was asked for by number
+
+
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
