@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from models.data.corruptions import DESIGN_FAMILIES, HELD_OUT_FAMILIES, LATER_FAMILIES
+from models.data.corruptions import DESIGN_FAMILIES, HELD_OUT_FAMILIES, LATER_FAMILIES, LATER_SHIFTS
 from models.data.datasets import ensure_cifar10, image_folder, random_sample, subset
 from models.data.shifts import GROSS_SHIFTS, HELD_OUT_GROSS_SHIFTS
 from models.data.transforms import eval_transform
@@ -61,8 +61,7 @@ CACHE = REPO / ".cache" / "shift_report"
 
 REPORT_SEVERITIES = (1, 3, 5)
 REPORT_EXTRAS = ("invert", "grayscale", "rotate_180", "channel_swap")
-#: Made after the drift test's image properties were fixed: reported apart from the drift goal's sets.
-LATER_SETS = (*LATER_FAMILIES, "channel_swap")
+
 #: The signals of the risk model before issue 15 (no head, raw typicality, nothing monotone).
 TODAY_SIGNALS = (
     "q_score", "mean_active", "log_l1", "hoyer", "log_max", "knn", "typicality",
@@ -263,10 +262,10 @@ def analyse(name: str, measured: dict[str, Any]) -> dict[str, Any]:
                 "kind": s.kind,
                 "family": s.family,
                 "severity": s.severity,
-                "added_after": s.family in (*HELD_OUT_FAMILIES, *LATER_SETS)
+                "added_after": s.family in (*HELD_OUT_FAMILIES, *LATER_SHIFTS)
                 or s.family in ("rotate_180", "digits")
                 or (s.kind == "gross" and s.family in HELD_OUT_GROSS_SHIFTS),
-                "added_after_properties": s.family in LATER_SETS,
+                "added_after_properties": s.family in LATER_SHIFTS,
                 "left_out": held,
                 "error": s.error,
                 "mean_risk": float(risk.mean()),

@@ -201,7 +201,7 @@ def resolve(params: _Params, settings: Settings) -> _Params:
 
     if isinstance(params, DiscoverParams):
         dataset_folder(settings, params.dataset)
-        _check_size(params, record.spec.feature_dim, model, "size")
+        _check_selection(params, record.spec.feature_dim, model)
     elif isinstance(params, RegularizeParams | EvaluateParams | AtlasParams):
         if isinstance(params, AtlasParams):
             dataset_folder(settings, params.dataset)
@@ -210,7 +210,7 @@ def resolve(params: _Params, settings: Settings) -> _Params:
             dataset_folder(settings, params.dataset)
             if params.discover is not None:
                 dataset_folder(settings, params.discover.dataset, "discover.dataset")
-                _check_size(params.discover, record.spec.feature_dim, model, "discover.size")
+                _check_selection(params.discover, record.spec.feature_dim, model, "discover.")
                 if params.discover.model is not None:  # unused (discovery runs on the result), but checked
                     try:
                         registry.model_record(params.discover.model)
@@ -240,15 +240,14 @@ def resolve(params: _Params, settings: Settings) -> _Params:
     return params.model_copy(update=update)
 
 
-def _check_size(params: DiscoverParams, feature_dim: int, model: str, field: str) -> None:
+def _check_selection(params: DiscoverParams, feature_dim: int, model: str, prefix: str = "") -> None:
     """A selection of more features than the model has would silently give fewer; an eps above
-    sqrt(r - 1) leaves no feature dominant (see MAX_EPS)."""
+    sqrt(r - 1) leaves no feature dominant (see MAX_EPS). ``prefix``: where the body holds them."""
     if params.size is not None and params.size > feature_dim:
-        raise ParamError(field, f"size {params.size} exceeds the {feature_dim} features of model {model!r}")
+        raise ParamError(f"{prefix}size", f"size {params.size} exceeds the {feature_dim} features of model {model!r}")
     if isinstance(params.eps, float) and params.eps > math.sqrt(feature_dim - 1):
-        where = field.replace("size", "eps")
         raise ParamError(
-            where,
+            f"{prefix}eps",
             f"eps {params.eps:g} leaves no feature of model {model!r} dominant: with {feature_dim} features none "
             f"lies more than sqrt({feature_dim} - 1) = {math.sqrt(feature_dim - 1):.2f} standard deviations above "
             "the mean",

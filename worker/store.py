@@ -346,8 +346,8 @@ class RedisJobStore(TransitionStore):
         key = self._key(job_id)
 
         def transaction(pipe: Any) -> bool:
-            state, job_type = pipe.hmget(key, "state", "type")
-            if state is None or json.loads(state) != "queued" or int(pipe.hget(key, "attempts") or 0) != 0:
+            state, job_type, attempts = pipe.hmget(key, "state", "type", "attempts")
+            if state is None or json.loads(state) != "queued" or int(attempts or 0) != 0:
                 return False
             pipe.multi()
             pipe.delete(key)

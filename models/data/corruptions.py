@@ -393,6 +393,9 @@ HELD_OUT_FAMILIES = ("zoom_blur", "spatter", "posterize", "hue_shift")
 #: Added after the drift test's image properties were fixed (those four families had shown the misses).
 LATER_FAMILIES = ("gamma", "vignette", "sharpen")
 
+#: Every set made after the image properties: the later families and the one-severity channel swap.
+LATER_SHIFTS = (*LATER_FAMILIES, "channel_swap")
+
 
 DESIGN_FAMILIES = tuple(name for name in CORRUPTIONS if name not in (*HELD_OUT_FAMILIES, *LATER_FAMILIES))
 
@@ -416,11 +419,9 @@ EXTRA_SHIFTS: dict[str, Corruption] = {
 
 
 #: Seeds come from the index here: families added later go last, so earlier sets keep their pixels.
-_ALL: dict[str, Corruption] = {
-    **{k: v for k, v in CORRUPTIONS.items() if k not in LATER_FAMILIES},
-    **{k: v for k, v in EXTRA_SHIFTS.items() if k != "channel_swap"},
-    **{k: CORRUPTIONS[k] for k in LATER_FAMILIES},
-    "channel_swap": EXTRA_SHIFTS["channel_swap"],
+_EVERY: dict[str, Corruption] = {**CORRUPTIONS, **EXTRA_SHIFTS}
+_ALL: dict[str, Corruption] = {k: v for k, v in _EVERY.items() if k not in LATER_SHIFTS} | {
+    k: _EVERY[k] for k in LATER_SHIFTS
 }
 
 
