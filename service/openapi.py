@@ -27,6 +27,23 @@ DATASET_FIELDS = ("dataset", "train_dataset", "test_dataset")
 JOB_PARAMS = ("DiscoverParams", "RegularizeParams", "EvaluateParams", "AtlasParams")
 
 
+def image_upload_body(description: str, max_items: int | None = None) -> dict[str, Any]:
+    """The OpenAPI request body of an image upload: multipart ``files``, at least one (at most ``max_items``)."""
+    files: dict[str, Any] = {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1}
+    if max_items is not None:
+        files["maxItems"] = max_items
+    files["description"] = description
+    return {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {"type": "object", "required": ["files"], "properties": {"files": files}},
+                "encoding": {"files": {"contentType": "image/*, application/octet-stream"}},
+            }
+        },
+    }
+
+
 def install(app: FastAPI, settings: Settings) -> None:
     """Serve the adjusted document at /openapi.json (and to /docs)."""
 

@@ -20,33 +20,12 @@ from models.explanation.explain import DEFAULT_TOP, MAX_TOP
 from service.deps import ExplainingDep
 from service.explain_worker import ExplainBusy
 from service.limits import ApiError, ClientGone, read_uploads
+from service.openapi import image_upload_body
 from service.routes.score import CLIENT_CLOSED_REQUEST
 from service.schemas import ErrorResponse, ExplainResponse
 from service.state import ServingState
 
 router = APIRouter(tags=["explanations"])
-
-_ONE_FILE_BODY = {
-    "required": True,
-    "content": {
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "required": ["files"],
-                "properties": {
-                    "files": {
-                        "type": "array",
-                        "items": {"type": "string", "format": "binary"},
-                        "minItems": 1,
-                        "maxItems": 1,
-                        "description": "One JPEG, PNG, WebP, BMP or GIF (first frame) image.",
-                    }
-                },
-            },
-            "encoding": {"files": {"contentType": "image/*, application/octet-stream"}},
-        }
-    },
-}
 
 
 @router.post(
@@ -67,7 +46,9 @@ _ONE_FILE_BODY = {
         },
         503: {"model": ErrorResponse, "description": "explain_busy (with Retry-After) or not_ready."},
     },
-    openapi_extra={"requestBody": _ONE_FILE_BODY},
+    openapi_extra={
+        "requestBody": image_upload_body("One JPEG, PNG, WebP, BMP or GIF (first frame) image.", max_items=1)
+    },
 )
 async def explain(
     request: Request,

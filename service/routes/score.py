@@ -22,6 +22,7 @@ from service.batcher import BatcherStopped, QueueFull
 from service.deps import ScoringDep
 from service.device_decode import decodable_on_device
 from service.limits import ApiError, ClientGone, read_uploads
+from service.openapi import image_upload_body
 from service.schemas import ErrorResponse, ScoreResponse
 from service.state import ServingState
 
@@ -29,27 +30,6 @@ router = APIRouter(tags=["scoring"])
 
 #: Not an HTTP status anyone receives: nginx's "client closed request", for the metrics.
 CLIENT_CLOSED_REQUEST = 499
-
-_MULTIPART_BODY = {
-    "required": True,
-    "content": {
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "required": ["files"],
-                "properties": {
-                    "files": {
-                        "type": "array",
-                        "items": {"type": "string", "format": "binary"},
-                        "minItems": 1,
-                        "description": "JPEG, PNG, WebP, BMP or GIF (first frame) images.",
-                    }
-                },
-            },
-            "encoding": {"files": {"contentType": "image/*, application/octet-stream"}},
-        }
-    },
-}
 
 
 @router.post(
@@ -69,7 +49,7 @@ _MULTIPART_BODY = {
         422: {"model": ErrorResponse, "description": "no_files, invalid_files or too_many_fields."},
         503: {"model": ErrorResponse, "description": "queue_full (with Retry-After) or not_ready."},
     },
-    openapi_extra={"requestBody": _MULTIPART_BODY},
+    openapi_extra={"requestBody": image_upload_body("JPEG, PNG, WebP, BMP or GIF (first frame) images.")},
 )
 async def score(
     request: Request,
