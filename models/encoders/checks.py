@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from models.encoders.errors import OutputCheckError
+from models.encoders.spec import EncoderSpec, spec_errors
 
 #: Batch sizes of the probe: two different ones, so a batch-dependent output size shows.
 CHECK_BATCHES = (2, 3)
@@ -70,3 +71,31 @@ def check_output_dim(
             "size must not depend on the batch: export a feature extractor with a fixed output size"
         )
     return dims[0]
+
+
+def brought_spec(
+    arch: str,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    error: type[Exception],
+    subject: str,
+) -> EncoderSpec:
+    """The spec of a brought encoder before its probe (``dim`` 1, replaced by :func:`probed_spec`);
+    bad preprocessing raises ``error`` naming ``subject``."""
+    try:
+        return EncoderSpec(arch=arch, cifar_stem=False, image_size=image_size, mean=tuple(mean), std=tuple(std), dim=1)
+    except ValueError as exc:
+        raise error(f"bad preprocessing for {subject}: {spec_errors(exc)}") from None
+
+
+def probed_spec(
+    forward: Callable[[torch.Tensor], object], spec: EncoderSpec, dim: int | None, what: str
+) -> EncoderSpec:
+    """``spec`` with the feature dimension the probe found (:func:`check_output_dim`), which must be
+    ``dim`` where a record gives one."""
+    probed = check_output_dim(forward, spec.image_size, spec.mean, spec.std, what=what)
+    if dim is not None and probed != dim:
+        raise OutputCheckError(f"{what} outputs {probed} features, its record says {dim}")
+    return spec.model_copy(update={"dim": probed})

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from models.encoders.checks import check_output_dim
+from models.encoders.checks import brought_spec, probed_spec
 from models.encoders.errors import ExportProgramError, OutputCheckError
 from models.encoders.layouts import is_export_program
 from models.encoders.spec import (
@@ -37,7 +37,6 @@ from models.encoders.spec import (
     Encoder,
     EncoderSpec,
     fingerprint,
-    spec_errors,
 )
 from models.storage.atomic import atomic_path
 
@@ -180,22 +179,10 @@ def load_export_program(
             f"{what} takes {fixed_size}x{fixed_size} images, not {image_size}x{image_size}: pass --image-size "
             f"{fixed_size}, or export it with dynamic image sizes"
         )
-    try:
-        spec = EncoderSpec(
-            arch=EXPORT_ARCH,
-            cifar_stem=False,
-            image_size=image_size or fixed_size or DEFAULT_IMAGE_SIZE,
-            mean=tuple(mean or IMAGENET_MEAN),
-            std=tuple(std or IMAGENET_STD),
-            dim=1,  # replaced by the probed one below
-        )
-    except ValueError as exc:
-        raise ExportProgramError(f"bad preprocessing for {path}: {spec_errors(exc)}") from None
+    spec = brought_spec(EXPORT_ARCH, image_size or fixed_size or DEFAULT_IMAGE_SIZE, mean or IMAGENET_MEAN,
+                        std or IMAGENET_STD, error=ExportProgramError, subject=str(path))  # fmt: skip
     encoder = ExportProgramEncoder(program, spec)
-    probed = check_output_dim(encoder, spec.image_size, spec.mean, spec.std, what=what)
-    if dim is not None and probed != dim:
-        raise OutputCheckError(f"{what} outputs {probed} features, its record says {dim}")
-    encoder.spec = spec.model_copy(update={"dim": probed})
+    encoder.spec = probed_spec(encoder, spec, dim, what)
     return encoder, export_program_fingerprint(encoder, path)
 
 

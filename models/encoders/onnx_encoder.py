@@ -30,10 +30,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.encoders.checks import check_output_dim
+from models.encoders.checks import brought_spec, probed_spec
 from models.encoders.errors import OnnxError, OutputCheckError
 from models.encoders.layouts import is_onnx
-from models.encoders.spec import IMAGENET_MEAN, IMAGENET_STD, ONNX_ARCH, Encoder, EncoderSpec, spec_errors
+from models.encoders.spec import IMAGENET_MEAN, IMAGENET_STD, ONNX_ARCH, Encoder, EncoderSpec
 from models.storage.atomic import write_bytes_atomic
 
 DEFAULT_IMAGE_SIZE = 224
@@ -299,22 +299,10 @@ def load_onnx(
             f"{what} takes {fixed_size}x{fixed_size} images, not {image_size}x{image_size}: pass --image-size "
             f"{fixed_size}, or export it with dynamic image sizes"
         )
-    try:
-        spec = EncoderSpec(
-            arch=ONNX_ARCH,
-            cifar_stem=False,
-            image_size=image_size or fixed_size or DEFAULT_IMAGE_SIZE,
-            mean=tuple(mean or IMAGENET_MEAN),
-            std=tuple(std or IMAGENET_STD),
-            dim=1,  # replaced by the probed one below
-        )
-    except ValueError as exc:
-        raise OnnxError(f"bad preprocessing for {path}: {spec_errors(exc)}") from None
+    spec = brought_spec(ONNX_ARCH, image_size or fixed_size or DEFAULT_IMAGE_SIZE, mean or IMAGENET_MEAN,
+                        std or IMAGENET_STD, error=OnnxError, subject=str(path))  # fmt: skip
     encoder = OnnxEncoder(model, session, spec)
-    probed = check_output_dim(encoder, spec.image_size, spec.mean, spec.std, what=what)
-    if dim is not None and probed != dim:
-        raise OutputCheckError(f"{what} outputs {probed} features, its record says {dim}")
-    encoder.spec = spec.model_copy(update={"dim": probed})
+    encoder.spec = probed_spec(encoder, spec, dim, what)
     return encoder, onnx_fingerprint(model)
 
 

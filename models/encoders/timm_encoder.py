@@ -23,10 +23,10 @@ import torch
 from timm.data import resolve_model_data_config
 from torch import nn
 
-from models.encoders.checks import check_output_dim
-from models.encoders.errors import OutputCheckError, TimmError
+from models.encoders.checks import brought_spec, probed_spec
+from models.encoders.errors import TimmError
 from models.encoders.layouts import describe_key_mismatch, key_differences
-from models.encoders.spec import TIMM_PREFIX, Encoder, EncoderSpec, spec_errors
+from models.encoders.spec import TIMM_PREFIX, Encoder, EncoderSpec
 
 #: Prefixes training frameworks put before a timm model's keys, most specific first.
 _PREFIXES = ("module.model.", "module.backbone.", "module.", "model.", "backbone.", "encoder.", "")
@@ -130,20 +130,8 @@ def build_timm_encoder(
         model.load_state_dict(fit_state_dict(model, tensors, name, source), strict=True)
     model.eval()
     size, default_mean, default_std = default_preprocessing(model)
-    try:
-        spec = EncoderSpec(
-            arch=f"{TIMM_PREFIX}{name}",
-            cifar_stem=False,
-            image_size=image_size or size,
-            mean=tuple(mean or default_mean),
-            std=tuple(std or default_std),
-            dim=1,  # replaced by the probed one below
-        )
-    except ValueError as exc:
-        raise TimmError(f"bad preprocessing for timm architecture {name!r}: {spec_errors(exc)}") from None
+    spec = brought_spec(f"{TIMM_PREFIX}{name}", image_size or size, mean or default_mean, std or default_std,
+                        error=TimmError, subject=f"timm architecture {name!r}")  # fmt: skip
     encoder = TimmEncoder(model, spec)
-    probed = check_output_dim(encoder, spec.image_size, spec.mean, spec.std, what=f"timm architecture {name!r}")
-    if dim is not None and probed != dim:
-        raise OutputCheckError(f"timm architecture {name!r} outputs {probed} features, its record says {dim}")
-    encoder.spec = spec.model_copy(update={"dim": probed})
+    encoder.spec = probed_spec(encoder, spec, dim, f"timm architecture {name!r}")
     return encoder

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from models.encoders.checks import check_output_dim
-from models.encoders.errors import OutputCheckError, TorchScriptError
+from models.encoders.checks import brought_spec, probed_spec
+from models.encoders.errors import TorchScriptError
 from models.encoders.layouts import is_torchscript
 from models.encoders.spec import (
     IMAGENET_MEAN,
@@ -30,7 +30,6 @@ from models.encoders.spec import (
     Encoder,
     EncoderSpec,
     fingerprint,
-    spec_errors,
 )
 from models.storage.atomic import atomic_path
 
@@ -95,22 +94,9 @@ def load_torchscript(
     except Exception as exc:  # a damaged archive raises anything
         raise TorchScriptError(f"{path} is not a loadable TorchScript module: {type(exc).__name__}: {exc}") from None
     module.eval()
-    try:
-        spec = EncoderSpec(
-            arch=TORCHSCRIPT_ARCH,
-            cifar_stem=False,
-            image_size=image_size or DEFAULT_IMAGE_SIZE,
-            mean=tuple(mean or IMAGENET_MEAN),
-            std=tuple(std or IMAGENET_STD),
-            dim=1,  # replaced by the probed one below
-        )
-    except ValueError as exc:
-        raise TorchScriptError(f"bad preprocessing for {path}: {spec_errors(exc)}") from None
-    probed = check_output_dim(module, spec.image_size, spec.mean, spec.std, what=f"the TorchScript module in {path}")
-    if dim is not None and probed != dim:
-        raise OutputCheckError(f"the TorchScript module in {path} outputs {probed} features, its record says {dim}")
-    spec = spec.model_copy(update={"dim": probed})
-    encoder = TorchScriptEncoder(module, spec)
+    spec = brought_spec(TORCHSCRIPT_ARCH, image_size or DEFAULT_IMAGE_SIZE, mean or IMAGENET_MEAN,
+                        std or IMAGENET_STD, error=TorchScriptError, subject=str(path))  # fmt: skip
+    encoder = TorchScriptEncoder(module, probed_spec(module, spec, dim, f"the TorchScript module in {path}"))
     return encoder, torchscript_fingerprint(encoder, path)
 
 
