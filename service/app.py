@@ -157,6 +157,10 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": {"code": "internal_error", "message": message}}, status_code=500)
 
 
+#: Routes whose refused requests qscore_errors_total counts (the scoring routes; admin and job errors are not).
+_COUNTED_PATHS = frozenset({"/score", "/explain"})
+
+
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()]
@@ -169,6 +173,10 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"detail": {"code": "malformed_body", "message": message}}, status_code=400)
     first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
     message = f"invalid request: {'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+    if request.url.path in _COUNTED_PATHS:  # refused before the handler, which counts its own errors
+        holder = getattr(request.app.state, "holder", None)
+        served = holder.current if holder is not None else None
+        request.app.state.metrics.error(served.model_version if served else None, "invalid_request")
     return JSONResponse(
         {"detail": jsonable_encoder({"code": "invalid_request", "message": message, "errors": errors})},
         status_code=422,

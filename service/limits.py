@@ -160,7 +160,14 @@ async def read_uploads(
     if len(files) != len(values):
         raise ApiError(422, "invalid_files", "field 'files' must hold file parts (with a filename), not text")
     if not files:
-        raise ApiError(422, "no_files", "no file in field 'files'; send one or more images")
+        # python-multipart drops a part the body ends inside of: a body cut before its closing
+        # boundary reads as one with no files
+        raise ApiError(
+            422,
+            "no_files",
+            "no complete file in field 'files'; send one or more images (a body cut before its closing boundary "
+            "loses its last part)",
+        )
     if len(files) > max_files:
         raise ApiError(
             413,

@@ -65,7 +65,9 @@ class FeatureSetInfo(BaseModel):
     calibrated: bool = Field(description="Whether an evaluation fitted the calibrated risk model.")
     risk_signals: list[str] | None = Field(None, description="Label-free signals the risk model uses.")
     typicality_threshold: float | None = Field(
-        None, description="Combined typicality score at which an image is atypical (the reference's p99)."
+        None,
+        description="The reference's 99th percentile of the raw combined typicality score (the largest component). "
+        "Each image's typicality is its raw score over this, so atypical means typicality > 1.",
     )
     reference_atypical_share: float | None = Field(None, description="Share of the reference above the threshold.")
     bank_vectors: int | None = Field(None, description="Reference representations in the bank.")

@@ -56,6 +56,11 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         if isinstance(exc, UnidentifiedImageError):
+            started_as = _signature_format(data)
+            if started_as is not None:  # Pillow cannot identify a JPEG cut before its image data, say
+                raise ImageDecodeError(
+                    "corrupt_image", f"the file starts as a {started_as} but could not be read: truncated or broken"
+                ) from exc
             raise ImageDecodeError(
                 "not_an_image", f"not a decodable image; accepted formats: {', '.join(ALLOWED_FORMATS)}"
             ) from exc
@@ -65,6 +70,25 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageDecodeError("corrupt_image", f"the image could not be decoded: {exc}") from exc
     return to_rgb(image)
+
+
+#: The first bytes of the accepted formats (their specifications' magic numbers).
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+)
+
+
+def _signature_format(data: bytes) -> str | None:
+    """The accepted format ``data`` starts as, by its magic number (WebP: RIFF....WEBP; BMP: BM and
+    its zero reserved bytes, as two letters alone start many a text); None if none."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data[:2] == b"BM" and data[6:10] == bytes(4):
+        return "BMP"
+    return next((name for magic, name in _SIGNATURES if data.startswith(magic)), None)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -31,10 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import save_file
-from torchvision import transforms
 
 from models.data.datasets import image_folder, make_loader, subset
-from models.data.transforms import eval_transform
+from models.data.transforms import ResizeCentreCrop, eval_transform
 from models.encoders.spec import Encoder
 from models.explanation.decompose import feature_groups
 from models.explanation.heatmaps import Method, feature_maps, for_display, heatmap_method
@@ -294,7 +293,7 @@ def _relative(path: str, folder: str | Path) -> str:
 
 def _pixels(folder: str | Path, indices: list[int], size: int) -> list[np.ndarray]:
     """(S, S, 3) uint8 of the images ``indices``: resized and centre-cropped as the encoder sees them."""
-    geometry = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size)])
+    geometry = ResizeCentreCrop(size)
     dataset = image_folder(folder, lambda image: np.asarray(geometry(image), dtype=np.uint8))
     return [dataset[i][0] for i in indices]
 

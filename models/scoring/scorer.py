@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
-from torchvision import transforms
 
+from models.data.transforms import ResizeCentreCrop
 from models.encoders.device import resolve_device
 from models.encoders.runtime import Runtime, torch_threads
 from models.encoders.spec import Encoder
@@ -92,7 +92,7 @@ class Scorer:
         # eval_transform (models/data/transforms.py) split in two: the geometry per image (Pillow),
         # then ToTensor and Normalize for a whole batch at once, the same elementwise operations.
         size = spec.image_size
-        self._geometry = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size)])
+        self._geometry = ResizeCentreCrop(size)
         self._mean = torch.tensor(spec.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(spec.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         # A boolean mask built once on the device: indices would be range-checked on the host

@@ -186,6 +186,35 @@ def test_score_unusable_file_gets_error_entry_and_others_are_scored(
     assert server.metric("qscore_errors_total", model_version="tiny", code=code) == errors_before + 1
 
 
+def test_score_bad_query_value_is_a_counted_422(server: LiveServer, cifar_slice: Path) -> None:
+    """A query the framework refuses before the handler runs is counted like the handler's own errors."""
+    before = server.metric("qscore_errors_total", model_version="tiny", code="invalid_request")
+    with server.client() as client:
+        response = client.post("/score?predict=maybe", files=upload(cifar_files(cifar_slice, 1)))
+    assert response.status_code == 422
+    assert response.json()["detail"]["code"] == "invalid_request"
+    assert "predict" in response.json()["detail"]["message"]
+    assert server.metric("qscore_errors_total", model_version="tiny", code="invalid_request") == before + 1
+
+
+def test_score_long_strip_is_scored_like_its_centre_crop(server: LiveServer) -> None:
+    """A 1 x 200,000 PNG of a few hundred bytes was resized to 32 x 6,400,000 pixels first (seconds,
+    a gigabyte); it is scored as the 32 x 32 crop torchvision's resize-and-crop keeps."""
+    buf = io.BytesIO()
+    Image.new("RGB", (200_000, 1), (40, 120, 200)).save(buf, format="PNG")
+    crop = io.BytesIO()
+    Image.new("RGB", (32, 32), (40, 120, 200)).save(crop, format="PNG")
+    files = [
+        ("files", ("strip.png", buf.getvalue(), "image/png")),
+        ("files", ("crop.png", crop.getvalue(), "image/png")),
+    ]
+    with server.client() as client:
+        response = client.post("/score", files=files)
+    assert response.status_code == 200, response.text
+    strip, square = response.json()["results"]
+    assert strip["error"] is None and strip["q_score"] == square["q_score"] and strip["risk"] == square["risk"]
+
+
 def test_score_truncated_jpeg_gets_corrupt_image(server: LiveServer, cifar_slice: Path) -> None:
     data = cifar_files(cifar_slice, 1)[0].read_bytes()
     with server.client() as client:

@@ -135,6 +135,24 @@ def test_truncated_jpeg_is_corrupt():
     assert "could not be decoded" in err.message
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "BMP", "WEBP"])
+def test_every_cut_of_an_image_is_corrupt_not_unknown(fmt: str) -> None:
+    """A file cut anywhere after its magic number is a broken image of its format, not "not an
+    image": Pillow cannot even identify a JPEG cut before its image data (at the SOS marker)."""
+    rng = np.random.default_rng(1)
+    data = _bytes(Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)), fmt)
+    cuts = sorted(set(range(12, min(len(data), 200), 7)) | ({data.find(b"\xff\xda") + 2} if fmt == "JPEG" else set()))
+    for cut in cuts:
+        with pytest.raises(ImageDecodeError) as info:
+            decode_image(data[:cut])
+        assert info.value.code == "corrupt_image", (fmt, cut, info.value.message)
+
+
+@pytest.mark.parametrize("text", [b"RIFF notes, not a WEBP\n" * 4, b"GIF8 is not enough", b"\xff\xd8 and text"])
+def test_text_that_starts_like_a_format_is_not_an_image(text: bytes) -> None:
+    assert _code(text).code == "not_an_image"
+
+
 def test_huge_image_with_small_header_is_refused():
     # 10000 x 10000 one-bit pixels compress to a few kB; 1e8 pixels > the 4e7 default cap
     data = _bytes(Image.new("1", (10_000, 10_000)), "PNG")
