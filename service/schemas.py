@@ -326,12 +326,47 @@ class HeatmapsOut(BaseModel):
     features: list[FeatureHeatmapOut]
 
 
+class TypicalityComponentOut(BaseModel):
+    name: str = Field(description="A typicality component (a signal: knn, log_l1, hoyer, pix_* ...).")
+    typicality: float = Field(description="Its score over the threshold; the image's typicality is the largest.")
+    atypical: bool = Field(description="Above 1: this component alone makes the image atypical.")
+
+
+class TypicalityWhyOut(BaseModel):
+    driver: str = Field(description="The component that sets the typicality (the largest).")
+    components: list[TypicalityComponentOut] = Field(description="Every component, largest first.")
+
+
+class RiskTermOut(BaseModel):
+    name: str = Field(description="A signal the risk model reads.")
+    value: float = Field(description="The signal's value for this image.")
+    z: float = Field(
+        description="As the model reads it: clipped to its fitted range (not the monotone ones), standardised."
+    )
+    of_a_class: float = Field(description="Its term of the decision value (coef x z): positive raises the risk.")
+    no_class: float = Field(description="Its term of P(no class)'s log-odds; 0 without a no-class term.")
+
+
+class RiskWhyOut(BaseModel):
+    of_a_class: float = Field(description="P(mis-classified) of an image of one of the head's classes.")
+    no_class: float = Field(description="P(of none of the head's classes); risk = 1 - (1 - of_a_class)(1 - no_class).")
+    intercept: float = Field(description="The decision value's intercept: it plus the terms is the decision.")
+    no_class_intercept: float | None = Field(None, description="P(no class)'s intercept; null without that term.")
+    signals: list[RiskTermOut] = Field(description="Every signal, the largest |terms| first.")
+
+
+class WhyOut(BaseModel):
+    typicality: TypicalityWhyOut | None = Field(None, description="Null when the feature set has no typicality.")
+    risk: RiskWhyOut | None = Field(None, description="Null when the feature set has no risk model.")
+
+
 class ExplainResponse(BaseModel):
     model: ModelInfo
     feature_set: FeatureSetInfo
     filename: str
     score: Verdict  # type: ignore[valid-type]
     decomposition: DecompositionOut
+    why: WhyOut = Field(description="Why the typicality and the risk are what they are.")
     heatmaps: HeatmapsOut
 
 

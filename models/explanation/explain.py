@@ -18,6 +18,7 @@ import torch
 from models.explanation.decompose import Contribution, Decomposition, decompose, feature_groups, ranked_features
 from models.explanation.heatmaps import FeatureMaps, Method, feature_maps, for_display, heatmap_method
 from models.explanation.render import enlarged, overlay, png_base64
+from models.explanation.why import VerdictWhy, why
 from models.scoring.result import ImageScore
 from models.scoring.scorer import Scorer
 
@@ -41,6 +42,7 @@ class Explanation:
     method: Method
     image: np.ndarray  # (S, S, 3) uint8: what the encoder saw (resized, centre-cropped)
     heatmaps: tuple[FeatureHeatmap, ...]
+    why: VerdictWhy  # why the typicality and the risk are what they are
 
     def overlays(self, size: int | None = None) -> list[Any]:
         """One PIL overlay per heatmap, ``size`` pixels wide (default: the encoder's input size)."""
@@ -48,7 +50,8 @@ class Explanation:
         return [overlay(self.image, for_display(hm.map, self.method), size) for hm in self.heatmaps]
 
     def row(self, *, arrays: bool = False, pictures: bool = True, size: int | None = None) -> dict[str, Any]:
-        """The JSON form: ``score`` (the fields of a /score result), ``decomposition``, ``heatmaps``.
+        """The JSON form: ``score`` (the fields of a /score result), ``decomposition``, ``why``
+        (the typicality's components and the risk's terms), ``heatmaps``.
 
         ``pictures``: PNGs as base64 (the input as the encoder saw it, and each overlay, ``size``
         pixels wide, default the input size: a browser scales them); ``arrays``: each map
@@ -69,6 +72,7 @@ class Explanation:
         return {
             "score": self.score.row(),
             "decomposition": self.decomposition.row(),
+            "why": self.why.row(),
             "heatmaps": {
                 "method": self.method,
                 "image_size": image_size,
@@ -104,10 +108,11 @@ class Explainer:
         scorer = self.scorer
         inference = scorer.infer([pixels])
         verdict = scorer.postprocess(inference, features=True)[0]
+        reasons = why(scorer.feature_set, scorer.signals(inference)[1])
         fs = scorer.feature_set
         h = inference.h.detach().float().cpu()
         decomposition = decompose(h, fs.discriminative_indices, self.groups, fs.eps)[0]
         chosen = ranked_features(decomposition, h[0].numpy(), self.groups, top)
         maps = self.maps_of(pixels, [c.index for c in chosen])
         heatmaps = tuple(FeatureHeatmap(c, maps.maps[0, k]) for k, c in enumerate(chosen))
-        return Explanation(verdict, decomposition, maps.method, np.asarray(pixels, dtype=np.uint8), heatmaps)
+        return Explanation(verdict, decomposition, maps.method, np.asarray(pixels, dtype=np.uint8), heatmaps, reasons)

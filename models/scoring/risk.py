@@ -167,6 +167,18 @@ class RiskModel(BaseModel):
             return np.clip(np.interp(d, self.iso_x, self.iso_y), 0.0, 1.0)
         return 1.0 / (1.0 + np.exp(-(self.platt_a * d + self.platt_b)))
 
+    def contributions(self, sig: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Why the risk is what it is: (N, len(signals)) arrays, a column per signal.
+
+        ``z``: the signal clipped and standardised as the model reads it; ``of_a_class``: its term
+        ``coef * z`` of the decision value (the log-odds of a mistake before calibration, which is
+        monotone: a positive term raises the risk); ``no_class``: its term of P(no class)'s log-odds
+        (zeros without a no-class term). Each row of a part plus its intercept is that decision.
+        """
+        z = self.standardised(sig)
+        no_class = z * np.asarray(self.no_class_coef) if self.no_class_coef else np.zeros_like(z)
+        return {"z": z, "of_a_class": z * np.asarray(self.coef), "no_class": no_class}
+
     @classmethod
     def from_q_curve(cls, q: Sequence[float], risk: Sequence[float], source: str) -> RiskModel:
         """The older Q-only isotonic curve (``RiskCurve``) as a risk model on ``q_score``."""

@@ -220,6 +220,17 @@ class TypicalityModel(BaseModel):
         """(N,) combined score over the threshold: above 1 is atypical."""
         return self.combined(sig) / self.threshold
 
+    def component_typicality(self, sig: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Each component's score over the threshold, (N,) by name: the typicality is their largest,
+        so the components above 1 are those that make an image atypical (why it is)."""
+        missing = set(self.components) - set(sig)
+        if missing:
+            raise ValueError(f"typicality needs the signals {sorted(missing)}")
+        return {
+            name: scale.score(np.asarray(sig[name], dtype=np.float64)) / self.threshold
+            for name, scale in self.components.items()
+        }
+
 
 def _scale(values: np.ndarray, two_sided: bool) -> ComponentScale:
     p50 = float(np.percentile(values, 50))

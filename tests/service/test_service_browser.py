@@ -159,6 +159,13 @@ def test_ui_explains_an_uploaded_image_and_browses_the_atlas_offline(
     assert card.locator(".q").text_content() == shown.replace("e-0", "e-")
     reasons = card.locator(".reasons .badge").all_text_contents()
     assert reasons == (expected["reasons"] or ["no flag"])
+    # why the typicality is what it is: the component that sets it, as /explain names it
+    explained = httpx.post(
+        f"{ui_server.url}/explain", files={"files": (image.name, image.read_bytes(), "image/jpeg")}, timeout=60
+    ).json()["why"]
+    why_lines = card.locator(".why").all_text_contents()
+    assert len(why_lines) == (explained["typicality"] is not None) + (explained["risk"] is not None) >= 1
+    assert explained["typicality"]["driver"] in why_lines[0]
     # the input and three heatmaps rendered (decoded PNGs of the encoder's 32x32 input)
     page.wait_for_function(
         "[...document.querySelectorAll('.card img')].length === 4 && "

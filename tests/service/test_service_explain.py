@@ -49,6 +49,14 @@ def test_explain_agrees_with_score_and_its_maps_are_exact(server: LiveServer, ci
             assert dec["l1_norm"] == pytest.approx(dec["discriminative_mass"] + dec["noisy_mass"], rel=1e-6)
             if dec["active"]:
                 assert sum(c["share"] for c in dec["active"]) == pytest.approx(1.0)
+            why = body["why"]  # the typicality's components: the largest is the typicality
+            components = why["typicality"]["components"]
+            assert components[0]["name"] == why["typicality"]["driver"]
+            assert components[0]["typicality"] == pytest.approx(verdict["typicality"], rel=1e-9)
+            assert [c["atypical"] for c in components] == [c["typicality"] > 1 for c in components]
+            if why["risk"] is not None:
+                r = why["risk"]
+                assert 1 - (1 - r["of_a_class"]) * (1 - r["no_class"]) == pytest.approx(verdict["risk"], abs=1e-9)
             maps = body["heatmaps"]
             assert maps["method"] == "channel_map" and len(maps["features"]) == 4
             for entry in maps["features"]:

@@ -87,6 +87,35 @@ function legend() {
   );
 }
 
+// Why the typicality and the risk are what they are (body.why): the component that sets the
+// typicality, and the signals that add most to the risk's log-odds.
+function whyLines(why) {
+  const lines = [];
+  if (why.typicality) {
+    const t = why.typicality;
+    const over = t.components.filter((c) => c.atypical).map((c) => `${c.name} ${fmt(c.typicality)}`);
+    lines.push(
+      over.length
+        ? `atypical by ${over.join(", ")} (over 1)`
+        : `typicality set by ${t.driver} (${fmt(t.components[0].typicality)}; atypical above 1)`,
+    );
+  }
+  const terms = (signals, part) =>
+    [...signals]
+      .sort((a, b) => Math.abs(b[part]) - Math.abs(a[part]))
+      .slice(0, 3)
+      .map((s) => `${s.name} ${s[part] >= 0 ? "+" : ""}${fmt(s[part], 2)}`)
+      .join(", ");
+  if (why.risk) {
+    const r = why.risk;
+    let line = `risk: ${fmt(r.of_a_class)} as an image of a class (largest terms of its log-odds: ` +
+      `${terms(r.signals, "of_a_class")}), ${fmt(r.no_class)} of no class`;
+    if (r.no_class_intercept !== null) line += ` (${terms(r.signals, "no_class")})`;
+    lines.push(line);
+  }
+  return lines.map((line) => h("div", { class: "muted why" }, line));
+}
+
 function renderExplanation(card, name, body) {
   const s = body.score;
   const dec = body.decomposition;
@@ -143,6 +172,7 @@ function renderExplanation(card, name, body) {
       {},
       h("h3", {}, name),
       verdict,
+      ...whyLines(body.why),
       massBar(dec),
       legend(),
       h("div", { class: "muted" }, `noisy share of the L1 norm ${fmt(dec.noisy_share, 2)}; ${active}; ${noisy}`),

@@ -48,7 +48,7 @@ def test_explanation_agrees_with_the_scorer(explainer: Explainer, cifar_slice: P
 def test_explanation_json_with_pictures_and_arrays(explainer: Explainer, cifar_slice: Path) -> None:
     pixels = _pixels(cifar_slice, 1)[0]
     row = explainer.explain(pixels, top=2).row(arrays=True)
-    assert set(row) == {"score", "decomposition", "heatmaps"}
+    assert set(row) == {"score", "decomposition", "why", "heatmaps"}
     maps = row["heatmaps"]
     assert (maps["method"], maps["image_size"], maps["png_size"]) == ("channel_map", 32, 32)
     image = Image.open(io.BytesIO(base64.b64decode(maps["image_png"])))
