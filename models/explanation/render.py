@@ -93,13 +93,15 @@ def contact_sheet(title: str, tiles: Sequence[Tile], columns: int = 8, tile: int
     rows = -(-len(tiles) // columns) if tiles else 0
     pad, header, caption = 4, 18, 26
     cell_w, cell_h = tile + pad, 2 * tile + caption + pad
-    sheet = Image.new("RGB", (pad + columns * cell_w, header + max(rows, 1) * cell_h + pad), "white")
+    empty = "no image in the reference sample has this feature dominant"
+    # as wide as the title (and the empty note) too: a few tiles are narrower than a title line
+    text_w = max(font.getlength(title), 0 if tiles else font.getlength(empty))
+    width = max(pad + columns * cell_w, pad + int(np.ceil(text_w)) + pad)
+    sheet = Image.new("RGB", (width, header + max(rows, 1) * cell_h + pad), "white")
     draw = ImageDraw.Draw(sheet)
     draw.text((pad, 3), title, fill="black", font=font)
     if not tiles:
-        draw.text(
-            (pad, header + 4), "no image in the reference sample has this feature dominant", fill="gray", font=font
-        )
+        draw.text((pad, header + 4), empty, fill="gray", font=font)
     for n, t in enumerate(tiles):
         x = pad + (n % columns) * cell_w
         y = header + (n // columns) * cell_h
