@@ -63,6 +63,12 @@ def check_output_dim(
                 f"{what} outputs NaN or infinite values (or non-float ones, dtype {out.dtype}) on a probe "
                 f"batch of random images; check its weights and its input normalisation (--mean/--std)"
             )
+        if bool((out == out[:1]).all()):
+            raise OutputCheckError(
+                f"{what} gives the same {out.shape[1]} features to {n} different random images (the first: "
+                f"{_preview(out[0])}): an encoder must tell images apart; check its weights (a zeroed or "
+                "untrained last layer?) and its input normalisation (--mean/--std)"
+            )
         dims.append(int(out.shape[1]))
     if len(set(dims)) != 1:
         sizes = ", ".join(f"{d} for a batch of {n}" for n, d in zip(CHECK_BATCHES, dims, strict=True))
@@ -71,6 +77,11 @@ def check_output_dim(
             "size must not depend on the batch: export a feature extractor with a fixed output size"
         )
     return dims[0]
+
+
+def _preview(row: torch.Tensor, n: int = 4) -> str:
+    values = ", ".join(f"{v:.3g}" for v in row[:n].tolist())
+    return f"[{values}{', ...' if row.numel() > n else ''}]"
 
 
 def brought_spec(

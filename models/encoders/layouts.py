@@ -68,6 +68,13 @@ _LIGHTLY_CHILDREN = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6"
 _HEAD_PREFIXES = ("fc.", "head.", "projection_head.", "prototypes.", "classifier.")
 
 
+#: What a file none of the encoder formats reads is told.
+_NOT_A_MODEL = (
+    "is not an encoder file qscore reads: not a TorchScript module, an ONNX model, a torch.export program, "
+    "a safetensors file or a PyTorch checkpoint (torch.save of a state dict), or it is damaged"
+)
+
+
 def _harmless_globals() -> list[Any]:
     """numpy scalars and dtypes: what training scripts save beside weights (``best_prec1``)."""
     core = getattr(np, "_core", None) or np.core
@@ -121,8 +128,9 @@ def read_tensors(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
         if found is None:  # not a pickle of objects at all: damaged or another format
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {first}") from None
+            # (torch's own message goes on to suggest weights_only=False: wrong for a file that is not a
+            # checkpoint, and unsafe for one that is)
+            raise CheckpointError(f"{path} {_NOT_A_MODEL}") from None
         what = f" (it needs {found.group(1)})"
         raise CheckpointError(
             f"{path} holds pickled objects other than tensors, plain containers and numpy scalars{what}; "
@@ -130,7 +138,7 @@ def read_tensors(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
         ) from None
     except Exception as exc:  # garbage input makes the unpickler raise anything
         # (RuntimeError, EOFError, and KeyError/IndexError/struct.error from random bytes).
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {type(exc).__name__}: {exc}") from exc
+        raise CheckpointError(f"{path} {_NOT_A_MODEL} ({type(exc).__name__} reading it)") from exc
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
     return dict(obj), {}

@@ -86,9 +86,9 @@ def read_model(path: Path) -> bytes:
             )
         if not target.is_file():
             raise OnnxError(
-                f"{path} keeps tensor {tensor.name!r} in {location!r}, which is not beside it: copy that file "
-                "next to the model, or save the model as one file "
-                "(onnx.save_model(model, path, save_as_external_data=False))"
+                f"{path} keeps tensor {tensor.name!r} in {location!r}, which is not beside it: save the model as "
+                "one file (torch.onnx.export(..., external_data=False), or onnx.save_model(model, path, "
+                "save_as_external_data=False)); from the command line, that file beside the model works too"
             )
     try:
         load_external_data_for_model(proto, str(folder))

@@ -8,6 +8,7 @@ client names is opened: the file arrives in the body and goes to a private tempo
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -112,7 +113,22 @@ async def import_model(
         except VersionExists as exc:
             raise ApiError(409, "version_exists", str(exc)) from exc
         except ValueError as exc:  # CheckpointError, OutputCheckError, TimmError: what is wrong with the file
-            # name the upload, not the server's temporary path
-            message = str(exc).replace(str(path), repr(file.filename or "upload"))
+            # name the upload, not the server's temporary path, and the form's fields, not the command's flags
+            message = _as_form_fields(str(exc).replace(str(path), repr(file.filename or "upload")))
             raise ApiError(422, "invalid_model", message) from exc
     return ImportedModel.of(record)
+
+
+#: The command line's preprocessing flags in the checks' messages, and the form fields that set them here.
+_FLAGS_AS_FIELDS = (
+    (re.compile(r"--image-size (\d+)"), r"image_size=\1"),
+    (re.compile(r"--image-size"), "the image_size field"),
+    (re.compile(r"--mean/--std"), "the mean and std fields"),
+    (re.compile(r"--arch"), "the arch field"),
+)
+
+
+def _as_form_fields(message: str) -> str:
+    for flag, field in _FLAGS_AS_FIELDS:
+        message = flag.sub(field, message)
+    return message

@@ -36,6 +36,15 @@ class FeatureMap(nn.Module):
         return x[:, :2]
 
 
+class Only8(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3 * 8 * 8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1))  # 8x8 images only
+
+
 class Small(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -104,6 +113,7 @@ def test_bad_files_get_422_and_nothing_is_written(make_server, tmp_path: Path) -
     registry = Registry(server.settings.registry_root)
     before = [m.version for m in registry.list_models()]
     torch.jit.save(torch.jit.script(FeatureMap()), str(tmp_path / "map.pt"))
+    torch.jit.save(torch.jit.script(Only8()), str(tmp_path / "only8.pt"))
     (tmp_path / "junk.bin").write_bytes(b"\x00\x01not a model at all")
     # torch.onnx.export's default: the tensors in map.onnx.data, which an upload of one file cannot bring
     torch.onnx.export(Small(), (torch.rand(2, 3, 8, 8),), str(tmp_path / "map.onnx"), dynamo=True)
@@ -111,8 +121,10 @@ def test_bad_files_get_422_and_nothing_is_written(make_server, tmp_path: Path) -
     cases = [
         (tmp_path / "map.onnx", {"version": "external"}, "save_as_external_data=False"),
         (tmp_path / "map.pt", {"version": "map"}, r"expected (2, r)"),
-        (tmp_path / "junk.bin", {"version": "junk"}, "not a readable PyTorch checkpoint"),
+        (tmp_path / "junk.bin", {"version": "junk"}, "not an encoder file qscore reads"),
         (tmp_path / "map.pt", {"version": "m3", "arch": "timm:not_a_net"}, "is a TorchScript module, not a state dict"),
+        # the fix named as the form's field, not the command line's flag
+        (tmp_path / "only8.pt", {"version": "o8", "image_size": "16"}, "pass it with the image_size field"),
     ]
     with server.client() as client:
         for path, form, needle in cases:
@@ -121,6 +133,7 @@ def test_bad_files_get_422_and_nothing_is_written(make_server, tmp_path: Path) -
             detail = response.json()["detail"]
             assert detail["code"] == "invalid_model", detail
             assert needle in detail["message"], detail
+            assert "--image-size" not in detail["message"] and "--mean" not in detail["message"], detail
         bad_name = upload(client, tmp_path / "map.pt", {"version": "../etc"})
         assert bad_name.status_code == 422 and bad_name.json()["detail"]["code"] == "invalid_request"
         # The form's own fields are checked by the schema: a mean of two numbers never reaches the loader.

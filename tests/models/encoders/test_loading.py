@@ -11,6 +11,7 @@ import copy
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -305,17 +306,21 @@ def test_argparse_namespace_is_refused_too(bn_encoder, tmp_path):
 @pytest.mark.parametrize(
     ("content", "match"),
     [
-        (b"", "not a readable PyTorch checkpoint|will not unpickle"),
-        (b"hello, this is a text file\n", "not a readable PyTorch checkpoint|will not unpickle"),
-        (b"PK\x03\x04garbage-zip", "not a readable PyTorch checkpoint|will not unpickle"),
+        (b"", "not an encoder file qscore reads|will not unpickle"),
+        (b"hello, this is a text file\n", "not an encoder file qscore reads|will not unpickle"),
+        (b"PK\x03\x04garbage-zip", "not an encoder file qscore reads|will not unpickle"),
+        (b"\xff\xd8\xff\xe0\x00\x10JFIF" + bytes(range(256)) * 4, "not an encoder file qscore reads"),
+        (np.random.default_rng(0).bytes(5000), "not an encoder file qscore reads"),
     ],
-    ids=["empty", "text", "broken-zip"],
+    ids=["empty", "text", "broken-zip", "jpeg", "random-bytes"],
 )
 def test_not_a_checkpoint_is_refused(tmp_path, content, match):
-    path = tmp_path / "x.pth"
+    path = tmp_path / "x.pt2"
     path.write_bytes(content)
-    with pytest.raises(CheckpointError, match=match):
+    with pytest.raises(CheckpointError, match=match) as info:
         load_encoder(path)
+    # never torch's advice to load with weights_only=False (unsafe, and no help for a file that is no checkpoint)
+    assert "weights_only=False" not in str(info.value) and "arbitrary code" not in str(info.value)
 
 
 def test_corrupt_safetensors_is_refused(tmp_path):

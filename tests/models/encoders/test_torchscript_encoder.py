@@ -50,6 +50,11 @@ class NaNs(nn.Module):
         return torch.log(x.mean(dim=(2, 3)) - 10.0)  # log of a negative number
 
 
+class Zeros(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(x.shape[0], 8) * x.mean()  # the same (zero) features for every image
+
+
 class Only32(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -101,6 +106,7 @@ def test_torchscript_gets_its_preprocessing_from_flags_and_defaults(tmp_path):
             r"different number of features per batch size \(4 for a batch of 2, 6 for a batch of 3\)",
         ),
         (NaNs(), {}, "outputs NaN or infinite values"),
+        (Zeros(), {}, r"gives the same 8 features to 2 different random images \(the first: \[0, 0, 0, 0, \.\.\.\]\)"),
         (Only32(), {"image_size": 64}, r"fails on a probe batch of shape \(2, 3, 64, 64\).*--image-size"),
     ],
 )
@@ -125,7 +131,7 @@ def test_not_torchscript_is_refused_when_torchscript_is_asked_for(tmp_path):
     with pytest.raises(CheckpointError, match="is not a TorchScript archive .*torch.jit.save"):
         load_encoder(tmp_path / "sd.pt", arch="torchscript")
     (tmp_path / "junk.pt").write_bytes(b"PK\x03\x04 not really a zip")
-    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+    with pytest.raises(CheckpointError, match="not an encoder file qscore reads"):
         load_encoder(tmp_path / "junk.pt")
 
 
