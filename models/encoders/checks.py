@@ -3,7 +3,9 @@
 A TorchScript file or a timm architecture says nothing reliable about its output until it runs.
 Before such an encoder is used or registered it gets two seeded random batches of different
 sizes, preprocessed as its spec says, and must answer each with a finite (N, r) tensor whose
-``r`` does not depend on the batch size. ``r`` becomes the encoder's feature dimension.
+``r`` does not depend on the batch size and whose rows are not all the same (an encoder that
+gives every image the same features, all zeros say, can tell none apart). ``r`` becomes the
+encoder's feature dimension.
 """
 
 from __future__ import annotations
