@@ -63,16 +63,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # cyclic collector's sight, or every full collection walks them all and stalls the loop.
         gc.collect()
         gc.freeze()
-        watcher = None
-        if settings.auto_switch:
-            watcher = asyncio.get_running_loop().create_task(holder.watch(settings.registry_poll_seconds))
+        # Always: a job asked to activate its output ("activate": true) is followed even without
+        # QSCORE_AUTO_SWITCH, which makes the service follow every change of the active pair.
+        watcher = asyncio.get_running_loop().create_task(
+            holder.watch(settings.registry_poll_seconds, follow_all=settings.auto_switch)
+        )
         try:
             yield
         finally:
-            if watcher is not None:
-                watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
             await batcher.stop()
             if traffic is not None:
                 traffic.close()

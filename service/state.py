@@ -213,8 +213,10 @@ class StateHolder:
                 log.info("serving model %s with feature set %s", model, feature_set)
             return new
 
-    async def watch(self, poll_seconds: float) -> None:
-        """Follow the registry's active pair (QSCORE_AUTO_SWITCH): poll its mtime, switch on change."""
+    async def watch(self, poll_seconds: float, follow_all: bool) -> None:
+        """Follow the registry's active pair: poll its mtime, switch on change. Every change with
+        ``follow_all`` (QSCORE_AUTO_SWITCH); else only a job's that was asked to activate its output
+        (``"activate": true``, which promises the switch), not the command line's or another API's."""
         seen = await asyncio.to_thread(self.registry.active_mtime)
         while True:
             await asyncio.sleep(poll_seconds)
@@ -224,7 +226,7 @@ class StateHolder:
                     continue
                 seen = mtime
                 active = await asyncio.to_thread(self.registry.active)
-                if active is not None:
+                if active is not None and (follow_all or (active.set_by or "").startswith("job:")):
                     await self.switch(active.model, active.feature_set)
             except asyncio.CancelledError:
                 raise

@@ -105,6 +105,10 @@ class ModelRecord(BaseModel):
 class ActivePair(BaseModel):
     model: str
     feature_set: str
+    #: Who set it: "job:<id>" for a job asked to activate its output (``"activate": true``), which
+    #: every service follows; None for the command line and the admin API, which a service follows
+    #: only with QSCORE_AUTO_SWITCH.
+    set_by: str | None = None
 
 
 def check_version(version: str) -> str:
@@ -315,9 +319,9 @@ class Registry:
             raise RegistryError(str(exc)) from exc
         return record, features
 
-    def set_active(self, model: str, feature_set: str) -> ActivePair:
+    def set_active(self, model: str, feature_set: str, *, set_by: str | None = None) -> ActivePair:
         self.check_pair(model, feature_set)
-        pair = ActivePair(model=model, feature_set=feature_set)
+        pair = ActivePair(model=model, feature_set=feature_set, set_by=set_by)
         write_json_atomic(self.root / ACTIVE_FILE, pair.model_dump())
         return pair
 

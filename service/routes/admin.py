@@ -55,7 +55,7 @@ async def active(holder: HolderDep, settings: SettingsDep) -> ActiveInfo:
     pair = await asyncio.to_thread(holder.registry.active)
     return ActiveInfo(
         serving=state.info(),
-        registry_active=pair.model_dump() if pair else None,
+        registry_active=pair.model_dump(exclude_none=True) if pair else None,
         auto_switch=settings.auto_switch,
     )
 

@@ -132,6 +132,25 @@ def test_admin_needs_api_key_when_configured(make_server: Callable[..., LiveServ
     assert health.status_code == 200
 
 
+def test_without_auto_switch_only_a_job_activation_is_followed(make_server: Callable[..., LiveServer]) -> None:
+    """A job asked to activate its output ("activate": true) promises the switch: the service makes it
+    without QSCORE_AUTO_SWITCH. A change by the command line (qscore activate) is left to a restart."""
+    live = make_server(auto_switch=False, registry_poll_seconds=0.1)
+    registry = Registry(live.settings.registry_root)
+    with live.client() as client:
+        registry.set_active("tiny-b", "tiny-b")  # as `qscore activate` does
+        time.sleep(1.0)  # ten polls
+        assert client.get("/readyz").json()["model_version"] == "tiny"
+        assert client.get("/admin/active").json()["registry_active"] == {"model": "tiny-b", "feature_set": "tiny-b"}
+        registry.set_active("tiny", "tiny", set_by="job:0123abcd")  # as a job with "activate": true does
+        registry.set_active("tiny-b", "tiny-b", set_by="job:0123abcd")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and client.get("/readyz").json()["model_version"] != "tiny-b":
+            time.sleep(0.1)
+        assert client.get("/readyz").json()["model_version"] == "tiny-b"
+        assert client.get("/admin/active").json()["registry_active"]["set_by"] == "job:0123abcd"
+
+
 def test_auto_switch_follows_registry_active_pair(make_server: Callable[..., LiveServer]) -> None:
     live = make_server(auto_switch=True, registry_poll_seconds=0.1)
     Registry(live.settings.registry_root).set_active("tiny-b", "tiny-b")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -162,6 +163,25 @@ def test_discover_embedded_writes_a_feature_set(embedded: TestClient, tiny_regis
     assert record["result"]["bank_vectors"] == 200
     assert record["result"]["activated"] is False  # QSCORE_AUTO_SWITCH is off
     assert [j["id"] for j in embedded.get("/jobs").json()["jobs"]] == [job_id]
+
+
+def test_a_job_asked_to_activate_is_served_without_auto_switch(embedded: TestClient, tiny_registry: Registry) -> None:
+    """ "activate": true makes the output the registry's active pair *and* the service switches to it
+    (a journey found the registry switched and the service not, until some later restart)."""
+    body = {"dataset": "slice-train", "eps": "auto", "sample_size": 100, "batch_size": 64, "activate": True}
+    response = embedded.post("/jobs/discover", json=body)
+    assert response.status_code == 202, response.text
+    job_id = response.json()["job_id"]
+    record = wait_for(embedded, job_id, timeout=120)
+    assert record["state"] == "succeeded" and record["result"]["activated"] is True, record
+    version = record["artifacts"]["feature_set"]
+    active = tiny_registry.active()
+    assert (active.model, active.feature_set, active.set_by) == ("tiny", version, f"job:{job_id}")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and embedded.get("/readyz").json()["feature_set_version"] != version:
+        time.sleep(0.2)
+    assert embedded.get("/readyz").json()["feature_set_version"] == version
+    assert embedded.get("/admin/active").json()["auto_switch"] is False
 
 
 def test_embedded_job_over_the_time_limit_fails_with_the_reason(job_env: dict[str, str]) -> None:

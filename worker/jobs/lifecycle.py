@@ -152,6 +152,6 @@ def activate(ctx: JobContext, wanted: bool | None, model: str, feature_set: str)
     """Make (model, feature set) the registry's active pair when asked (default: QSCORE_AUTO_SWITCH)."""
     ctx.fence()
     if wanted if wanted is not None else ctx.settings.auto_switch:
-        ctx.registry.set_active(model, feature_set)
+        ctx.registry.set_active(model, feature_set, set_by=f"job:{ctx.job_id}")
         return True
     return False
