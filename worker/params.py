@@ -8,10 +8,12 @@ feature sets are registry versions. No client-supplied path is ever opened.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from models.encoders.export_program import NOT_TRAINABLE as EXPORT_NOT_TRAINABLE
 from models.encoders.onnx_encoder import NOT_TRAINABLE as ONNX_NOT_TRAINABLE
@@ -207,7 +209,7 @@ def resolve(params: _Params, settings: Settings) -> _Params:
             dataset_folder(settings, params.dataset)
         elif isinstance(params, RegularizeParams):
             _check_trainable(record.spec, model)
-            dataset_folder(settings, params.dataset)
+            _check_one_batch(dataset_folder(settings, params.dataset), params.dataset, params.batch_size)
             if params.discover is not None:
                 dataset_folder(settings, params.discover.dataset, "discover.dataset")
                 _check_selection(params.discover, record.spec.feature_dim, model, "discover.")
@@ -238,6 +240,24 @@ def resolve(params: _Params, settings: Settings) -> _Params:
             raise ParamConflict("feature_set", registry.public(exc)) from None
         update["feature_set"] = feature_set
     return params.model_copy(update=update)
+
+
+def _check_one_batch(folder: Path, name: str, batch_size: int) -> None:
+    """Training takes whole batches: a data set of fewer images than one fails in the worker, so it
+    is refused here. Counts as torchvision's ImageFolder does (``<class>/<image>``), and stops at
+    ``batch_size``: a submit never walks a whole large data set."""
+    count = 0
+    for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+        with os.scandir(class_dir) as entries:
+            for entry in entries:
+                if entry.name.lower().endswith(IMG_EXTENSIONS) and entry.is_file():
+                    count += 1
+                    if count >= batch_size:
+                        return
+    raise ParamError(
+        "batch_size",
+        f"data set {name!r} holds {count} images, fewer than one training batch of {batch_size}: lower batch_size",
+    )
 
 
 def _check_selection(params: DiscoverParams, feature_dim: int, model: str, prefix: str = "") -> None:

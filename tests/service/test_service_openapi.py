@@ -115,7 +115,9 @@ def test_openapi_jobs_document_their_errors_and_names(contract_server: LiveServe
     assert [b for b in discover["model"]["anyOf"] if b.get("type") == "string"][0]["enum"] == ["tiny", "tiny-b"]
     with contract_server.client() as client:
         unknown = client.post("/jobs/discover", json={"dataset": "other"})
-        mismatch = client.post("/jobs/regularize", json={"dataset": "tiny", "model": "tiny", "feature_set": "tiny-b"})
+        mismatch = client.post(
+            "/jobs/regularize", json={"dataset": "tiny", "model": "tiny", "feature_set": "tiny-b", "batch_size": 8}
+        )
         not_a_job = client.get("/jobs/discover")
     assert unknown.status_code == 422 and unknown.json()["detail"]["code"] == "invalid_request"
     assert mismatch.status_code == 409 and mismatch.json()["detail"]["code"] == "feature_set_mismatch"

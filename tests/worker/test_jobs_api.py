@@ -72,6 +72,13 @@ def embedded(job_env: dict[str, str]) -> Iterator[TestClient]:
             ["body", "batch_size"],
             "less than",
         ),
+        # fewer images than one training batch: it failed in the worker after a 202
+        (
+            "/jobs/regularize",
+            {"dataset": "slice-train", "batch_size": 4096},
+            ["body", "batch_size"],
+            "fewer than one training batch of 4096: lower batch_size",
+        ),
         ("/jobs/regularize", {"dataset": "slice-train", "lr": 0}, ["body", "lr"], "greater than"),
         (
             "/jobs/regularize",
