@@ -34,7 +34,7 @@ from worker.params import (
     RegularizeParams,
     resolve,
 )
-from worker.store import JobRecord, TooManyQueuedJobs
+from worker.store import TERMINAL, JobRecord, TooManyQueuedJobs
 
 router = APIRouter(
     prefix="/jobs",
@@ -241,10 +241,26 @@ def get_job(job_id: JobId, backend: Backend, _: AdminKey) -> JobRecord:
     return _found(record, job_id)
 
 
-@router.delete("/{job_id:job_id}", response_model=JobRecord, responses=_NOT_FOUND)
+@router.delete(
+    "/{job_id:job_id}",
+    response_model=JobRecord,
+    responses={
+        **_NOT_FOUND,
+        409: {"model": ErrorResponse, "description": "The job had already ended: nothing to cancel (job_finished)."},
+    },
+)
 def cancel_job(job_id: JobId, backend: Backend, _: AdminKey) -> JobRecord:
     """Cancel: a queued job never starts; a running one stops at its next step ('cancelled')."""
     with _store_errors():
+        before = _found(backend.store.get(job_id), job_id)
+        if before.state in TERMINAL:  # say so: a 200 with the record unchanged reads as done
+            raise HTTPException(
+                409,
+                detail={
+                    "code": "job_finished",
+                    "message": f"job {job_id} already ended ({before.state}): nothing to cancel",
+                },
+            )
         record = backend.store.request_cancel(job_id)
     return _found(record, job_id)
 

@@ -150,6 +150,9 @@ def test_submit_beyond_max_queued_jobs_gets_503_with_retry_after(job_env: dict[s
         text = client.get("/metrics").text
         assert 'qscore_jobs{state="queued",type="discover"} 2.0' in text
         assert client.delete(f"/jobs/{ids[0]}").json()["state"] == "cancelled"
+        again = client.delete(f"/jobs/{ids[0]}")  # it has ended: nothing to cancel, and the answer says so
+        assert again.status_code == 409 and again.json()["detail"]["code"] == "job_finished", again.text
+        assert "already ended (cancelled)" in again.json()["detail"]["message"]
         text = client.get("/metrics").text
         assert 'qscore_jobs{state="queued",type="discover"} 1.0' in text
         assert 'qscore_jobs{state="cancelled",type="discover"} 1.0' in text

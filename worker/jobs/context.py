@@ -78,7 +78,7 @@ class JobContext:
 
     def check_cancelled(self) -> None:
         if self.cancelled():
-            raise JobCancelled("cancelled by request")
+            raise JobCancelled("stopped between its steps")
 
     def fence(self) -> None:
         """Go on only while this attempt holds the job (before checkpoints and output writes)."""

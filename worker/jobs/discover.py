@@ -112,7 +112,7 @@ def _guard_shard(ctx: JobContext) -> None:
     if not holds:
         raise JobAlreadyOver(ctx.job_id)
     if cancel:
-        raise JobCancelled("cancelled by request")
+        raise JobCancelled("stopped between its shard tasks")
 
 
 def count_shard(ctx: JobContext, plan: DiscoverPlan, k: int) -> dict[str, Any]:
