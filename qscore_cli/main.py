@@ -602,7 +602,7 @@ def activate(
                 f"model {model!r} has no feature set in the registry: `qscore discover` it, then "
                 "`qscore import-features`"
             )
-        typer.echo(reg.set_active(model, chosen).model_dump_json())
+        typer.echo(reg.set_active(model, chosen).model_dump_json(exclude_none=True))
 
 
 @app.command()

@@ -322,7 +322,7 @@ class Registry:
     def set_active(self, model: str, feature_set: str, *, set_by: str | None = None) -> ActivePair:
         self.check_pair(model, feature_set)
         pair = ActivePair(model=model, feature_set=feature_set, set_by=set_by)
-        write_json_atomic(self.root / ACTIVE_FILE, pair.model_dump())
+        write_json_atomic(self.root / ACTIVE_FILE, pair.model_dump(exclude_none=True))
         return pair
 
     def latest_feature_set_for(self, fingerprint: str) -> str | None:
