@@ -226,7 +226,7 @@ class StateHolder:
                     continue
                 seen = mtime
                 active = await asyncio.to_thread(self.registry.active)
-                if active is not None and (follow_all or (active.set_by or "").startswith("job:")):
+                if active is not None and (follow_all or active.set_by_a_job):
                     await self.switch(active.model, active.feature_set)
             except asyncio.CancelledError:
                 raise

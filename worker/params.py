@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.datasets.folder import is_image_file
 
 from models.encoders.export_program import NOT_TRAINABLE as EXPORT_NOT_TRAINABLE
 from models.encoders.onnx_encoder import NOT_TRAINABLE as ONNX_NOT_TRAINABLE
@@ -244,16 +244,14 @@ def resolve(params: _Params, settings: Settings) -> _Params:
 
 def _check_one_batch(folder: Path, name: str, batch_size: int) -> None:
     """Training takes whole batches: a data set of fewer images than one fails in the worker, so it
-    is refused here. Counts as torchvision's ImageFolder does (``<class>/<image>``), and stops at
-    ``batch_size``: a submit never walks a whole large data set."""
+    is refused here. Counts the files torchvision's ImageFolder takes (``<class>/**/<image>``, links
+    followed), and stops at ``batch_size``: a submit never walks a whole large data set."""
     count = 0
     for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
-        with os.scandir(class_dir) as entries:
-            for entry in entries:
-                if entry.name.lower().endswith(IMG_EXTENSIONS) and entry.is_file():
-                    count += 1
-                    if count >= batch_size:
-                        return
+        for _, _, names in os.walk(class_dir, followlinks=True):
+            count += sum(map(is_image_file, names))
+            if count >= batch_size:
+                return
     raise ParamError(
         "batch_size",
         f"data set {name!r} holds {count} images, fewer than one training batch of {batch_size}: lower batch_size",

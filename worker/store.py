@@ -79,6 +79,14 @@ class TooManyQueuedJobs(Exception):
         self.queued, self.limit = queued, limit
 
 
+class JobEnded(Exception):
+    """A cancel of a job that had already ended (succeeded, failed or cancelled): nothing to cancel."""
+
+    def __init__(self, record: JobRecord) -> None:
+        super().__init__(f"job {record.id} already ended ({record.state}): nothing to cancel")
+        self.record = record
+
+
 def new_job_id() -> str:
     return uuid.uuid4().hex
 
@@ -163,13 +171,15 @@ def _finish(rec: Rec | None, state: str, attempt: int | None, fields: dict[str, 
     return True
 
 
-def _cancel(rec: Rec | None, now: float) -> bool:
+def _cancel(rec: Rec | None, now: float) -> bool | None:
+    """None: no such job; False: it had ended already; True: cancel requested (a queued job ends now)."""
     if rec is None:
+        return None
+    if rec["state"] in TERMINAL:
         return False
-    if rec["state"] not in TERMINAL:
-        rec["cancel_requested"] = True
-        if rec["state"] == "queued":
-            rec.update(state="cancelled", finished_at=now, error="cancelled before it started")
+    rec["cancel_requested"] = True
+    if rec["state"] == "queued":
+        rec.update(state="cancelled", finished_at=now, error="cancelled before it started")
     return True
 
 
@@ -239,10 +249,14 @@ class TransitionStore:
         self._modify(job_id, change)
 
     def request_cancel(self, job_id: str) -> JobRecord | None:
+        """Ask the job to stop (a queued one never starts); None for an unknown id, :class:`JobEnded`
+        for one that had ended already, told apart in the same transaction."""
         now = time.time()
-        if not self._modify(job_id, lambda rec: _cancel(rec, now)):
-            return None
-        return self.get(job_id)
+        requested = self._modify(job_id, lambda rec: _cancel(rec, now))
+        record = None if requested is None else self.get(job_id)
+        if record is not None and not requested:
+            raise JobEnded(record)
+        return record
 
     def finish(self, job_id: str, state: JobState, attempt: int | None = None, **fields: Any) -> bool:
         """End the job (once); with ``attempt``, only while that attempt holds it."""

@@ -110,6 +110,15 @@ class ActivePair(BaseModel):
     #: only with QSCORE_AUTO_SWITCH.
     set_by: str | None = None
 
+    @staticmethod
+    def by_job(job_id: str) -> str:
+        """The ``set_by`` of a job's activation."""
+        return f"job:{job_id}"
+
+    @property
+    def set_by_a_job(self) -> bool:
+        return (self.set_by or "").startswith("job:")
+
 
 def check_version(version: str) -> str:
     # fullmatch: with match, "$" would accept a trailing newline ("v1\n")

@@ -34,7 +34,7 @@ from worker.params import (
     RegularizeParams,
     resolve,
 )
-from worker.store import TERMINAL, JobRecord, TooManyQueuedJobs
+from worker.store import JobEnded, JobRecord, TooManyQueuedJobs
 
 router = APIRouter(
     prefix="/jobs",
@@ -252,16 +252,10 @@ def get_job(job_id: JobId, backend: Backend, _: AdminKey) -> JobRecord:
 def cancel_job(job_id: JobId, backend: Backend, _: AdminKey) -> JobRecord:
     """Cancel: a queued job never starts; a running one stops at its next step ('cancelled')."""
     with _store_errors():
-        before = _found(backend.store.get(job_id), job_id)
-        if before.state in TERMINAL:  # say so: a 200 with the record unchanged reads as done
-            raise HTTPException(
-                409,
-                detail={
-                    "code": "job_finished",
-                    "message": f"job {job_id} already ended ({before.state}): nothing to cancel",
-                },
-            )
-        record = backend.store.request_cancel(job_id)
+        try:
+            record = backend.store.request_cancel(job_id)
+        except JobEnded as exc:  # say so: a 200 with the record unchanged reads as done
+            raise HTTPException(409, detail={"code": "job_finished", "message": str(exc)}) from exc
     return _found(record, job_id)
 
 

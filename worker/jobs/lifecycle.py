@@ -22,6 +22,7 @@ import torch
 from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import BaseModel
 
+from models.registry.versions import ActivePair
 from models.training.loop import TrainingCancelled
 from worker import metrics
 from worker.jobs.context import JobAlreadyOver, JobCancelled, JobContext, JobSuperseded, clean
@@ -152,6 +153,6 @@ def activate(ctx: JobContext, wanted: bool | None, model: str, feature_set: str)
     """Make (model, feature set) the registry's active pair when asked (default: QSCORE_AUTO_SWITCH)."""
     ctx.fence()
     if wanted if wanted is not None else ctx.settings.auto_switch:
-        ctx.registry.set_active(model, feature_set, set_by=f"job:{ctx.job_id}")
+        ctx.registry.set_active(model, feature_set, set_by=ActivePair.by_job(ctx.job_id))
         return True
     return False
