@@ -22,7 +22,11 @@ class Settings(BaseSettings):
     registry_root: Path = Field(Path(".qscore/registry"), description="Versions of models and feature sets.")
     model_version: str | None = Field(None, description="Model version to serve; default: the registry's active pair.")
     feature_set_version: str | None = Field(None, description="Feature set to serve with it.")
-    auto_switch: bool = Field(False, description="Follow changes of the registry's active pair (and new job outputs).")
+    auto_switch: bool = Field(
+        False,
+        description="Follow every change of the registry's active pair, and activate job outputs by default "
+        "(a job's own activation is followed without it).",
+    )
     registry_poll_seconds: float = Field(2.0, gt=0, description="How often the registry's active pair is checked.")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     precision: Literal["float32", "float16", "bfloat16"] = "float32"
